@@ -1,0 +1,347 @@
+"""Training configuration: one pydantic schema for the CLI, YAML files and the job API.
+
+The same :class:`TrainConfig` validates ``excb train key=value ...``, a YAML/JSON file and the body of
+``POST /v1/jobs``. Unknown keys are rejected (``extra="forbid"``) so a typo names the bad field instead
+of silently training with a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Backbone and heads (method.md §1)."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    small_images: bool | None = Field(
+        None, description="3x3 stem without max-pool (28-64 px data). None: decided from image size."
+    )
+    width: int = Field(64, ge=4, le=256, description="ResNet base channel width (64 = torchvision's)")
+    patch_size: int = Field(16, ge=2, le=32)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="student only; teacher uses 0")
+    num_clusters: int = Field(65536, ge=2)
+    projector_hidden_dim: int = Field(2048, ge=8)
+    projector_hidden_layers: int = Field(2, ge=0, le=4)
+    bottleneck_dim: int = Field(256, ge=4)
+    predictor: bool = True
+    predictor_hidden_dim: int = Field(2048, ge=8)
+    mlp_bn: bool = True
+    activation: Literal["relu", "gelu"] = "relu"
+    sync_bn: bool = Field(True, description="convert BatchNorm to SyncBatchNorm under torchrun")
+
+
+class DataConfig(_Section):
+    """Where images come from. ``source`` is a folder, ``digits``, ``fashion-mnist[:ROOT]`` or ``list:FILE``."""
+
+    source: str = "digits"
+    split: Literal["train", "test", "all"] = "train"
+    limit: int | None = Field(None, ge=1, description="use only the first N images (deterministic)")
+    num_workers: int | None = Field(None, ge=0, description="None: chosen from the machine")
+    max_image_pixels: int = Field(64_000_000, ge=1024, description="decompression-bomb cap")
+
+
+class AugmentConfig(_Section):
+    """Multi-crop augmentation (method.md §5)."""
+
+    global_size: int = Field(224, ge=8)
+    local_size: int = Field(96, ge=8)
+    num_local_crops: int = Field(6, ge=0, le=16)
+    global_scale_min_start: float = Field(0.26, gt=0.0, le=1.0)
+    global_scale_min_end: float = Field(0.14, gt=0.0, le=1.0)
+    local_scale_min: float = Field(0.05, gt=0.0, le=1.0)
+    jitter_strength: float = Field(0.5, ge=0.0, le=2.0)
+    solarize_p: float = Field(0.2, ge=0.0, le=1.0)
+    blur_p: tuple[float, float, float] = Field(
+        (1.0, 0.1, 1.0), description="configured blur prob. for global 1, global 2, local crops"
+    )
+    blur_reference_parity: bool = Field(
+        False, description="reproduce the reference code's inverted blur probabilities (1-p)"
+    )
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class OptimConfig(_Section):
+    """Optimizer and schedules (method.md §4.2-4.3)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.6, gt=0.0)
+    lr_min_factor: float = Field(1e-4, ge=0.0, le=1.0)
+    warmup_epochs: float = Field(10.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay_end_factor: float = Field(1.0, gt=0.0, description="cosine wd -> wd*factor")
+    centroid_wd_start_factor: float = Field(
+        10.0, ge=0.0, description="centroid wd multiplier, cosine from this to 1 (reference 'wdx10c1')"
+    )
+    clip_grad: float = Field(0.0, ge=0.0, description="per-parameter norm clip; 0 = off")
+    fused: bool | None = Field(None, description="fused optimizer kernels; None = when on CUDA")
+
+
+class BalancingConfig(_Section):
+    """Balancing operator and temperatures (method.md §2)."""
+
+    method: Literal["excb", "dino-centering", "none"] = "excb"
+    mode: Literal["paper", "reference"] = "reference"
+    size_momentum: float = Field(0.999, ge=0.0, lt=1.0, description="m_s of the size EMA")
+    teacher_temp: float = Field(0.04, gt=0.0)
+    student_temp: float = Field(0.1, gt=0.0)
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="dino-centering only")
+
+
+class KMeansConfig(_Section):
+    """Spherical k-means centroid initialisation (method.md §4.9)."""
+
+    enabled: bool = True
+    samples: int = Field(500_000, ge=1)
+    iterations: int = Field(50, ge=1)
+    chunk_size: int = Field(25_000, ge=1)
+
+
+class EvalConfig(_Section):
+    """Optional kNN evaluation during/after training (needs a labelled data set)."""
+
+    knn_every_epochs: int = Field(0, ge=0, description="0 = never during training")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+
+
+PRESET_NAMES = ("cpu-small", "resnet50-ep400", "vit-s16-ep800")
+
+
+class TrainConfig(_Section):
+    """Everything a training run needs; the resolved copy is written to ``RUN_DIR/config.yaml``."""
+
+    preset: str | None = None
+    out: str = "runs/excb"
+    seed: int = 0
+    epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(1024, ge=2, description="global batch size (split across ranks)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    ema_momentum_start: float = Field(0.996, ge=0.0, le=1.0)
+    ema_momentum_end: float = Field(1.0, ge=0.0, le=1.0)
+    checkpoint_every_steps: int = Field(500, ge=1)
+    keep_epoch_checkpoints: bool = False
+    log_every_steps: int = Field(1, ge=1)
+    histogram_every_steps: int = Field(50, ge=1, description="how often the sorted K*s curve is logged")
+    progress: bool = True
+    resume: Literal["auto", "never", "must"] = "auto"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    optim: OptimConfig = OptimConfig()
+    balancing: BalancingConfig = BalancingConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.preset is not None and self.preset not in PRESET_NAMES:
+            raise ValueError(f"preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        if self.augment.global_scale_min_end > self.augment.global_scale_min_start:
+            raise ValueError("augment.global_scale_min_end must be <= augment.global_scale_min_start")
+        if self.augment.local_scale_min > self.augment.global_scale_min_end:
+            raise ValueError("augment.local_scale_min must be <= augment.global_scale_min_end")
+        return self
+
+
+# Short top-level keys users and other tools rely on, mapped to their dotted home.
+SHORT_KEYS: dict[str, str] = {
+    "data": "data.source",
+    "backbone": "model.backbone",
+    "num_clusters": "model.num_clusters",
+}
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Tuned for a 2-core CPU: a small ResNet on 28-32 px images, few clusters, AdamW.
+    "cpu-small": {
+        "epochs": 30,
+        "batch_size": 256,
+        "device": "cpu",
+        "precision": "fp32",
+        "channels_last": False,
+        "checkpoint_every_steps": 200,
+        "histogram_every_steps": 20,
+        "model": {
+            "backbone": "resnet18",
+            "small_images": True,
+            "width": 16,
+            "num_clusters": 1024,
+            "projector_hidden_dim": 512,
+            "projector_hidden_layers": 2,
+            "bottleneck_dim": 128,
+            "predictor_hidden_dim": 512,
+            "sync_bn": False,
+        },
+        "data": {"source": "fashion-mnist"},
+        "augment": {
+            "global_size": 28,
+            "local_size": 16,
+            "num_local_crops": 2,
+            "global_scale_min_start": 0.4,
+            "global_scale_min_end": 0.3,
+            "local_scale_min": 0.1,
+            "solarize_p": 0.0,
+        },
+        "optim": {"name": "adamw", "lr": 2e-3, "warmup_epochs": 1.0, "weight_decay": 0.04,
+                  "weight_decay_end_factor": 10.0, "lr_min_factor": 0.01},
+        "balancing": {"size_momentum": 0.99},
+        "kmeans": {"samples": 10_000, "iterations": 20},
+    },
+    # Reference hyper-parameters, method.md §6.
+    "resnet50-ep400": {
+        "epochs": 400,
+        "batch_size": 1024,
+        "model": {"backbone": "resnet50", "num_clusters": 65536, "mlp_bn": True, "activation": "relu"},
+        "optim": {"name": "sgd", "lr": 0.6, "weight_decay": 1e-4, "weight_decay_end_factor": 1.0},
+    },
+    "vit-s16-ep800": {
+        "epochs": 800,
+        "batch_size": 1024,
+        "model": {"backbone": "vit_small", "num_clusters": 65536, "mlp_bn": False, "activation": "gelu",
+                  "drop_path_rate": 0.1, "patch_size": 16},
+        "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.04, "weight_decay_end_factor": 10.0},
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """Return a deep copy of a preset's overrides (raises ``KeyError`` naming the choices)."""
+    if name not in _PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return copy.deepcopy(_PRESETS[name])
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _expand_short_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Move short keys (``data: digits``) to their dotted home, leaving sections untouched."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SHORT_KEYS and not isinstance(value, Mapping):
+            _set_dotted(out, SHORT_KEYS[key], value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class ConfigError(ValueError):
+    """A config problem that names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value is read as YAML so ``1e-3``, ``true`` and ``[1,2]`` work."""
+    if "=" not in item:
+        raise ConfigError(item, "overrides must look like key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(item, "empty key")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, (dict,)):
+        value = text
+    return key, value
+
+
+def overrides_to_tree(items: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=0.1", "data=digits"]`` into a nested dict (short keys expanded)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        _set_dotted(tree, SHORT_KEYS.get(key, key), value)
+    return tree
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "a config file must hold a mapping")
+    return data
+
+
+def resolve(raw: Mapping[str, Any] | None = None, overrides: list[str] | None = None,
+            preset_name: str | None = None) -> TrainConfig:
+    """Build a validated config: preset < raw (file/JSON body) < ``key=value`` overrides.
+
+    The preset may come from the argument, from ``raw["preset"]`` or from an override ``preset=NAME``.
+    """
+    body = _expand_short_keys(dict(raw or {}))
+    over = overrides_to_tree(list(overrides or []))
+    name = over.get("preset") or body.get("preset") or preset_name
+    tree: dict[str, Any] = {}
+    if name is not None:
+        if not isinstance(name, str) or name not in _PRESETS:
+            raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+        tree = preset(name)
+        tree["preset"] = name
+    tree = _deep_merge(tree, body)
+    tree = _deep_merge(tree, over)
+    return validate(tree)
+
+
+def validate(tree: Mapping[str, Any]) -> TrainConfig:
+    """Validate a nested dict, turning pydantic's error into a :class:`ConfigError` naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig.model_validate(dict(tree))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        raise ConfigError(field, err.get("msg", "invalid value")) from exc
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """Serialise a resolved config (round-trips through :func:`resolve`)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

@@ -99,23 +99,26 @@ class Balancer(nn.Module):
         self.register_buffer("center", torch.zeros(num_clusters, dtype=torch.float32))
 
     @torch.no_grad()
-    def teacher_probs(self, z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Targets ``P_T`` [N, K] from teacher cosines ``z``, plus the balancer's own metrics."""
+    def teacher_probs(self, z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Targets ``P_T`` [N, K] from teacher cosines ``z``, plus the balancer's metrics as 0-d tensors.
+
+        Metrics stay on the device so a training step does not synchronise with the host for them.
+        """
         z = z.float()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor] = {}
         if self.method == "excb":
             zb = balance(z, self.sizes, self.mode, generator)
-            metrics["changed_labels"] = float((zb.argmax(1) != z.argmax(1)).float().mean())
+            metrics["changed_labels"] = (zb.argmax(1) != z.argmax(1)).float().mean()
             c = relative_sizes(self.sizes)
-            metrics["llb_min"] = float(c.clamp(max=1.0).min())
-            metrics["lhb_min"] = float((1.0 / c.clamp_min(1e-12)).clamp(max=1.0).min())
+            metrics["llb_min"] = c.clamp(max=1.0).min()
+            metrics["lhb_min"] = (1.0 / c.clamp_min(1e-12)).clamp(max=1.0).min()
             logits = zb / self.teacher_temp
         elif self.method == "dino-centering":
             logits = (z - self.center) / self.teacher_temp
-            metrics["changed_labels"] = float((logits.argmax(1) != z.argmax(1)).float().mean())
+            metrics["changed_labels"] = (logits.argmax(1) != z.argmax(1)).float().mean()
         else:
             logits = z / self.teacher_temp
-            metrics["changed_labels"] = 0.0
+            metrics["changed_labels"] = z.new_zeros(())
         return torch.softmax(logits, dim=1), metrics
 
     @torch.no_grad()

@@ -1,0 +1,99 @@
+"""Optional bearer API keys (``Settings.api_keys_file``), kept only as sha256 hashes in memory.
+
+File format: one key per line; ``#`` comments and blank lines are ignored; a line ``sha256:<hex>`` is an
+already-hashed key (so the file itself need not hold secrets). No file configured = no auth (embedded mode).
+The principal id is derived from the hash, so ownership survives restarts without storing the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from services.common.errors import ApiError
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``id`` is stable per key (``None`` when auth is off)."""
+
+    id: str | None
+
+
+ANONYMOUS = Principal(id=None)
+
+
+def hash_key(key: str) -> str:
+    """sha256 hex of a key (what the file may hold as ``sha256:<hex>``)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def load_key_hashes(path: Path) -> list[str]:
+    """Read the keys file into a list of sha256 hex digests."""
+    hashes: list[str] = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("sha256:"):
+            digest = line[len("sha256:"):].strip().lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"{path}: malformed sha256 line")
+            hashes.append(digest)
+        else:
+            hashes.append(hash_key(line))
+    if not hashes:
+        raise ValueError(f"{path}: no API keys found")
+    return hashes
+
+
+class ApiKeyAuth:
+    """Checks ``Authorization: Bearer <key>`` (or ``X-API-Key``) against the hashed keys."""
+
+    def __init__(self, hashes: list[str] | None) -> None:
+        self.hashes = [h.encode() for h in (hashes or [])]
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> "ApiKeyAuth":
+        return cls(load_key_hashes(path) if path else None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hashes)
+
+    def match(self, key: str) -> str | None:
+        """The matching hash, compared in constant time against every stored hash (no early exit)."""
+        candidate = hash_key(key).encode()
+        found: str | None = None
+        for stored in self.hashes:
+            if hmac.compare_digest(candidate, stored):
+                found = stored.decode()
+        return found
+
+    def authenticate(self, request: Request) -> Principal:
+        """The caller's principal; raises 401 when auth is on and the key is missing or wrong."""
+        if not self.enabled:
+            return ANONYMOUS
+        key = _presented_key(request)
+        if key is None:
+            raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer <key>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+        digest = self.match(key)
+        if digest is None:
+            raise ApiError(401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        return Principal(id="key-" + digest[:16])
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    alt = request.headers.get("x-api-key")
+    return alt.strip() if alt and alt.strip() else None

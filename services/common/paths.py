@@ -1,0 +1,58 @@
+"""Resolve user-supplied paths inside configured data roots (reliability.md row 25).
+
+A job or request may name a dataset by a path; it must land inside one of ``Settings.data_roots`` after
+symlinks are resolved. Relative paths are taken relative to each root in turn; absolute paths must already
+lie inside a root. ``..`` that escapes, absolute paths elsewhere and symlinks pointing out are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+class PathNotAllowed(ValueError):
+    """The path is outside every data root (or no roots are configured); ``field`` names the input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def resolve_in_roots(user_path: str, roots: Iterable[Path | str], field: str = "path",
+                     must_exist: bool = False) -> Path:
+    """Return the real path of ``user_path`` if it lies inside one of ``roots``; raise :class:`PathNotAllowed`.
+
+    Relative paths are tried against each root in order and the first existing match wins (else the first
+    root). ``must_exist`` additionally requires the resolved path to exist.
+    """
+    if not isinstance(user_path, str) or not user_path.strip():
+        raise PathNotAllowed(field, "empty path")
+    if "\x00" in user_path:
+        raise PathNotAllowed(field, "path contains a NUL byte")
+    real_roots = [_real(Path(r).expanduser()) for r in roots]
+    if not real_roots:
+        raise PathNotAllowed(field, "no data roots are configured (set EXCB_DATA_ROOTS)")
+    candidate = Path(user_path).expanduser()
+    if candidate.is_absolute():
+        candidates = [_real(candidate)]
+    else:
+        candidates = [_real(root / candidate) for root in real_roots]
+        existing = [c for c in candidates if c.exists()]
+        candidates = existing or candidates[:1]
+    for resolved in candidates:
+        if any(_inside(resolved, root) for root in real_roots):
+            if must_exist and not resolved.exists():
+                raise PathNotAllowed(field, f"{user_path!r} does not exist inside the data roots")
+            return resolved
+    raise PathNotAllowed(field, f"{user_path!r} resolves outside the configured data roots")

@@ -59,12 +59,28 @@ def barrier() -> None:
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally-shaped tensors from all ranks (identity without a process group)."""
+    """Concatenate tensors from all ranks along dim 0; lengths may differ (skipped files shrink a batch)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(int(x) for x in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)])
+
+
+def all_reduce_sum_int(value: int, device: torch.device) -> int:
+    """Sum a Python int over ranks (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t)
 
 
 def cleanup() -> None:

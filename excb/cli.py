@@ -1,0 +1,154 @@
+"""The ``excb`` command line.
+
+Verbs come from the modules that own them (``register_cli(subparsers)``) and from plugins registered under
+the ``excb.cli`` entry-point group; the services add ``up``, ``serve`` and ``jobs`` that way, so this
+library never imports the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from excb import __version__
+from excb.config import PRESET_NAMES, ConfigError, dump_yaml, load_file, resolve
+
+# Exit status of a run stopped by SIGTERM/SIGINT after checkpointing: the job can be retried and resumes.
+EXIT_INTERRUPTED = 143
+EXIT_CONFIG = 2
+
+_BUILTIN_VERBS = ("excb.evaluation", "excb.export", "excb.embed_folder", "excb.data.pack")
+
+
+def _add_train(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain a backbone with ExCB",
+        description=(
+            "Train (or resume) an ExCB run. Settings come from, in increasing priority: --preset, --config FILE "
+            "(YAML/JSON), then key=value overrides with dotted keys (optim.lr=0.1). Short keys: data (a folder, "
+            "'digits', 'fashion-mnist[:ROOT]', 'list:FILE'), out, max_steps, epochs, batch_size, backbone, "
+            "num_clusters, device. Re-running with the same out resumes from out/checkpoints/last.pt."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  excb train --preset cpu-small data=digits max_steps=200 out=runs/digits\n"
+        "  torchrun --nproc-per-node 4 -m excb.cli train --preset resnet50-ep400 data=/data/imagenet/train",
+    )
+    p.add_argument("--config", help="YAML or JSON file with a TrainConfig")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="start from a preset")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_train)
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    raw = load_file(args.config) if args.config else {}
+    return resolve(raw, args.overrides, args.preset)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the trainer polls it each step, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __call__(self) -> bool:
+        return self.stop
+
+    def install(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            logging.getLogger("excb").warning("signal %d received: checkpointing and stopping", signum)
+            self.stop = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args)
+    if args.dry_run:
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
+    from excb.trainer import TrainingInterrupted, train
+
+    flag = _StopFlag()
+    flag.install()
+    try:
+        result = train(cfg, should_stop=flag)
+    except TrainingInterrupted as exc:
+        print(f"excb: {exc}; resume with the same command", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "status": result.status,
+                      "skipped_files": result.summary.get("skipped_files", 0)}))
+    return 0
+
+
+def _add_presets(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("presets", help="list presets, or print one resolved")
+    p.add_argument("name", nargs="?", choices=PRESET_NAMES)
+    p.set_defaults(func=lambda a: _print_presets(a.name))
+
+
+def _print_presets(name: str | None) -> int:
+    if name is None:
+        print("\n".join(PRESET_NAMES))
+    else:
+        sys.stdout.write(dump_yaml(resolve(preset_name=name)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: built-in verbs, module verbs, then plugins."""
+    parser = argparse.ArgumentParser(prog="excb", description="ExCB pretraining, export and serving.")
+    parser.add_argument("--version", action="version", version=f"excb {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_presets(sub)
+    for module_name in _BUILTIN_VERBS:
+        _register_module(sub, module_name)
+    for ep in entry_points(group="excb.cli"):
+        try:
+            register: Callable[..., None] = ep.load()
+        except ImportError as exc:  # services extra not installed: library verbs still work
+            logging.getLogger("excb").debug("plugin %s unavailable: %s", ep.name, exc)
+            continue
+        register(sub)
+    return parser
+
+
+def _register_module(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", module_name: str) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return  # that verb is not part of this install
+        raise
+    register = getattr(module, "register_cli", None)
+    if register is not None:
+        register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"excb: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

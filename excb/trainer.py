@@ -1,0 +1,596 @@
+"""The ExCB training loop: one code path for a laptop CPU, one GPU and many GPUs under torchrun.
+
+A run directory holds the resolved config, ``metrics.jsonl``, ``train.log``, ``summary.json`` and atomic
+checkpoints. Resume is exact: the same weights and size estimate ``s`` as an uninterrupted run, because the
+data order, every augmentation and every random draw are functions of (seed, epoch, index) or of saved
+generator states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from excb import schedules, stats
+from excb.balancing import Balancer
+from excb.checkpoint import LAST, checkpoint_dir, load_checkpoint, save_checkpoint
+from excb.config import TrainConfig, dump_yaml, validate
+from excb.distributed import DistContext, all_gather_cat, all_reduce_sum_int, barrier, setup
+from excb.kmeans import spherical_kmeans
+from excb.loss import excb_loss
+from excb.models import build_model
+
+log = logging.getLogger("excb.trainer")
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a cooperative stop (cancel/SIGTERM) once a checkpoint has been written."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; ``checkpoints/nan.pt`` holds the state for inspection."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    epochs_completed: int
+    status: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- data
+class SeededItems(Dataset):
+    """Makes each item's augmentation a pure function of (seed, epoch, index).
+
+    torchvision's transforms draw from the global torch RNG; forking it per item keeps the data identical
+    whether the run was interrupted or not, and whatever the number of loader workers.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**63 - 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            return self.base[index]
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation, split across ranks without overlap, able to start mid-epoch."""
+
+    def __init__(self, n: int, local_batch: int, rank: int, world: int, seed: int) -> None:
+        self.n, self.local_batch, self.rank, self.world, self.seed = n, local_batch, rank, world, seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world) // self.local_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.start_batch) * self.local_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        per_rank = self.batches_per_epoch() * self.local_batch
+        mine = perm[self.rank :: self.world][:per_rank]
+        return iter(mine[self.start_batch * self.local_batch :].tolist())
+
+
+def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+def _make_loader(items: SeededItems, sampler: ResumableSampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    from excb.data.loader import collate_multicrop
+
+    workers = _num_workers(cfg, device)
+    return DataLoader(
+        items,
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_multicrop,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,  # re-created per epoch so the crop-scale schedule takes effect
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # never consume the global RNG
+    )
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    p = cfg.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def _optimizer(cfg: TrainConfig, groups: dict[str, list[nn.Parameter]], device: torch.device) -> torch.optim.Optimizer:
+    wd = cfg.optim.weight_decay
+    spec = [
+        {"name": "backbone", "params": groups["backbone"], "weight_decay": wd},
+        {"name": "backbone_noreg", "params": groups["backbone_noreg"], "weight_decay": 0.0},
+        {"name": "projector", "params": groups["projector"], "weight_decay": wd},
+        {"name": "projector_noreg", "params": groups["projector_noreg"], "weight_decay": 0.0},
+        {"name": "centroids", "params": groups["centroids"], "weight_decay": wd},
+    ]
+    spec = [g for g in spec if g["params"]]
+    for g in spec:
+        g["base_wd"] = g["weight_decay"]
+    fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
+    kwargs: dict[str, Any] = {"lr": cfg.optim.lr}
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(spec, momentum=cfg.optim.momentum, **kwargs)
+    return torch.optim.AdamW(spec, betas=cfg.optim.betas, **kwargs)
+
+
+def _apply_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int) -> dict[str, float]:
+    lr = schedules.learning_rate(step, total, cfg.optim.lr, warmup, cfg.optim.lr_min_factor)
+    wd = schedules.weight_decay(step, total, cfg.optim.weight_decay, cfg.optim.weight_decay_end_factor)
+    cfac = schedules.centroid_wd_factor(step, total, cfg.optim.centroid_wd_start_factor)
+    for g in opt.param_groups:
+        g["lr"] = lr
+        if g["base_wd"] > 0:
+            g["weight_decay"] = wd * (cfac if g["name"] == "centroids" else 1.0)
+    return {"lr": lr, "wd": wd, "wd_centroid": wd * cfac}
+
+
+def _clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> None:
+    """DINO-style clipping: each parameter's gradient norm is capped on its own (not a global norm)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+
+
+@torch.no_grad()
+def _ema_update(teacher_params: list[Tensor], student_params: list[Tensor], momentum: float) -> None:
+    """teacher <- m*teacher + (1-m)*student, one fused ``_foreach`` call over all parameters."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _global_unique(labels: Tensor) -> Tensor:
+    return torch.unique(all_gather_cat(labels)).numel() * torch.ones((), device=labels.device)
+
+
+# ------------------------------------------------------------------------------------------ the run
+class RunLogger:
+    """Writes metrics.jsonl/train.log on rank 0 and forwards every event to the callback."""
+
+    def __init__(self, run_dir: Path, ctx: DistContext, callback: Callback | None) -> None:
+        self.run_dir, self.ctx, self.callback = run_dir, ctx, callback
+        self.metrics_path = run_dir / "metrics.jsonl"
+
+    def rewind(self, step: int) -> None:
+        """After a resume, drop rows logged past the checkpoint so the series has no duplicates."""
+        if not self.ctx.is_main or not self.metrics_path.exists():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def emit(self, event: dict[str, Any], persist: bool = True) -> None:
+        if not self.ctx.is_main:
+            return
+        if persist:
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps(event) + "\n")
+        if self.callback is not None:
+            self.callback(event)
+
+
+class Run:
+    """State of one training run; ``train()`` drives it."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.run_dir = Path(cfg.out)
+        self.step = 0
+        self.epoch = 0
+        self.epoch_batch = 0
+        self.images_seen = 0
+        self.skipped = 0
+        self.wall_time = 0.0
+        self._build_data()
+        self._build_models()
+
+    # -- construction
+    def _build_data(self) -> None:
+        from excb.data.augment import MultiCropTransform
+        from excb.data.datasets import build_dataset
+
+        cfg = self.cfg
+        self.transform = MultiCropTransform(cfg.augment)
+        base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=self.transform)
+        self.items = SeededItems(base, cfg.seed)
+        local_batch = cfg.batch_size // self.ctx.world_size
+        if local_batch < 1 or cfg.batch_size % self.ctx.world_size:
+            raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by world size {self.ctx.world_size}")
+        self.sampler = ResumableSampler(len(base), local_batch, self.ctx.rank, self.ctx.world_size, cfg.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size: {cfg.batch_size} is larger than the data set ({len(base)} images from {cfg.data.source!r})"
+            )
+        planned = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)), self.total_steps // 2)
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def _build_models(self) -> None:
+        cfg, device = self.cfg, self.device
+        student = build_model(cfg).to(device)
+        teacher = build_model(cfg, teacher=True).to(device)
+        teacher.load_state_dict(student.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if self.ctx.distributed and cfg.model.sync_bn:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if cfg.channels_last and device.type == "cuda":
+            student = student.to(memory_format=torch.channels_last)
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.student_core = student
+        self.teacher = teacher
+        groups = student.param_groups()
+        self.optimizer = _optimizer(cfg, groups, device)
+        self.trainable = [p for g in groups.values() for p in g]
+        self.student: nn.Module = student
+        if self.ctx.distributed:
+            ddp_ids = [device.index] if device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(student, device_ids=ddp_ids)
+        sp = dict(self.student_core.named_parameters())
+        self.ema_pairs = [(tp, sp[n]) for n, tp in teacher.named_parameters() if n in sp]
+        b = cfg.balancing
+        self.balancer = Balancer(cfg.model.num_clusters, b.method, b.mode, b.size_momentum, b.teacher_temp,
+                                 b.center_momentum).to(device)
+        self.balance_gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + self.ctx.rank)
+        self.amp_dtype = _precision(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+
+    # -- checkpoints
+    def state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "balance": self.balance_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": 1,
+            "config": json.loads(self.cfg.model_dump_json()),
+            "student": self.student_core.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_batch": self.epoch_batch,
+            "images_seen": self.images_seen,
+            "skipped": self.skipped,
+            "wall_time": self.wall_time,
+            "rng": rng,
+        }
+
+    def save(self, name: str = LAST) -> Path | None:
+        path = None
+        if self.ctx.is_main:
+            path = save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state())
+        barrier()
+        return path
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.student_core.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.balancer.load_state_dict(ckpt["balancer"])
+        for key in ("step", "epoch", "epoch_batch", "images_seen", "skipped", "wall_time"):
+            setattr(self, key, ckpt[key])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.balance_gen.set_state(ckpt["rng"]["balance"])
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+
+    # -- k-means centroid initialisation (method.md §4.9)
+    @torch.no_grad()
+    def init_centroids(self) -> dict[str, float]:
+        cfg = self.cfg
+        k = cfg.model.num_clusters
+        want = max(cfg.kmeans.samples // self.ctx.world_size, 1)
+        self.items.epoch = cfg.epochs  # a shuffle of its own, as in the reference
+        self.transform.set_epoch(0, max(self.total_epochs, 1))
+        self.sampler.epoch, self.sampler.start_batch = cfg.epochs, 0
+        feats: list[Tensor] = []
+        have = 0
+        started = time.time()
+        for i, batch in enumerate(_make_loader(self.items, self.sampler, cfg, self.device)):
+            x = batch.globals[i % 2].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                feats.append(self.teacher.project(x).float())
+            have += x.shape[0]
+            if have >= want:
+                break
+        x = torch.cat(feats)[:want]
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
+        result = spherical_kmeans(x, k, iterations=cfg.kmeans.iterations, generator=gen, chunk_size=cfg.kmeans.chunk_size)
+        self.teacher.centroids.set_centroids(result.centroids)
+        self.student_core.centroids.set_centroids(result.means)
+        self.sampler.epoch = 0
+        counts = result.counts.float()
+        return {"kmeans_seconds": time.time() - started, "kmeans_samples": float(x.shape[0] * self.ctx.world_size),
+                "kmeans_empty_reseeded": float(result.empty_reseeded),
+                "kmeans_effective_clusters": stats.balance_stats(counts)["effective_clusters"]}
+
+    # -- one optimisation step
+    def train_step(self, globals_: Tensor, locals_: Tensor | None, want_metrics: bool) -> dict[str, Tensor]:
+        cfg, device = self.cfg, self.device
+        sched = _apply_schedules(self.optimizer, cfg, self.step, self.total_steps, self.warmup_steps)
+        momentum = schedules.ema_momentum(self.step, self.total_steps, cfg.ema_momentum_start, cfg.ema_momentum_end)
+        n_glob, b = globals_.shape[0], globals_.shape[1]
+        g = globals_.reshape(n_glob * b, *globals_.shape[2:])
+        l = locals_.reshape(locals_.shape[0] * b, *locals_.shape[2:]) if locals_ is not None else None
+        if cfg.channels_last and device.type == "cuda":
+            g = g.contiguous(memory_format=torch.channels_last)
+            l = l.contiguous(memory_format=torch.channels_last) if l is not None else None
+        amp = dict(device_type=device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        with torch.no_grad(), torch.autocast(**amp):
+            z_t = self.teacher.forward_teacher(g).float()
+        probs, bal_metrics = self.balancer.teacher_probs(z_t, self.balance_gen)
+        with torch.autocast(**amp):
+            proj_z, pred_z = self.student(g, l)
+        tau_s = cfg.balancing.student_temp
+        k = proj_z.shape[-1]
+        teacher_p = probs.reshape(2, b, k)
+        proj_logits = (proj_z.float() / tau_s).reshape(2, b, k)
+        pred_logits = (pred_z.float() / tau_s).reshape(-1, b, k)
+        loss, loss_metrics = excb_loss(teacher_p, proj_logits, pred_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            _clip_per_parameter(self.trainable, cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        _ema_update([t for t, _ in self.ema_pairs], [s for _, s in self.ema_pairs], momentum)
+        self.balancer.update(probs, z_t)
+        out: dict[str, Tensor] = {"loss": loss.detach()}
+        if want_metrics:
+            with torch.no_grad():
+                t_lab = probs.argmax(1)
+                student_p = torch.cat([proj_z.float(), pred_z.float()]) / tau_s
+                st_lab = student_p.argmax(1)
+                global_b = all_reduce_sum_int(b, device) if self.ctx.distributed else b
+                out.update(loss_metrics)
+                out.update(bal_metrics)
+                out["confidence_tr"] = probs.max(1).values.mean()
+                out["confidence_st"] = torch.softmax(student_p, 1).max(1).values.mean()
+                out["unique_labels_tr"] = _global_unique(t_lab) / global_b
+                out["unique_labels_st"] = _global_unique(st_lab) / global_b
+                out["label_agreement"] = (t_lab[:b] == t_lab[b:]).float().mean()
+                for key in ("confidence_tr", "confidence_st", "label_agreement", "acc", "changed_labels"):
+                    if key in out and self.ctx.distributed:
+                        v = out[key].clone()
+                        dist.all_reduce(v)
+                        out[key] = v / self.ctx.world_size
+            out.update({k2: torch.tensor(v) for k2, v in sched.items()})
+            out["ema_momentum"] = torch.tensor(momentum)
+        return out
+
+
+def _step_row(run: Run, tensors: dict[str, Tensor], step_seconds: float, images: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"type": "step", "step": run.step, "epoch": run.epoch, "total_steps": run.total_steps,
+                           "time": time.time()}
+    for k, v in tensors.items():
+        row[k] = float(v)
+    sizes = stats.balance_stats(run.balancer.sizes, kind="sizes")
+    row.update({f"s_{k}": v for k, v in sizes.items() if k not in ("num_clusters", "total")})
+    row["teacher_temp"] = run.cfg.balancing.teacher_temp
+    row["size_momentum"] = run.cfg.balancing.size_momentum
+    row["img_per_s"] = images / max(step_seconds, 1e-9)
+    row["skipped_files"] = run.skipped
+    row["crop_min_scale"] = run.transform.current_scale_min if hasattr(run.transform, "current_scale_min") else None
+    return row
+
+
+def _curve_row(run: Run) -> dict[str, Any]:
+    curve = stats.sorted_curve(run.balancer.sizes, max_points=256)
+    return {"type": "cluster_sizes", "step": run.step, "epoch": run.epoch, "time": time.time(), **curve}
+
+
+def _epoch_row(run: Run) -> dict[str, Any]:
+    counts = run.balancer.cluster_count
+    st = stats.balance_stats(counts, kind="counts") if float(counts.sum()) > 0 else {}
+    return {"type": "epoch", "step": run.step, "epoch": run.epoch, "time": time.time(),
+            "empty_clusters": st.get("empty_fraction"), "cluster_size_max": st.get("max_share"),
+            "cluster_size_min": st.get("min_share"), "epoch_entropy": st.get("entropy"),
+            "epoch_effective_clusters": st.get("effective_clusters")}
+
+
+def _setup_file_log(run_dir: Path, ctx: DistContext) -> logging.Handler | None:
+    if not ctx.is_main:
+        return None
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("excb").addHandler(handler)
+    logging.getLogger("excb").setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: TrainConfig, callback: Callback | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or resume) a run described by ``cfg``; see docs/internals.md for the run-directory layout."""
+    cfg = validate(json.loads(cfg.model_dump_json()))  # private, validated copy
+    ctx = setup(cfg.device)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_file_log(run_dir, ctx)
+    try:
+        return _train(cfg, ctx, run_dir, callback, should_stop)
+    finally:
+        if handler is not None:
+            logging.getLogger("excb").removeHandler(handler)
+            handler.close()
+
+
+def _resume_if_any(run: Run, logger: RunLogger) -> bool:
+    cfg = run.cfg
+    last = checkpoint_dir(run.run_dir) / LAST
+    if cfg.resume == "never" or not last.exists():
+        if cfg.resume == "must":
+            raise FileNotFoundError(f"resume=must but no checkpoint at {last}")
+        return False
+    ckpt = load_checkpoint(last, map_location=run.device)
+    run.restore(ckpt)
+    logger.rewind(run.step)
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", last, run.step, run.epoch, run.epoch_batch)
+    return True
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback | None,
+           should_stop: Callable[[], bool] | None) -> TrainResult:
+    _seed_everything(cfg.seed + ctx.rank)  # per-rank seeds (the reference seeds every rank alike, §10.5)
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    run = Run(cfg, ctx)
+    logger = RunLogger(run_dir, ctx, callback)
+    resumed = _resume_if_any(run, logger)
+    log.info("run %s: %d steps (%d per epoch), device %s, world %d, precision %s", run_dir, run.total_steps,
+             run.steps_per_epoch, ctx.device, ctx.world_size, run.amp_dtype or "fp32")
+    if not resumed and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
+        km = run.init_centroids()
+        logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **km})
+    if not resumed:
+        run.save()
+    progress = None
+    if ctx.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=run.total_steps, initial=run.step, desc="excb train", unit="step", dynamic_ncols=True)
+    status = "completed"
+    try:
+        _loop(run, logger, should_stop, progress)
+    except TrainingInterrupted:
+        status = "interrupted"
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        summary = _summary(run, status)
+        if ctx.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.emit({"type": "done", "step": run.step, "time": time.time(), "summary": summary})
+    return TrainResult(run_dir, run.step, run.epoch, status, summary)
+
+
+def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, progress: Any) -> None:
+    cfg = run.cfg
+    while run.step < run.total_steps:
+        run.items.epoch = run.epoch
+        run.transform.set_epoch(run.epoch, max(run.total_epochs, 1))
+        run.sampler.epoch, run.sampler.start_batch = run.epoch, run.epoch_batch
+        if run.epoch_batch == 0:
+            run.balancer.reset_epoch_counts()
+        t_last = time.perf_counter()
+        for batch in _make_loader(run.items, run.sampler, cfg, run.device):
+            if run.step >= run.total_steps:
+                break
+            run.skipped += all_reduce_sum_int(batch.skipped, run.device) if run.ctx.distributed else batch.skipped
+            g = batch.globals.to(run.device, non_blocking=True)
+            l = batch.locals.to(run.device, non_blocking=True) if batch.locals is not None else None
+            want = (run.step + 1) % cfg.log_every_steps == 0 or run.step + 1 == run.total_steps
+            tensors = run.train_step(g, l, want)
+            images = all_reduce_sum_int(g.shape[1], run.device) if run.ctx.distributed else g.shape[1]
+            loss = float(tensors["loss"])
+            if not math.isfinite(loss):
+                run.save("nan.pt")
+                raise NonFiniteLossError(f"loss became {loss} at step {run.step}; state saved to checkpoints/nan.pt")
+            run.step += 1
+            run.epoch_batch += 1
+            run.images_seen += images
+            now = time.perf_counter()
+            run.wall_time += now - t_last
+            if want:
+                logger.emit(_step_row(run, tensors, now - t_last, images))
+            t_last = now
+            if run.step % cfg.histogram_every_steps == 0 or run.step == run.total_steps:
+                logger.emit(_curve_row(run))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            stop = bool(should_stop()) if should_stop is not None else False
+            if run.step % cfg.checkpoint_every_steps == 0 or stop:
+                path = run.save()
+                logger.emit({"type": "checkpoint", "step": run.step, "time": time.time(), "path": str(path)}, persist=False)
+            if stop:
+                raise TrainingInterrupted(f"stopped at step {run.step}; checkpoint written")
+        if run.epoch_batch >= run.steps_per_epoch:
+            logger.emit(_epoch_row(run))
+            run.epoch += 1
+            run.epoch_batch = 0
+            if cfg.keep_epoch_checkpoints:
+                run.save(f"epoch{run.epoch:04d}.pt")
+    path = run.save()
+    logger.emit({"type": "checkpoint", "step": run.step, "time": time.time(), "path": str(path)}, persist=False)
+
+
+def _summary(run: Run, status: str) -> dict[str, Any]:
+    return {
+        "status": status,
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "epochs": run.epoch,
+        "images_seen": run.images_seen,
+        "skipped_files": run.skipped,
+        "wall_time_seconds": run.wall_time,
+        "world_size": run.ctx.world_size,
+        "device": str(run.ctx.device),
+        "balance": stats.balance_stats(run.balancer.sizes, kind="sizes"),
+    }

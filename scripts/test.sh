@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up everything and run the whole test suite (unit, integration with real Redis/PostgreSQL/Celery,
+# browser tests with Debian's Chromium). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/system-deps.sh
+scripts/setup.sh
+scripts/services-up.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+exec .venv/bin/python -m pytest -q -ra "$@"

@@ -1,0 +1,11 @@
+"""Backbones, heads and the ExCB model (contract: docs/internals.md, "ExCBModel")."""
+
+from excb.models.backbones import ResNet, VisionTransformer, build_backbone, num_params
+from excb.models.heads import MLP, CentroidLayer, Predictor
+from excb.models.model import GROUP_NAMES, ExCBModel, ExportWrapper, build_model
+
+__all__ = [
+    "ResNet", "VisionTransformer", "build_backbone", "num_params",
+    "MLP", "CentroidLayer", "Predictor",
+    "GROUP_NAMES", "ExCBModel", "ExportWrapper", "build_model",
+]

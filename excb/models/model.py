@@ -1,0 +1,136 @@
+"""The ExCB model: backbone -> projector -> centroids, plus the student's predictor (method.md §1.3)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from excb.config import TrainConfig
+from excb.models.backbones import build_backbone
+from excb.models.heads import MLP, CentroidLayer, Predictor
+
+GROUP_NAMES: tuple[str, ...] = ("backbone", "backbone_noreg", "projector", "projector_noreg", "centroids")
+
+
+class ExCBModel(nn.Module):
+    """Student or teacher network. Teacher and student share one architecture so state dicts match.
+
+    ``forward`` dispatches to :meth:`forward_student` (or :meth:`forward_teacher` for a teacher) so the
+    model can be wrapped in DDP.
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
+                 centroids: CentroidLayer, is_teacher: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.predictor = predictor
+        self.centroids = centroids
+        self.is_teacher = is_teacher
+        self.embed_dim: int = int(backbone.embed_dim)  # type: ignore[arg-type]
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.num_clusters
+
+    def features(self, x: Tensor) -> Tensor:
+        """Backbone features [N, embed_dim]."""
+        return self.backbone(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """L2-normalised projector output [N, bottleneck] (the k-means feature space)."""
+        return nn.functional.normalize(self.projector(self.backbone(x)).float(), dim=-1)
+
+    def cluster_similarities(self, x: Tensor) -> Tensor:
+        """Cosines to the centroids [N, K], fp32 (inference path: no predictor)."""
+        return self.centroids(self.projector(self.backbone(x)))
+
+    def forward_teacher(self, globals_: Tensor) -> Tensor:
+        """Teacher similarities for the stacked global crops: [2B, C, H, W] -> [2B, K] fp32."""
+        return self.cluster_similarities(globals_)
+
+    def forward_student(self, globals_: Tensor, locals_: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Student outputs ``(proj_z [2B, K], pred_z [(2+L)B, K])``, rows ordered globals then locals.
+
+        The backbone runs once per resolution and the projector once over all rows (its BN statistics
+        mix global and local crops, as in the reference). Only global projection rows reach the centroid
+        layer with gradient; local projection rows never enter the loss, so they are not computed.
+        Predictor rows use detached centroids: the centroids learn only from the cross-view term.
+        """
+        n_global = globals_.shape[0]
+        feats = self.backbone(globals_)
+        if locals_ is not None and locals_.shape[0] > 0:
+            feats = torch.cat([feats, self.backbone(locals_).to(feats.dtype)], dim=0)
+        proj = self.projector(feats)
+        proj_z = self.centroids(proj[:n_global])
+        pred = self.predictor(proj) if self.predictor is not None else proj
+        pred_z = self.centroids(pred, detach_centroids=True)
+        return proj_z, pred_z
+
+    def forward(self, globals_: Tensor, locals_: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if self.is_teacher:
+            return self.forward_teacher(globals_)
+        return self.forward_student(globals_, locals_)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The five optimizer groups of method.md §4.3; each trainable parameter lands in exactly one."""
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            groups[_group_of(name, p)].append(p)
+        return groups
+
+
+def _group_of(name: str, p: nn.Parameter) -> str:
+    """Group name for one parameter: biases and 1-D tensors get no weight decay."""
+    noreg = p.ndim <= 1 or name.endswith(".bias")
+    if name.startswith("centroids."):
+        return "centroids"
+    if name.startswith("backbone."):
+        return "backbone_noreg" if noreg else "backbone"
+    if name.startswith(("projector.", "predictor.")):
+        return "projector_noreg" if noreg else "projector"
+    raise ValueError(f"parameter {name!r} belongs to no optimizer group")
+
+
+def build_model(cfg: TrainConfig, teacher: bool = False) -> ExCBModel:
+    """Build the student (drop_path from the config) or the teacher (drop_path 0, same modules)."""
+    m = cfg.model
+    drop_path = 0.0 if teacher else m.drop_path_rate
+    backbone = build_backbone(m, cfg.augment.global_size, drop_path)
+    projector = MLP(backbone.embed_dim, m.projector_hidden_dim, m.projector_hidden_layers,  # type: ignore[arg-type]
+                    m.bottleneck_dim, m.mlp_bn, m.activation)
+    predictor = Predictor(m.bottleneck_dim, m.predictor_hidden_dim, m.mlp_bn, m.activation) if m.predictor else None
+    centroids = CentroidLayer(m.bottleneck_dim, m.num_clusters)
+    return ExCBModel(backbone, projector, predictor, centroids, is_teacher=teacher)
+
+
+class ExportWrapper(nn.Module):
+    """ONNX-friendly inference graph: ``x -> (embedding [N, embed_dim], cosines [N, K])``.
+
+    Works on a frozen eval-mode copy of the given (teacher) model, so wrapping never changes the training
+    model's mode. The normalised centroids are a constant buffer, and the graph is plain tensor ops with
+    no data-dependent control flow. Spatial size is fixed at export time (ViT position embedding).
+    """
+
+    def __init__(self, model: ExCBModel) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(model.backbone)
+        self.projector = copy.deepcopy(model.projector)
+        self.register_buffer("centroids", model.centroids.normalized().clone())
+        self.embed_dim = model.embed_dim
+        self.num_clusters = model.num_clusters
+        self.requires_grad_(False)
+        self.train(False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.backbone(x)
+        h = self.projector(emb).float()
+        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return emb, h @ self.centroids.t()
+
+
+__all__ = ["ExCBModel", "ExportWrapper", "build_model", "GROUP_NAMES"]

@@ -9,8 +9,41 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EmbedSettings(BaseModel):
+    """Embed service knobs (``EXCB_EMBED__<NAME>``); owned by services/embed. Defaults suit a CPU box."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batching: bool = Field(True, description="merge concurrent requests into micro-batches (off: one run per request)")
+    max_batch: int = Field(32, ge=1, le=4096, description="images per ONNX Runtime run")
+    max_delay_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long the first queued image waits for company")
+    queue_size: int = Field(256, ge=1, description="images waiting or running per model; beyond it 503 + Retry-After")
+    retry_after_seconds: int = Field(1, ge=1)
+    request_timeout_seconds: float = Field(30.0, gt=0.0, description="queued work older than this is dropped (503)")
+    max_images_per_request: int = Field(64, ge=1, description="more images in one request -> 413")
+    max_image_bytes: int = Field(20_000_000, ge=1024, description="one encoded image")
+    max_request_bytes: int = Field(64_000_000, ge=1024, description="one request body (counted while streaming)")
+    max_pixels: int = Field(40_000_000, ge=64, description="decompression-bomb cap (header check before decode)")
+    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+    url_allowed_hosts: list[str] = Field(default_factory=list, description="hosts GET /embed may fetch; empty = URLs off")
+    url_allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs an allowed host may resolve into even though they are not public")
+    url_timeout_seconds: float = Field(5.0, gt=0.0)
+    url_max_redirects: int = Field(3, ge=0, le=10)
+    providers: list[str] = Field(
+        default_factory=list, description="ONNX Runtime providers in order (tensorrt, cuda, cpu); empty = auto. "
+                                          "GPU providers listed here are required: readiness fails on CPU fallback")
+    intra_op_threads: int | None = Field(None, ge=1, description="None: the cores this process may use")
+    inter_op_threads: int = Field(1, ge=1)
+    balance_window: int = Field(10_000, ge=1, description="served assignments kept for live balance statistics")
+    default_top_k: int = Field(5, ge=1)
+    max_top_k: int = Field(100, ge=1)
+    rescan_seconds: float = Field(0.0, ge=0.0, description="poll models_dir for new bundles; 0 = only at start")
+    warmup: bool = Field(True, description="one forward pass per model before it is served")
 
 
 class Settings(BaseSettings):
@@ -36,6 +69,7 @@ class Settings(BaseSettings):
 
     # --- embed service (owned by services/embed) ------------------------------------------------------
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
 
     @property
     def runs_dir(self) -> Path:

@@ -1,0 +1,313 @@
+"""Exported bundles and the ONNX Runtime session that runs them (shared by ``excb embed`` and the service).
+
+A bundle is a directory with ``model.onnx`` and ``model.json``. Loading it is the trust boundary
+(reliability.md rows 17-18): the ONNX bytes are read once, hashed and compared with the sha256 recorded
+at export, any tensor stored as external data is refused (single-file models only, so no ``location``
+can point outside the bundle), and the session is built from those same verified bytes. Providers are
+tried in a fixed order (TensorRT, CUDA, CPU); what ORT actually activated is reported so a silent GPU->CPU
+fallback is visible to readiness checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+MODEL_FILE = "model.onnx"
+META_FILE = "model.json"
+BUNDLE_FORMAT = "excb-bundle/1"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("embedding", "cluster_similarities")
+
+# The order in which execution providers are tried when none are configured explicitly.
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
+                           "MIGraphXExecutionProvider", "DmlExecutionProvider"})
+_PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider", "gpu": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider", "rocm": "ROCMExecutionProvider",
+}
+
+
+class BundleError(ValueError):
+    """A bundle that must not be served: missing files, bad metadata, hash mismatch, external data."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: metadata plus the exact ONNX bytes whose hash was checked."""
+
+    path: Path
+    meta: dict[str, Any]
+    onnx_bytes: bytes = field(repr=False)
+
+    @property
+    def sha256(self) -> str:
+        return str(self.meta["sha256"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input"]["size"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.meta["num_clusters"])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """The final cluster-size estimate ``s`` [K] from training (used for balanced assignment)."""
+        return np.asarray(self.meta["sizes"], dtype=np.float32)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_REQUIRED_META = ("sha256", "input", "embed_dim", "num_clusters", "sizes", "opset")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: {META_FILE} is missing") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: {META_FILE} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: {META_FILE} must hold an object")
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise BundleError(f"{path}: {META_FILE} lacks {', '.join(missing)}")
+    if len(meta["sizes"]) != int(meta["num_clusters"]):
+        raise BundleError(f"{path}: sizes has {len(meta['sizes'])} entries, num_clusters is {meta['num_clusters']}")
+    return meta
+
+
+def check_no_external_data(onnx_bytes: bytes, where: str = "model") -> None:
+    """Refuse any initializer/attribute tensor whose data lives in an external file (CVE-2024-27318 class)."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(onnx_bytes)  # never resolves external files
+    except Exception as exc:  # onnx raises DecodeError and friends for garbage
+        raise BundleError(f"{where}: not a valid ONNX model: {exc}") from exc
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise BundleError(f"{where}: tensor {tensor.name!r} uses external data ({location!r}); "
+                              "only single-file models are served")
+
+
+def _all_tensors(graph: Any) -> Iterable[Any]:
+    """Initializers and tensor attributes, recursing into subgraphs (If/Loop/Scan bodies)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Read and verify a bundle directory; raises :class:`BundleError` for anything unservable.
+
+    The hash is computed over the bytes that will be handed to ONNX Runtime, so a file swapped after the
+    check cannot be loaded instead (no time-of-check/time-of-use gap).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise BundleError(f"{p}: not a bundle directory")
+    meta = _read_meta(p)
+    model_path = p / MODEL_FILE
+    if model_path.is_symlink():
+        raise BundleError(f"{p}: {MODEL_FILE} is a symlink")
+    try:
+        data = model_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{p}: cannot read {MODEL_FILE}: {exc}") from exc
+    if verify:
+        actual = sha256_bytes(data)
+        if actual != meta["sha256"]:
+            raise BundleError(f"{p}: sha256 mismatch (model.json says {str(meta['sha256'])[:12]}..., "
+                              f"{MODEL_FILE} is {actual[:12]}...)")
+        check_no_external_data(data, str(model_path))
+    return Bundle(path=p, meta=meta, onnx_bytes=data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# providers and threads
+
+
+def normalize_provider(name: str) -> str:
+    """``cuda`` -> ``CUDAExecutionProvider``; full names pass through."""
+    return _PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def choose_providers(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Resolve the provider list: ``(to_try, required_gpu)``.
+
+    ``requested`` empty/None means "auto": every provider of :data:`PROVIDER_ORDER` that this ORT build
+    has, and nothing is required. An explicit list is tried in the given order (CPU appended as the last
+    resort); GPU providers in it are *required*: if ORT does not activate them, readiness fails.
+    """
+    available = set(available_providers())
+    if not requested:
+        return [p for p in PROVIDER_ORDER if p in available], []
+    names = [normalize_provider(r) for r in requested]
+    to_try = [n for n in names if n in available]
+    if "CPUExecutionProvider" not in to_try:
+        to_try.append("CPUExecutionProvider")
+    required = [n for n in names if n in GPU_PROVIDERS]
+    return to_try, required
+
+
+def default_intra_op_threads(workers: int = 1) -> int:
+    """Cores given to this process divided by the sessions sharing them (oversubscription hurts ORT)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def session_options(intra_op_threads: int | None = None, inter_op_threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads or default_intra_op_threads()
+    opts.inter_op_num_threads = max(1, inter_op_threads)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only; fallbacks are reported through active_providers
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the embedder
+
+
+class OrtEmbedder:
+    """One ORT session over a verified bundle: ``run(x) -> (embedding [N, D], cosines [N, K])``.
+
+    ``InferenceSession.run`` is thread-safe, so one embedder can serve a micro-batcher thread and
+    ad-hoc callers at once.
+    """
+
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None,
+                 intra_op_threads: int | None = None, inter_op_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.requested_providers, self.required_providers = choose_providers(providers)
+        self.intra_op_threads = intra_op_threads or default_intra_op_threads()
+        self.inter_op_threads = inter_op_threads
+        self.session = ort.InferenceSession(bundle.onnx_bytes,
+                                            sess_options=session_options(self.intra_op_threads, inter_op_threads),
+                                            providers=self.requested_providers)
+        self.active_providers: list[str] = list(self.session.get_providers())
+        self._preprocess: Callable[[Any], Any] | None = None
+
+    @property
+    def missing_providers(self) -> list[str]:
+        """Required GPU providers that ORT did not activate (a silent fallback to CPU)."""
+        return [p for p in self.required_providers if p not in self.active_providers]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run a preprocessed float32 batch [N, 3, S, S]."""
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        size = self.bundle.input_size
+        if x.ndim != 4 or x.shape[1:] != (3, size, size):
+            raise ValueError(f"expected a batch [N, 3, {size}, {size}], got {list(x.shape)}")
+        emb, sims = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return emb, sims
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        """PIL RGB image -> float32 [3, S, S] with the training eval transform (same code as export parity)."""
+        if self._preprocess is None:
+            self._preprocess = preprocessor(self.bundle.meta)
+        return self._preprocess(image)
+
+    def warmup(self) -> None:
+        """One forward pass so the first request does not pay for lazy initialisation."""
+        size = self.bundle.input_size
+        self.run(np.zeros((1, 3, size, size), dtype=np.float32))
+
+
+def preprocessor(meta: dict[str, Any]) -> Callable[[Any], np.ndarray]:
+    """The eval transform recorded in the bundle, returning NumPy (the model sees exactly what parity saw)."""
+    from excb.data.augment import eval_transform
+
+    inp = meta["input"]
+    transform = eval_transform(int(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
+
+    def apply(image: Any) -> np.ndarray:
+        return transform(image).numpy().astype(np.float32, copy=False)
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------------------
+# post-processing shared by the service and `excb embed`
+
+
+def balance_paper(z: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """NumPy port of ``excb.balancing.balance(z, s, mode="paper")`` (tested equal to the torch version)."""
+    z = np.asarray(z, dtype=np.float32)
+    s = np.asarray(s, dtype=np.float32)
+    if z.ndim != 2 or s.ndim != 1 or z.shape[1] != s.shape[0]:
+        raise ValueError(f"expected z [N, K] and s [K], got {list(z.shape)} and {list(s.shape)}")
+    total = max(float(s.sum()), float(np.finfo(np.float32).tiny))
+    c = (s.size * s / np.float32(total)).astype(np.float32)
+    lo = np.minimum(c, np.float32(1.0))
+    safe = np.where(c > 0, c, np.float32(1.0))
+    hi = np.minimum(np.where(c > 0, np.float32(1.0) / safe, np.float32(1.0)), np.float32(1.0)).astype(np.float32)
+    out = np.float32(1.0) - (np.float32(1.0) - z) * lo
+    return ((np.float32(1.0) + out) * hi - np.float32(1.0)).astype(np.float32)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the ``k`` largest entries per row, sorted descending."""
+    k = max(1, min(int(k), sims.shape[1]))
+    if k == sims.shape[1]:
+        idx = np.argsort(-sims, axis=1, kind="stable")
+    else:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
+        idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(sims, idx, axis=1)

@@ -1,0 +1,1 @@
+"""Embedding / cluster-assignment service: ONNX Runtime, micro-batching, live balance."""

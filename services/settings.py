@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     stall_seconds: float = Field(120.0, gt=0)
     cancel_grace_seconds: float = Field(30.0, gt=0)
     max_running_jobs_per_key: int = Field(2, ge=1)
+    celery_queue: str = Field("excb.jobs", description="Celery queue the training tasks travel on")
+    visibility_timeout_seconds: float = Field(
+        172800.0, gt=0, description="Redis redelivery of unacked tasks; far above any job (the DB lease guards)")
+    requeue_after_seconds: float = Field(
+        300.0, gt=0, description="a QUEUED job whose message is older than this is published again (lost messages)")
+    reaper_interval_seconds: float = Field(10.0, gt=0, description="period of the stall/lost-message sweeper")
+    progress_interval_seconds: float = Field(1.0, gt=0, description="how often a worker copies metrics into the DB")
+    api_url: str = Field("http://127.0.0.1:8000", description="where `excb jobs ...` finds the control plane")
+    api_token: str | None = Field(None, description="bearer key `excb jobs ...` sends")
 
     # --- embed service (owned by services/embed) ------------------------------------------------------
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")

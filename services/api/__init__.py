@@ -1,0 +1,1 @@
+"""Control plane: the jobs/models HTTP API, `excb up` (embedded mode) and the `excb jobs` client."""

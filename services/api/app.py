@@ -1,0 +1,80 @@
+"""The control-plane FastAPI app: jobs and models under /v1 (and unversioned aliases), infra routes,
+the dashboard router when installed, and — in embedded mode — the embed service on the same port."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, AsyncIterator
+
+from celery import Celery
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from services.api import routes_infra, routes_jobs, routes_models
+from services.api.state import ControlPlane
+from services.common.auth import ApiKeyAuth
+from services.common.errors import install_error_handlers
+from services.common.metrics import install_http_metrics
+from services.db.session import Database, default_url
+from services.settings import Settings, get_settings
+from services.worker.app import make_celery
+from services.worker.reaper import Reaper
+
+log = logging.getLogger("excb.api")
+
+
+def create_app(settings: Settings | None = None, *, embedded: bool = False, db: Database | None = None,
+               celery: Celery | None = None, reaper: bool = True) -> FastAPI:
+    """Build the app. ``embedded`` also serves the embed service (/embed, /v1/embed) from this process."""
+    settings = settings or get_settings()
+    db = db or Database(settings.database_url or default_url(settings.home))
+    celery = celery or make_celery(settings)
+    cp = ControlPlane(settings=settings, db=db, celery=celery, auth=ApiKeyAuth.from_file(settings.api_keys_file))
+    embed_app = _embed_app(settings) if embedded else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = Reaper(db, celery, settings) if reaper else None
+        if sweeper:
+            sweeper.start()
+        async with contextlib.AsyncExitStack() as stack:
+            if embed_app is not None:
+                await stack.enter_async_context(embed_app.router.lifespan_context(embed_app))
+            yield
+        if sweeper:
+            sweeper.stop()
+
+    app = FastAPI(title="excb control plane", version="0.1.0", lifespan=lifespan,
+                  description="Training jobs (ExCB), models, live balance. Errors: {error: {type, message, field}}.")
+    app.state.plane = cp
+    app.state.registry = CollectorRegistry()
+    install_error_handlers(app)
+    install_http_metrics(app, app.state.registry, "api")
+    routes_infra.register_collectors(app.state.registry, cp)
+    app.include_router(routes_infra.router)
+    for prefix, visible in (("/v1", True), ("", False)):
+        app.include_router(routes_jobs.router, prefix=prefix, include_in_schema=visible)
+        app.include_router(routes_models.router, prefix=prefix, include_in_schema=visible)
+    _include_dashboard(app)
+    if embed_app is not None:
+        app.mount("/", embed_app)
+    return app
+
+
+def _include_dashboard(app: FastAPI) -> None:
+    try:
+        from services.dashboard import router as dashboard_router
+    except ImportError:
+        log.info("services.dashboard not installed; /dashboard not served")
+        return
+    app.include_router(dashboard_router)
+
+
+def _embed_app(settings: Settings) -> Any:
+    try:
+        from services.embed.app import create_app as create_embed_app
+    except ImportError:
+        log.warning("services.embed not installed; /embed not served")
+        return None
+    return create_embed_app(settings)

@@ -1,0 +1,173 @@
+"""`excb up` (embedded control plane + worker + embed service + dashboard) and `excb jobs ...` (client)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add the ``up`` and ``jobs`` verbs."""
+    _add_up(subparsers)
+    _add_jobs(subparsers)
+
+
+# --- excb up ------------------------------------------------------------------------------------------------
+
+def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("up", help="run API + worker + embed service + dashboard on this machine",
+                       description="Embedded mode: SQLite and a server-less Celery transport under --home; set "
+                                   "EXCB_REDIS_URL / EXCB_DATABASE_URL to use Redis / PostgreSQL instead.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--home", type=Path, help="state directory (default: EXCB_HOME or ./.excb)")
+    p.add_argument("--data-root", type=Path, action="append", default=[],
+                   help="folder jobs may read datasets from (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one job each)")
+    p.set_defaults(func=_cmd_up)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.api.embedded import run_embedded
+
+    return run_embedded(host=args.host, port=args.port, home=args.home, data_roots=args.data_root,
+                        workers=args.workers)
+
+
+# --- excb jobs ----------------------------------------------------------------------------------------------
+
+def _add_jobs(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("jobs", help="submit and manage training jobs on a control plane",
+                       description="Talks to EXCB_API_URL (default http://127.0.0.1:8000) with EXCB_API_TOKEN.")
+    p.add_argument("--url", help="control-plane URL (default EXCB_API_URL)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    jobs = p.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    s = jobs.add_parser("submit", help="submit a job file (YAML/JSON, the same as `excb train --config`)")
+    s.add_argument("file", type=Path)
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--job-id")
+    s.add_argument("--idempotency-key")
+    s.add_argument("--gpus", type=int)
+    s.add_argument("--follow", action="store_true", help="stream logs until the job ends")
+    s.set_defaults(jobs_func=_jobs_submit)
+    ls = jobs.add_parser("list", help="list jobs")
+    ls.add_argument("--status")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(jobs_func=_jobs_list)
+    for name, func, text in (("status", _jobs_status, "show a job"), ("cancel", _jobs_cancel, "cancel a job"),
+                             ("retry", _jobs_retry, "retry a failed/cancelled job from its checkpoint")):
+        a = jobs.add_parser(name, help=text)
+        a.add_argument("job_id")
+        a.set_defaults(jobs_func=func)
+    lg = jobs.add_parser("logs", help="print a job's log")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", "-f", action="store_true")
+    lg.set_defaults(jobs_func=_jobs_logs)
+    p.set_defaults(func=_cmd_jobs)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from services.api.client import ApiClient, ApiClientError
+    from services.settings import get_settings
+
+    settings = get_settings()
+    client = ApiClient(args.url or settings.api_url, settings.api_token)
+    try:
+        return int(args.jobs_func(client, args) or 0)
+    except ApiClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if exc.status in (400, 409, 422) else 1
+
+
+def _jobs_submit(client: Any, args: argparse.Namespace) -> int:
+    from excb.config import load_file
+
+    body = dict(load_file(args.file))
+    if args.overrides:
+        body["overrides"] = list(body.get("overrides", [])) + list(args.overrides)
+    if args.job_id:
+        body["job_id"] = args.job_id
+    if args.gpus is not None:
+        body["gpus"] = args.gpus
+    job = client.submit(body, args.idempotency_key)
+    if args.json:
+        print(json.dumps(job))
+    else:
+        jid = job["id"]
+        print(f"submitted {jid} ({job['status']})")
+        print(f"  status:  excb jobs status {jid}\n  logs:    excb jobs logs {jid} --follow\n"
+              f"  cancel:  excb jobs cancel {jid}")
+    return _follow(client, job["id"]) if args.follow else 0
+
+
+def _jobs_list(client: Any, args: argparse.Namespace) -> int:
+    page = client.list(args.status, args.limit)
+    if args.json:
+        print(json.dumps(page))
+        return 0
+    print(f"{'ID':22} {'STATUS':10} {'ATT':>3} {'STEP':>12} {'%':>6}  CREATED")
+    for j in page["items"]:
+        pr = j["progress"]
+        step = f"{pr.get('step') or 0}/{pr.get('total_steps') or '?'}"
+        pct = "" if pr.get("percent") is None else f"{pr['percent']:.0f}"
+        print(f"{j['id']:22} {j['status']:10} {j['attempt']:>3} {step:>12} {pct:>6}  {j['created_at']}")
+    return 0
+
+
+def _jobs_status(client: Any, args: argparse.Namespace) -> int:
+    job = client.get(args.job_id)
+    if args.json:
+        print(json.dumps(job))
+        return 0
+    pr = job["progress"]
+    print(f"{job['id']}  {job['status']}  attempt {job['attempt']}/{job['max_attempts']}")
+    print(f"  progress: step {pr.get('step')}/{pr.get('total_steps')}  epoch {pr.get('epoch')}  "
+          f"{pr.get('percent')}%  eta {pr.get('eta_seconds')}s")
+    if job["latest_metrics"]:
+        print("  metrics:  " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(job["latest_metrics"].items())[:8]))
+    if job["balance"]:
+        b = job["balance"]
+        print(f"  balance:  effective clusters {b.get('effective_clusters', 0):.1f}, "
+              f"normalized entropy {b.get('normalized_entropy', 0):.3f}, max share {b.get('max_share', 0):.4f}")
+    if job["model_id"]:
+        print(f"  model:    {job['model_id']}")
+    if job["error"]:
+        print(f"  error:    {job['error']['type']}: {job['error']['message']}")
+    return 0
+
+
+def _jobs_cancel(client: Any, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job_id)
+    print(json.dumps(job) if args.json else f"{job['id']}: {job['status']}")
+    return 0
+
+
+def _jobs_retry(client: Any, args: argparse.Namespace) -> int:
+    job = client.retry(args.job_id)
+    print(json.dumps(job) if args.json else f"{job['id']}: {job['status']} (resumes from its last checkpoint)")
+    return 0
+
+
+def _jobs_logs(client: Any, args: argparse.Namespace) -> int:
+    if args.follow:
+        return _follow(client, args.job_id)
+    print(client.logs(args.job_id)["text"], end="")
+    return 0
+
+
+def _follow(client: Any, job_id: str) -> int:
+    """Stream the log until the job ends; exit 0 only if it SUCCEEDED."""
+    status = None
+    for event, data in client.stream(f"/v1/jobs/{job_id}/logs/stream"):
+        if event == "log":
+            print(data["line"], flush=True)
+        elif event == "end":
+            status = data.get("status")
+    status = status or client.get(job_id)["status"]
+    print(f"{job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1

@@ -1,0 +1,67 @@
+"""`excb up`: the whole system on one machine, no Redis and no Docker.
+
+One process serves the control plane, the embed service (same port) and the dashboard, and runs the reaper
+thread; worker processes (`celery worker --pool=solo`, one job each) are started beside it and stopped with
+SIGTERM on exit (a running job checkpoints and goes back to QUEUED). State lives under ``--home``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from services.worker.child import _die_with_parent
+
+log = logging.getLogger("excb.up")
+
+
+def worker_command(queue: str, name: str) -> list[str]:
+    """A Celery worker that runs one job at a time in its main process (solo pool, prefetch 1)."""
+    return [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker", "--pool=solo",
+            "--concurrency=1", "--prefetch-multiplier=1", "-Q", queue, "-n", name, "--loglevel=INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def _configure_env(home: Path | None, data_roots: list[Path]) -> None:
+    """Settings travel to the worker processes through the environment."""
+    if home is not None:
+        os.environ["EXCB_HOME"] = str(home.expanduser().resolve())
+    if data_roots:
+        os.environ["EXCB_DATA_ROOTS"] = json.dumps([str(p.expanduser().resolve()) for p in data_roots])
+
+
+def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path], workers: int = 1) -> int:
+    """Start workers, then serve HTTP until interrupted; returns the exit status."""
+    import uvicorn
+
+    from services.api.app import create_app
+    from services.common.logging import configure_logging
+    from services.settings import get_settings
+
+    _configure_env(home, data_roots)
+    get_settings.cache_clear()
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    Path(settings.home).mkdir(parents=True, exist_ok=True)
+    app = create_app(settings, embedded=True)  # migrates the DB before any worker opens it
+    procs = [subprocess.Popen(worker_command(settings.celery_queue, f"excb-up-{i}@%h"),
+                              preexec_fn=_die_with_parent) for i in range(max(1, workers))]
+    log.info("excb up: http://%s:%d (home %s, %d worker(s), broker %s)", host, port, settings.home, len(procs),
+             "redis" if settings.redis_url else "embedded sqlite")
+    try:
+        uvicorn.run(app, host=host, port=port, log_config=None)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=settings.cancel_grace_seconds + 10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return 0

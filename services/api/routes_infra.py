@@ -1,0 +1,94 @@
+"""/livez, /readyz, /metrics, /v1/info."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Iterable
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select, text
+
+from services.api.state import ControlPlane, plane
+from services.common.errors import ApiError
+from services.common.metrics import metrics_response
+from services.db.models import JOB_STATUSES, Job
+
+router = APIRouter(tags=["infra"])
+
+
+@router.get("/livez", summary="The process is up")
+def livez() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="DB and broker reachable", responses={503: {"description": "not ready"}})
+def readyz(cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
+    checks: dict[str, str] = {}
+    try:
+        with cp.db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        with cp.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"error: {type(exc).__name__}"
+    if any(v != "ok" for v in checks.values()):
+        raise ApiError(503, "unavailable", "not ready: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
+    return {"status": "ok", "checks": checks}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return metrics_response(request.app.state.registry)
+
+
+@router.get("/v1/info", summary="Versions and mode (no secrets)")
+def info(cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
+    import celery
+    import excb
+    import fastapi
+    import sqlalchemy
+
+    s = cp.settings
+    return {
+        "service": "excb-control-plane",
+        "versions": {"excb": getattr(excb, "__version__", "0.1.0"), "python": platform.python_version(),
+                     "fastapi": fastapi.__version__, "celery": celery.__version__,
+                     "sqlalchemy": sqlalchemy.__version__},
+        "database": cp.db.engine.dialect.name,
+        "broker": "redis" if s.redis_url else "sqlalchemy (embedded)",
+        "auth": cp.auth.enabled,
+        "queue": s.celery_queue,
+        "max_attempts": s.max_attempts,
+        "data_roots": len(s.data_roots),
+    }
+
+
+class JobsCollector:
+    """``excb_jobs{status}`` counted from the DB at scrape time (the DB is the truth, not a counter)."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("excb_jobs", "jobs by status", labels=["status"])
+        counts = {s: 0 for s in JOB_STATUSES}
+        try:
+            with self.cp.db.session() as s:
+                for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
+                    counts[status] = int(n)
+        except Exception:
+            return []
+        for status, n in counts.items():
+            gauge.add_metric([status], n)
+        return [gauge]
+
+
+def register_collectors(registry: CollectorRegistry, cp: ControlPlane) -> None:
+    registry.register(JobsCollector(cp))  # type: ignore[arg-type]

@@ -1,0 +1,252 @@
+"""/v1/jobs: submit, list, show, cancel, retry, delete, logs (paged + SSE), metrics, cluster sizes, events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from services.api import submit as submit_mod
+from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
+from services.api.serialize import decode_cursor, encode_cursor, job_dict
+from services.api.state import ControlPlane, plane, principal
+from services.common.auth import Principal
+from services.common.errors import ERROR_SCHEMA, ApiError
+from services.db import jobs as store
+from services.db.jobs import Conflict
+from services.db.models import TERMINAL, Job
+from services.worker.publish import publish
+
+_ERR = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"description": d, **_ERR} for c, d in
+                                           [(401, "unauthorized"), (404, "not found"), (409, "conflict"),
+                                            (422, "invalid input"), (429, "too many jobs")]}
+
+router = APIRouter(tags=["jobs"], responses=ERRORS)
+StatusName = Literal["QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED"]
+LOG_FILES = {"job": "job.log", "train": "train.log"}
+
+
+def _owned(cp: ControlPlane, who: Principal, job_id: str) -> Job:
+    """The job if it exists and the caller may see it (another key's job is a plain 404)."""
+    job = store.get_job(cp.db, job_id)
+    if job is None or (who.id is not None and job.owner != who.id):
+        raise ApiError(404, "not_found", f"job {job_id!r} not found", "job_id")
+    return job
+
+
+@router.post("/jobs", status_code=201, response_model=JobOut, summary="Submit a training job")
+def submit_job(body: JobSubmit, response: Response, cp: ControlPlane = Depends(plane),
+               who: Principal = Depends(principal),
+               idempotency_key: str | None = Header(None, max_length=255)) -> dict[str, Any]:
+    """Validate the config exactly like `excb train`, store the job QUEUED, publish it; idempotent on
+    ``job_id`` or the ``Idempotency-Key`` header (a repeat returns the first job with 200)."""
+    settings = cp.settings
+    existing = _existing(cp, who, body.job_id, idempotency_key)
+    job_id = existing.id if existing is not None else (body.job_id or submit_mod.new_job_id())
+    run_dir = Path(settings.runs_dir).expanduser().resolve() / job_id
+    config = submit_mod.build_config(body, settings, run_dir)
+    if existing is None and who.id is not None and \
+            store.count_active(cp.db, who.id) >= settings.max_running_jobs_per_key:
+        raise ApiError(429, "too_many_jobs",
+                       f"this key already has {settings.max_running_jobs_per_key} queued or running jobs",
+                       headers={"Retry-After": "60"})
+    request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb}
+    try:
+        job, created = store.create_job(cp.db, job_id=job_id, owner=who.id, idempotency_key=idempotency_key,
+                                        name=body.name, config=config, request=request, run_dir=str(run_dir),
+                                        max_attempts=body.max_attempts or settings.max_attempts)
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc), "job_id") from exc
+    if created:
+        publish(cp.celery, cp.db, job.id, settings.celery_queue)
+        job = store.get_job(cp.db, job.id) or job
+    else:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_dict(job)
+
+
+def _existing(cp: ControlPlane, who: Principal, job_id: str | None, key: str | None) -> Job | None:
+    job = store.get_job(cp.db, job_id) if job_id else None
+    if job is not None:
+        return job
+    if key is None:
+        return None
+    return store.find_by_key(cp.db, who.id, key)
+
+
+@router.get("/jobs", response_model=JobList, summary="List jobs, newest first")
+def list_jobs(cp: ControlPlane = Depends(plane), who: Principal = Depends(principal),
+              status: list[StatusName] | None = Query(None, description="repeat or comma-separate"),
+              limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=512)) -> dict[str, Any]:
+    statuses = [s for item in (status or []) for s in str(item).split(",") if s]
+    after = decode_cursor(cursor) if cursor else None
+    rows = store.list_jobs(cp.db, owner=who.id, status=statuses or None, limit=limit + 1, cursor=after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"items": [job_dict(j) for j in rows], "next_cursor": encode_cursor(rows[-1]) if more and rows else None}
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="Job status, progress, metrics, balance")
+def show_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
+    return job_dict(_owned(cp, who, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel (cooperative)")
+def cancel_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
+    _owned(cp, who, job_id)
+    try:
+        return job_dict(store.request_cancel(cp.db, job_id))
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from exc
+
+
+@router.post("/jobs/{job_id}/retry", status_code=202, response_model=JobOut,
+             summary="Run a FAILED/CANCELLED job again, resuming from its last checkpoint")
+def retry_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
+    _owned(cp, who, job_id)
+    try:
+        job = store.retry_job(cp.db, job_id)
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from exc
+    publish(cp.celery, cp.db, job_id, cp.settings.celery_queue)
+    return job_dict(store.get_job(cp.db, job_id) or job)
+
+
+@router.delete("/jobs/{job_id}", status_code=204, summary="Delete a finished job (its run dir stays)")
+def delete_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> Response:
+    _owned(cp, who, job_id)
+    try:
+        store.delete_job(cp.db, job_id)
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from exc
+    return Response(status_code=204)
+
+
+@router.get("/jobs/{job_id}/metrics", response_model=MetricsOut, summary="Metric time series (step rows)")
+def job_metrics(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal),
+                since_step: int | None = Query(None, ge=-1, le=2**31 - 1),
+                limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
+    _owned(cp, who, job_id)
+    return {"items": store.metrics_since(cp.db, job_id, since_step, limit)}
+
+
+@router.get("/jobs/{job_id}/cluster-sizes", response_model=ClusterSizesOut, summary="Latest sorted K*s curve")
+def cluster_sizes(job_id: str, cp: ControlPlane = Depends(plane),
+                  who: Principal = Depends(principal)) -> dict[str, Any]:
+    job = _owned(cp, who, job_id)
+    if not job.cluster_sizes:
+        raise ApiError(404, "not_found", "no cluster-size curve logged yet", "cluster_sizes")
+    return job.cluster_sizes
+
+
+@router.get("/jobs/{job_id}/logs", response_model=LogsOut, summary="Log text from a byte offset")
+def job_logs(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal),
+             offset: int = Query(0, ge=0, le=2**40), limit: int = Query(65536, ge=1, le=1 << 20),
+             source: Literal["job", "train"] = "job") -> dict[str, Any]:
+    job = _owned(cp, who, job_id)
+    data, size = _read_log(Path(job.run_dir) / LOG_FILES[source], offset, limit)
+    return {"offset": offset, "next_offset": offset + len(data), "size": size,
+            "text": data.decode("utf-8", errors="replace")}
+
+
+def _read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            fh.seek(min(offset, size))
+            return fh.read(limit), size
+    except FileNotFoundError:
+        return b"", 0
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+@router.get("/jobs/{job_id}/logs/stream", summary="Live log lines (SSE event `log`)",
+            response_class=StreamingResponse)
+async def job_logs_stream(job_id: str, request: Request, cp: ControlPlane = Depends(plane),
+                          who: Principal = Depends(principal), offset: int = Query(0, ge=0, le=2**40),
+                          source: Literal["job", "train"] = "job",
+                          max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
+    job = await run_in_threadpool(_owned, cp, who, job_id)
+    path = Path(job.run_dir) / LOG_FILES[source]
+
+    async def lines() -> AsyncIterator[bytes]:
+        follower = _LogFollower(path, offset)
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline and not await request.is_disconnected():
+            for line in follower.read():
+                yield _sse("log", {"line": line, "offset": follower.offset})
+            current = await run_in_threadpool(store.get_job, cp.db, job_id)
+            if current is None or current.status in TERMINAL:
+                for line in follower.read(final=True):
+                    yield _sse("log", {"line": line, "offset": follower.offset})
+                yield _sse("end", {"status": current.status if current else "DELETED"})
+                return
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _LogFollower:
+    """Yields complete new lines of a growing text file."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path, self.offset, self._partial = path, offset, b""
+
+    def read(self, final: bool = False) -> list[str]:
+        data, _ = _read_log(self.path, self.offset, 1 << 20)
+        self.offset += len(data)
+        chunks = (self._partial + data).split(b"\n")
+        self._partial = b"" if final else chunks.pop()
+        return [c.decode("utf-8", errors="replace") for c in chunks if c]
+
+
+@router.get("/jobs/{job_id}/events", summary="Live job events for the dashboard (SSE)",
+            response_class=StreamingResponse)
+async def job_events(job_id: str, request: Request, cp: ControlPlane = Depends(plane),
+                     who: Principal = Depends(principal),
+                     max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
+    """Events: ``status`` (the Job), ``metrics`` (one step row), ``cluster_sizes`` (curve), ``log`` (line).
+    The stream ends after the job reaches a terminal status."""
+    await run_in_threadpool(_owned, cp, who, job_id)
+    return StreamingResponse(_events(cp, job_id, request, max_seconds), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _events(cp: ControlPlane, job_id: str, request: Request, max_seconds: float) -> AsyncIterator[bytes]:
+    last_update, last_step, last_curve = None, -1, None
+    follower: _LogFollower | None = None
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline and not await request.is_disconnected():
+        job = await run_in_threadpool(store.get_job, cp.db, job_id)
+        if job is None:
+            yield _sse("end", {"status": "DELETED"})
+            return
+        if job.updated_at != last_update:
+            last_update = job.updated_at
+            yield _sse("status", job_dict(job))
+        rows = await run_in_threadpool(store.metrics_since, cp.db, job_id, last_step, 500)
+        for row in rows:
+            last_step = max(last_step, int(row.get("step", last_step)))
+            yield _sse("metrics", row)
+        curve = job.cluster_sizes
+        if curve and curve.get("step") != last_curve:
+            last_curve = curve.get("step")
+            yield _sse("cluster_sizes", curve)
+        follower = follower or _LogFollower(Path(job.run_dir) / "job.log")
+        for line in follower.read(final=job.status in TERMINAL):
+            yield _sse("log", {"line": line})
+        if job.status in TERMINAL:
+            yield _sse("end", {"status": job.status})
+            return
+        await asyncio.sleep(0.5)

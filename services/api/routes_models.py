@@ -1,0 +1,50 @@
+"""/v1/models: registered bundles (list, show, activate). Serving-side balance lives in the embed service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from services.api.routes_jobs import ERRORS
+from services.api.schemas import ModelList, ModelOut
+from services.api.serialize import model_dict
+from services.api.state import ControlPlane, plane, principal
+from services.common.auth import Principal
+from services.common.errors import ApiError
+from services.db import jobs as store
+from services.db.models import ModelRow
+from services.worker.pipeline import write_active_pointer
+
+router = APIRouter(tags=["models"], responses=ERRORS)
+
+
+def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
+    row = store.get_model(cp.db, model_id)
+    if row is None or (who.id is not None and row.owner != who.id):
+        raise ApiError(404, "not_found", f"model {model_id!r} not found", "model_id")
+    return row
+
+
+@router.get("/models", response_model=ModelList, summary="Registered models, newest first")
+def list_models(cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
+    return {"items": [model_dict(m) for m in store.list_models(cp.db, who.id)]}
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")
+def show_model(model_id: str, cp: ControlPlane = Depends(plane),
+               who: Principal = Depends(principal)) -> dict[str, Any]:
+    return model_dict(_owned_model(cp, who, model_id))
+
+
+@router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
+def activate_model(model_id: str, cp: ControlPlane = Depends(plane),
+                   who: Principal = Depends(principal)) -> dict[str, Any]:
+    row = _owned_model(cp, who, model_id)
+    if not (Path(row.bundle_dir) / "model.onnx").exists():
+        raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
+    store.activate_model(cp.db, model_id)
+    write_active_pointer(Path(cp.settings.resolved_models_dir).expanduser().resolve(), row.id,
+                         Path(row.bundle_dir), row.sha256 or "")
+    return model_dict(store.get_model(cp.db, model_id) or row)

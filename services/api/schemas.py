@@ -1,0 +1,99 @@
+"""Request/response models of the control plane (what OpenAPI documents and schemathesis exercises)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+# Keys of the job request that are not TrainConfig fields (the "wrapper").
+WRAPPER_KEYS = ("job_id", "name", "gpus", "memory_limit_mb", "max_attempts", "overrides")
+
+
+class JobSubmit(BaseModel):
+    """A job: a training config (exactly what `excb train --config` reads, short keys allowed) plus a few
+    wrapper fields. Everything not listed here is validated by ``excb.config.TrainConfig``."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "examples": [{"preset": "cpu-small", "data": "digits", "max_steps": 50}]})
+
+    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent submit)")
+    name: str | None = Field(None, max_length=255)
+    gpus: int = Field(0, ge=0, le=64, description=">1 runs the trainer under torchrun, one process per GPU")
+    memory_limit_mb: int | None = Field(None, ge=1, description="kill (and retry) the trainer above this RSS")
+    max_attempts: int | None = Field(None, ge=1, le=20, description="retry budget for crashes / lost workers")
+    overrides: list[str] = Field(default_factory=list, description="`key=value` overrides, as on the CLI")
+
+
+class Progress(BaseModel):
+    epoch: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None
+    status: str
+    attempt: int
+    max_attempts: int
+    failures: int
+    config: dict[str, Any]
+    request: dict[str, Any]
+    progress: Progress
+    latest_metrics: dict[str, Any]
+    balance: dict[str, Any]
+    artifacts: dict[str, Any]
+    model_id: str | None
+    error: ErrorInfo | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class MetricsOut(BaseModel):
+    items: list[dict[str, Any]]
+
+
+class ClusterSizesOut(BaseModel):
+    step: int | None
+    rank: list[float]
+    relative_size: list[float]
+
+
+class LogsOut(BaseModel):
+    offset: int
+    next_offset: int
+    size: int
+    text: str
+
+
+class ModelOut(BaseModel):
+    id: str
+    job_id: str | None
+    status: str
+    active: bool
+    bundle_dir: str
+    sha256: str | None
+    created_at: dt.datetime
+    model_json: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]

@@ -1,0 +1,50 @@
+"""DB rows -> API dicts (one place, so the REST responses and the SSE events agree)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any
+
+from services.common.errors import ApiError
+from services.db.models import Job, ModelRow
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    progress = {"epoch": None, "step": None, "total_steps": None, "percent": None, "eta_seconds": None}
+    progress.update(job.progress or {})
+    return {
+        "id": job.id, "name": job.name, "status": job.status, "attempt": job.attempt,
+        "max_attempts": job.max_attempts, "failures": job.failures, "config": job.config,
+        "request": job.request or {}, "progress": progress, "latest_metrics": job.latest_metrics or {},
+        "balance": job.balance or {}, "artifacts": job.artifacts or {}, "model_id": job.model_id,
+        "error": job.error, "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+    }
+
+
+def model_dict(row: ModelRow) -> dict[str, Any]:
+    return {"id": row.id, "job_id": row.job_id, "status": row.status, "active": row.active,
+            "bundle_dir": row.bundle_dir, "sha256": row.sha256, "created_at": _iso(row.created_at),
+            "model_json": row.model_json or {}}
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        at, job_id = base64.urlsafe_b64decode(padded.encode()).decode().split("|", 1)
+        parsed = dt.datetime.fromisoformat(at)
+        if parsed.tzinfo is None:
+            raise ValueError("naive")
+        return parsed, job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "validation_error", "cursor: not a cursor returned by this API", "cursor") from exc

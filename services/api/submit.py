@@ -1,0 +1,53 @@
+"""Turn a submitted job body into a validated, path-safe TrainConfig (the same schema as `excb train`)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from excb.config import ConfigError, resolve
+from services.api.schemas import WRAPPER_KEYS, JobSubmit
+from services.common.errors import ApiError
+from services.common.paths import PathNotAllowed, resolve_in_roots
+from services.settings import Settings
+
+BUILTIN_SOURCES = ("digits", "fashion-mnist")
+
+
+def new_job_id() -> str:
+    return f"j-{uuid.uuid4().hex[:16]}"
+
+
+def build_config(body: JobSubmit, settings: Settings, run_dir: Path) -> dict[str, Any]:
+    """Validate the config part of ``body``; ``out`` is always the server's run dir for the job."""
+    raw = {k: v for k, v in (body.model_extra or {}).items() if k not in WRAPPER_KEYS}
+    if "out" in raw:
+        raw.pop("out")  # the server owns where runs are written
+    try:
+        cfg = resolve(raw, list(body.overrides))
+    except ConfigError as exc:
+        raise ApiError(422, "validation_error", f"{exc.field}: {exc.message}", exc.field) from exc
+    except (ValueError, TypeError) as exc:  # anything else the schema could not digest is still bad input
+        raise ApiError(422, "validation_error", str(exc), None) from exc
+    data = cfg.model_dump(mode="json")
+    data["out"] = str(run_dir)
+    data["data"]["source"] = safe_source(cfg.data.source, settings)
+    return data
+
+
+def safe_source(source: str, settings: Settings) -> str:
+    """Built-in data sets pass; any path (folder, ``list:FILE``, ``fashion-mnist:ROOT``) must lie in a data root."""
+    if source in BUILTIN_SOURCES:
+        return source
+    for prefix in ("list:", "fashion-mnist:"):
+        if source.startswith(prefix):
+            return prefix + str(_in_roots(source[len(prefix):], settings))
+    return str(_in_roots(source, settings))
+
+
+def _in_roots(path: str, settings: Settings) -> Path:
+    try:
+        return resolve_in_roots(path, settings.data_roots, field="data.source", must_exist=True)
+    except PathNotAllowed as exc:
+        raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc

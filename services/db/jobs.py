@@ -1,0 +1,343 @@
+"""Job-store operations shared by the API, the workers and the reaper.
+
+Every state change is a single conditional UPDATE (compare-and-set on status and, for workers, on the
+fencing token ``lease_token``), so concurrent actors can never both win a transition.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.db.models import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
+from services.db.session import Database
+
+
+class Conflict(Exception):
+    """The request clashes with the job's state or with another job (maps to 409)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a worker holds while it runs a job: the fencing token and the attempt number."""
+
+    job_id: str
+    token: int
+    attempt: int
+
+
+# --- API side ---------------------------------------------------------------------------------------
+
+def create_job(db: Database, *, job_id: str, owner: str | None, idempotency_key: str | None, name: str | None,
+               config: dict[str, Any], request: dict[str, Any], run_dir: str, max_attempts: int) -> tuple[Job, bool]:
+    """Insert a QUEUED job; return ``(job, created)``. A repeated key or job id returns the first job."""
+    scoped_key = f"{owner or ''}:{idempotency_key}" if idempotency_key else None
+    existing = _find_duplicate(db, job_id, scoped_key)
+    if existing is not None:
+        return _check_same(existing, owner, config), False
+    now = utcnow()
+    job = Job(id=job_id, idempotency_key=scoped_key, owner=owner, name=name, status="QUEUED", config=config,
+              request=request, run_dir=run_dir, attempt=0, failures=0, max_attempts=max_attempts, lease_token=0,
+              cancel_requested=False, publish_count=0, progress={}, latest_metrics={}, balance={}, artifacts={},
+              created_at=now, updated_at=now)
+    try:
+        with db.session() as s:
+            s.add(job)
+    except IntegrityError:
+        existing = _find_duplicate(db, job_id, scoped_key)
+        if existing is None:
+            raise
+        return _check_same(existing, owner, config), False
+    return job, True
+
+
+def _find_duplicate(db: Database, job_id: str, scoped_key: str | None) -> Job | None:
+    with db.session() as s:
+        if scoped_key is not None:
+            hit = s.scalar(select(Job).where(Job.idempotency_key == scoped_key))
+            if hit is not None:
+                return hit
+        return s.get(Job, job_id)
+
+
+def _check_same(job: Job, owner: str | None, config: dict[str, Any]) -> Job:
+    if job.owner != owner:
+        raise Conflict(f"job id {job.id!r} is taken")
+    if {k: v for k, v in job.config.items() if k != "out"} != {k: v for k, v in config.items() if k != "out"}:
+        raise Conflict(f"job {job.id!r} already exists with a different config")
+    return job
+
+
+def find_by_key(db: Database, owner: str | None, idempotency_key: str) -> Job | None:
+    """The job first submitted with this Idempotency-Key by this owner."""
+    with db.session() as s:
+        return s.scalar(select(Job).where(Job.idempotency_key == f"{owner or ''}:{idempotency_key}"))
+
+
+def get_job(db: Database, job_id: str) -> Job | None:
+    with db.session() as s:
+        return s.get(Job, job_id)
+
+
+def list_jobs(db: Database, *, owner: str | None, status: Sequence[str] | None, limit: int,
+              cursor: tuple[dt.datetime, str] | None) -> list[Job]:
+    """Newest first, keyset-paginated on ``(created_at, id)``."""
+    q = select(Job)
+    if owner is not None:
+        q = q.where(Job.owner == owner)
+    if status:
+        q = q.where(Job.status.in_(list(status)))
+    if cursor is not None:
+        at, jid = cursor
+        q = q.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < jid)))
+    q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    with db.session() as s:
+        return list(s.scalars(q))
+
+
+def count_active(db: Database, owner: str | None) -> int:
+    """Jobs of ``owner`` that are queued or running (the per-key limit)."""
+    with db.session() as s:
+        q = select(func.count()).select_from(Job).where(Job.status.in_(["QUEUED", *ACTIVE]))
+        q = q.where(Job.owner.is_(None) if owner is None else Job.owner == owner)
+        return int(s.scalar(q) or 0)
+
+
+def mark_published(db: Database, job_id: str) -> None:
+    """Record that a Celery message for this QUEUED job was handed to the broker (the outbox mark)."""
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "QUEUED")
+                  .values(enqueued_at=utcnow(), publish_count=Job.publish_count + 1))
+
+
+def request_cancel(db: Database, job_id: str) -> Job:
+    """QUEUED -> CANCELLED at once; STARTING/RUNNING -> CANCELLING (the worker finishes it); terminal -> 409."""
+    now = utcnow()
+    with db.session() as s:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.status == "QUEUED")
+                        .values(status="CANCELLED", cancel_requested=True, finished_at=now, updated_at=now))
+        if res.rowcount == 0:
+            res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(["STARTING", "RUNNING"]))
+                            .values(status="CANCELLING", cancel_requested=True, updated_at=now))
+    job = get_job(db, job_id)
+    assert job is not None
+    if job.status in TERMINAL and job.status != "CANCELLED":
+        raise Conflict(f"job is {job.status}; only queued or running jobs can be cancelled")
+    return job
+
+
+def retry_job(db: Database, job_id: str) -> Job:
+    """FAILED/CANCELLED -> QUEUED with a fresh failure budget; the trainer resumes from its last checkpoint."""
+    now = utcnow()
+    with db.session() as s:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(["FAILED", "CANCELLED"]))
+                        .values(status="QUEUED", failures=0, cancel_requested=False, error=None, enqueued_at=None,
+                                finished_at=None, lease_owner=None, updated_at=now))
+    job = get_job(db, job_id)
+    assert job is not None
+    if res.rowcount == 0:
+        raise Conflict(f"job is {job.status}; only FAILED or CANCELLED jobs can be retried")
+    return job
+
+
+def delete_job(db: Database, job_id: str) -> None:
+    """Delete a terminal job (its metrics and attempts go with it); 409 otherwise."""
+    with db.session() as s:
+        res = s.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
+        if res.rowcount == 0:
+            raise Conflict("only SUCCEEDED, FAILED or CANCELLED jobs can be deleted")
+        s.execute(delete(JobMetric).where(JobMetric.job_id == job_id))
+        s.execute(delete(JobAttempt).where(JobAttempt.job_id == job_id))
+
+
+def metrics_since(db: Database, job_id: str, since_step: int | None, limit: int) -> list[dict[str, Any]]:
+    q = select(JobMetric).where(JobMetric.job_id == job_id)
+    if since_step is not None:
+        q = q.where(JobMetric.step > since_step)
+    q = q.order_by(JobMetric.step).limit(limit)
+    with db.session() as s:
+        return [m.data for m in s.scalars(q)]
+
+
+def attempts(db: Database, job_id: str) -> list[JobAttempt]:
+    with db.session() as s:
+        return list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.id)))
+
+
+# --- worker side (every write fenced by the lease token) -------------------------------------------------
+
+def acquire(db: Database, job_id: str, worker: str) -> Lease | None:
+    """QUEUED -> STARTING with ``attempt+1`` and a new fencing token; None if the job is not ours to run.
+
+    A duplicate delivery (job already leased, finished or cancelled) gets None and must exit at once.
+    """
+    now = utcnow()
+    with db.session() as s:
+        res = s.execute(update(Job)
+                        .where(Job.id == job_id, Job.status == "QUEUED", Job.cancel_requested.is_(False),
+                               Job.failures < Job.max_attempts)
+                        .values(status="STARTING", attempt=Job.attempt + 1, lease_token=Job.lease_token + 1,
+                                lease_owner=worker, heartbeat_at=now, updated_at=now, error=None,
+                                started_at=func.coalesce(Job.started_at, now)))
+        if res.rowcount != 1:
+            return None
+        job = s.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        s.add(JobAttempt(job_id=job_id, attempt=job.attempt, lease_token=job.lease_token, worker=worker,
+                         started_at=now))
+        return Lease(job_id, job.lease_token, job.attempt)
+
+
+def settle_unrunnable(db: Database, job_id: str) -> None:
+    """A QUEUED job that may not start (cancel flag, attempt budget spent) is moved to its terminal state."""
+    now = utcnow()
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "QUEUED", Job.cancel_requested.is_(True))
+                  .values(status="CANCELLED", finished_at=now, updated_at=now))
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "QUEUED", Job.failures >= Job.max_attempts)
+                  .values(status="FAILED", finished_at=now, updated_at=now,
+                          error={"type": "attempts_exhausted", "message": "attempt limit reached"}))
+
+
+def fenced_update(db: Database, lease: Lease, **values: Any) -> bool:
+    """Write ``values`` only while ``lease`` is still current; False means the lease was lost."""
+    values.setdefault("updated_at", utcnow())
+    with db.session() as s:
+        res = s.execute(update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
+                                          Job.status.in_(list(ACTIVE))).values(**values))
+        return res.rowcount == 1
+
+
+def heartbeat(db: Database, lease: Lease, **values: Any) -> tuple[bool, bool]:
+    """Fenced heartbeat; returns ``(still_ours, cancel_requested)``."""
+    ok = fenced_update(db, lease, heartbeat_at=utcnow(), **values)
+    if not ok:
+        return False, False
+    with db.session() as s:
+        flag = s.scalar(select(Job.cancel_requested).where(Job.id == lease.job_id))
+    return True, bool(flag)
+
+
+def end_attempt(db: Database, lease: Lease, outcome: str, detail: str | None = None, pid: int | None = None) -> None:
+    with db.session() as s:
+        values: dict[str, Any] = {"ended_at": utcnow(), "outcome": outcome, "detail": detail}
+        s.execute(update(JobAttempt).where(JobAttempt.job_id == lease.job_id,
+                                           JobAttempt.lease_token == lease.token).values(**values))
+
+
+def set_attempt_pid(db: Database, lease: Lease, pid: int) -> None:
+    with db.session() as s:
+        s.execute(update(JobAttempt).where(JobAttempt.job_id == lease.job_id,
+                                           JobAttempt.lease_token == lease.token).values(pid=pid))
+
+
+def release_for_retry(db: Database, lease: Lease, *, count_failure: bool, error: dict[str, Any] | None) -> str:
+    """Give the job back: QUEUED (to be published again) or FAILED when the failure budget is spent.
+
+    Returns the new status, or ``"LOST"`` when the lease had already been taken away.
+    """
+    now = utcnow()
+    bump = 1 if count_failure else 0
+    with db.session() as s:
+        fence = (Job.id == lease.job_id, Job.lease_token == lease.token, Job.status.in_(list(ACTIVE)))
+        res = s.execute(update(Job).where(*fence, Job.failures + bump >= Job.max_attempts)
+                        .values(status="FAILED", failures=Job.failures + bump, finished_at=now, updated_at=now,
+                                lease_owner=None, error=error or {"type": "attempts_exhausted",
+                                                                  "message": "attempt limit reached"}))
+        if res.rowcount == 1:
+            return "FAILED"
+        res = s.execute(update(Job).where(*fence)
+                        .values(status="QUEUED", failures=Job.failures + bump, lease_owner=None, enqueued_at=None,
+                                updated_at=now, error=error))
+        return "QUEUED" if res.rowcount == 1 else "LOST"
+
+
+def replace_metrics(db: Database, job_id: str, rows: list[dict[str, Any]]) -> None:
+    """Store step rows; a resumed run re-logs steps after its checkpoint, so newer rows replace older ones."""
+    if not rows:
+        return
+    first = min(int(r["step"]) for r in rows)
+    latest: dict[int, dict[str, Any]] = {int(r["step"]): r for r in rows}
+    with db.session() as s:
+        s.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step >= first))
+        s.add_all([JobMetric(job_id=job_id, step=step, data=row) for step, row in sorted(latest.items())])
+
+
+def add_model(db: Database, row: ModelRow, activate: bool) -> None:
+    with db.session() as s:
+        if activate:
+            s.execute(update(ModelRow).where(ModelRow.active.is_(True)).values(active=False))
+        row.active = activate
+        s.add(row)
+
+
+def activate_model(db: Database, model_id: str) -> ModelRow | None:
+    with db.session() as s:
+        row = s.get(ModelRow, model_id)
+        if row is None:
+            return None
+        s.execute(update(ModelRow).where(ModelRow.id != model_id, ModelRow.active.is_(True)).values(active=False))
+        row.active = True
+        return row
+
+
+def list_models(db: Database, owner: str | None) -> list[ModelRow]:
+    q = select(ModelRow).order_by(ModelRow.created_at.desc())
+    if owner is not None:
+        q = q.where(ModelRow.owner == owner)
+    with db.session() as s:
+        return list(s.scalars(q))
+
+
+def get_model(db: Database, model_id: str) -> ModelRow | None:
+    with db.session() as s:
+        return s.get(ModelRow, model_id)
+
+
+# --- reaper ----------------------------------------------------------------------------------------------
+
+def stalled_jobs(db: Database, stall_seconds: float) -> list[Job]:
+    cutoff = utcnow() - dt.timedelta(seconds=stall_seconds)
+    with db.session() as s:
+        return list(s.scalars(select(Job).where(Job.status.in_(list(ACTIVE)), Job.heartbeat_at < cutoff)))
+
+
+def reap(db: Database, job: Job) -> str:
+    """Take a stalled job away from its (lost) worker: bump the token so the zombie is fenced out, then
+    CANCELLED (if cancel was asked), FAILED (budget spent) or QUEUED for another worker."""
+    now = utcnow()
+    with db.session() as s:
+        fence = (Job.id == job.id, Job.lease_token == job.lease_token, Job.status.in_(list(ACTIVE)))
+        base = {"lease_token": Job.lease_token + 1, "lease_owner": None, "updated_at": now}
+        lost = {"type": "worker_lost", "message": f"no heartbeat from {job.lease_owner} since {job.heartbeat_at}"}
+        outcome = "LOST"
+        if job.cancel_requested:
+            res = s.execute(update(Job).where(*fence).values(status="CANCELLED", finished_at=now, **base))
+            outcome = "CANCELLED" if res.rowcount else "LOST"
+        else:
+            res = s.execute(update(Job).where(*fence, Job.failures + 1 >= Job.max_attempts)
+                            .values(status="FAILED", failures=Job.failures + 1, finished_at=now, error=lost, **base))
+            if res.rowcount:
+                outcome = "FAILED"
+            else:
+                res = s.execute(update(Job).where(*fence).values(status="QUEUED", failures=Job.failures + 1,
+                                                                 enqueued_at=None, error=lost, **base))
+                outcome = "QUEUED" if res.rowcount else "LOST"
+        if outcome != "LOST":
+            s.execute(update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.lease_token == job.lease_token,
+                                               JobAttempt.ended_at.is_(None))
+                      .values(ended_at=now, outcome="worker_lost"))
+        return outcome
+
+
+def unpublished_jobs(db: Database, requeue_after_seconds: float) -> list[str]:
+    """QUEUED jobs never published, or published so long ago that the message may have been lost."""
+    cutoff = utcnow() - dt.timedelta(seconds=requeue_after_seconds)
+    with db.session() as s:
+        q = select(Job.id).where(Job.status == "QUEUED", or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff))
+        return list(s.scalars(q.order_by(Job.created_at)))

@@ -1,0 +1,248 @@
+"""Run one job under a lease: trainer child process, heartbeats, progress, cancel, then the export pipeline.
+
+Exit-code policy (Kubeflow's, reliability.md §9): 0 -> export; 143 after our SIGTERM -> retryable preemption
+(not counted); killed by a signal or 128-255 -> retryable failure (counted against ``max_attempts``);
+1-127 -> permanent failure (a bug or bad data does not get better by retrying).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from excb.config import validate
+from services.db import jobs as store
+from services.db.jobs import Lease
+from services.db.models import utcnow
+from services.db.session import Database
+from services.settings import Settings
+from services.worker import child
+from services.worker.progress import MetricsTail, ProgressTracker
+
+log = logging.getLogger("excb.worker")
+
+# Set by the Celery worker_shutting_down signal (and checked via celery.worker.state as a fallback).
+SHUTDOWN = threading.Event()
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _celery_stopping() -> bool:
+    if SHUTDOWN.is_set():
+        return True
+    try:
+        from celery.worker import state
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(state.should_stop or state.should_terminate)
+
+
+@dataclass
+class Outcome:
+    """Why the trainer stopped: ``rc`` plus which of our own actions (if any) caused it."""
+
+    rc: int
+    cancelled: bool = False
+    preempted: bool = False
+    lease_lost: bool = False
+    oom: bool = False
+
+
+class JobRunner:
+    """Everything one attempt of one job does, from lease to final commit."""
+
+    def __init__(self, db: Database, settings: Settings, job_id: str) -> None:
+        self.db = db
+        self.settings = settings
+        self.job_id = job_id
+        self.worker = worker_name()
+
+    def run(self) -> str:
+        """Run the job if it is ours to run; returns what happened (for the task log)."""
+        lease = store.acquire(self.db, self.job_id, self.worker)
+        if lease is None:
+            store.settle_unrunnable(self.db, self.job_id)
+            job = store.get_job(self.db, self.job_id)
+            log.info("job %s not acquired (status %s): duplicate or stale delivery", self.job_id,
+                     job.status if job else "deleted")
+            return "skipped"
+        log.info("job %s attempt %d leased with token %d", self.job_id, lease.attempt, lease.token)
+        try:
+            return self._run_leased(lease)
+        except Exception as exc:  # a bug in the worker itself: never leave the job RUNNING forever
+            log.exception("worker error on job %s", self.job_id)
+            self._commit_failure(lease, "worker_error", f"{type(exc).__name__}: {exc}", count=True)
+            return "error"
+
+    # --- one attempt -----------------------------------------------------------------------------------
+    def _run_leased(self, lease: Lease) -> str:
+        job = store.get_job(self.db, self.job_id)
+        assert job is not None
+        run_dir = Path(job.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = validate({**job.config, "out": str(run_dir)})
+        cfg_path = run_dir / "job.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        request = job.request or {}
+        argv = child.trainer_command(cfg_path, int(request.get("gpus") or 0))
+        tracker = ProgressTracker(total_steps=cfg.max_steps, epochs=cfg.epochs)
+        tail = MetricsTail(run_dir / "metrics.jsonl")
+        with (run_dir / "job.log").open("ab") as logf:
+            logf.write(f"--- attempt {lease.attempt} on {self.worker} (token {lease.token})\n".encode())
+            logf.flush()
+            proc = child.start(argv, logf, env=_child_env())
+        store.set_attempt_pid(self.db, lease, proc.pid)
+        if not store.fenced_update(self.db, lease, status="RUNNING", heartbeat_at=utcnow()):
+            child.stop(proc, 0.5)
+            store.end_attempt(self.db, lease, "lease_lost", pid=proc.pid)
+            return "lease_lost"
+        outcome = self._supervise(lease, proc, tail, tracker, request)
+        self._sync_progress(lease, tail, tracker)
+        return self._settle(lease, outcome, run_dir, tracker)
+
+    def _supervise(self, lease: Lease, proc: subprocess.Popen[bytes], tail: MetricsTail,
+                   tracker: ProgressTracker, request: dict[str, Any]) -> Outcome:
+        """Poll the child; heartbeat + progress every interval; react to cancel, shutdown, lost lease, memory."""
+        interval = min(self.settings.heartbeat_seconds, self.settings.progress_interval_seconds)
+        limit_mb = float(request.get("memory_limit_mb") or 0)
+        last_beat = 0.0
+        last_ok = time.monotonic()
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                return Outcome(rc)
+            if limit_mb and child.rss_mb(proc.pid) > limit_mb:
+                log.warning("job %s exceeded its memory limit of %.0f MiB: killed", self.job_id, limit_mb)
+                child.signal_group(proc, signal.SIGKILL)
+                return Outcome(proc.wait(), oom=True)
+            if _celery_stopping():
+                log.info("worker shutting down: checkpointing job %s", self.job_id)
+                return Outcome(child.stop(proc, self.settings.cancel_grace_seconds), preempted=True)
+            now = time.monotonic()
+            if now - last_beat >= interval:
+                last_beat = now
+                try:
+                    ours, cancel = self._sync_progress(lease, tail, tracker)
+                    last_ok = now
+                except Exception as exc:  # DB unreachable: keep training until the lease would be stale
+                    log.warning("heartbeat failed for %s: %s", self.job_id, exc)
+                    ours, cancel = True, False
+                    if now - last_ok > self.settings.stall_seconds:
+                        ours = False
+                if not ours:
+                    log.warning("lease on %s lost (token %d): stopping the trainer", self.job_id, lease.token)
+                    child.signal_group(proc, signal.SIGKILL)
+                    return Outcome(proc.wait(), lease_lost=True)
+                if cancel:
+                    log.info("cancel requested for %s: SIGTERM, then SIGKILL after %.0fs", self.job_id,
+                             self.settings.cancel_grace_seconds)
+                    return Outcome(child.stop(proc, self.settings.cancel_grace_seconds), cancelled=True)
+            time.sleep(0.2)
+
+    def _sync_progress(self, lease: Lease, tail: MetricsTail, tracker: ProgressTracker) -> tuple[bool, bool]:
+        """Copy new metrics rows into the DB (fenced) and heartbeat; returns ``(still_ours, cancel_requested)``."""
+        tracker.feed(tail.read())
+        steps = tracker.take_steps()
+        values: dict[str, Any] = {"progress": tracker.progress(), "latest_metrics": tracker.latest}
+        if tracker.curve is not None:
+            values["cluster_sizes"] = tracker.curve
+            values["balance"] = tracker.balance
+        ours, cancel = store.heartbeat(self.db, lease, **values)
+        if ours and steps:
+            store.replace_metrics(self.db, self.job_id, steps)
+        return ours, cancel
+
+    # --- after the trainer ---------------------------------------------------------------------------------
+    def _settle(self, lease: Lease, out: Outcome, run_dir: Path, tracker: ProgressTracker) -> str:
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        if out.lease_lost:
+            store.end_attempt(self.db, lease, "lease_lost", f"rc={out.rc}")
+            return "lease_lost"
+        if out.cancelled:
+            self._commit_terminal(lease, "CANCELLED", None, {"checkpoint": str(ckpt)} if ckpt.exists() else {})
+            store.end_attempt(self.db, lease, "cancelled", f"rc={out.rc}")
+            return "cancelled"
+        if out.preempted and out.rc in (0, EXIT_SIGTERM, -signal.SIGTERM):
+            status = store.release_for_retry(self.db, lease, count_failure=False, error=None)
+            store.end_attempt(self.db, lease, "preempted", f"rc={out.rc}")
+            self._republish(status)
+            return "preempted"
+        if out.rc == 0:
+            return self._finish_success(lease, run_dir)
+        detail = _log_tail(run_dir / "job.log")
+        if out.oom:
+            return self._commit_failure(lease, "out_of_memory", "trainer exceeded its memory limit and was killed",
+                                        count=True)
+        if out.rc < 0 or out.rc >= 128 or out.preempted:
+            return self._commit_failure(lease, "crashed", f"trainer exited with {out.rc}: {detail}", count=True)
+        return self._commit_failure(lease, "trainer_error", f"trainer exited with {out.rc}: {detail}", count=False)
+
+    def _finish_success(self, lease: Lease, run_dir: Path) -> str:
+        from services.worker.pipeline import PipelineError, export_and_register
+
+        try:
+            model_id, artifacts = export_and_register(self.db, self.settings, self.job_id, run_dir)
+        except PipelineError as exc:
+            self._commit_terminal(lease, "FAILED", {"type": exc.type, "message": exc.message}, {})
+            store.end_attempt(self.db, lease, "failed", exc.message)
+            return "failed"
+        done = self._commit_terminal(lease, "SUCCEEDED", None, artifacts, model_id=model_id)
+        store.end_attempt(self.db, lease, "succeeded" if done else "lease_lost")
+        return "succeeded" if done else "lease_lost"
+
+    def _commit_terminal(self, lease: Lease, status: str, error: dict[str, Any] | None, artifacts: dict[str, Any],
+                         model_id: str | None = None) -> bool:
+        values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow(), "lease_owner": None}
+        if artifacts:
+            values["artifacts"] = artifacts
+        if model_id:
+            values["model_id"] = model_id
+        ok = store.fenced_update(self.db, lease, **values)
+        if not ok:
+            log.warning("final commit of %s rejected: lease %d is stale", self.job_id, lease.token)
+        return ok
+
+    def _commit_failure(self, lease: Lease, kind: str, message: str, count: bool) -> str:
+        error = {"type": kind, "message": message[-2000:]}
+        if count:
+            status = store.release_for_retry(self.db, lease, count_failure=True, error=error)
+            self._republish(status)
+        else:
+            status = "FAILED" if self._commit_terminal(lease, "FAILED", error, {}) else "LOST"
+        store.end_attempt(self.db, lease, kind, message[-2000:])
+        return status.lower()
+
+    def _republish(self, status: str) -> None:
+        if status != "QUEUED":
+            return
+        from services.worker.app import app as celery_app
+        from services.worker.publish import publish
+
+        publish(celery_app, self.db, self.job_id, self.settings.celery_queue)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text[-lines:])

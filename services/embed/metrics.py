@@ -1,0 +1,97 @@
+"""Prometheus metrics of the embed service, in its own registry (one per app, so apps never collide).
+
+Label values are bounded: ``model`` (the loaded models) and ``reason`` (a fixed set). Balance gauges are
+computed at scrape time from each model's monitor; there is never one series per cluster.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from services.common.metrics import NAMESPACE
+
+if TYPE_CHECKING:
+    from services.embed.registry import ModelRegistry
+
+_BALANCE_GAUGES = {
+    "normalized_entropy": "normalized entropy of served (balanced) cluster assignments in the window",
+    "effective_clusters": "exp(entropy) of served assignments in the window",
+    "empty_fraction": "fraction of clusters with no served assignment in the window",
+    "max_share": "largest cluster share of served assignments in the window",
+    "gini": "Gini coefficient of served cluster shares in the window",
+    "kl_to_uniform": "KL divergence of served shares to uniform (nats)",
+    "window_assignments": "assignments currently in the sliding window",
+}
+_DRIFT_GAUGES = {
+    "kl": "KL(served || training sizes), nats",
+    "js": "Jensen-Shannon divergence between served shares and training sizes, nats",
+    "tv": "total-variation distance between served shares and training sizes",
+}
+
+
+class _ModelCollector:
+    """Scrape-time gauges for every loaded model."""
+
+    def __init__(self, registry: "ModelRegistry") -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        balance = {k: GaugeMetricFamily(f"{NAMESPACE}_serve_balance_{k}", doc, labels=["model"])
+                   for k, doc in _BALANCE_GAUGES.items()}
+        drift = {k: GaugeMetricFamily(f"{NAMESPACE}_serve_drift_{k}", doc, labels=["model"])
+                 for k, doc in _DRIFT_GAUGES.items()}
+        loaded = GaugeMetricFamily(f"{NAMESPACE}_model_loaded", "1 for every model being served",
+                                   labels=["model", "version"])
+        queue = GaugeMetricFamily(f"{NAMESPACE}_embed_queue_depth", "images queued or running", labels=["model"])
+        latest = self.registry.latest_id
+        for m in self.registry.models():
+            loaded.add_metric([m.id, m.version], 1.0)
+            queue.add_metric([m.id], float(m.batcher.pending))
+            gauges = m.monitor.gauges()
+            for k, fam in balance.items():
+                fam.add_metric([m.id], gauges[k])
+            for k, fam in drift.items():
+                fam.add_metric([m.id], gauges[f"drift_{k}"])
+            if m.id == latest:  # the alias as its own series too, so dashboards can follow "latest"
+                for k, fam in balance.items():
+                    fam.add_metric(["latest"], gauges[k])
+        yield loaded
+        yield queue
+        yield from balance.values()
+        yield from drift.values()
+
+
+class EmbedMetrics:
+    """Counters/histograms updated on the request path plus the scrape-time model collector."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.images = Counter(f"{NAMESPACE}_embed_images_total", "images embedded", ["model"], registry=self.registry)
+        self.rejected = Counter(f"{NAMESPACE}_embed_rejected_total", "requests refused", ["reason"],
+                                registry=self.registry)
+        self.batch_size = Histogram(f"{NAMESPACE}_embed_batch_size", "images per ONNX Runtime run", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
+        self.batch_seconds = Histogram(f"{NAMESPACE}_embed_batch_seconds", "ONNX Runtime run time", ["model"],
+                                       registry=self.registry)
+        self.request_seconds = Histogram(f"{NAMESPACE}_embed_request_duration_seconds",
+                                         "embedding request latency (decode to response)", ["route"],
+                                         registry=self.registry)
+        self._collector: _ModelCollector | None = None
+
+    def batch_hook(self, model_id: str) -> Callable[[int, float], None]:
+        size = self.batch_size.labels(model_id)
+        secs = self.batch_seconds.labels(model_id)
+
+        def hook(n: int, seconds: float) -> None:
+            size.observe(n)
+            secs.observe(seconds)
+
+        return hook
+
+    def attach(self, registry: "ModelRegistry") -> None:
+        if self._collector is None:
+            self._collector = _ModelCollector(registry)
+            self.registry.register(self._collector)  # type: ignore[arg-type]

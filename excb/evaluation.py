@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("exp", "majority")
 DINO_KS = (10, 20, 100, 200)
@@ -27,6 +30,12 @@ DINO_KS = (10, 20, 100, 200)
 
 # ---------------------------------------------------------------------------------------------------------
 # features
+
+
+def _collate_skip(items: list[Any]) -> Any:
+    """Default collate minus the samples a data set could not decode (it yields ``None`` for those)."""
+    kept = [item for item in items if item is not None]
+    return (default_collate(kept) if kept else None), len(items) - len(kept)
 
 
 @torch.inference_mode()
@@ -37,7 +46,7 @@ def extract_features(encode: Callable[[Tensor], Tensor], dataset: Dataset, batch
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
+                        collate_fn=_collate_skip, pin_memory=torch.device(device).type == "cuda")
     batches: Iterable[Any] = loader
     if progress:
         from tqdm import tqdm
@@ -45,10 +54,17 @@ def extract_features(encode: Callable[[Tensor], Tensor], dataset: Dataset, batch
         batches = tqdm(loader, desc="features", unit="batch")
     feats: list[Tensor] = []
     labels: list[Tensor] = []
-    for x, y in batches:
+    skipped = 0
+    for batch, missing in batches:
+        skipped += missing
+        if batch is None:
+            continue
+        x, y = batch
         out = encode(x.to(device, non_blocking=True))
         feats.append(out.float().flatten(1).cpu())
         labels.append(torch.as_tensor(y, dtype=torch.long).reshape(-1))
+    if skipped:
+        logger.warning("feature extraction skipped %d undecodable samples", skipped)
     if not feats:
         raise ValueError("dataset: no samples to extract features from")
     return torch.cat(feats), torch.cat(labels)
@@ -68,7 +84,10 @@ def raw_pixel_features(dataset: Dataset) -> tuple[Tensor, Tensor]:
     feats: list[Tensor] = []
     labels: list[int] = []
     for i in range(len(dataset)):  # type: ignore[arg-type]
-        x, y = dataset[i]
+        item = dataset[i]
+        if item is None:  # undecodable file, already logged by the data set
+            continue
+        x, y = item
         feats.append(_to_array(x))
         labels.append(int(y))
     if not feats:

@@ -212,3 +212,55 @@ def test_raw_pixel_knn_on_fashion_mnist_subset() -> None:
     accs = knn_accuracies(xtr, ytr, xte, yte, ks=(20,))
     assert 0.76 < accs["majority_k20"] < 0.86
     assert 0.76 < accs["exp_k20"] < 0.86
+
+
+# ----------------------------------------------------------------------------- excb eval (real checkpoint)
+
+def _tiny_run(tmp_path: Path) -> tuple[Path, object]:
+    """A run directory holding a real checkpoint of a tiny, randomly initialised teacher."""
+    from excb.checkpoint import save_checkpoint
+    from excb.config import resolve
+    from excb.models import build_model
+
+    cfg = resolve(preset_name="cpu-small", overrides=[
+        "data=digits", "model.width=8", "num_clusters=32", "model.projector_hidden_dim=32",
+        "model.bottleneck_dim=16", "model.predictor_hidden_dim=32", "augment.global_size=16", "seed=3"])
+    torch.manual_seed(cfg.seed)
+    teacher = build_model(cfg, teacher=True)
+    state = {"config": cfg.model_dump(mode="json"), "teacher": teacher.state_dict(), "step": 7}
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", state)
+    return tmp_path / "run", teacher
+
+
+def test_eval_cli_on_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from excb.cli import main
+    from excb.data.augment import eval_transform
+    from excb.data.datasets import build_dataset
+
+    torch.set_num_threads(1)
+    run_dir, teacher = _tiny_run(tmp_path)
+    code = main(["eval", str(run_dir), "--data", "digits", "--train-limit", "300", "--test-limit", "120",
+                 "--k", "10", "--device", "cpu", "--linear", "--baselines", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 7 and out["num_train"] == 300 and out["num_test"] == 120 and out["k"] == 10
+    # the CLI's number is what the library gives for the same teacher and the same eval transform
+    tf = eval_transform(16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_ds = build_dataset("digits", split="train", limit=300, transform=tf, labelled=True)
+    test_ds = build_dataset("digits", split="test", limit=120, transform=tf, labelled=True)
+    direct = evaluate(teacher.eval().features, train_ds, test_ds, k=10)
+    assert out["knn_acc"] == direct["knn_acc"] and out["feature_dim"] == direct["feature_dim"]
+    # the checkpoint holds a network initialised with the run's seed: the random-init baseline is that network
+    assert out["baselines"]["random_init"]["knn_acc"] == out["knn_acc"]
+    raw = out["baselines"]["raw_pixels"]
+    assert raw["feature_dim"] == 16 * 16 and raw["knn_acc"] > 0.85  # digits are easy for raw pixels
+    assert 0.0 <= out["linear"]["acc"] <= 1.0 and out["linear"]["epochs"] == 100
+
+
+def test_eval_cli_reports_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from excb.cli import main
+
+    assert main(["eval", str(tmp_path), "--device", "cpu"]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err

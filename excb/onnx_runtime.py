@@ -10,6 +10,7 @@ fallback is visible to readiness checks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ class Bundle:
     def num_clusters(self) -> int:
         return int(self.meta["num_clusters"])
 
-    @property
+    @functools.cached_property
     def sizes(self) -> np.ndarray:
         """The final cluster-size estimate ``s`` [K] from training (used for balanced assignment)."""
         return np.asarray(self.meta["sizes"], dtype=np.float32)
@@ -259,9 +260,12 @@ class OrtEmbedder:
         return self._preprocess(image)
 
     def warmup(self) -> None:
-        """One forward pass so the first request does not pay for lazy initialisation."""
-        size = self.bundle.input_size
-        self.run(np.zeros((1, 3, size, size), dtype=np.float32))
+        """Preprocess one image and run one forward pass, so the first request pays no lazy initialisation
+        (torchvision import, ORT kernel setup)."""
+        from PIL import Image
+
+        x = self.preprocess(Image.new("RGB", (self.bundle.input_size + 3, self.bundle.input_size + 5)))
+        self.run(x[None])
 
 
 def preprocessor(meta: dict[str, Any]) -> Callable[[Any], np.ndarray]:

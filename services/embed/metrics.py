@@ -46,7 +46,6 @@ class _ModelCollector:
         loaded = GaugeMetricFamily(f"{NAMESPACE}_model_loaded", "1 for every model being served",
                                    labels=["model", "version"])
         queue = GaugeMetricFamily(f"{NAMESPACE}_embed_queue_depth", "images queued or running", labels=["model"])
-        latest = self.registry.latest_id
         for m in self.registry.models():
             loaded.add_metric([m.id, m.version], 1.0)
             queue.add_metric([m.id], float(m.batcher.pending))
@@ -55,9 +54,6 @@ class _ModelCollector:
                 fam.add_metric([m.id], gauges[k])
             for k, fam in drift.items():
                 fam.add_metric([m.id], gauges[f"drift_{k}"])
-            if m.id == latest:  # the alias as its own series too, so dashboards can follow "latest"
-                for k, fam in balance.items():
-                    fam.add_metric(["latest"], gauges[k])
         yield loaded
         yield queue
         yield from balance.values()

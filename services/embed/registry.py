@@ -110,6 +110,13 @@ class ModelRegistry:
         self._rescan_stop = threading.Event()
         self._rescan_thread: threading.Thread | None = None
 
+    def set_batch_hook(self, factory: BatchHookFactory) -> None:
+        """Install the per-batch metrics hook, also on models loaded before the app existed."""
+        with self._lock:
+            self.batch_hook = factory
+            for m in self._models.values():
+                m.batcher.on_batch = factory(m.id)
+
     # -- loading ---------------------------------------------------------------------------------------
 
     def _build(self, model_id: str, bundle_dir: Path) -> LoadedModel:

@@ -1,0 +1,450 @@
+"""The embedding / cluster-assignment service (FastAPI).
+
+Routes: ``GET /embed?uri=`` (a file under the data roots, or an allow-listed http(s) URL),
+``POST /v1/embed`` (multipart uploads or JSON with base64 / data-URI images), ``GET /v1/info``,
+``GET /v1/models/{id}/balance``, ``/livez``, ``/readyz``, ``/metrics``.
+
+The response follows the OpenAI / Infinity embeddings shape (``object: list``, ``data[{index, embedding}]``,
+``model``, ``usage``) so existing clients work, plus per image ``cluster {id, similarity, top_k}``, the
+balance-adjusted ``balanced_cluster`` and ``model_version`` (also in the ``X-Model-Version`` header).
+
+Request path: cap the body while it streams -> parse -> lease a model -> decode + preprocess in a worker
+thread (``excb.data.decode``; every bad image is a 4xx) -> bounded micro-batch queue (503 + Retry-After
+when full) -> ONNX Runtime -> balanced assignment + monitor -> response. Nothing a client sends can
+produce a 500: decoding, parsing and queueing errors all map to the one JSON error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import time
+from typing import Any, AsyncIterator, Literal
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from excb.data.decode import ImageDecodeError, decode_image
+from excb.onnx_runtime import (PROVIDER_ORDER, available_providers, balance_paper, default_intra_op_threads,
+                               l2_normalize, top_k)
+from services.common.auth import ApiKeyAuth
+from services.common.errors import ApiError, field_from_loc, install_error_handlers
+from services.common.metrics import install_http_metrics, metrics_response
+from services.common.paths import PathNotAllowed, resolve_in_roots
+from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
+from services.embed.fetch import FetchError, FetchPolicy, fetch_url
+from services.embed.metrics import EmbedMetrics
+from services.embed.registry import LoadedModel, ModelNotFound, ModelRegistry
+from services.settings import Settings, get_settings
+
+MAX_FORM_PARTS = 1000
+MAX_FORM_FIELD_BYTES = 64 * 1024
+
+
+class EmbedOptions(BaseModel):
+    """Per-request options (JSON body fields, multipart form fields, or query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=128, description="model id or 'latest' (default)")
+    normalize: bool = Field(True, description="L2-normalise the embeddings")
+    return_clusters: bool = Field(True, description="include cluster assignments")
+    top_k: int | None = Field(None, ge=1, description="how many nearest clusters to list")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64 = little-endian float32")
+
+
+class EmbedRequest(EmbedOptions):
+    """JSON body of ``POST /v1/embed``: ``input`` is one or more base64 strings or data URIs."""
+
+    input: str | list[str]
+    user: str | None = Field(None, max_length=256, description="accepted for OpenAI-client compatibility")
+
+
+class EmbedService:
+    """State shared by the routes: settings, models, metrics, auth, URL policy."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: EmbedMetrics, owns_registry: bool):
+        self.settings = settings
+        self.embed = settings.embed
+        self.registry = registry
+        self.metrics = metrics
+        self.owns_registry = owns_registry
+        self.auth = ApiKeyAuth.from_file(settings.api_keys_file)
+        e = settings.embed
+        self.fetch_policy = FetchPolicy.build(e.url_allowed_hosts, e.url_allowed_networks, e.max_image_bytes,
+                                              e.url_timeout_seconds, e.url_max_redirects)
+
+    # -- inputs ------------------------------------------------------------------------------------------
+
+    def check_top_k(self, opts: EmbedOptions) -> int:
+        k = opts.top_k if opts.top_k is not None else self.embed.default_top_k
+        if k > self.embed.max_top_k:
+            raise ApiError(422, "validation_error", f"top_k: at most {self.embed.max_top_k}", "top_k")
+        return k
+
+    def check_count(self, n: int, field: str) -> None:
+        if n == 0:
+            raise ApiError(422, "validation_error", "no images in the request", field)
+        if n > self.embed.max_images_per_request:
+            self.metrics.rejected.labels("too_many_images").inc()
+            raise ApiError(413, "too_many_images",
+                           f"{n} images in one request; the limit is {self.embed.max_images_per_request}", field)
+
+    def decode_all(self, items: list[tuple[str, bytes]], model: LoadedModel) -> np.ndarray:
+        """Decode + preprocess every image (runs in a worker thread); the first bad image fails the request."""
+        e = self.embed
+        out = np.empty((len(items), 3, model.bundle.input_size, model.bundle.input_size), dtype=np.float32)
+        for i, (field, data) in enumerate(items):
+            try:
+                image = decode_image(data, max_bytes=e.max_image_bytes, max_pixels=e.max_pixels,
+                                     allowed_formats=e.allowed_formats)
+                out[i] = model.embedder.preprocess(image)
+            except ImageDecodeError as exc:
+                self.metrics.rejected.labels(exc.code).inc()
+                raise ApiError(exc.http_status, exc.code, exc.message, field) from exc
+            except (ValueError, OSError, MemoryError, TypeError) as exc:  # a decoder bug class, still bad input
+                self.metrics.rejected.labels("corrupt").inc()
+                raise ApiError(422, "corrupt", f"the image could not be decoded: {exc}", field) from exc
+        return out
+
+    # -- the pipeline ------------------------------------------------------------------------------------
+
+    async def serve(self, items: list[tuple[str, bytes]], opts: EmbedOptions, route: str) -> JSONResponse:
+        t0 = time.perf_counter()
+        k = self.check_top_k(opts)
+        try:
+            lease = self.registry.use(opts.model)
+            model = lease.__enter__()
+        except ModelNotFound as exc:
+            if opts.model in (None, "", "latest"):
+                raise ApiError(503, "no_model", "no model is loaded yet", "model",
+                               {"Retry-After": str(self.embed.retry_after_seconds)}) from exc
+            raise ApiError(404, "not_found", f"model {opts.model!r} is not loaded", "model") from exc
+        try:
+            x = await anyio.to_thread.run_sync(self.decode_all, items, model)
+            emb, sims = await self._infer(model, x)
+            body = await anyio.to_thread.run_sync(self.build_body, model, emb, sims, opts, k, t0)
+        finally:
+            lease.__exit__(None, None, None)
+        self.metrics.images.labels(model.id).inc(len(items))
+        self.metrics.request_seconds.labels(route).observe(time.perf_counter() - t0)
+        return JSONResponse(body, headers={"X-Model-Version": model.version})
+
+    async def _infer(self, model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        retry = {"Retry-After": str(self.embed.retry_after_seconds)}
+        try:
+            fut = model.batcher.submit(x)
+        except QueueFull as exc:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(503, "overloaded", str(exc), None, {"Retry-After": str(exc.retry_after)}) from exc
+        except BatcherClosed as exc:
+            raise ApiError(503, "unavailable", str(exc), None, retry) from exc
+        try:
+            return await asyncio.wrap_future(fut)
+        except QueueTimeout as exc:
+            self.metrics.rejected.labels("queue_timeout").inc()
+            raise ApiError(503, "overloaded", str(exc), None, retry) from exc
+        except BatcherClosed as exc:
+            raise ApiError(503, "unavailable", str(exc), None, retry) from exc
+        except Exception as exc:  # the runtime failed on this batch; the service itself stays up
+            self.metrics.rejected.labels("inference_failed").inc()
+            raise ApiError(503, "inference_failed", f"inference failed: {exc}", None, retry) from exc
+
+    def build_body(self, model: LoadedModel, emb: np.ndarray, sims: np.ndarray, opts: EmbedOptions, k: int,
+                   t0: float) -> dict[str, Any]:
+        balanced = balance_paper(sims, model.bundle.sizes)
+        raw_ids = sims.argmax(1)
+        bal_ids = balanced.argmax(1)
+        model.monitor.record(bal_ids, raw_ids)
+        vectors = l2_normalize(emb) if opts.normalize else emb.astype(np.float32, copy=False)
+        idx, vals = top_k(sims, k) if opts.return_clusters else (None, None)
+        data = []
+        for i in range(len(vectors)):
+            item: dict[str, Any] = {"object": "embedding", "index": i, "embedding": _encode(vectors[i], opts)}
+            if opts.return_clusters:
+                r, b = int(raw_ids[i]), int(bal_ids[i])
+                item["cluster"] = {"id": r, "similarity": float(sims[i, r]),
+                                   "top_k": [{"id": int(c), "similarity": float(v)} for c, v in zip(idx[i], vals[i])]}
+                item["balanced_cluster"] = {"id": b, "similarity": float(sims[i, b]),
+                                            "balanced_score": float(balanced[i, b])}
+            data.append(item)
+        return {
+            "object": "list",
+            "model": model.id,
+            "model_version": model.version,
+            "data": data,
+            "usage": {"images": len(vectors), "prompt_tokens": 0, "total_tokens": 0,
+                      "latency_ms": round((time.perf_counter() - t0) * 1000, 3)},
+        }
+
+    # -- sources -----------------------------------------------------------------------------------------
+
+    def read_path(self, uri: str) -> bytes:
+        """A file inside the data roots (realpath containment; no symlink escapes; no absolute paths)."""
+        if os.path.isabs(uri) or uri.startswith("~"):
+            raise ApiError(422, "path_not_allowed", "absolute paths are not accepted; give a path relative to a "
+                                                    "data root", "uri")
+        try:
+            path = resolve_in_roots(uri, self.settings.data_roots, field="uri")
+        except PathNotAllowed as exc:
+            raise ApiError(422, "path_not_allowed", exc.message, "uri") from exc
+        if not path.exists():
+            raise ApiError(404, "not_found", f"{uri!r} does not exist", "uri")
+        if not path.is_file():
+            raise ApiError(422, "path_not_allowed", f"{uri!r} is not a file", "uri")
+        cap = self.embed.max_image_bytes
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read(cap + 1)
+        except OSError as exc:
+            raise ApiError(422, "unreadable", f"{uri!r} cannot be read", "uri") from exc
+        if len(data) > cap:
+            raise ApiError(413, "too_large", f"the image exceeds the limit of {cap} bytes", "uri")
+        return data
+
+    def read_url(self, uri: str) -> bytes:
+        try:
+            return fetch_url(uri, self.fetch_policy)
+        except FetchError as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            raise ApiError(exc.status, exc.code, exc.message, "uri") from exc
+
+
+def _encode(vec: np.ndarray, opts: EmbedOptions) -> list[float] | str:
+    if opts.encoding_format == "base64":
+        return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
+    return vec.tolist()
+
+
+def decode_base64_item(text: str, field: str, max_bytes: int) -> bytes:
+    """A data URI (``data:image/png;base64,...``) or bare base64 -> bytes; the media type is ignored
+    (the decoder sniffs the real format from the bytes)."""
+    if not isinstance(text, str):
+        raise ApiError(422, "validation_error", "each input must be a string", field)
+    payload = text
+    if text.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ApiError(422, "invalid_input", "data URIs must be base64-encoded (data:<type>;base64,...)", field)
+    elif text.startswith(("http://", "https://")):
+        raise ApiError(422, "invalid_input", "URLs are accepted by GET /embed?uri=..., not in the JSON body", field)
+    payload = "".join(payload.split())
+    if len(payload) > (max_bytes // 3 + 1) * 4:
+        raise ApiError(413, "too_large", f"the image exceeds the limit of {max_bytes} bytes", field)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, "invalid_input", "not valid base64", field) from exc
+    return data
+
+
+def _validation(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    field = field_from_loc(err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value"))
+    return ApiError(422, "validation_error", f"{field}: {msg}" if field else msg, field)
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """Read the body, counting bytes as they stream (Content-Length is not trusted); 413 past ``cap``.
+
+    The body is cached on the request so ``request.form()`` parses it from memory afterwards.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, "payload_too_large", f"the request body is {declared} bytes; the limit is {cap}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {cap} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 - Starlette's documented cache for stream()/form()
+    return body
+
+
+async def _parse_multipart(request: Request, svc: EmbedService) -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+    try:
+        form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS,
+                                  max_part_size=MAX_FORM_FIELD_BYTES)
+    except ApiError:
+        raise
+    except Exception as exc:  # Starlette raises HTTPException(400) for malformed or oversized forms
+        detail = getattr(exc, "detail", None) or str(exc)
+        raise ApiError(400, "bad_request", f"malformed multipart body: {detail}") from exc
+    try:
+        files: list[tuple[str, UploadFile]] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((key, value))
+            elif key in fields:
+                raise ApiError(422, "validation_error", f"{key}: given more than once", key)
+            else:
+                fields[key] = value
+        svc.check_count(len(files), "files")
+        try:
+            opts = EmbedOptions.model_validate(fields)
+        except ValidationError as exc:
+            raise _validation(exc) from exc
+        items = [(f"files[{i}]", await f.read()) for i, (_, f) in enumerate(files)]
+    finally:
+        await form.close()
+    return items, opts
+
+
+def _parse_json(body: bytes, svc: EmbedService) -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ApiError(422, "validation_error", "the body must be a JSON object with an 'input' field")
+    try:
+        req = EmbedRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation(exc) from exc
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    svc.check_count(len(inputs), "input")
+    max_bytes = svc.embed.max_image_bytes
+    items = [(f"input[{i}]", decode_base64_item(t, f"input[{i}]", max_bytes)) for i, t in enumerate(inputs)]
+    opts = EmbedOptions.model_validate(req.model_dump(exclude={"input", "user"}))
+    return items, opts
+
+
+def build_router(svc: EmbedService) -> APIRouter:
+    """All embed routes; the control plane may include this router (or mount the whole app)."""
+    router = APIRouter()
+    e = svc.embed
+
+    def require_key(request: Request) -> None:
+        svc.auth.authenticate(request)
+
+    @router.get("/embed", dependencies=[Depends(require_key)], tags=["embed"])
+    async def embed_get(uri: str = Query(..., min_length=1, max_length=4096,
+                                         description="path under a data root, or an allow-listed http(s) URL"),
+                        model: str | None = Query(None, max_length=128),
+                        normalize: bool = True, return_clusters: bool = True,
+                        top_k: int | None = Query(None, ge=1, le=e.max_top_k),
+                        encoding_format: Literal["float", "base64"] = "float") -> Response:
+        """Embed one image named by a path (relative to the data roots) or an allow-listed URL."""
+        opts = EmbedOptions(model=model, normalize=normalize, return_clusters=return_clusters, top_k=top_k,
+                            encoding_format=encoding_format)
+        lowered = uri.lower()
+        if lowered.startswith(("http://", "https://")):
+            data = await anyio.to_thread.run_sync(svc.read_url, uri)
+        elif "://" in uri or lowered.startswith(("file:", "data:")):
+            raise ApiError(422, "invalid_uri", "uri must be a path relative to a data root or an http(s) URL", "uri")
+        else:
+            data = await anyio.to_thread.run_sync(svc.read_path, uri)
+        return await svc.serve([("uri", data)], opts, "/embed")
+
+    @router.post("/v1/embed", dependencies=[Depends(require_key)], tags=["embed"])
+    async def embed_post(request: Request) -> Response:
+        """Embed uploaded images (multipart ``files``) or JSON ``{"input": [base64 or data URI, ...]}``."""
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype not in ("multipart/form-data", "application/json") and not ctype.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data (files) or application/json ({\"input\": [...]})")
+        body = await read_capped(request, e.max_request_bytes)
+        if ctype == "multipart/form-data":
+            items, opts = await _parse_multipart(request, svc)
+        else:
+            items, opts = _parse_json(body, svc)
+        return await svc.serve(items, opts, "/v1/embed")
+
+    @router.get("/v1/info", dependencies=[Depends(require_key)], tags=["embed"])
+    async def info() -> dict[str, Any]:
+        """Runtime, providers (requested, available, active per model), threads, batching and models."""
+        import onnxruntime
+
+        from excb import __version__
+
+        return {
+            "service": "excb-embed",
+            "versions": {"excb": __version__, "onnxruntime": onnxruntime.__version__},
+            "providers": {"order": list(PROVIDER_ORDER), "available": available_providers(),
+                          "requested": e.providers or "auto"},
+            "threads": {"intra_op": e.intra_op_threads or default_intra_op_threads(),
+                        "inter_op": e.inter_op_threads, "cores": default_intra_op_threads()},
+            "batching": {"enabled": e.batching, "max_batch": e.max_batch, "max_delay_ms": e.max_delay_ms,
+                         "queue_size": e.queue_size},
+            "limits": {"max_images_per_request": e.max_images_per_request, "max_image_bytes": e.max_image_bytes,
+                       "max_request_bytes": e.max_request_bytes, "max_pixels": e.max_pixels,
+                       "allowed_formats": e.allowed_formats, "max_top_k": e.max_top_k},
+            "url_input": svc.fetch_policy.enabled,
+            "latest": svc.registry.latest_id,
+            "models": [m.info() for m in svc.registry.models()],
+            "errors": dict(svc.registry.errors),
+        }
+
+    @router.get("/v1/models/{model_id}/balance", dependencies=[Depends(require_key)], tags=["embed"])
+    async def balance(model_id: str, max_points: int = Query(256, ge=2, le=4096)) -> dict[str, Any]:
+        """Live balance of served assignments vs the training size estimate."""
+        try:
+            m = svc.registry.get(model_id)
+        except ModelNotFound as exc:
+            raise ApiError(404, "not_found", f"model {model_id!r} is not loaded", "model_id") from exc
+        return await anyio.to_thread.run_sync(m.monitor.snapshot, m.id, max_points)
+
+    @router.get("/livez", tags=["health"])
+    async def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @router.get("/readyz", tags=["health"])
+    async def readyz() -> Response:
+        ok, problems = svc.registry.readiness()
+        if not ok:
+            raise ApiError(503, "not_ready", "; ".join(problems))
+        return JSONResponse({"status": "ready", "latest": svc.registry.latest_id,
+                             "models": [m.version for m in svc.registry.models()]})
+
+    @router.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        return metrics_response(svc.metrics.registry)
+
+    return router
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the embed app. Without ``registry``, one is made from ``settings`` and ``models_dir`` is scanned
+    now (not in a lifespan hook, so the app also works when mounted inside another app)."""
+    settings = settings or get_settings()
+    metrics = EmbedMetrics()
+    owns = registry is None
+    if registry is None:
+        registry = ModelRegistry(settings.embed, settings.resolved_models_dir, batch_hook=metrics.batch_hook)
+        registry.rescan()
+        registry.start_rescan(settings.embed.rescan_seconds)
+    elif registry.batch_hook is None:
+        registry.set_batch_hook(metrics.batch_hook)
+    metrics.attach(registry)
+    svc = EmbedService(settings, registry, metrics, owns)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if svc.owns_registry:
+            await anyio.to_thread.run_sync(svc.registry.close)
+
+    app = FastAPI(title="excb embed", description="Embeddings and cluster assignments from ExCB ONNX bundles",
+                  lifespan=lifespan)
+    install_error_handlers(app)
+    install_http_metrics(app, metrics.registry, "embed")
+    app.state.embed = svc
+    app.include_router(build_router(svc))
+    return app
+
+
+__all__ = ["create_app", "build_router", "EmbedService", "EmbedOptions", "EmbedRequest"]

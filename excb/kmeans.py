@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 # Upper bound on the elements of one [chunk, K] similarity block (1 GiB of fp32): with K = 65536 the

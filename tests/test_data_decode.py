@@ -162,8 +162,10 @@ def test_animated_gif_frame_zero_only_and_fast():
     assert Image.open(io.BytesIO(gif)).n_frames > 1000
     t0 = time.perf_counter()
     im = decode_image(gif)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 1.0
     assert tuple(np.asarray(im)[0, 0]) == (0, 1, 2)
+    # Cut off in the middle of the later frames: iterating them would fail, frame 0 alone is fine.
+    assert tuple(np.asarray(decode_image(gif[: len(gif) * 3 // 5]))[0, 0]) == (0, 1, 2)
 
 
 # EXIF orientation -> how the stored pixels relate to the upright picture (inverse of the display fix).

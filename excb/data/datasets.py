@@ -258,13 +258,21 @@ def _fashion_mnist_part(root_text: str, prefix: str, stamp: tuple) -> tuple[np.n
 
 
 # -------------------------------------------------------------------------------------------------- digits
-def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 digits as uint8 0-255; a fixed permutation gives a deterministic 80/20 split."""
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    images.setflags(write=False)  # shared by every caller in the process
     labels = bunch.target.astype(np.int64)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as uint8 0-255; a fixed permutation gives a deterministic 80/20 split."""
+    images, labels = _digits_arrays()
     if split == "all":
         return images, labels
     perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(images))

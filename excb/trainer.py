@@ -437,7 +437,7 @@ def _step_row(run: Run, tensors: dict[str, Tensor], step_seconds: float, images:
     row["size_momentum"] = run.cfg.balancing.size_momentum
     row["img_per_s"] = images / max(step_seconds, 1e-9)
     row["skipped_files"] = run.skipped
-    row["crop_min_scale"] = run.transform.current_scale_min if hasattr(run.transform, "current_scale_min") else None
+    row["crop_min_scale"] = run.transform.scale_min
     return row
 
 

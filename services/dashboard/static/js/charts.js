@@ -5,7 +5,8 @@
 
 (function (Excb) {
   const { el, PALETTE } = Excb;
-  const CURVE_FLOOR = 1e-3;  // where empty clusters (K*s < 0.01, possibly exactly 0) are drawn on the log axis
+  const CURVE_FLOOR = 2e-3;  // where empty clusters (K*s < 0.01, possibly exactly 0) are drawn on the log axis
+  const CURVE_AXIS_MIN = 1e-3;  // bottom of the log axis: one decade, so the floor sits visibly inside the empty band
 
   function chartWidth(node) { return Math.max(260, Math.floor(node.clientWidth || node.getBoundingClientRect().width || 320)); }
 
@@ -29,6 +30,7 @@
         ctx.fillStyle = ref.color || PALETTE.black;
         ctx.font = Math.round(11 * dpr) + "px system-ui, sans-serif";
         ctx.textAlign = "right";
+        ctx.textBaseline = "alphabetic";
         ctx.fillText(ref.label, u.bbox.left + u.bbox.width - 4 * dpr, y - 4 * dpr);
         ctx.restore();
       }
@@ -58,6 +60,7 @@
       this.spec = spec;
       this.sources = new Map();
       this.parts = frame(container, spec);
+      container.excbChart = this;  // inspectable from devtools and the browser tests
       this.u = null;
       this.pending = false;
       new ResizeObserver(() => { if (this.u) this.u.setSize({ width: chartWidth(this.parts.plot), height: spec.height || 200 }); })
@@ -79,7 +82,10 @@
         const pad = (hi - lo) * 0.08;
         return [lo === 0 ? 0 : lo - pad, hi + pad];
       };
-      const scales = { x: { time: !!spec.xTime }, y: { range: yRange } };
+      // A single point would make uPlot stretch the x range over years (time) or to nothing; give it room.
+      const xPad = spec.xTime ? 60 : 1;
+      const xRange = (u, min, max) => (min === max || min === null ? [(min || 0) - xPad, (max || 0) + xPad] : [min, max]);
+      const scales = { x: { time: !!spec.xTime, range: xRange }, y: { range: yRange } };
       if (hasY2) scales.y2 = { range: (u, min, max) => [0, Math.max(max || 1, 1e-9) * 1.08] };
       const axes = [
         { label: spec.xLabel || (spec.xTime ? "" : "step"), stroke: "#333", grid: { stroke: "#e6e6e6" } },
@@ -136,6 +142,7 @@
         const src = this.sources.get(s.source || "main");
         return xs.map((x) => this._value(s, src && src.get(x)));
       }));
+      this.lastData = data;
       this.container.setAttribute("data-points", String(xs.length));
       for (const [name, set] of drawn) this.container.setAttribute("data-points-" + name, String(set.size));
       if (xs.length) this.container.setAttribute("data-last-x", String(xs[xs.length - 1]));
@@ -148,6 +155,14 @@
     }
   }
 
+  /** Label only whole decades on the log axis (the minor ticks stay as grid lines). */
+  function decadeLabel(t) {
+    if (t === null || !(t > 0)) return "";
+    const e = Math.log10(t);
+    if (Math.abs(e - Math.round(e)) > 1e-9) return "";
+    return t >= 1 ? String(Math.round(t)) : String(+t.toPrecision(1));
+  }
+
   /** Log-scale sorted relative cluster sizes (the paper's Figure 5): x = rank fraction, y = K*s. */
   class CurveChart {
     /** spec: {id, title, help, curves: [{id, label, color, dash, markEmpty}], height, emptyText} */
@@ -156,6 +171,7 @@
       this.spec = spec;
       this.curves = new Map();
       this.parts = frame(container, Object.assign({ emptyText: "No cluster-size snapshot yet." }, spec));
+      container.excbChart = this;
       this.u = null;
       container.setAttribute("data-curve", "size");
       new ResizeObserver(() => { if (this.u) this.u.setSize({ width: chartWidth(this.parts.plot), height: spec.height || 280 }); })
@@ -190,17 +206,19 @@
         ctx.fillStyle = "rgba(213, 94, 0, 0.08)";
         ctx.fillRect(u.bbox.left, top, u.bbox.width, bottom - top);
         ctx.fillStyle = "#7a2e00";
+        ctx.textAlign = "left";
+        ctx.textBaseline = "alphabetic";
         ctx.font = Math.round(11 * dpr) + "px system-ui, sans-serif";
         ctx.fillText("empty (K\u00b7s < " + Excb.EMPTY_RELATIVE_SIZE + ")", u.bbox.left + 4 * dpr, bottom - 4 * dpr);
         ctx.restore();
       };
       return {
         width: chartWidth(this.parts.plot), height: this.spec.height || 280,
-        scales: { x: { time: false, range: [0, 1] }, y: { distr: 3, log: 10, range: (u, min, max) => [CURVE_FLOOR / 2, Math.max(10, (max || 1) * 2)] } },
+        scales: { x: { time: false, range: [0, 1] }, y: { distr: 3, log: 10, range: (u, min, max) => [CURVE_AXIS_MIN, Math.pow(10, Math.ceil(Math.log10(Math.max(10, (max || 1) * 1.2))))] } },
         axes: [
           { label: "cluster rank (fraction of K, largest first)", stroke: "#333", grid: { stroke: "#e6e6e6" } },
           { label: "relative size K\u00b7s (log)", stroke: "#333", grid: { stroke: "#e6e6e6" }, size: 60,
-            values: (u, ticks) => ticks.map((t) => (t <= CURVE_FLOOR ? "\u22640.001" : t >= 1 ? String(t) : String(+t.toPrecision(1)))) },
+            values: (u, ticks) => ticks.map((t) => decadeLabel(t)) },
         ],
         series, legend: { show: true, live: true },
         hooks: { drawClear: [emptyBand], draw: [refLinesHook(() => [{ value: 1, label: "uniform (K\u00b7s = 1)", color: PALETTE.black }])] },

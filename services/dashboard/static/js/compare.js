@@ -22,7 +22,7 @@
     if (items.length < 2) {
       host.append(Excb.emptyState("Two runs are needed to compare",
         "There " + (items.length === 1 ? "is one job" : "are no jobs") + " so far. Submit a second run, e.g. the same data with DINO centring:",
-        "excb jobs submit --preset cpu-small data=digits balancing.method=dino-centering"));
+        "excb jobs submit job.yaml balancing.method=dino-centering"));
       return;
     }
     const select = (name, value) => el("select", { id: "pick-" + name, name }, items.map((j) => {

@@ -57,7 +57,7 @@
       id: "cluster_sizes", title: "Relative cluster size K\u00b7s, sorted (paper Fig. 5)",
       help: "A balanced run stays close to the uniform line at 1 across the whole rank range. A collapsing run has a few huge clusters at the left and a long tail of empty clusters (marked \u2716 at the floor) at the right.",
       curves: [{ id: "latest", label: "latest", color: Excb.PALETTE.blue, markEmpty: true },
-               { id: "first", label: "first snapshot", color: Excb.PALETTE.grey, dash: [4, 4] }],
+               { id: "first", label: "earliest seen", color: Excb.PALETTE.grey, dash: [4, 4] }],
       height: 300,
     });
   }
@@ -69,12 +69,12 @@
     for (const c of state.charts) c.addRows(fresh);
   }
 
+  /** Latest curve, plus the earliest one this page saw as a faded reference once training has moved on. */
   function setCurve(curve) {
-    if (!state.firstCurve || curve.step < state.firstCurve.step) {
-      state.firstCurve = curve;
-      state.curve.setCurve("first", curve);
-    }
+    if (!curve || typeof curve.step !== "number") return;
+    if (!state.firstCurve || curve.step < state.firstCurve.step) state.firstCurve = curve;
     state.curve.setCurve("latest", curve);
+    state.curve.setCurve("first", state.firstCurve.step < curve.step ? state.firstCurve : null);
   }
 
   function curveEmptyText() {

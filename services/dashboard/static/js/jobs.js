@@ -7,9 +7,10 @@
   const POLL_MS = 3000;
   const selected = new Set();
 
-  const SUBMIT_HINT = "excb jobs submit --preset cpu-small data=digits max_steps=200\n" +
-    "# or: curl -X POST localhost:8000/v1/jobs -H 'content-type: application/json' \\\n" +
-    "#        -d '{\"preset\": \"cpu-small\", \"data\": \"digits\", \"max_steps\": 200}'";
+  const SUBMIT_HINT = "curl -X POST " + location.origin + "/v1/jobs -H 'content-type: application/json' \\\n" +
+    "     -d '{\"preset\": \"cpu-small\", \"data\": \"digits\", \"max_steps\": 200}'\n" +
+    "# or, with the same YAML that `excb train --config` reads:\n" +
+    "excb jobs submit job.yaml max_steps=200";
 
   function jobRow(job) {
     const p = job.progress || {};

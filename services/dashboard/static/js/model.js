@@ -7,15 +7,21 @@
   const POLL_MS = 3000;
   const state = { id: null, model: null, curve: null, drift: null, polls: 0 };
 
-  function kOf(model, balance) {
+  function kOf(model) {
     const mj = (model && model.model_json) || {};
-    return mj.num_clusters || mj.K || (balance && balance.training_curve && balance.training_curve.relative_size && null) || null;
+    return mj.num_clusters || mj.K || null;
+  }
+
+  function archText(arch) {
+    if (!arch) return "\u2013";
+    if (typeof arch !== "object") return String(arch);
+    return [arch.backbone, arch.width ? "width " + arch.width : null].filter(Boolean).join(", ") || "\u2013";
   }
 
   function renderHeader() {
     const m = state.model, mj = m.model_json || {};
     const facts = [["status", Excb.statusBadge(m.status)], ["job", m.job_id ? el("a", { href: "/dashboard/jobs/" + encodeURIComponent(m.job_id) }, [el("code", { text: m.job_id })]) : "\u2013"],
-      ["K", String(kOf(m) || "\u2013")], ["embed dim", String(mj.embed_dim || "\u2013")], ["arch", String(mj.arch || "\u2013")],
+      ["K", String(kOf(m) || "\u2013")], ["embed dim", String(mj.embed_dim || "\u2013")], ["arch", archText(mj.arch)],
       ["sha256", el("code", { text: (m.sha256 || "").slice(0, 16) || "\u2013" })], ["created", Excb.fmtTime(m.created_at)]];
     const dl = el("dl", { class: "facts" });
     for (const [k, v] of facts) dl.append(el("dt", { text: k }), el("dd", {}, [v]));
@@ -37,46 +43,58 @@
     return "far from training";
   }
 
+  const ROWS = [
+    ["effective clusters", (st) => Excb.fmtNum(st.effective_clusters, 1), "exp(entropy): K when balanced, 1 when one cluster takes everything"],
+    ["normalised entropy", (st) => Excb.fmtNum(st.normalized_entropy), "1 = every cluster equally used"],
+    ["empty clusters", (st) => Excb.fmtPct(100 * st.empty_fraction), "served: clusters no image in the window went to; training: K\u00b7s < 0.01"],
+    ["largest cluster (\u00d7 uniform)", (st) => Excb.fmtNum(st.max_share * st.num_clusters, 2), "largest share \u00d7 K"],
+    ["Gini", (st) => Excb.fmtNum(st.gini), "0 = balanced, 1 = one cluster"],
+    ["K\u00b7s p01 / p50 / p99", (st) => [st.rel_size_p01, st.rel_size_p50, st.rel_size_p99].map((v) => Excb.fmtNum(v, 2)).join(" / "), "quantiles of the relative size"],
+  ];
+
+  function statsTable(bal) {
+    const cols = [["served (balanced)", bal.served], ["served (raw argmax)", bal.served_raw], ["training (final s)", bal.training]]
+      .filter(([, st]) => st);
+    return el("div", { class: "table-wrap" }, [el("table", { class: "balance" }, [
+      el("thead", {}, [el("tr", {}, [el("th", { scope: "col", text: "statistic" })].concat(cols.map(([h]) => el("th", { scope: "col", text: h }))))]),
+      el("tbody", {}, ROWS.map(([label, f, help]) => el("tr", {}, [el("th", { scope: "row", title: help, text: label })]
+        .concat(cols.map(([, st]) => el("td", { class: "num", text: f(st) })))))),
+    ])]);
+  }
+
   function renderServed(bal) {
     const host = clear(document.getElementById("served"));
-    const served = bal && bal.served;
-    const n = served && typeof served.total === "number" ? served.total : 0;
+    const n = typeof bal.assignments === "number" ? bal.assignments : (bal.served && bal.served.total) || 0;
     const root = document.getElementById("model");
     root.setAttribute("data-served", String(n));
-    if (!served || n <= 0) {
+    if (!bal.served || n <= 0) {
       host.append(Excb.emptyState("No served traffic yet",
         "This model has not assigned any images since the embed service started. Send a few and this page fills in within seconds:",
-        "curl -F file=@image.jpg 'http://HOST/v1/embed?model=" + state.id + "'"));
+        "curl -F files=@image.jpg -F model=" + state.id + " " + location.origin + "/v1/embed"));
       return;
     }
-    const k = served.num_clusters || kOf(state.model);
+    const k = bal.served.num_clusters || kOf(state.model);
     const noise = tvNoise(k, n);
     const d = bal.drift || {};
     host.append(
-      el("div", { class: "stats" }, [
-        stat("images in window", String(n) + (bal.window ? " / " + bal.window : ""), "assignments the monitor currently holds"),
-        stat("effective clusters", Excb.fmtNum(served.effective_clusters, 1) + (k ? " of " + k : ""), "exp(entropy) of served assignments"),
-        stat("normalised entropy", Excb.fmtNum(served.normalized_entropy), "1 = every cluster equally used"),
-        stat("empty clusters", Excb.fmtPct(100 * served.empty_fraction), "clusters no served image was assigned to"),
-        stat("largest cluster", Excb.fmtNum(served.max_share * (k || 1), 2) + "\u00d7 uniform", "largest share \u00d7 K"),
-        stat("Gini", Excb.fmtNum(served.gini), "0 = balanced, 1 = one cluster"),
-      ]),
       el("div", { class: "stats drift", "data-drift-tv": String(d.tv) }, [
+        stat("images in window", String(n) + (bal.window ? " / " + bal.window : ""), "assignments the monitor currently holds"),
         stat("drift TV", Excb.fmtNum(d.tv), "total-variation distance to the training distribution (0 = same, 1 = disjoint)"),
         stat("drift JS", Excb.fmtNum(d.js), "Jensen-Shannon divergence in nats (max log 2 \u2248 0.693)"),
         stat("drift KL", Excb.fmtNum(d.kl), "KL(served \u2016 training), smoothed"),
         stat("reading", driftReading(d.tv, noise), noise ? "with " + n + " images over " + k + " clusters, sampling noise alone gives TV \u2248 " + Excb.fmtNum(noise, 2) : ""),
-      ]));
+      ]),
+      statsTable(bal));
   }
 
   function renderCurves(bal) {
     state.curve.setCurve("training", bal && bal.training_curve ? Object.assign({ step: "final" }, bal.training_curve) : null);
-    const served = bal && bal.served && bal.served.total > 0 ? bal.served_curve : null;
+    const served = bal && bal.served && bal.assignments > 0 ? bal.served_curve : null;
     state.curve.setCurve("served", served ? Object.assign({ step: "live" }, served) : null);
   }
 
   function recordDrift(bal) {
-    if (!bal || !bal.drift || !bal.served || !(bal.served.total > 0)) return;
+    if (!bal || !bal.drift || !(bal.assignments > 0)) return;
     state.drift.addRows([{ t: Date.now() / 1000, tv: bal.drift.tv, js: bal.drift.js }]);
   }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,6 +60,8 @@ class Settings(BaseSettings):
 
     # --- control plane / workers (owned by services/api, services/worker) ----------------------------
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under home")
+    database_password_file: Path | None = Field(
+        None, description="file with the database password (compose/Kubernetes secret), put into database_url")
     redis_url: str | None = Field(None, description="Celery broker; default: an embedded SQLite transport under home")
     max_attempts: int = Field(3, ge=1)
     heartbeat_seconds: float = Field(5.0, gt=0)
@@ -75,10 +77,26 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(1.0, gt=0, description="how often a worker copies metrics into the DB")
     api_url: str = Field("http://127.0.0.1:8000", description="where `excb jobs ...` finds the control plane")
     api_token: str | None = Field(None, description="bearer key `excb jobs ...` sends")
+    export_parity_images: int = Field(256, ge=1, description="images the ONNX-vs-PyTorch parity check compares")
 
     # --- embed service (owned by services/embed) ------------------------------------------------------
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
+
+    @model_validator(mode="after")
+    def _database_password_from_file(self) -> "Settings":
+        """Secrets stay files (reliability.md row 32): the URL in the environment carries no password."""
+        if self.database_password_file is None or not self.database_url:
+            return self
+        from sqlalchemy.engine import make_url
+
+        try:
+            password = Path(self.database_password_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"database_password_file: cannot read {self.database_password_file}: {exc}") from exc
+        url = make_url(self.database_url).set(password=password)
+        self.database_url = url.render_as_string(hide_password=False)
+        return self
 
     @property
     def runs_dir(self) -> Path:

@@ -16,7 +16,7 @@ SHORT = {"preset": "cpu-small", "data": "digits", "max_steps": 50}
 
 
 @pytest.fixture
-def api(make_stack: Any, db_url: str) -> Any:
+def api(db_url: str, make_stack: Any) -> Any:
     stack = make_stack(db_url, None)
     stack.client = stack.start_api()
     return stack

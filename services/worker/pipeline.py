@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,38 +39,54 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_and_register(db: Database, settings: Settings, job_id: str, run_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Export ``run_dir``, require a passed parity check, register and activate the model."""
-    from excb.export import ParityError, export_bundle
+def new_model_id() -> str:
+    return f"m-{uuid.uuid4().hex[:12]}"
 
-    models_dir = Path(settings.resolved_models_dir).expanduser().resolve()
-    model_id = f"m-{uuid.uuid4().hex[:12]}"
-    staging = models_dir / f".{model_id}.tmp"
-    final = models_dir / model_id
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        meta = export_bundle(str(run_dir), str(staging))
-    except ParityError as exc:
+
+def staging_dir(settings: Settings, model_id: str) -> Path:
+    """Where the export child writes; hidden (leading dot) so the embed registry's rescan ignores it."""
+    return Path(settings.resolved_models_dir).expanduser().resolve() / f".{model_id}.tmp"
+
+
+def export_command(run_dir: Path, staging: Path, parity_images: int) -> list[str]:
+    """Export runs in a child process too: it is supervised (heartbeats, cancel) like the trainer, and the
+    worker never holds torch/ONNX memory between jobs."""
+    return [sys.executable, "-m", "excb.cli", "export", str(run_dir), "--out", str(staging),
+            "--parity-images", str(parity_images)]
+
+
+def register_bundle(db: Database, settings: Settings, job_id: str, run_dir: Path, model_id: str,
+                    export_rc: int) -> tuple[str, dict[str, Any]]:
+    """Check the export child's result, move the bundle into place, add (and activate) the model row."""
+    staging = staging_dir(settings, model_id)
+    meta = _read_meta(staging)
+    parity = (meta or {}).get("parity") or {}
+    if export_rc != 0 or meta is None or not parity.get("passed", False):
         shutil.rmtree(staging, ignore_errors=True)
-        raise PipelineError("parity_failed", f"ONNX parity check failed: {exc}") from exc
-    except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise PipelineError("export_failed", f"{type(exc).__name__}: {exc}") from exc
-    parity = meta.get("parity") or {}
-    if not parity.get("passed", False):
-        shutil.rmtree(staging, ignore_errors=True)
-        raise PipelineError("parity_failed", f"ONNX parity check did not pass: {parity}")
+        if meta is not None and parity and not parity.get("passed", False):
+            raise PipelineError("parity_failed", f"ONNX parity check failed: {parity}")
+        raise PipelineError("export_failed", f"excb export exited with {export_rc}")
+    final = staging.parent / model_id
     os.replace(staging, final)
     digest = sha256_file(final / "model.onnx")
+    if meta.get("sha256") and meta["sha256"] != digest:
+        raise PipelineError("export_failed", "model.onnx does not match the sha256 in model.json")
     job = store.get_job(db, job_id)
     store.add_model(db, ModelRow(id=model_id, job_id=job_id, owner=job.owner if job else None, status="READY",
                                  bundle_dir=str(final), sha256=digest, model_json=meta), activate=True)
-    write_active_pointer(models_dir, model_id, final, digest)
+    write_active_pointer(final.parent, model_id, final, digest)
     artifacts = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
                  "metrics": str(run_dir / "metrics.jsonl"), "bundle_dir": str(final),
                  "onnx": str(final / "model.onnx"), "onnx_sha256": digest, "parity": parity}
     return model_id, artifacts
+
+
+def _read_meta(staging: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((staging / "model.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def write_active_pointer(models_dir: Path, model_id: str, bundle_dir: Path, sha256: str) -> None:

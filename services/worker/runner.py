@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from services.db.jobs import Lease
 from services.db.models import utcnow
 from services.db.session import Database
 from services.settings import Settings
-from services.worker import child
+from services.worker import child, pipeline
 from services.worker.progress import MetricsTail, ProgressTracker
 
 log = logging.getLogger("excb.worker")
@@ -59,6 +60,8 @@ class Outcome:
     preempted: bool = False
     lease_lost: bool = False
     oom: bool = False
+    stage: str = "train"
+    model_id: str | None = None
 
 
 class JobRunner:
@@ -111,7 +114,7 @@ class JobRunner:
             return "lease_lost"
         outcome = self._supervise(lease, proc, tail, tracker, request)
         self._sync_progress(lease, tail, tracker)
-        return self._settle(lease, outcome, run_dir, tracker)
+        return self._settle(lease, outcome, run_dir, tracker, tail)  # runs the export stage after a clean exit
 
     def _supervise(self, lease: Lease, proc: subprocess.Popen[bytes], tail: MetricsTail,
                    tracker: ProgressTracker, request: dict[str, Any]) -> Outcome:
@@ -166,7 +169,8 @@ class JobRunner:
         return ours, cancel
 
     # --- after the trainer ---------------------------------------------------------------------------------
-    def _settle(self, lease: Lease, out: Outcome, run_dir: Path, tracker: ProgressTracker) -> str:
+    def _settle(self, lease: Lease, out: Outcome, run_dir: Path, tracker: ProgressTracker,
+                tail: MetricsTail) -> str:
         ckpt = run_dir / "checkpoints" / "last.pt"
         if out.lease_lost:
             store.end_attempt(self.db, lease, "lease_lost", f"rc={out.rc}")
@@ -180,8 +184,10 @@ class JobRunner:
             store.end_attempt(self.db, lease, "preempted", f"rc={out.rc}")
             self._republish(status)
             return "preempted"
+        if out.rc == 0 and out.stage == "train":
+            return self._export(lease, run_dir, tail, tracker)
         if out.rc == 0:
-            return self._finish_success(lease, run_dir)
+            return self._finish_success(lease, run_dir, out.model_id or "")
         detail = _log_tail(run_dir / "job.log")
         if out.oom:
             return self._commit_failure(lease, "out_of_memory", "trainer exceeded its memory limit and was killed",
@@ -190,11 +196,30 @@ class JobRunner:
             return self._commit_failure(lease, "crashed", f"trainer exited with {out.rc}: {detail}", count=True)
         return self._commit_failure(lease, "trainer_error", f"trainer exited with {out.rc}: {detail}", count=False)
 
-    def _finish_success(self, lease: Lease, run_dir: Path) -> str:
-        from services.worker.pipeline import PipelineError, export_and_register
+    def _export(self, lease: Lease, run_dir: Path, tail: MetricsTail, tracker: ProgressTracker) -> str:
+        """Export + parity check in a supervised child; then settle like the trainer."""
+        model_id = pipeline.new_model_id()
+        staging = pipeline.staging_dir(self.settings, model_id)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        argv = pipeline.export_command(run_dir, staging, self.settings.export_parity_images)
+        with (run_dir / "job.log").open("ab") as logf:
+            logf.write(f"--- export to {model_id}\n".encode())
+            logf.flush()
+            proc = child.start(argv, logf, env=_child_env())
+        out = self._supervise(lease, proc, tail, tracker, {})
+        out.stage, out.model_id = "export", model_id
+        if out.rc != 0 and not (out.cancelled or out.preempted or out.lease_lost):
+            return self._finish_success(lease, run_dir, model_id, export_rc=out.rc)
+        if out.rc != 0:  # cancelled, preempted or lease lost while exporting: no half bundle stays behind
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._settle(lease, out, run_dir, tracker, tail)
+
+    def _finish_success(self, lease: Lease, run_dir: Path, model_id: str, export_rc: int = 0) -> str:
+        from services.worker.pipeline import PipelineError
 
         try:
-            model_id, artifacts = export_and_register(self.db, self.settings, self.job_id, run_dir)
+            model_id, artifacts = pipeline.register_bundle(self.db, self.settings, self.job_id, run_dir, model_id,
+                                                           export_rc)
         except PipelineError as exc:
             self._commit_terminal(lease, "FAILED", {"type": exc.type, "message": exc.message}, {})
             store.end_attempt(self.db, lease, "failed", exc.message)

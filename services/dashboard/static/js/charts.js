@@ -52,6 +52,15 @@
     return { plot, empty, caption };
   }
 
+  /** Linear-axis tick labels: short, and small values (learning rates) in exponent form so they stay distinct. */
+  function tickLabels(u, ticks) {
+    return ticks.map((t) => {
+      if (t === null || t === undefined) return "";
+      if (t !== 0 && Math.abs(t) < 0.01) return t.toExponential(1);
+      return String(Number(t.toPrecision(4)));
+    });
+  }
+
   class TimeChart {
     /** spec: {id, title, help, series: [{key | value(row), label, color, dash, source, scale}],
      *         yLabel, y2Label, refs: [{value, label, color}] | () => refs, include: () => [values], xTime, height} */
@@ -82,16 +91,21 @@
         const pad = (hi - lo) * 0.08;
         return [lo === 0 ? 0 : lo - pad, hi + pad];
       };
-      // A single point would make uPlot stretch the x range over years (time) or to nothing; give it room.
+      // From the data itself: for a single point uPlot pre-widens a time axis by 1000 days; give it a minute.
       const xPad = spec.xTime ? 60 : 1;
-      const xRange = (u, min, max) => (min === max || min === null ? [(min || 0) - xPad, (max || 0) + xPad] : [min, max]);
+      const xRange = (u) => {
+        const xs = u.data[0] || [];
+        if (!xs.length) return [0, 1];
+        const lo = xs[0], hi = xs[xs.length - 1];
+        return hi - lo < xPad ? [lo - xPad / 2, hi + xPad / 2] : [lo, hi];
+      };
       const scales = { x: { time: !!spec.xTime, range: xRange }, y: { range: yRange } };
       if (hasY2) scales.y2 = { range: (u, min, max) => [0, Math.max(max || 1, 1e-9) * 1.08] };
       const axes = [
         { label: spec.xLabel || (spec.xTime ? "" : "step"), stroke: "#333", grid: { stroke: "#e6e6e6" } },
-        { label: spec.yLabel || "", stroke: "#333", grid: { stroke: "#e6e6e6" }, size: 56 },
+        { label: spec.yLabel || "", stroke: "#333", grid: { stroke: "#e6e6e6" }, size: 56, values: tickLabels },
       ];
-      if (hasY2) axes.push({ scale: "y2", side: 1, label: spec.y2Label || "", stroke: "#333", grid: { show: false }, size: 56 });
+      if (hasY2) axes.push({ scale: "y2", side: 1, label: spec.y2Label || "", stroke: "#333", grid: { show: false }, size: 56, values: tickLabels });
       const series = [{ label: spec.xTime ? "time" : "step" }].concat(spec.series.map((s) => ({
         label: s.label, stroke: s.color, width: 2, dash: s.dash, scale: s.scale || "y", spanGaps: true,
         points: { show: (u, si) => u.data[0].length < 40, size: 5 }, value: (u, v) => Excb.fmtNum(v),

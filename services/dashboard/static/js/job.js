@@ -32,6 +32,7 @@
       el("dt", { text: "attempt" }), el("dd", { text: String(job.attempt === undefined ? "\u2013" : job.attempt) }),
       el("dt", { text: "epoch" }), el("dd", { text: String(p.epoch === undefined ? "\u2013" : p.epoch) }),
     ]);
+    if (job.name) dl.append(el("dt", { text: "name" }), el("dd", { text: job.name }));
     for (const [k, v] of cfgSummary(job.config)) dl.append(el("dt", { text: k }), el("dd", { text: String(v) }));
     const links = el("p", { class: "actions" }, [
       job.model_id ? el("a", { class: "button", href: "/dashboard/models/" + encodeURIComponent(job.model_id), text: "Served model \u2192" }) : null,

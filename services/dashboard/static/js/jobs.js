@@ -21,7 +21,8 @@
     const method = job.config && job.config.balancing && job.config.balancing.method;
     return el("tr", { "data-job-id": job.id, "data-status": job.status }, [
       el("td", {}, [box]),
-      el("th", { scope: "row" }, [el("a", { href: "/dashboard/jobs/" + encodeURIComponent(job.id), title: job.id }, [el("code", { text: Excb.shortId(job.id) })])]),
+      el("th", { scope: "row" }, [el("a", { href: "/dashboard/jobs/" + encodeURIComponent(job.id), title: job.id }, [el("code", { text: Excb.shortId(job.id) })]),
+        job.name ? el("span", { class: "job-name", text: job.name }) : null]),
       el("td", {}, [Excb.statusBadge(job.status)]),
       el("td", { class: "col-progress" }, [Excb.progressBar(p)]),
       el("td", { text: Excb.TERMINAL.has(job.status) ? "\u2013" : Excb.fmtEta(p.eta_seconds) }),
@@ -32,7 +33,13 @@
     ]);
   }
 
+  let lastJobs = null;
+
   function renderJobs(items) {
+    // Re-render only on change: a rebuilt table every poll would steal keyboard focus from the checkboxes.
+    const digest = JSON.stringify(items.map((j) => [j.id, j.status, j.attempt, j.progress, j.latest_metrics && j.latest_metrics.step]));
+    if (digest === lastJobs) return;
+    lastJobs = digest;
     const host = clear(document.getElementById("jobs"));
     host.setAttribute("data-count", String(items.length));
     host.setAttribute("data-state", items.length ? "ready" : "empty");
@@ -89,6 +96,7 @@
       renderJobs(jobs.items || []);
       stamp.textContent = "updated " + new Date().toLocaleTimeString();
     } catch (err) {
+      lastJobs = null;
       const host = clear(document.getElementById("jobs"));
       host.setAttribute("data-state", "error");
       host.append(Excb.errorState(err, "Jobs"));

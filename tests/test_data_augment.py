@@ -67,7 +67,7 @@ def test_solarize_only_on_second_global_view():
     mean0 = torch.tensor(aug.mean)[0]
     std0 = torch.tensor(aug.std)[0]
     px = [float(x[0].mean() * std0 + mean0) * 255 for x in (globals_[0], globals_[1], locals_[0])]
-    assert px[0] == pytest.approx(200, abs=1) and px[1] == pytest.approx(55, abs=1) and px[2] == pytest.approx(200, abs=1)
+    assert px == [pytest.approx(200, abs=1), pytest.approx(55, abs=1), pytest.approx(200, abs=1)]
 
 
 def test_crop_scale_schedule_values():

@@ -228,3 +228,14 @@ def test_byte_mutations_only_give_rgb_or_decode_errors(kind, edits, cut):
         assert 400 <= exc.http_status < 500
     else:
         assert im.mode == "RGB" and im.size[0] * im.size[1] > 0
+
+
+def test_refuses_to_decode_when_someone_enabled_load_truncated_images():
+    data = _encode(_noise(), "PNG")
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        err = _code(data)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    assert err.code == "truncated" and "LOAD_TRUNCATED_IMAGES" in err.message
+    assert decode_image(data).size == (64, 48)

@@ -96,7 +96,8 @@ class LiveStack:
             time.sleep(every)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.tail()}")
 
-    def job_when(self, job_id: str, check: Callable[[dict[str, Any]], bool], what: str, timeout: float) -> dict[str, Any]:
+    def job_when(self, job_id: str, check: Callable[[dict[str, Any]], bool], what: str,
+                 timeout: float) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             job = self.get(f"/v1/jobs/{job_id}")
             if job["status"] in ("FAILED", "CANCELLED"):
@@ -245,7 +246,8 @@ def test_job_page_grows_live_and_holds_the_jobs_data(stack: LiveStack, jobs: dic
         assert view.attr(f"[data-chart='{chart_id}']", "data-points") == str(len(rows))
     curve = stack.get(f"/v1/jobs/{job_a}/cluster-sizes")
     view.wait_attr("[data-chart='cluster_sizes']", "data-step", lambda v: v == str(curve["step"]), 30_000)
-    shown = view.page.evaluate("() => document.querySelector(\"[data-chart='cluster_sizes']\").excbChart.curves.get('latest')")
+    shown = view.page.evaluate(
+        "() => document.querySelector(\"[data-chart='cluster_sizes']\").excbChart.curves.get('latest')")
     assert shown["relative_size"] == pytest.approx(curve["relative_size"])
     assert view.attr("[data-chart='cluster_sizes']", "data-points") == str(len(curve["rank"]))
     assert view.page.locator("[data-chart='cluster_sizes'] canvas").count() == 1

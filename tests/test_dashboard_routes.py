@@ -57,8 +57,9 @@ def test_no_asset_references_another_origin() -> None:
         assert not re.search(r'fetch\(\s*["\']https?://', path.read_text()), path
 
 
-@pytest.mark.parametrize("path", ["/dashboard/jobs/bad%20id", "/dashboard/jobs/.hidden", "/dashboard/models/%3Cscript%3E",
-                                  "/dashboard/compare?a=x%2Fy&b=j-1", "/dashboard/compare?a=j-1&b=" + "a" * 200])
+@pytest.mark.parametrize("path", ["/dashboard/jobs/bad%20id", "/dashboard/jobs/.hidden",
+                                  "/dashboard/models/%3Cscript%3E", "/dashboard/compare?a=x%2Fy&b=j-1",
+                                  "/dashboard/compare?a=j-1&b=" + "a" * 200])
 def test_malformed_ids_get_a_422_in_the_shared_error_shape(client: TestClient, path: str) -> None:
     resp = client.get(path)
     assert resp.status_code == 422, resp.text

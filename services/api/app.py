@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from services.api import routes_infra, routes_jobs, routes_models
+from services.api.model_sync import ModelSync
 from services.api.state import ControlPlane
 from services.common.auth import ApiKeyAuth
 from services.common.errors import install_error_handlers
@@ -38,16 +39,23 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
         sweeper = Reaper(db, celery, settings) if reaper else None
         if sweeper:
             sweeper.start()
+        syncer = None
+        if embed_app is not None:
+            syncer = ModelSync(db, embed_app.state.embed.registry, settings.reaper_interval_seconds)
+            syncer.start()
         async with contextlib.AsyncExitStack() as stack:
             if embed_app is not None:
                 await stack.enter_async_context(embed_app.router.lifespan_context(embed_app))
             yield
         if sweeper:
             sweeper.stop()
+        if syncer:
+            syncer.stop()
 
     app = FastAPI(title="excb control plane", version="0.1.0", lifespan=lifespan,
                   description="Training jobs (ExCB), models, live balance. Errors: {error: {type, message, field}}.")
     app.state.plane = cp
+    app.state.embed_app = embed_app
     app.state.registry = CollectorRegistry()
     install_error_handlers(app)
     install_http_metrics(app, app.state.registry, "api")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from services.api.routes_jobs import ERRORS
+from services.api.model_sync import sync_once
 from services.api.schemas import ModelList, ModelOut
 from services.api.serialize import model_dict
 from services.api.state import ControlPlane, plane, principal
@@ -39,7 +40,7 @@ def show_model(model_id: str, cp: ControlPlane = Depends(plane),
 
 
 @router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
-def activate_model(model_id: str, cp: ControlPlane = Depends(plane),
+def activate_model(model_id: str, request: Request, cp: ControlPlane = Depends(plane),
                    who: Principal = Depends(principal)) -> dict[str, Any]:
     row = _owned_model(cp, who, model_id)
     if not (Path(row.bundle_dir) / "model.onnx").exists():
@@ -47,4 +48,7 @@ def activate_model(model_id: str, cp: ControlPlane = Depends(plane),
     store.activate_model(cp.db, model_id)
     write_active_pointer(Path(cp.settings.resolved_models_dir).expanduser().resolve(), row.id,
                          Path(row.bundle_dir), row.sha256 or "")
+    embed_app = getattr(request.app.state, "embed_app", None)
+    if embed_app is not None:  # embedded mode: switch the in-process embed service now
+        sync_once(cp.db, embed_app.state.embed.registry)
     return model_dict(store.get_model(cp.db, model_id) or row)

@@ -1,0 +1,104 @@
+"""The README's main command: `excb up` (SQLite + server-less Celery transport, one worker, embed service and
+dashboard on one port), driven by the `excb jobs` CLI: submit -> SUCCEEDED -> the model answers GET /embed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fixtures_services import REPO, free_port, tiny_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _digit_png(path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    img = load_digits().images[0]
+    arr = (img / 16.0 * 255).astype(np.uint8)
+    Image.fromarray(arr).resize((32, 32)).convert("RGB").save(path)
+
+
+def test_excb_up_end_to_end(tmp_path: Path) -> None:
+    home, data = tmp_path / "home", tmp_path / "data"
+    data.mkdir()
+    _digit_png(data / "seven.png")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
+    env.update({"OMP_NUM_THREADS": "1", "EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "false",
+                "EXCB_REAPER_INTERVAL_SECONDS": "1", "EXCB_EMBED__RESCAN_SECONDS": "1",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
+                           "--data-root", str(data)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, up, tmp_path / "up.log")
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(yaml.safe_dump(tiny_job(max_steps=8)))
+        cli = [sys.executable, "-m", "excb.cli", "jobs", "--url", base]
+        sub = subprocess.run(cli + ["submit", str(job_file), "optim.lr=0.001", "--follow"], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:] + _tail(tmp_path / "up.log")
+        assert "excb jobs status" in sub.stdout and "SUCCEEDED" in sub.stdout  # prints what to run next
+        job_id = sub.stdout.split()[1]
+        job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+        assert job["status"] == "SUCCEEDED" and job["config"]["optim"]["lr"] == 0.001
+        status = subprocess.run(cli + ["status", job_id], env=env, capture_output=True, text=True, timeout=60)
+        assert "SUCCEEDED" in status.stdout and job["model_id"] in status.stdout
+        listing = subprocess.run(cli + ["list"], env=env, capture_output=True, text=True, timeout=60)
+        assert job_id in listing.stdout
+        r = _wait_embed(base, job["model_id"])
+        body = r.json()
+        assert len(body["data"]) == 1 and len(body["data"][0]["embedding"]) > 0
+        assert job["model_id"] in str(body.get("model", ""))
+        assert httpx.get(f"{base}/v1/info").json()["broker"] == "sqlalchemy (embedded)"
+        assert httpx.get(f"{base}/embed", params={"uri": "../../etc/passwd"}).status_code in (403, 404, 422)
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"excb up exited with {proc.returncode}\n{_tail(log)}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("excb up did not become ready\n" + _tail(log))
+
+
+def _wait_embed(base: str, model_id: str) -> httpx.Response:
+    """The embed service picks the new bundle up within a rescan period; then it answers."""
+    deadline = time.monotonic() + 60
+    r = None
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{base}/embed", params={"uri": "seven.png"}, timeout=30)
+        if r.status_code == 200 and model_id in str(r.json().get("model", "")):
+            return r
+        time.sleep(1)
+    raise AssertionError(f"GET /embed never served {model_id}: {r.status_code if r else None} {r.text if r else ''}")
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-4000:] if path.exists() else ""

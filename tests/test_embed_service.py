@@ -166,6 +166,8 @@ def test_queue_full_answers_503_with_retry_after_then_recovers(home: Path) -> No
     s = settings_for(home, queue_size=4, max_batch=64, max_delay_ms=800.0, retry_after_seconds=2)
     files = [("files", (f"{j}.png", es.digit_png(j), "image/png")) for j in range(2)]
     with TestClient(create_app(s)) as c:
+        batcher = c.app.state.embed.registry.get().batcher
+        batcher.announce()  # as if another request were still decoding: batches are held open for 800 ms
         results: list[httpx.Response] = []
         threads = [threading.Thread(target=lambda: results.append(c.post("/v1/embed", files=files)))
                    for _ in range(5)]
@@ -173,6 +175,7 @@ def test_queue_full_answers_503_with_retry_after_then_recovers(home: Path) -> No
             t.start()
         for t in threads:
             t.join()
+        batcher.withdraw()
         codes = sorted(r.status_code for r in results)
         assert codes.count(200) >= 2 and 503 in codes, codes
         busy = next(r for r in results if r.status_code == 503)

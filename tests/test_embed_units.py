@@ -48,6 +48,23 @@ def test_requests_are_merged_up_to_max_batch_counting_images() -> None:
     b.close()
 
 
+def test_lone_request_does_not_wait_but_announced_ones_are_awaited() -> None:
+    run = Recorder()
+    b = MicroBatcher(run, max_batch=8, max_delay_ms=300, queue_size=100)
+    t0 = time.perf_counter()
+    b.submit(np.ones((1, 2), np.float32)).result(5)
+    assert time.perf_counter() - t0 < 0.25  # nobody else announced: no 300 ms wait
+    b.announce()  # a second request is still decoding
+    t0 = time.perf_counter()
+    first = b.submit(np.ones((1, 2), np.float32))
+    time.sleep(0.1)
+    second = b.submit(np.ones((1, 2), np.float32))
+    b.withdraw()
+    first.result(5), second.result(5)
+    assert run.sizes[-1] == 2  # held open until the announced request arrived, then ran together
+    b.close()
+
+
 def test_disabled_batching_runs_each_request_alone() -> None:
     run = Recorder(delay=0.02)
     b = MicroBatcher(run, max_batch=8, max_delay_ms=50, queue_size=100, enabled=False)

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import time
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Literal
 
 import anyio
@@ -129,8 +130,13 @@ class EmbedService:
                                {"Retry-After": str(self.embed.retry_after_seconds)}) from exc
             raise ApiError(404, "not_found", f"model {opts.model!r} is not loaded", "model") from exc
         try:
-            x = await anyio.to_thread.run_sync(self.decode_all, items, model)
-            emb, sims = await self._infer(model, x)
+            model.batcher.announce()
+            try:
+                x = await anyio.to_thread.run_sync(self.decode_all, items, model)
+                fut = self._submit(model, x)
+            finally:
+                model.batcher.withdraw()
+            emb, sims = await self._wait(fut)
             body = await anyio.to_thread.run_sync(self.build_body, model, emb, sims, opts, k, t0)
         finally:
             lease.__exit__(None, None, None)
@@ -138,25 +144,29 @@ class EmbedService:
         self.metrics.request_seconds.labels(route).observe(time.perf_counter() - t0)
         return JSONResponse(body, headers={"X-Model-Version": model.version})
 
-    async def _infer(self, model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        retry = {"Retry-After": str(self.embed.retry_after_seconds)}
+    def _submit(self, model: LoadedModel, x: np.ndarray) -> "Future[tuple[np.ndarray, np.ndarray]]":
         try:
-            fut = model.batcher.submit(x)
+            return model.batcher.submit(x)
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, "overloaded", str(exc), None, {"Retry-After": str(exc.retry_after)}) from exc
         except BatcherClosed as exc:
-            raise ApiError(503, "unavailable", str(exc), None, retry) from exc
+            raise ApiError(503, "unavailable", str(exc), None, self._retry()) from exc
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.embed.retry_after_seconds)}
+
+    async def _wait(self, fut: "Future[tuple[np.ndarray, np.ndarray]]") -> tuple[np.ndarray, np.ndarray]:
         try:
             return await asyncio.wrap_future(fut)
         except QueueTimeout as exc:
             self.metrics.rejected.labels("queue_timeout").inc()
-            raise ApiError(503, "overloaded", str(exc), None, retry) from exc
+            raise ApiError(503, "overloaded", str(exc), None, self._retry()) from exc
         except BatcherClosed as exc:
-            raise ApiError(503, "unavailable", str(exc), None, retry) from exc
+            raise ApiError(503, "unavailable", str(exc), None, self._retry()) from exc
         except Exception as exc:  # the runtime failed on this batch; the service itself stays up
             self.metrics.rejected.labels("inference_failed").inc()
-            raise ApiError(503, "inference_failed", f"inference failed: {exc}", None, retry) from exc
+            raise ApiError(503, "inference_failed", f"inference failed: {exc}", None, self._retry()) from exc
 
     def build_body(self, model: LoadedModel, emb: np.ndarray, sims: np.ndarray, opts: EmbedOptions, k: int,
                    t0: float) -> dict[str, Any]:

@@ -8,7 +8,9 @@ consumer spends its life inside ``session.run`` anyway. Requests wait on a ``con
 Rules (reliability.md rows 9 and 29): the queue is counted in *images*, not requests, and is bounded -
 beyond ``queue_size`` a submit fails at once with :class:`QueueFull` (the service answers 503 +
 Retry-After). A request larger than ``max_batch`` is split into chunks, so no run exceeds ``max_batch``.
-A failing run fails only the requests in that batch; the consumer keeps going. Work that waited longer
+A failing run fails only the requests in that batch; the consumer keeps going. A batch is held open
+for at most ``max_delay_ms`` and only while more requests are announced (being decoded), so a lone
+request never waits for company that is not coming. Work that waited longer
 than ``timeout_s`` is dropped with :class:`QueueTimeout` instead of being computed for nobody.
 """
 
@@ -79,6 +81,7 @@ class MicroBatcher:
         self._queue: collections.deque[_Chunk] = collections.deque()
         self._cv = threading.Condition()
         self._pending = 0  # images queued or running
+        self._arriving = 0  # requests announced (being decoded) but not submitted yet
         self._closed = False
         self.batches = 0
         self.images = 0
@@ -90,6 +93,18 @@ class MicroBatcher:
     @property
     def pending(self) -> int:
         return self._pending
+
+    def announce(self) -> None:
+        """A request is on its way (decoding). Only then is it worth holding a batch open for company:
+        a lone request runs at once instead of paying ``max_delay``."""
+        with self._cv:
+            self._arriving += 1
+
+    def withdraw(self) -> None:
+        """The announced request was submitted or failed before reaching the queue."""
+        with self._cv:
+            self._arriving = max(0, self._arriving - 1)
+            self._cv.notify()
 
     def submit(self, x: np.ndarray) -> "Future[tuple[np.ndarray, np.ndarray]]":
         """Queue a preprocessed batch [n, ...]; the future resolves to (embeddings, similarities) in order."""
@@ -156,7 +171,7 @@ class MicroBatcher:
                         size += len(nxt.x)
                         continue
                     left = until - time.monotonic()
-                    if left <= 0 or self._closed:
+                    if left <= 0 or self._closed or self._arriving == 0:
                         break
                     self._cv.wait(left)
             return self._drop_expired(batch)

@@ -1,0 +1,46 @@
+"""Smoke test for benchmarks/train_throughput.py: the real CLI, tiny settings, both figures and a ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+def test_train_throughput_quick_reports_both_steps_and_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--presets", "cpu-small", "--batch", "4",
+         "--set", "model.num_clusters=64", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| cpu-small |")]
+    assert len(table) == 1, proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["preset"], row["batch"], row["num_clusters"]) == ("cpu-small", 4, 64)
+    assert row["tuned_img_s"] > 0 and row["naive_img_s"] > 0
+    assert row["ratio"] == pytest.approx(row["tuned_img_s"] / row["naive_img_s"])
+    assert len(row["tuned_block_img_s"]) == len(row["naive_block_img_s"]) == 2
+    assert row["paired_ratio_min"] <= row["paired_ratio_max"]
+    assert row["tuned_peak_mib"] is not None and row["naive_peak_mib"] is not None
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[5] == f"{row['tuned_img_s']:.1f}" and cells[6] == f"{row['naive_img_s']:.1f}"
+    assert cells[7].startswith(f"{row['ratio']:.2f}x")
+
+
+def test_train_throughput_rejects_unknown_preset(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--presets", "resnet9000", "--quick"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--presets" in proc.stderr and "resnet9000" in proc.stderr

@@ -133,10 +133,9 @@ class EmbedService:
             model.batcher.announce()
             try:
                 x = await anyio.to_thread.run_sync(self.decode_all, items, model)
-                fut = self._submit(model, x)
             finally:
-                model.batcher.withdraw()
-            emb, sims = await self._wait(fut)
+                model.batcher.withdraw()  # before submitting: a batch must not wait for its own request
+            emb, sims = await self._wait(self._submit(model, x))
             body = await anyio.to_thread.run_sync(self.build_body, model, emb, sims, opts, k, t0)
         finally:
             lease.__exit__(None, None, None)

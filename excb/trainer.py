@@ -251,7 +251,8 @@ class Run:
 
         cfg = self.cfg
         self.transform = MultiCropTransform(cfg.augment)
-        base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=self.transform)
+        base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=self.transform,
+                             max_pixels=cfg.data.max_image_pixels)
         self.items = SeededItems(base, cfg.seed)
         local_batch = cfg.batch_size // self.ctx.world_size
         if local_batch < 1 or cfg.batch_size % self.ctx.world_size:

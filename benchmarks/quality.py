@@ -1,0 +1,182 @@
+"""Representation quality on Fashion-MNIST: ExCB vs raw pixels vs the same network randomly initialised.
+
+Two studies, both printing a markdown table and a JSON line:
+
+  main        one `cpu-small` run with a time (or step) budget, then kNN (k=20, T=0.07; exp-weighted and
+              majority vote) on teacher features, raw pixels and a random-init network, evaluated identically.
+  robustness  batch 32 vs 256 x balancing excb / dino-centering / none, same budget each: kNN accuracy,
+              empty-cluster fraction and effective clusters of the final size estimate and of the last
+              epoch's hard assignments.
+
+A time budget is turned into a step budget by timing a short calibration run first, so the lr/EMA
+schedules still complete; the steps actually used and the wall time are reported.
+
+  python benchmarks/quality.py main --minutes 25
+  python benchmarks/quality.py robustness --minutes 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from excb import stats
+from excb.checkpoint import latest_checkpoint, load_checkpoint
+from excb.config import resolve
+from excb.evaluation import evaluate, evaluate_features, raw_pixel_features
+from excb.trainer import train
+
+
+FASHION_MNIST_TRAIN = 60_000
+
+
+def _cfg(out: Path, extra: list[str]):
+    return resolve(preset_name="cpu-small", overrides=[f"out={out}", "progress=false", *extra])
+
+
+def calibrate_steps(out: Path, extra: list[str], minutes: float, probe_steps: int = 12) -> tuple[int, float]:
+    """Seconds per step measured on a short run of the same config (k-means excluded)."""
+    probe = out.with_name(out.name + "-probe")
+    shutil.rmtree(probe, ignore_errors=True)
+    cfg = _cfg(probe, [*extra, f"max_steps={probe_steps}", "kmeans.samples=2000"])
+    result = train(cfg)
+    rows = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines()]
+    step_times = [cfg.batch_size / r["img_per_s"] for r in rows if r.get("type") == "step"][2:]
+    per_step = sorted(step_times)[len(step_times) // 2]
+    shutil.rmtree(probe, ignore_errors=True)
+    del result
+    return max(int(minutes * 60 / per_step), 10), per_step
+
+
+def run_one(out: Path, extra: list[str], minutes: float | None, steps: int | None) -> dict[str, Any]:
+    """Train once with a budget and return the run's facts (steps, wall time, final balance)."""
+    shutil.rmtree(out, ignore_errors=True)
+    per_step = None
+    if steps is None:
+        steps, per_step = calibrate_steps(out, extra, minutes or 1.0)
+    t0 = time.time()
+    result = train(_cfg(out, [*extra, f"max_steps={steps}"]))
+    wall = time.time() - t0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r.get("type") == "epoch"]
+    ckpt = load_checkpoint(latest_checkpoint(out))
+    sizes = stats.balance_stats(ckpt["balancer"]["sizes"], kind="sizes")
+    return {"steps": result.steps, "epochs": result.summary["images_seen"] / FASHION_MNIST_TRAIN,
+            "train_wall_seconds": wall,
+            "calibrated_seconds_per_step": per_step,
+            "final_size_effective_clusters": sizes["effective_clusters"],
+            "final_size_empty_fraction": sizes["empty_fraction"],
+            "last_epoch_empty_fraction": epochs[-1]["empty_clusters"] if epochs else None,
+            "last_epoch_effective_clusters": epochs[-1]["epoch_effective_clusters"] if epochs else None,
+            "num_clusters": sizes["num_clusters"]}
+
+
+def knn_of_run(out: Path, k: int = 20) -> dict[str, Any]:
+    from excb.data.augment import eval_transform
+    from excb.data.datasets import build_dataset
+    from excb.evaluation import load_teacher
+
+    cfg, model, _ = load_teacher(out, torch.device("cpu"))
+    tf = eval_transform(cfg.augment.global_size, cfg.augment.mean, cfg.augment.std)
+    train_ds = build_dataset("fashion-mnist", split="train", transform=tf, labelled=True)
+    test_ds = build_dataset("fashion-mnist", split="test", transform=tf, labelled=True)
+    res = evaluate(model.features, train_ds, test_ds, k=k, batch_size=512)
+    return {"knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"]}
+
+
+def baselines(out: Path, k: int = 20) -> dict[str, Any]:
+    """Raw pixels (28x28) and the same architecture randomly initialised, with the same kNN."""
+    from torchvision.transforms import v2
+
+    from excb.data.augment import eval_transform
+    from excb.data.datasets import build_dataset
+    from excb.models import build_model
+
+    pix = v2.PILToTensor()
+    raw_tr = raw_pixel_features(build_dataset("fashion-mnist", split="train", transform=pix, labelled=True))
+    raw_te = raw_pixel_features(build_dataset("fashion-mnist", split="test", transform=pix, labelled=True))
+    raw = evaluate_features(*raw_tr, *raw_te, k=k)
+    cfg = _cfg(out, [])
+    torch.manual_seed(0)
+    model = build_model(cfg, teacher=True).eval()
+    tf = eval_transform(cfg.augment.global_size, cfg.augment.mean, cfg.augment.std)
+    rnd = evaluate(model.features, build_dataset("fashion-mnist", split="train", transform=tf, labelled=True),
+                   build_dataset("fashion-mnist", split="test", transform=tf, labelled=True), k=k, batch_size=512)
+    return {"raw_pixels": {"knn_acc": raw["knn_acc"], "knn_majority_acc": raw["knn_majority_acc"]},
+            "random_init": {"knn_acc": rnd["knn_acc"], "knn_majority_acc": rnd["knn_majority_acc"]}}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0]}
+
+
+def cmd_main(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out) / "excb-main"
+    extra = [f"batch_size={args.batch}", *args.overrides]
+    run = run_one(out, extra, args.minutes, args.steps)
+    res = {"study": "main", "machine": machine(), "run": run, "excb": knn_of_run(out), **baselines(out)}
+    rows = [("ExCB (cpu-small)", res["excb"]), ("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
+    print(f"\nFashion-MNIST kNN (k=20), {run['steps']} steps, {run['epochs']:.2f} epochs, "
+          f"train wall {run['train_wall_seconds'] / 60:.1f} min\n")
+    print("| features | kNN exp-weighted (T=0.07) | kNN majority |\n|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {100 * r['knn_acc']:.2f}% | {100 * r['knn_majority_acc']:.2f}% |")
+    return res
+
+
+def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
+    results = []
+    for batch in args.batches:
+        for method in args.methods:
+            out = Path(args.out) / f"b{batch}-{method}"
+            extra = [f"batch_size={batch}", f"balancing.method={method}", *args.overrides]
+            run = run_one(out, extra, args.minutes, args.steps)
+            results.append({"batch": batch, "method": method, **run, **knn_of_run(out)})
+            print(json.dumps(results[-1]), flush=True)
+    print("\n| batch | balancing | steps | kNN (exp) | kNN (majority) | empty (last epoch) | effective clusters "
+          "(last epoch) | empty (size est.) | effective clusters (size est.) |\n|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        fmt = lambda v, p=False: "–" if v is None else (f"{100 * v:.1f}%" if p else f"{v:.0f}")
+        print(f"| {r['batch']} | {r['method']} | {r['steps']} | {100 * r['knn_acc']:.2f}% | "
+              f"{100 * r['knn_majority_acc']:.2f}% | {fmt(r['last_epoch_empty_fraction'], True)} | "
+              f"{fmt(r['last_epoch_effective_clusters'])} | {fmt(r['final_size_empty_fraction'], True)} | "
+              f"{fmt(r['final_size_effective_clusters'])} |")
+    return {"study": "robustness", "machine": machine(), "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=("main", "robustness"))
+    p.add_argument("--minutes", type=float, default=25.0, help="training budget per run (calibrated to steps)")
+    p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    p.add_argument("--methods", nargs="+", default=["excb", "dino-centering", "none"])
+    p.add_argument("--out", default="runs/benchmarks")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    args = p.parse_intermixed_args(argv)
+    res = cmd_main(args) if args.study == "main" else cmd_robustness(args)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

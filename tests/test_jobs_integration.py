@@ -166,3 +166,20 @@ def test_always_crashing_job_fails_after_attempt_limit(make_stack: Any, tmp_path
     again = c.get(f"/v1/jobs/{job['id']}").json()
     assert again["attempt"] == 3 and again["status"] == "FAILED"
     assert [a["outcome"] for a in _attempt_pids(stack, job["id"])] == ["out_of_memory"] * 3
+
+
+def test_sigterm_to_worker_checkpoints_and_requeues(make_stack: Any, tmp_path: Path, redis_url: str) -> None:
+    """A rolling deploy: SIGTERM -> trainer checkpoints, job back to QUEUED without spending its budget."""
+    stack = make_stack(f"sqlite:///{tmp_path / 't.sqlite'}", redis_url, **FAST)
+    c = stack.start_api()
+    worker = stack.start_worker("leaving@localhost")
+    job = c.post("/v1/jobs", json=tiny_job(max_steps=20)).json()
+    stack.wait(job["id"], lambda j: (j["progress"].get("step") or 0) >= 4, 120)
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    back = c.get(f"/v1/jobs/{job['id']}").json()
+    assert back["status"] == "QUEUED" and back["failures"] == 0, back
+    assert [a["outcome"] for a in _attempt_pids(stack, job["id"])] == ["preempted"]
+    stack.start_worker("arriving@localhost")
+    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, 240)
+    assert done["status"] == "SUCCEEDED" and done["attempt"] == 2 and done["failures"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import socket
@@ -24,7 +25,7 @@ from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, available_providers, load_bundle
 from excb.stats import balance_stats
 from services.embed.app import create_app
-from services.embed.registry import ModelRegistry
+from services.embed.registry import ACTIVE_FILE, ModelRegistry
 from services.settings import EmbedSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,6 +219,13 @@ def test_registry_rescan_latest_and_model_selection(tmp_path: Path) -> None:
         assert c.post("/v1/embed", json={"input": b64}).json()["model_version"] == va
         assert c.post("/v1/embed", json={"input": b64, "model": "nope"}).status_code == 404
         assert registry.rescan() == []  # nothing changed, nothing reloaded
+        # A separate replica follows active.json, the pointer the worker and /v1/models/{id}/activate write.
+        (models / ACTIVE_FILE).write_text(json.dumps({"model_id": "digits-b"}))
+        assert registry.rescan() == []
+        assert c.post("/v1/embed", json={"input": b64}).json()["model_version"] == vb
+        (models / ACTIVE_FILE).write_text(json.dumps({"model_id": "not-loaded"}))
+        registry.rescan()
+        assert c.post("/v1/embed", json={"input": b64}).json()["model_version"] == vb
 
 
 def _free_port() -> int:
@@ -248,3 +256,39 @@ def test_excb_serve_runs_the_service_alone(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_excb_serve_starts_empty_and_waits_for_first_bundle(tmp_path: Path) -> None:
+    """With rescanning on, an empty models dir means not-ready (503), not a crash loop; a bundle makes it ready."""
+    import shutil
+
+    port = _free_port()
+    models = tmp_path / "models"
+    models.mkdir()
+    env = {**os.environ, "EXCB_HOME": str(tmp_path), "OMP_NUM_THREADS": "1", "EXCB_LOG_JSON": "false",
+           "EXCB_EMBED__RESCAN_SECONDS": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "excb.cli", "serve", "--models-dir", str(models), "--port",
+                             str(port), "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while status is None:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "excb serve did not start"
+                time.sleep(0.3)
+        assert status == 503
+        shutil.copytree(es.bundle(), models / "first")
+        while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "the first bundle was never picked up"
+            time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    with pytest.raises(subprocess.CalledProcessError):  # without rescanning an empty dir is still an error
+        subprocess.run([sys.executable, "-m", "excb.cli", "serve", "--models-dir", str(models / "none")],
+                       cwd=ROOT, env={**env, "EXCB_EMBED__RESCAN_SECONDS": "0"}, check=True, capture_output=True,
+                       timeout=120)

@@ -62,9 +62,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"excb serve: {exc}", file=sys.stderr)
         registry.close()
         return 2
-    if not registry.models():
-        print("excb serve: no model to serve (give --model BUNDLE or put bundles in the models dir)", file=sys.stderr)
+    if not registry.models() and settings.embed.rescan_seconds <= 0:
+        print("excb serve: no model to serve (give --model BUNDLE, put bundles in the models dir, or set "
+              "EXCB_EMBED__RESCAN_SECONDS to start empty and wait for the first bundle)", file=sys.stderr)
         return 2
+    # With rescanning on, an empty registry is fine: /readyz answers 503 until the first bundle appears,
+    # so containers started before the first export wait instead of crash-looping.
     registry.start_rescan(settings.embed.rescan_seconds)
     app = create_app(settings, registry)
     try:

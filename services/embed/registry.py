@@ -30,6 +30,7 @@ from services.settings import EmbedSettings
 log = logging.getLogger("excb.embed.registry")
 
 LATEST = "latest"
+ACTIVE_FILE = "active.json"  # {"model_id", "bundle_dir", "sha256"}: which bundle every replica should serve
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 BatchHookFactory = Callable[[str], Callable[[int, float], None]]
@@ -184,7 +185,9 @@ class ModelRegistry:
         """Load bundles in ``models_dir`` that are new or changed; returns the ids (re)loaded.
 
         A directory that fails to load is recorded in :attr:`errors` and skipped; serving continues.
-        ``latest`` moves to the newest bundle found (by its ``created_at``) only if nothing is served yet.
+        ``latest`` follows ``models_dir/active.json`` (written atomically by the worker and by
+        ``POST /v1/models/{id}/activate``) when it names a loaded bundle; otherwise it moves to the newest
+        bundle found (by its ``created_at``) only if nothing is served yet.
         """
         if self.models_dir is None or not self.models_dir.is_dir():
             return []
@@ -205,7 +208,23 @@ class ModelRegistry:
                 if newest is not None and (self._latest is None or self._latest not in self._models
                                            or self._latest in loaded):
                     self._latest = newest
+        self._follow_active_pointer()
         return loaded
+
+    def _follow_active_pointer(self) -> None:
+        """Point ``latest`` at the model named by ``active.json`` so separate embed replicas switch too."""
+        pointer = self.models_dir / ACTIVE_FILE if self.models_dir is not None else None
+        if pointer is None or not pointer.is_file():
+            return
+        try:
+            model_id = json.loads(pointer.read_text()).get("model_id")
+        except (OSError, ValueError, AttributeError):
+            log.warning("ignoring unreadable %s", pointer)
+            return
+        with self._lock:
+            if isinstance(model_id, str) and model_id in self._models and self._latest != model_id:
+                log.info("active.json names %s: it is now 'latest'", model_id)
+                self._latest = model_id
 
     def _changed(self, bundle_dir: Path) -> bool:
         """Not loaded yet, or its sha256 differs from the loaded one; a bundle that failed is retried only

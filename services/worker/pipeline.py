@@ -19,6 +19,7 @@ from typing import Any
 from services.db import jobs as store
 from services.db.models import ModelRow
 from services.db.session import Database
+from services.embed.registry import ACTIVE_FILE
 from services.settings import Settings
 
 
@@ -97,4 +98,4 @@ def write_active_pointer(models_dir: Path, model_id: str, bundle_dir: Path, sha2
         json.dump({"model_id": model_id, "bundle_dir": str(bundle_dir), "sha256": sha256}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, models_dir / "active.json")
+    os.replace(tmp, models_dir / ACTIVE_FILE)

@@ -8,6 +8,7 @@ generator states.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -100,29 +101,43 @@ class ResumableSampler(Sampler[int]):
         return iter(mine[self.start_batch * self.local_batch :].tolist())
 
 
-def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
-    if cfg.data.num_workers is not None:
-        return cfg.data.num_workers
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(8, cores - 1)
+def _make_loader(items: SeededItems, sampler: ResumableSampler, cfg: TrainConfig, device: torch.device,
+                 collate: Callable[[list[Any]], Any]) -> DataLoader:
+    from excb.data.loader import dataloader_settings
 
-
-def _make_loader(items: SeededItems, sampler: ResumableSampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
-    from excb.data.loader import collate_multicrop
-
-    workers = _num_workers(cfg, device)
+    opts = dataloader_settings(device, cfg.data.num_workers)
     return DataLoader(
         items,
         batch_size=sampler.local_batch,
         sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_multicrop,
-        pin_memory=device.type == "cuda",
+        num_workers=opts["num_workers"],
+        collate_fn=collate,
+        pin_memory=opts["pin_memory"],
         drop_last=True,
         persistent_workers=False,  # re-created per epoch so the crop-scale schedule takes effect
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=opts["prefetch_factor"],
         generator=torch.Generator().manual_seed(cfg.seed),  # never consume the global RNG
     )
+
+
+def _make_stream_loader(stream: Any, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    """Shards: the stream batches and collates itself (equal full batches per rank); workers split it."""
+    from excb.data.loader import dataloader_settings
+
+    opts = dataloader_settings(device, cfg.data.num_workers)
+    return DataLoader(stream, batch_size=None, num_workers=opts["num_workers"], pin_memory=opts["pin_memory"],
+                      persistent_workers=False, prefetch_factor=opts["prefetch_factor"])
+
+
+def _use_gpu_augment(cfg: TrainConfig, device: torch.device) -> bool:
+    """``data.gpu_augment``: auto = decode and augment on the device when it is a GPU."""
+    mode = cfg.data.gpu_augment
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def _augment_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """GPU-path augmentation draws are a function of (seed, rank, epoch, batch), so resume replays them."""
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729 + batch * 15_485_863 + 17) % (2**63 - 1)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -246,23 +261,48 @@ class Run:
 
     # -- construction
     def _build_data(self) -> None:
+        """Map-style sets go through SeededItems + ResumableSampler (exact resume); ``shards:`` sources stream.
+
+        On the GPU path (``data.gpu_augment``) the loader yields undecoded JPEG bytes (shards) or uint8
+        images, and :meth:`device_views` decodes and multi-crops them on the device.
+        """
         from excb.data.augment import MultiCropTransform
         from excb.data.datasets import build_dataset
+        from excb.data.gpu_augment import GpuMultiCrop, ToUint8Tensor, collate_raw
+        from excb.data.loader import collate_multicrop, dataloader_settings
+        from excb.data.shards import open_shards
 
         cfg = self.cfg
-        self.transform = MultiCropTransform(cfg.augment)
-        base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=self.transform,
-                             max_pixels=cfg.data.max_image_pixels)
-        self.items = SeededItems(base, cfg.seed)
+        self.gpu_augment = _use_gpu_augment(cfg, self.device)
+        self.transform: Any = GpuMultiCrop(cfg.augment) if self.gpu_augment else MultiCropTransform(cfg.augment)
+        self.collate = collate_raw if self.gpu_augment else collate_multicrop
         local_batch = cfg.batch_size // self.ctx.world_size
         if local_batch < 1 or cfg.batch_size % self.ctx.world_size:
             raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by world size {self.ctx.world_size}")
-        self.sampler = ResumableSampler(len(base), local_batch, self.ctx.rank, self.ctx.world_size, cfg.seed)
-        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        self.stream: Any = None
+        self.items: Any = None
+        self.sampler: Any = None
+        if cfg.data.source.strip().startswith("shards:"):
+            self.stream = open_shards(
+                cfg.data.source.strip(), transform=None if self.gpu_augment else self.transform,
+                mode="raw" if self.gpu_augment else "pil", seed=cfg.seed, rank=self.ctx.rank,
+                world_size=self.ctx.world_size, batch_size=local_batch, collate=self.collate,
+                shuffle_buffer=cfg.data.shuffle_buffer, limit=cfg.data.limit, max_pixels=cfg.data.max_image_pixels)
+            n_images = len(self.stream)
+        else:
+            base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit,
+                                 transform=ToUint8Tensor() if self.gpu_augment else self.transform,
+                                 max_pixels=cfg.data.max_image_pixels)
+            self.items = SeededItems(base, cfg.seed)
+            self.sampler = ResumableSampler(len(base), local_batch, self.ctx.rank, self.ctx.world_size, cfg.seed)
+            n_images = len(base)
+        self.steps_per_epoch = (n_images // self.ctx.world_size) // local_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"batch_size: {cfg.batch_size} is larger than the data set ({len(base)} images from {cfg.data.source!r})"
+                f"batch_size: {cfg.batch_size} is larger than the data set ({n_images} images from {cfg.data.source!r})"
             )
+        log.info("data: %d images, %s augmentation, loader %s", n_images, "device" if self.gpu_augment else "CPU",
+                 dataloader_settings(self.device, cfg.data.num_workers))
         planned = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
         self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)), self.total_steps // 2)
@@ -347,14 +387,13 @@ class Run:
         cfg = self.cfg
         k = cfg.model.num_clusters
         want = max(cfg.kmeans.samples // self.ctx.world_size, 1)
-        self.items.epoch = cfg.epochs  # a shuffle of its own, as in the reference
-        self.transform.set_epoch(0, max(self.total_epochs, 1))
-        self.sampler.epoch, self.sampler.start_batch = cfg.epochs, 0
         feats: list[Tensor] = []
         have = 0
         started = time.time()
-        for i, batch in enumerate(_make_loader(self.items, self.sampler, cfg, self.device)):
-            x = batch.globals[i % 2].to(self.device, non_blocking=True)
+        # a shuffle of its own (epoch = cfg.epochs), as in the reference; the crop scale of epoch 0
+        for i, batch in enumerate(self.batches(cfg.epochs, 0, schedule_epoch=0)):
+            globals_, _, _ = self.device_views(batch, cfg.epochs, i)
+            x = globals_[i % 2]
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 feats.append(self.teacher.project(x).float())
             have += x.shape[0]
@@ -365,11 +404,38 @@ class Run:
         result = spherical_kmeans(x, k, iterations=cfg.kmeans.iterations, generator=gen, chunk_size=cfg.kmeans.chunk_size)
         self.teacher.centroids.set_centroids(result.centroids)
         self.student_core.centroids.set_centroids(result.means)
-        self.sampler.epoch = 0
         counts = result.counts.float()
         return {"kmeans_seconds": time.time() - started, "kmeans_samples": float(x.shape[0] * self.ctx.world_size),
                 "kmeans_empty_reseeded": float(result.empty_reseeded),
                 "kmeans_effective_clusters": stats.balance_stats(counts)["effective_clusters"]}
+
+    # -- data
+    def batches(self, epoch: int, start_batch: int, schedule_epoch: int | None = None) -> Iterator[Any]:
+        """This rank's loader batches of ``epoch`` from ``start_batch`` on (at most the epoch's remaining steps).
+
+        Map-style sets resume exactly mid-epoch; a shard stream restarts the epoch's stream (same order)
+        and stops after the remaining steps.
+        """
+        self.transform.set_epoch(epoch if schedule_epoch is None else schedule_epoch, max(self.total_epochs, 1))
+        if self.stream is not None:
+            self.stream.set_epoch(epoch)
+            loader = _make_stream_loader(self.stream, self.cfg, self.device)
+        else:
+            self.items.epoch = epoch
+            self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+            loader = _make_loader(self.items, self.sampler, self.cfg, self.device, self.collate)
+        return itertools.islice(loader, max(self.steps_per_epoch - start_batch, 0))
+
+    def device_views(self, batch: Any, epoch: int, index: int) -> tuple[Tensor, Tensor | None, int]:
+        """``(globals, locals, skipped)`` on the device; the GPU path decodes and multi-crops here."""
+        if self.gpu_augment:
+            from excb.data.gpu_augment import augment_batch
+
+            gen = torch.Generator().manual_seed(_augment_seed(self.cfg.seed, self.ctx.rank, epoch, index))
+            return augment_batch(batch, self.transform, self.device, gen)
+        g = batch.globals.to(self.device, non_blocking=True)
+        l = batch.locals.to(self.device, non_blocking=True) if batch.locals is not None else None
+        return g, l, batch.skipped
 
     # -- one optimisation step
     def train_step(self, globals_: Tensor, locals_: Tensor | None, want_metrics: bool) -> dict[str, Tensor]:
@@ -456,6 +522,33 @@ def _epoch_row(run: Run) -> dict[str, Any]:
             "epoch_effective_clusters": st.get("effective_clusters")}
 
 
+def _knn_row(run: Run) -> dict[str, Any] | None:
+    """Online kNN of the teacher on the labelled train/test split of the run's own data (rank 0 only).
+
+    A source without labels (an unlabelled folder) just skips it, with a warning in train.log.
+    """
+    from excb.data.augment import eval_transform
+    from excb.data.datasets import build_dataset
+    from excb.evaluation import evaluate
+
+    cfg = run.cfg
+    tf = eval_transform(cfg.augment.global_size, cfg.augment.mean, cfg.augment.std)
+    try:
+        train_ds = build_dataset(cfg.data.source, split="train", limit=cfg.eval.train_limit, transform=tf, labelled=True)
+        test_ds = build_dataset(cfg.data.source, split="test", limit=cfg.eval.test_limit, transform=tf, labelled=True)
+    except (ValueError, FileNotFoundError) as exc:
+        log.warning("online kNN skipped: %s", exc)
+        return None
+    run.teacher.eval()
+    try:
+        res = evaluate(run.teacher.features, train_ds, test_ds, k=cfg.eval.knn_k,
+                       temperature=cfg.eval.knn_temperature, batch_size=256, device=run.device)
+    finally:
+        run.teacher.train()
+    return {"type": "eval", "step": run.step, "epoch": run.epoch, "time": time.time(),
+            "knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"], "knn_k": cfg.eval.knn_k}
+
+
 def _setup_file_log(run_dir: Path, ctx: DistContext) -> logging.Handler | None:
     if not ctx.is_main:
         return None
@@ -534,18 +627,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
 def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, progress: Any) -> None:
     cfg = run.cfg
     while run.step < run.total_steps:
-        run.items.epoch = run.epoch
-        run.transform.set_epoch(run.epoch, max(run.total_epochs, 1))
-        run.sampler.epoch, run.sampler.start_batch = run.epoch, run.epoch_batch
         if run.epoch_batch == 0:
             run.balancer.reset_epoch_counts()
         t_last = time.perf_counter()
-        for batch in _make_loader(run.items, run.sampler, cfg, run.device):
+        for batch in run.batches(run.epoch, run.epoch_batch):
             if run.step >= run.total_steps:
                 break
-            run.skipped += all_reduce_sum_int(batch.skipped, run.device) if run.ctx.distributed else batch.skipped
-            g = batch.globals.to(run.device, non_blocking=True)
-            l = batch.locals.to(run.device, non_blocking=True) if batch.locals is not None else None
+            g, l, skipped = run.device_views(batch, run.epoch, run.epoch_batch)
+            run.skipped += all_reduce_sum_int(skipped, run.device) if run.ctx.distributed else skipped
             want = (run.step + 1) % cfg.log_every_steps == 0 or run.step + 1 == run.total_steps
             tensors = run.train_step(g, l, want)
             images = all_reduce_sum_int(g.shape[1], run.device) if run.ctx.distributed else g.shape[1]
@@ -576,6 +665,12 @@ def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, p
             logger.emit(_epoch_row(run))
             run.epoch += 1
             run.epoch_batch = 0
+            every = cfg.eval.knn_every_epochs
+            if every and run.epoch % every == 0:
+                row = _knn_row(run) if run.ctx.is_main else None
+                if row is not None:
+                    logger.emit(row)
+                barrier()
             if cfg.keep_epoch_checkpoints:
                 run.save(f"epoch{run.epoch:04d}.pt")
     path = run.save()

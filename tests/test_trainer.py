@@ -177,3 +177,10 @@ def test_two_process_gloo_training(tmp_path: Path) -> None:
     assert float(ckpt["balancer"]["sizes"].sum()) == pytest.approx(1.0, abs=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["images_seen"] == 3 * 32
+
+
+def test_online_knn_every_epoch(tmp_path: Path) -> None:
+    train(tiny(tmp_path / "knn", "epochs=2", "batch_size=256", "eval.knn_every_epochs=1", "eval.test_limit=100"))
+    evals = [r for r in read_rows(tmp_path / "knn") if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert all(0.3 < r["knn_acc"] <= 1.0 for r in evals)  # digits: far above the 10% of chance

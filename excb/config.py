@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -42,13 +42,24 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where images come from. ``source`` is a folder, ``digits``, ``fashion-mnist[:ROOT]`` or ``list:FILE``."""
+    """Where images come from. ``source`` is a folder, ``digits``, ``fashion-mnist[:ROOT]``, ``list:FILE`` or
+    ``shards:PATH_OR_URL`` (tar shards written by ``excb data pack``)."""
 
     source: str = "digits"
     split: Literal["train", "test", "all"] = "train"
     limit: int | None = Field(None, ge=1, description="use only the first N images (deterministic)")
     num_workers: int | None = Field(None, ge=0, description="None: chosen from the machine")
     max_image_pixels: int = Field(64_000_000, ge=1024, description="decompression-bomb cap")
+    gpu_augment: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode + multi-crop on the training device; auto = on when training on CUDA"
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="shards: sources: samples in each loader worker's shuffle buffer")
+
+    @field_validator("gpu_augment", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        """YAML reads ``on``/``off`` as booleans."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class AugmentConfig(_Section):

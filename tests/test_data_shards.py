@@ -217,3 +217,55 @@ def test_index_disagreeing_with_shards_is_a_clear_error(shards: Path, tmp_path: 
     (bad / "index.json").write_text("{}")
     with pytest.raises(ShardFormatError):
         read_index(str(bad))
+
+
+# ------------------------------------------------------------------------------------- trainer integration
+TINY = [
+    "batch_size=8", "model.width=8", "model.num_clusters=16", "model.projector_hidden_dim=32",
+    "model.bottleneck_dim=16", "model.predictor_hidden_dim=32", "augment.global_size=16", "augment.local_size=8",
+    "augment.num_local_crops=2", "kmeans.samples=16", "kmeans.iterations=3", "progress=false",
+    "data.num_workers=0", "histogram_every_steps=2", "checkpoint_every_steps=100", "epochs=2",
+]
+
+
+def _train(out: Path, *extra: str) -> dict:
+    from excb.config import resolve
+    from excb.trainer import train
+
+    cfg = resolve(preset_name="cpu-small", overrides=[*TINY, f"out={out}", *extra])
+    result = train(cfg)
+    return json.loads((result.run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("gpu_augment", ["off", "on"])
+def test_trainer_streams_shards(shards: Path, tmp_path: Path, gpu_augment: str) -> None:
+    """19 samples, batch 8: 2 steps per epoch, 2 epochs; 'on' runs the GPU decode + multi-crop on CPU tensors."""
+    summary = _train(tmp_path / "r", f"data=shards:{shards}", f"data.gpu_augment={gpu_augment}",
+                     "data.shuffle_buffer=4")
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["epochs"] == 2
+    assert summary["images_seen"] == 32 and summary["skipped_files"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if r.get("type") == "step")
+
+
+def test_trainer_gpu_path_on_a_map_style_set_resumes_exactly(tmp_path: Path) -> None:
+    """digits through ToUint8Tensor + GpuMultiCrop: draws are a function of (seed, rank, epoch, batch)."""
+    base = ["data=digits", "data.limit=40", "data.gpu_augment=on", "kmeans.enabled=false"]
+    from excb.config import resolve
+    from excb.trainer import TrainingInterrupted, train
+
+    full = _train(tmp_path / "a", *base, "max_steps=4")
+    calls = {"n": 0}
+
+    def stop_at_2() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    with pytest.raises(TrainingInterrupted):
+        train(resolve(preset_name="cpu-small", overrides=[*TINY, f"out={tmp_path / 'b'}", *base, "max_steps=4"]),
+              should_stop=stop_at_2)
+    resumed = _train(tmp_path / "b", *base, "max_steps=4")
+    assert full["steps"] == resumed["steps"] == 4
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)["student"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

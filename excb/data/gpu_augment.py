@@ -338,12 +338,14 @@ class GpuMultiCrop:
         self.aug = aug
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.blur_probs = effective_blur_probs(aug)
+        self.scale_min = aug.global_scale_min_start  # read by the trainer's epoch row, as on MultiCropTransform
         self.global_scale: tuple[float, float] = (aug.global_scale_min_start, 1.0)
         self.local_scale: tuple[float, float] = (aug.local_scale_min, aug.global_scale_min_start)
 
     def set_epoch(self, epoch: int, epochs: int) -> float:
         """The same cosine crop-scale schedule as the CPU path's MultiCropTransform.set_epoch."""
         smin = crop_scale_min(epoch, epochs, self.aug.global_scale_min_start, self.aug.global_scale_min_end)
+        self.scale_min = smin
         self.global_scale = (smin, 1.0)
         self.local_scale = (min(self.aug.local_scale_min, smin), smin)
         return smin

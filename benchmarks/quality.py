@@ -12,7 +12,7 @@ A time budget is turned into a step budget by timing a short calibration run fir
 schedules still complete; the steps actually used and the wall time are reported.
 
   python benchmarks/quality.py main --minutes 25
-  python benchmarks/quality.py robustness --minutes 4
+  python benchmarks/quality.py robustness --images 40000   # same number of training images per run
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def machine() -> dict[str, Any]:
 def cmd_main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / "excb-main"
     extra = [f"batch_size={args.batch}", *args.overrides]
-    run = run_one(out, extra, args.minutes, args.steps)
+    run = run_one(out, extra, args.minutes, args.images // args.batch if args.images else args.steps)
     res = {"study": "main", "machine": machine(), "run": run, "excb": knn_of_run(out), **baselines(out)}
     rows = [("ExCB (cpu-small)", res["excb"]), ("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
     print(f"\nFashion-MNIST kNN (k=20), {run['steps']} steps, {run['epochs']:.2f} epochs, "
@@ -148,7 +148,8 @@ def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
         for method in args.methods:
             out = Path(args.out) / f"b{batch}-{method}"
             extra = [f"batch_size={batch}", f"balancing.method={method}", *args.overrides]
-            run = run_one(out, extra, args.minutes, args.steps)
+            steps = args.images // batch if args.images else args.steps
+            run = run_one(out, extra, args.minutes, steps)
             results.append({"batch": batch, "method": method, **run, **knn_of_run(out)})
             print(json.dumps(results[-1]), flush=True)
     print("\n| batch | balancing | steps | kNN (exp) | kNN (majority) | empty (last epoch) | effective clusters "
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", choices=("main", "robustness"))
     p.add_argument("--minutes", type=float, default=25.0, help="training budget per run (calibrated to steps)")
     p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes")
+    p.add_argument("--images", type=int, help="fixed budget in training images (steps = images // batch)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
     p.add_argument("--methods", nargs="+", default=["excb", "dino-centering", "none"])

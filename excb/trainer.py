@@ -509,8 +509,11 @@ def _step_row(run: Run, tensors: dict[str, Tensor], step_seconds: float, images:
 
 
 def _curve_row(run: Run) -> dict[str, Any]:
-    curve = stats.sorted_curve(run.balancer.sizes, max_points=256)
-    return {"type": "cluster_sizes", "step": run.step, "epoch": run.epoch, "time": time.time(), **curve}
+    """The sorted K*s curve (downsampled for plotting) plus the statistics of the full size estimate."""
+    sizes = run.balancer.sizes.cpu()
+    curve = stats.sorted_curve(sizes, max_points=256)
+    return {"type": "cluster_sizes", "step": run.step, "epoch": run.epoch, "time": time.time(), **curve,
+            "balance": stats.balance_stats(sizes, kind="sizes")}
 
 
 def _epoch_row(run: Run) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def test_run_directory_and_metrics(tmp_path: Path) -> None:
         assert np.isfinite(steps[-1][key]), key
     curves = [r for r in rows if r["type"] == "cluster_sizes"]
     assert curves and len(curves[-1]["rank"]) == 32
+    assert curves[-1]["balance"]["num_clusters"] == 32  # statistics of the full size estimate, not the curve
     assert any(r["type"] == "kmeans" for r in rows)
     assert {e["type"] for e in events} >= {"step", "cluster_sizes", "checkpoint", "done"}
     summary = json.loads((run / "summary.json").read_text())

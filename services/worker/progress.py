@@ -71,7 +71,10 @@ class ProgressTracker:
             if kind == "cluster_sizes" and row.get("relative_size"):
                 self.curve = {"step": row.get("step"), "rank": row.get("rank", []),
                               "relative_size": row["relative_size"]}
-                self.balance = balance_stats(row["relative_size"], kind="sizes")
+                # The trainer ships statistics of the full K-vector; the curve is downsampled to <= 256 points,
+                # so it is only a fallback for rows written before that field existed.
+                full = row.get("balance")
+                self.balance = full if isinstance(full, dict) else balance_stats(row["relative_size"], kind="sizes")
             elif kind == "step" and "step" in row:
                 self._step_row(row)
 

@@ -54,3 +54,30 @@ def latest_checkpoint(run_dir_or_file: str | Path) -> Path | None:
         return p
     last = checkpoint_dir(p) / LAST
     return last if last.is_file() else None
+
+
+def load_teacher(source: str | Path, device: str | torch.device = "cpu",
+                 require: tuple[str, ...] = ("config", "teacher")) -> tuple[Any, torch.nn.Module, dict[str, Any], Path]:
+    """Run dir or checkpoint -> (config, eval-mode teacher on ``device``, the checkpoint dict, its path).
+
+    The one loader behind ``excb eval`` and ``excb export``: clear errors for a missing run, a run without a
+    checkpoint, or a checkpoint without the parts the caller needs.
+    """
+    from excb.config import validate
+    from excb.models import build_model
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run directory or checkpoint")
+    ckpt_path = latest_checkpoint(path)
+    if ckpt_path is None:
+        raise FileNotFoundError(f"{path}: no checkpoint found (expected {CHECKPOINT_DIR}/{LAST})")
+    ckpt = load_checkpoint(ckpt_path)
+    for key in require:
+        if key not in ckpt:
+            raise ValueError(f"{ckpt_path}: checkpoint lacks {key!r}")
+    cfg = validate(ckpt["config"])
+    model = build_model(cfg, teacher=True)
+    model.load_state_dict(ckpt["teacher"])
+    model.to(device).eval()
+    return cfg, model, ckpt, ckpt_path

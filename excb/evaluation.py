@@ -335,24 +335,9 @@ def evaluate(encode: Callable[[Tensor], Tensor], train_ds: Dataset, test_ds: Dat
 
 def load_teacher(source: str | Path, device: torch.device) -> tuple[Any, nn.Module, dict[str, Any]]:
     """Run dir or checkpoint -> (config, eval-mode teacher on ``device``, info)."""
-    from excb.checkpoint import latest_checkpoint, load_checkpoint
-    from excb.config import validate
-    from excb.models import build_model
+    from excb.checkpoint import load_teacher as load
 
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run directory or checkpoint")
-    ckpt_path = latest_checkpoint(path)
-    if ckpt_path is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/last.pt)")
-    ckpt = load_checkpoint(ckpt_path)
-    for key in ("config", "teacher"):
-        if key not in ckpt:
-            raise ValueError(f"{ckpt_path}: checkpoint lacks {key!r}")
-    cfg = validate(ckpt["config"])
-    model = build_model(cfg, teacher=True)
-    model.load_state_dict(ckpt["teacher"])
-    model.to(device).eval()
+    cfg, model, ckpt, ckpt_path = load(source, device)
     return cfg, model, {"checkpoint": str(ckpt_path.resolve()), "step": int(ckpt.get("step", 0))}
 
 

@@ -52,24 +52,9 @@ class ParityError(RuntimeError):
 
 def _load_source(source: str | os.PathLike[str]) -> tuple[Any, nn.Module, np.ndarray, dict[str, Any]]:
     """Run dir or checkpoint -> (cfg, eval-mode teacher, final sizes s, source info)."""
-    from excb.checkpoint import latest_checkpoint, load_checkpoint
-    from excb.config import validate
-    from excb.models import build_model
+    from excb.checkpoint import load_teacher
 
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run directory or checkpoint")
-    ckpt_path = latest_checkpoint(path)
-    if ckpt_path is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found (expected checkpoints/last.pt)")
-    ckpt = load_checkpoint(ckpt_path)
-    for key in ("config", "teacher", "balancer"):
-        if key not in ckpt:
-            raise ValueError(f"{ckpt_path}: checkpoint lacks {key!r}")
-    cfg = validate(ckpt["config"])
-    model = build_model(cfg, teacher=True)
-    model.load_state_dict(ckpt["teacher"])
-    model.eval()
+    cfg, model, ckpt, ckpt_path = load_teacher(source, "cpu", require=("config", "teacher", "balancer"))
     sizes = ckpt["balancer"]["sizes"].detach().float().cpu().numpy()
     info = {
         "run_dir": str((ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent)

@@ -273,7 +273,7 @@ def markdown(args: argparse.Namespace, meta: dict[str, Any], engine: list[dict],
         [f"batching on/off at c={c}: {by[(c, 'on')]['img_s'] / by[(c, 'off')]['img_s']:.2f}x"
          for c in sorted({r['concurrency'] for r in service})]
         + [f"batched c={hi} vs batch-1 (off, c={lo}): {by[(hi, 'on')]['img_s'] / by[(lo, 'off')]['img_s']:.2f}x"]
-        + [f"ORT/torch: " + ", ".join(f"{r['ratio']:.2f}x at batch {r['batch']}" for r in engine)]), ""]
+        + ["ORT/torch: " + ", ".join(f"{r['ratio']:.2f}x at batch {r['batch']}" for r in engine)]), ""]
     return "\n".join(lines)
 
 

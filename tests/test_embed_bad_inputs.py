@@ -4,11 +4,9 @@ answers the next good request (reliability.md rows 19-23). Tricky-but-valid imag
 from __future__ import annotations
 
 import base64
-import io
 import shutil
 import struct
 import zlib
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest

@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from services.db.models import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
 from services.db.session import Database

@@ -235,3 +235,40 @@ def test_map_style_items_collate_to_pixels() -> None:
     batch = G.collate_raw([(grey, 3), (rgb, 1), None])
     assert not batch.encoded and batch.skipped == 1 and batch.labels.tolist() == [3, 1]
     assert grey.shape == (1, 8, 9) and rgb.shape == (3, 5, 7)
+
+
+def test_data_throughput_benchmark_quick(tmp_path) -> None:
+    """benchmarks/data_throughput.py --quick: both multi-crop paths and both end-to-end figures are reported."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data_throughput.py"
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--json-out", str(out),
+                           "--set", "data.gpu_augment=on"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    mc, ee = result["multicrop"], result["end_to_end"]
+    assert mc["cpu_img_s"] > 0 and mc["device_img_s"] > 0 and mc["ratio"] == pytest.approx(
+        mc["device_img_s"] / mc["cpu_img_s"])
+    assert ee["gpu_augment"] is True and ee["real_img_s"] > 0 and ee["synthetic_img_s"] > 0
+    assert len(ee["blocks"]["real"]) == len(ee["blocks"]["synthetic"]) == 2
+    assert "| decode + multi-crop" in proc.stdout
+
+
+def test_padding_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tall and a wide image would pad to a huge square: the batch is cut into chunks, same output."""
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=rng)
+              for h, w in [(20, 30), (90, 12), (12, 90), (25, 25)]]
+    crops = G.GpuMultiCrop(_aug())
+    whole = crops(images, torch.Generator().manual_seed(3))
+    assert G._chunks(torch.tensor([[20, 30], [90, 12], [12, 90], [25, 25]]), 5000) == [(0, 1), (1, 2), (2, 4)]
+    monkeypatch.setattr(G, "MAX_PAD_PIXELS", 5000)
+    chunked = crops(images, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(whole[0], chunked[0])
+    torch.testing.assert_close(whole[1], chunked[1])

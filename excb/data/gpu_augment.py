@@ -39,6 +39,7 @@ from excb.data.augment import (BLUR_SIGMA, GRAYSCALE_P, JITTER_AT_HALF, JITTER_P
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+MAX_PAD_PIXELS = 64_000_000  # per padded chunk (768 MB fp32): a few huge images must not pad the whole batch
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -123,7 +124,7 @@ def decode_jpegs(data: Sequence[Tensor], device: torch.device | str) -> tuple[li
 
 
 def pad_batch(images: Sequence[Tensor], device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Stack variable-size [C, H, W] uint8 images into float [B, 3, Hmax, Wmax] in [0, 1]; sizes [B, 2] (H, W)."""
+    """Stack variable-size [C, H, W] uint8 images into float [B, 3, Hmax, Wmax] in [0, 1] (edge-padded); sizes [B, 2]."""
     device = torch.device(device)
     sizes = torch.tensor([[x.shape[-2], x.shape[-1]] for x in images], dtype=torch.long)
     h, w = int(sizes[:, 0].max()), int(sizes[:, 1].max())
@@ -131,9 +132,14 @@ def pad_batch(images: Sequence[Tensor], device: torch.device | str) -> tuple[Ten
     if same:
         out = torch.stack([x.to(device, non_blocking=True).expand(3, -1, -1) for x in images]).float()
     else:
-        out = torch.zeros(len(images), 3, h, w, device=device)
+        out = torch.empty(len(images), 3, h, w, device=device)
         for i, x in enumerate(images):
-            out[i, :, : x.shape[-2], : x.shape[-1]] = x.to(device, non_blocking=True)  # broadcasts grey to 3
+            ih, iw = x.shape[-2], x.shape[-1]
+            out[i, :, :ih, :iw] = x.to(device, non_blocking=True)  # broadcasts grey to 3
+            # edge-replicate the padding: bilinear samples at a crop's last row/column then read the edge
+            # pixel, as roi_align's own border clamping does on an unpadded image (zeros would darken edges)
+            out[i, :, :ih, iw:] = out[i, :, :ih, iw - 1:iw]
+            out[i, :, ih:, :] = out[i, :, ih - 1:ih, :]
     return out.div_(255.0), sizes
 
 
@@ -359,12 +365,9 @@ class GpuMultiCrop:
         return sample_view_params(sizes, n, self.local_scale, self.aug.jitter_strength, (self.blur_probs[2],) * n,
                                   (0.0,) * n, gen, self.blur_sigma)
 
-    def _views(self, x: Tensor, sizes: Tensor, params: ViewParams, views: int, size: int) -> Tensor:
-        b = sizes.shape[0]
-        image_index = torch.arange(b).repeat(views)
-        crops = crop_resize(x, image_index, params.boxes, size)
+    def _finish(self, crops: Tensor, params: ViewParams, views: int, size: int) -> Tensor:
         out = apply_view_ops(crops, params, blur_kernel_size(size), self.aug.mean, self.aug.std)
-        return out.view(views, b, 3, size, size)
+        return out.view(views, crops.shape[0] // views, 3, size, size)
 
     def __call__(self, images: Sequence[Tensor], gen: torch.Generator,
                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor | None]:
@@ -372,17 +375,41 @@ class GpuMultiCrop:
         if not images:
             raise ValueError("GpuMultiCrop: empty batch")
         device = torch.device(device) if device is not None else images[0].device
-        x, sizes = pad_batch(images, device)
-        globals_ = self._views(x, sizes, self.global_params(sizes, gen), 2, self.aug.global_size)
+        sizes = torch.tensor([[x.shape[-2], x.shape[-1]] for x in images], dtype=torch.long)
         n_local = self.aug.num_local_crops
-        locals_ = (self._views(x, sizes, self.local_params(sizes, gen), n_local, self.aug.local_size)
-                   if n_local else None)
+        gp = self.global_params(sizes, gen)
+        lp = self.local_params(sizes, gen) if n_local else None
+        b, gs, ls = len(images), self.aug.global_size, self.aug.local_size
+        g_crops = torch.empty(2 * b, 3, gs, gs, device=device)
+        l_crops = torch.empty(n_local * b, 3, ls, ls, device=device) if lp is not None else None
+        for lo, hi in _chunks(sizes, MAX_PAD_PIXELS):
+            x, _ = pad_batch(images[lo:hi], device)
+            for views, params, out, size in ((2, gp, g_crops, gs), (n_local, lp, l_crops, ls)):
+                if params is None or out is None:
+                    continue
+                rows = (torch.arange(views)[:, None] * b + torch.arange(lo, hi)[None]).flatten()
+                out[rows.to(device)] = crop_resize(x, torch.arange(lo, hi).repeat(views) - lo, params.boxes[rows], size)
+        globals_ = self._finish(g_crops, gp, 2, gs)
+        locals_ = self._finish(l_crops, lp, n_local, ls) if lp is not None and l_crops is not None else None
         return globals_, locals_
 
     def __repr__(self) -> str:
         return (f"GpuMultiCrop(global={self.aug.global_size}x2 scale={self.global_scale}, "
                 f"local={self.aug.local_size}x{self.aug.num_local_crops} scale={self.local_scale}, "
                 f"blur_p={self.blur_probs})")
+
+
+def _chunks(sizes: Tensor, max_pixels: int) -> list[tuple[int, int]]:
+    """Consecutive ranges whose padded size (count x max H x max W) stays under ``max_pixels`` (>= 1 image each)."""
+    out, lo, mh, mw = [], 0, 0, 0
+    for i, (h, w) in enumerate(sizes.tolist()):
+        nh, nw = max(mh, h), max(mw, w)
+        if i > lo and (i - lo + 1) * nh * nw > max_pixels:
+            out.append((lo, i))
+            lo, nh, nw = i, h, w
+        mh, mw = nh, nw
+    out.append((lo, len(sizes)))
+    return out
 
 
 def augment_batch(batch: RawBatch, crops: GpuMultiCrop, device: torch.device | str,

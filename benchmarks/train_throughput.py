@@ -333,6 +333,9 @@ def _cpu_model() -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
+    def rate(x: float) -> str:
+        return f"{x:.1f}" if x >= 10 else f"{x:.3f}"
+
     def mib(x: float | None) -> str:
         return "n/a" if x is None else f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
 
@@ -340,8 +343,8 @@ def markdown_table(rows: list[Row]) -> str:
              "| tuned peak | naive peak | precision tuned / naive |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.preset} | {r.backbone} | {r.batch} | {r.num_clusters} | {r.crops} | {r.tuned_img_s:.1f} "
-                     f"| {r.naive_img_s:.1f} | {r.ratio:.2f}x ({r.paired_ratio_min:.2f}-{r.paired_ratio_max:.2f}) "
+        lines.append(f"| {r.preset} | {r.backbone} | {r.batch} | {r.num_clusters} | {r.crops} | {rate(r.tuned_img_s)} "
+                     f"| {rate(r.naive_img_s)} | {r.ratio:.2f}x ({r.paired_ratio_min:.2f}-{r.paired_ratio_max:.2f}) "
                      f"| {mib(r.tuned_peak_mib)} | {mib(r.naive_peak_mib)} | {r.tuned_precision} / {r.naive_precision} |")
     return "\n".join(lines)
 

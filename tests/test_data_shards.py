@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from excb.cli import main as cli_main
-from excb.data.pack import JPEG_QUALITY, pack
+from excb.data.pack import pack
 from excb.data.shards import (RawSample, ShardFormatError, ShardStream, open_shards, plan_epoch, read_index,
                               shuffled)
 

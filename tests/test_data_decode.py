@@ -232,6 +232,7 @@ def test_byte_mutations_only_give_rgb_or_decode_errors(kind, edits, cut):
 
 def test_refuses_to_decode_when_someone_enabled_load_truncated_images():
     data = _encode(_noise(), "PNG")
+    # Deliberately unsafe for the duration of this test only: proves the decoder refuses to run under it.
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
         err = _code(data)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from excb.checkpoint import load_checkpoint
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -266,6 +268,6 @@ def test_trainer_gpu_path_on_a_map_style_set_resumes_exactly(tmp_path: Path) -> 
               should_stop=stop_at_2)
     resumed = _train(tmp_path / "b", *base, "max_steps=4")
     assert full["steps"] == resumed["steps"] == 4
-    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)["student"]
-    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["student"]
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["student"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)

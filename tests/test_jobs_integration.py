@@ -104,9 +104,9 @@ def test_cancel_mid_training_checkpoints_and_frees_the_cpu(make_stack: Any, tmp_
     assert done["progress"]["step"] - step_at_cancel <= 30, done["progress"]
     ckpt = Path(done["artifacts"]["checkpoint"])
     assert ckpt.is_file()
-    import torch
+    from excb.checkpoint import load_checkpoint
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)
     assert int(state.get("step", 0)) >= step_at_cancel
     print(f"cancel -> CANCELLED in {elapsed:.1f}s, {done['progress']['step'] - step_at_cancel} steps after the request")
     # a cancelled job can be retried: it resumes from that checkpoint

@@ -57,6 +57,7 @@ d = out["data"][0]
 print(f"embedded with {out['model_version']}: {len(d['embedding'])}-d embedding, cluster {d['cluster']['id']} "
       f"(similarity {d['cluster']['similarity']:.3f})")
 bal = json.load(urllib.request.urlopen(f"{url}/v1/models/latest/balance"))
-print(f"served balance over {bal['window']} assignment(s): drift TV={bal['drift']['tv']:.3f}")
+print(f"served balance: {bal['assignments']} assignment(s) in the window (size {bal['window']}), "
+      f"drift from the training sizes TV={bal['drift']['tv']:.3f} (few requests -> large drift)")
 PY
 echo "done. dashboard: $EXCB_API_URL/dashboard  (KEEP=1 $0 to leave the stack running)"

@@ -11,6 +11,7 @@ def test_short_keys_and_preset() -> None:
     cfg = resolve({"preset": "cpu-small", "data": "digits", "max_steps": 50})
     assert cfg.data.source == "digits" and cfg.max_steps == 50 and cfg.model.width == 16
     assert cfg.model.num_clusters == 1024  # from the preset
+    assert cfg.balancing.size_momentum == 0.999 and cfg.ema_momentum_start == 0.99
 
 
 def test_overrides_have_priority_and_parse_types() -> None:

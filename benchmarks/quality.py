@@ -70,6 +70,7 @@ def run_one(out: Path, extra: list[str], minutes: float | None, steps: int | Non
     epochs = [r for r in rows if r.get("type") == "epoch"]
     ckpt = load_checkpoint(latest_checkpoint(out))
     sizes = stats.balance_stats(ckpt["balancer"]["sizes"], kind="sizes")
+    hard = assignment_stats(ckpt)
     return {"steps": result.steps, "epochs": result.summary["images_seen"] / FASHION_MNIST_TRAIN,
             "train_wall_seconds": wall,
             "calibrated_seconds_per_step": per_step,
@@ -77,7 +78,17 @@ def run_one(out: Path, extra: list[str], minutes: float | None, steps: int | Non
             "final_size_empty_fraction": sizes["empty_fraction"],
             "last_epoch_empty_fraction": epochs[-1]["empty_clusters"] if epochs else None,
             "last_epoch_effective_clusters": epochs[-1]["epoch_effective_clusters"] if epochs else None,
-            "num_clusters": sizes["num_clusters"]}
+            "num_clusters": sizes["num_clusters"], **hard}
+
+
+def assignment_stats(ckpt: dict[str, Any]) -> dict[str, float | None]:
+    """Hard teacher assignments counted since the current epoch began (the whole run when it is < 1 epoch)."""
+    counts = ckpt["balancer"]["cluster_count"]
+    if float(counts.sum()) == 0:
+        return {"assign_empty_fraction": None, "assign_effective_clusters": None, "assign_total": 0.0}
+    st = stats.balance_stats(counts, kind="counts")
+    return {"assign_empty_fraction": st["empty_fraction"], "assign_effective_clusters": st["effective_clusters"],
+            "assign_total": st["total"]}
 
 
 def knn_of_run(out: Path, k: int = 20) -> dict[str, Any]:
@@ -152,13 +163,13 @@ def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
             run = run_one(out, extra, args.minutes, steps)
             results.append({"batch": batch, "method": method, **run, **knn_of_run(out)})
             print(json.dumps(results[-1]), flush=True)
-    print("\n| batch | balancing | steps | kNN (exp) | kNN (majority) | empty (last epoch) | effective clusters "
-          "(last epoch) | empty (size est.) | effective clusters (size est.) |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| batch | balancing | steps | kNN (exp) | kNN (majority) | empty (assignments) | effective clusters "
+          "(assignments) | empty (size est.) | effective clusters (size est.) |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
         fmt = lambda v, p=False: "–" if v is None else (f"{100 * v:.1f}%" if p else f"{v:.0f}")
         print(f"| {r['batch']} | {r['method']} | {r['steps']} | {100 * r['knn_acc']:.2f}% | "
-              f"{100 * r['knn_majority_acc']:.2f}% | {fmt(r['last_epoch_empty_fraction'], True)} | "
-              f"{fmt(r['last_epoch_effective_clusters'])} | {fmt(r['final_size_empty_fraction'], True)} | "
+              f"{100 * r['knn_majority_acc']:.2f}% | {fmt(r['assign_empty_fraction'], True)} | "
+              f"{fmt(r['assign_effective_clusters'])} | {fmt(r['final_size_empty_fraction'], True)} | "
               f"{fmt(r['final_size_effective_clusters'])} |")
     return {"study": "robustness", "machine": machine(), "results": results}
 

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
+
+from excb.data.loader import collate_skipping
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +34,6 @@ DINO_KS = (10, 20, 100, 200)
 # features
 
 
-def _collate_skip(items: list[Any]) -> Any:
-    """Default collate minus the samples a data set could not decode (it yields ``None`` for those)."""
-    kept = [item for item in items if item is not None]
-    return (default_collate(kept) if kept else None), len(items) - len(kept)
-
-
 @torch.inference_mode()
 def extract_features(encode: Callable[[Tensor], Tensor], dataset: Dataset, batch_size: int = 256,
                      device: str | torch.device = "cpu", num_workers: int = 0,
@@ -46,7 +42,7 @@ def extract_features(encode: Callable[[Tensor], Tensor], dataset: Dataset, batch
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_skip, pin_memory=torch.device(device).type == "cuda")
+                        collate_fn=collate_skipping, pin_memory=torch.device(device).type == "cuda")
     batches: Iterable[Any] = loader
     if progress:
         from tqdm import tqdm

@@ -32,7 +32,8 @@ import torch
 from excb import stats
 from excb.checkpoint import latest_checkpoint, load_checkpoint
 from excb.config import resolve
-from excb.evaluation import evaluate, evaluate_features, raw_pixel_features
+from excb.evaluation import (evaluate, evaluate_features, labelled_splits, load_teacher, model_transform,
+                             raw_pixel_features)
 from excb.trainer import train
 
 
@@ -92,15 +93,8 @@ def assignment_stats(ckpt: dict[str, Any]) -> dict[str, float | None]:
 
 
 def knn_of_run(out: Path, k: int = 20) -> dict[str, Any]:
-    from excb.data.augment import eval_transform
-    from excb.data.datasets import build_dataset
-    from excb.evaluation import load_teacher
-
     cfg, model, _ = load_teacher(out, torch.device("cpu"))
-    tf = eval_transform(cfg.augment.global_size, cfg.augment.mean, cfg.augment.std)
-    train_ds = build_dataset("fashion-mnist", split="train", transform=tf, labelled=True)
-    test_ds = build_dataset("fashion-mnist", split="test", transform=tf, labelled=True)
-    res = evaluate(model.features, train_ds, test_ds, k=k, batch_size=512)
+    res = evaluate(model.features, *labelled_splits("fashion-mnist", model_transform(cfg)), k=k, batch_size=512)
     return {"knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"]}
 
 
@@ -108,20 +102,14 @@ def baselines(out: Path, k: int = 20) -> dict[str, Any]:
     """Raw pixels (28x28) and the same architecture randomly initialised, with the same kNN."""
     from torchvision.transforms import v2
 
-    from excb.data.augment import eval_transform
-    from excb.data.datasets import build_dataset
     from excb.models import build_model
 
-    pix = v2.PILToTensor()
-    raw_tr = raw_pixel_features(build_dataset("fashion-mnist", split="train", transform=pix, labelled=True))
-    raw_te = raw_pixel_features(build_dataset("fashion-mnist", split="test", transform=pix, labelled=True))
-    raw = evaluate_features(*raw_tr, *raw_te, k=k)
+    raw_tr, raw_te = labelled_splits("fashion-mnist", v2.PILToTensor())
+    raw = evaluate_features(*raw_pixel_features(raw_tr), *raw_pixel_features(raw_te), k=k)
     cfg = _cfg(out, [])
     torch.manual_seed(0)
     model = build_model(cfg, teacher=True).eval()
-    tf = eval_transform(cfg.augment.global_size, cfg.augment.mean, cfg.augment.std)
-    rnd = evaluate(model.features, build_dataset("fashion-mnist", split="train", transform=tf, labelled=True),
-                   build_dataset("fashion-mnist", split="test", transform=tf, labelled=True), k=k, batch_size=512)
+    rnd = evaluate(model.features, *labelled_splits("fashion-mnist", model_transform(cfg)), k=k, batch_size=512)
     return {"raw_pixels": {"knn_acc": raw["knn_acc"], "knn_majority_acc": raw["knn_majority_acc"]},
             "random_init": {"knn_acc": rnd["knn_acc"], "knn_majority_acc": rnd["knn_majority_acc"]}}
 

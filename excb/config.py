@@ -27,6 +27,9 @@ class ModelConfig(_Section):
     small_images: bool | None = Field(
         None, description="3x3 stem without max-pool (28-64 px data). None: decided from image size."
     )
+    stem_stride: Literal[1, 2] = Field(
+        1, description="stride of the small-image 3x3 stem: 2 halves every feature map (~6x cheaper at 28 px)"
+    )
     width: int = Field(64, ge=4, le=256, description="ResNet base channel width (64 = torchvision's)")
     patch_size: int = Field(16, ge=2, le=32)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="student only; teacher uses 0")

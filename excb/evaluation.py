@@ -337,13 +337,23 @@ def load_teacher(source: str | Path, device: torch.device) -> tuple[Any, nn.Modu
     return cfg, model, {"checkpoint": str(ckpt_path.resolve()), "step": int(ckpt.get("step", 0))}
 
 
-def _eval_datasets(cfg: Any, data: str, train_limit: int | None, test_limit: int | None,
-                   transform: Any) -> tuple[Dataset, Dataset]:
+def labelled_splits(data: str, transform: Any, train_limit: int | None = None,
+                    test_limit: int | None = None) -> tuple[Dataset, Dataset]:
+    """The labelled (train, test) pair every kNN/linear evaluation uses: the trainer's online kNN, ``excb
+    eval`` and the benchmarks must build it the same way for their figures to be comparable."""
     from excb.data.datasets import build_dataset
 
     train_ds = build_dataset(data, split="train", limit=train_limit, transform=transform, labelled=True)
     test_ds = build_dataset(data, split="test", limit=test_limit, transform=transform, labelled=True)
     return train_ds, test_ds
+
+
+def model_transform(cfg: Any) -> Any:
+    """The deterministic eval transform at the run's global crop size and normalisation."""
+    from excb.data.augment import eval_transform
+
+    a = cfg.augment
+    return eval_transform(a.global_size, tuple(a.mean), tuple(a.std))
 
 
 def _baselines(cfg: Any, args: argparse.Namespace, data: str, device: torch.device, k: int) -> dict[str, Any]:
@@ -354,22 +364,15 @@ def _baselines(cfg: Any, args: argparse.Namespace, data: str, device: torch.devi
 
     size = cfg.augment.global_size
     pixels = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    raw_train, raw_test = _eval_datasets(cfg, data, args.train_limit, args.test_limit, pixels)
+    raw_train, raw_test = labelled_splits(data, pixels, args.train_limit, args.test_limit)
     raw = evaluate_features(*raw_pixel_features(raw_train), *raw_pixel_features(raw_test), k=k,
                             temperature=args.temperature, linear=args.linear)
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, teacher=True).to(device).eval()
-    train_ds, test_ds = _eval_datasets(cfg, data, args.train_limit, args.test_limit, _model_transform(cfg))
+    train_ds, test_ds = labelled_splits(data, model_transform(cfg), args.train_limit, args.test_limit)
     rand = evaluate(random_model.features, train_ds, test_ds, k=k, temperature=args.temperature,
                     linear=args.linear, batch_size=args.batch_size, device=device)
     return {"raw_pixels": raw, "random_init": rand}
-
-
-def _model_transform(cfg: Any) -> Any:
-    from excb.data.augment import eval_transform
-
-    a = cfg.augment
-    return eval_transform(a.global_size, tuple(a.mean), tuple(a.std))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -383,7 +386,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         train_limit = args.train_limit if args.train_limit is not None else cfg.eval.train_limit
         test_limit = args.test_limit if args.test_limit is not None else cfg.eval.test_limit
         args.train_limit, args.test_limit = train_limit, test_limit
-        train_ds, test_ds = _eval_datasets(cfg, data, train_limit, test_limit, _model_transform(cfg))
+        train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
         result = evaluate(model.features, train_ds, test_ds, k=k, temperature=args.temperature,
                           linear=args.linear, batch_size=args.batch_size, device=device,
                           progress=not args.json and sys.stderr.isatty())

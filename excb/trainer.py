@@ -530,15 +530,12 @@ def _knn_row(run: Run) -> dict[str, Any] | None:
 
     A source without labels (an unlabelled folder) just skips it, with a warning in train.log.
     """
-    from excb.data.augment import eval_transform
-    from excb.data.datasets import build_dataset
-    from excb.evaluation import evaluate
+    from excb.evaluation import evaluate, labelled_splits, model_transform
 
     cfg = run.cfg
-    tf = eval_transform(cfg.augment.global_size, cfg.augment.mean, cfg.augment.std)
     try:
-        train_ds = build_dataset(cfg.data.source, split="train", limit=cfg.eval.train_limit, transform=tf, labelled=True)
-        test_ds = build_dataset(cfg.data.source, split="test", limit=cfg.eval.test_limit, transform=tf, labelled=True)
+        train_ds, test_ds = labelled_splits(cfg.data.source, model_transform(cfg), cfg.eval.train_limit,
+                                            cfg.eval.test_limit)
     except (ValueError, FileNotFoundError) as exc:
         log.warning("online kNN skipped: %s", exc)
         return None

@@ -88,6 +88,22 @@ def test_small_images_auto() -> None:
     assert forced.conv1.stride == (1, 1) and isinstance(forced.maxpool, nn.Identity)
 
 
+def test_small_stem_stride_two_halves_every_map() -> None:
+    """stem_stride=2: the same weights' shapes, a 2x smaller map after the stem and (at 28 px) 2x2 at layer4."""
+    base = build_model(tiny_cfg(global_size=28, local_size=16)).backbone
+    fast = build_model(tiny_cfg(global_size=28, local_size=16, stem_stride=2)).backbone
+    assert fast.conv1.stride == (2, 2) and base.conv1.stride == (1, 1)
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    x = images(2, 28)
+    stem = lambda m: m.relu(m.bn1(m.conv1(x)))  # noqa: E731
+    assert stem(fast).shape[-2:] == (14, 14) and stem(base).shape[-2:] == (28, 28)
+    deep = lambda m: m.layer4(m.layer3(m.layer2(m.layer1(stem(m)))))  # noqa: E731
+    assert deep(fast).shape[-2:] == (2, 2) and deep(base).shape[-2:] == (4, 4)
+    assert fast(images(2, 16)).shape == (2, fast.embed_dim)  # a 16 px local crop still reaches 1x1
+    with pytest.raises(ConfigError):
+        tiny_cfg(stem_stride=3)
+
+
 def test_vit_position_embedding_interpolation() -> None:
     vit = build_model(tiny_cfg("vit_tiny", 16, 8)).backbone
     assert isinstance(vit, VisionTransformer)

@@ -30,15 +30,16 @@ class ResNet(nn.Module):
     """torchvision-compatible ResNet trunk without ``fc``; output = global-average-pooled features.
 
     ``small_images`` swaps the 7x7/2 stem + max-pool for a 3x3/1 stem so 28-64 px inputs keep spatial
-    resolution (a 28 px image would otherwise be 1x1 after layer3).
+    resolution (a 28 px image would otherwise be 1x1 after layer3); ``stem_stride=2`` halves it once,
+    which on a CPU buys ~6x more images per second at 28 px for a 2x2 final map instead of 4x4.
     """
 
     def __init__(self, block: type[nn.Module], layers: list[int], width: int = 64,
-                 small_images: bool = False) -> None:
+                 small_images: bool = False, stem_stride: int = 1) -> None:
         super().__init__()
         self.inplanes = width
         if small_images:
-            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -221,7 +222,8 @@ def build_backbone(cfg: ModelConfig, global_size: int, drop_path_rate: float) ->
     name = cfg.backbone
     if name in _RESNETS:
         block, layers = _RESNETS[name]
-        return ResNet(block, layers, width=cfg.width, small_images=resolve_small_images(cfg, global_size))
+        return ResNet(block, layers, width=cfg.width, small_images=resolve_small_images(cfg, global_size),
+                      stem_stride=cfg.stem_stride)
     if name in _VITS:
         if global_size % cfg.patch_size:
             raise ConfigError("model.patch_size",

@@ -98,15 +98,15 @@ def knn_of_run(out: Path, k: int = 20) -> dict[str, Any]:
     return {"knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"]}
 
 
-def baselines(out: Path, k: int = 20) -> dict[str, Any]:
-    """Raw pixels (28x28) and the same architecture randomly initialised, with the same kNN."""
+def baselines(out: Path, extra: list[str], k: int = 20) -> dict[str, Any]:
+    """Raw pixels (28x28) and the same architecture (the run's overrides) randomly initialised, same kNN."""
     from torchvision.transforms import v2
 
     from excb.models import build_model
 
     raw_tr, raw_te = labelled_splits("fashion-mnist", v2.PILToTensor())
     raw = evaluate_features(*raw_pixel_features(raw_tr), *raw_pixel_features(raw_te), k=k)
-    cfg = _cfg(out, [])
+    cfg = _cfg(out, extra)
     torch.manual_seed(0)
     model = build_model(cfg, teacher=True).eval()
     rnd = evaluate(model.features, *labelled_splits("fashion-mnist", model_transform(cfg)), k=k, batch_size=512)
@@ -131,7 +131,7 @@ def cmd_main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / "excb-main"
     extra = [f"batch_size={args.batch}", *args.overrides]
     run = run_one(out, extra, args.minutes, args.images // args.batch if args.images else args.steps)
-    res = {"study": "main", "machine": machine(), "run": run, "excb": knn_of_run(out), **baselines(out)}
+    res = {"study": "main", "machine": machine(), "run": run, "excb": knn_of_run(out), **baselines(out, extra)}
     rows = [("ExCB (cpu-small)", res["excb"]), ("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
     print(f"\nFashion-MNIST kNN (k=20), {run['steps']} steps, {run['epochs']:.2f} epochs, "
           f"train wall {run['train_wall_seconds'] / 60:.1f} min\n")

@@ -146,3 +146,15 @@ def test_eval_transform_is_deterministic_resize_and_center_crop():
     assert (a - ref_t).abs().mean() < 0.05
     small = eval_transform(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(Image.new("L", (28, 28), 255))
     assert small.shape == (3, 28, 28) and torch.allclose(small, torch.ones_like(small), atol=1e-5)
+
+
+def test_grayscale_keeps_grey_exactly_on_pil_and_uint8_tensors():
+    from excb.data.augment import RandomGrayscale
+    gray = RandomGrayscale(1.0)
+    assert set(F.pil_to_tensor(gray(Image.new("RGB", (5, 5), (100, 100, 100)))).unique().tolist()) == {100}
+    t = torch.full((3, 5, 5), 100, dtype=torch.uint8)
+    assert set(gray(t).unique().tolist()) == {100} and gray(t).shape == (3, 5, 5)
+    red = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    red[0] = 255
+    assert set(gray(red).unique().tolist()) == {76}  # round(0.299 * 255), PIL's "L" value for pure red
+    assert F.pil_to_tensor(F.to_pil_image(red).convert("L")).unique().tolist() == [76]

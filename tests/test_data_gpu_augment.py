@@ -122,7 +122,12 @@ def test_hue_grayscale_blur_solarize_equal_torchvision() -> None:
     for i in range(6):
         torch.testing.assert_close(out_h[i], F.adjust_hue(x[i], float(hue[i])), atol=1e-5, rtol=0)
         torch.testing.assert_close(out_b[i], F.gaussian_blur(x[i], [9, 9], [float(sig[i])] * 2), atol=1e-5, rtol=0)
-    torch.testing.assert_close(G.grayscale(x), F.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+    # grayscale: PIL's "L" (integer ITU-R 601 luma) within rounding, and grey stays exactly grey
+    pil_l = torch.stack([F.pil_to_tensor(F.to_pil_image(x[i]).convert("L")) for i in range(6)]).float() / 255
+    u8_grey = torch.stack([F.pil_to_tensor(F.to_pil_image(x[i])) for i in range(6)]).float() / 255
+    torch.testing.assert_close(G.grayscale(u8_grey), pil_l, atol=1.01 / 255, rtol=0)
+    grey = torch.full((2, 3, 4, 4), 100 / 255)
+    torch.testing.assert_close(G.grayscale(grey), grey[:, :1], atol=1e-6, rtol=0)
     u8 = (x * 255).round().to(torch.uint8)
     out = G.apply_view_ops(u8.float() / 255, _only_solarize([True, False] * 3), 3, (0.0,) * 3, (1.0,) * 3)
     for i in range(6):

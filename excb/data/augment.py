@@ -31,6 +31,9 @@ BLUR_SIGMA = (0.1, 2.0)
 JITTER_AT_HALF = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue at strength 0.5
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
+# ITU-R 601-2 luma, PIL's "L" weights: they sum to exactly 1, so a grey pixel stays the same grey. torchvision's
+# rgb_to_grayscale uses 0.2989 (sum 0.9999) and truncates on uint8, turning grey 100 into 99.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 SOLARIZE_THRESHOLD = 128  # on uint8 pixels
 SMALL_IMAGE_PIXELS = 96 * 96  # below this, augment on tensors rather than PIL
 
@@ -107,6 +110,27 @@ class RandomGaussianBlur(v2.Transform):
         return gaussian_blur_separable(x, self.kernel_size, sigma)
 
 
+class RandomGrayscale(v2.Transform):
+    """Grayscale with probability ``p``, 3 channels kept; exact on grey input (PIL's weights, rounded on uint8)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Image.Image | Tensor) -> Image.Image | Tensor:
+        if self.p <= 0.0 or (self.p < 1.0 and torch.rand(1).item() >= self.p):
+            return x
+        if isinstance(x, Image.Image):
+            return x.convert("L").convert(x.mode) if x.mode != "L" else x
+        if x.shape[-3] == 1:
+            return x
+        r, g, b = x.to(torch.float32).unbind(-3)
+        luma = (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+        if not torch.is_floating_point(x):
+            luma = luma.round_().clamp_(0, 255)
+        return luma.to(x.dtype).expand_as(x).contiguous()
+
+
 def _jitter(strength: float) -> v2.Transform:
     b, c, s, h = (v * strength / 0.5 for v in JITTER_AT_HALF)
     return v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=min(h, 0.5))], p=JITTER_P)
@@ -125,7 +149,7 @@ class _View:
             self.crop,
             v2.RandomHorizontalFlip(0.5),
             _jitter(jitter) if jitter > 0 else v2.Identity(),
-            v2.RandomGrayscale(GRAYSCALE_P),
+            RandomGrayscale(GRAYSCALE_P),
         ])
         self.blur = RandomGaussianBlur(blur_p, blur_kernel_size(size), blur_sigma)
         self.solarize = v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p) if solarize_p > 0 else None

@@ -33,12 +33,12 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from excb.config import AugmentConfig
-from excb.data.augment import (BLUR_SIGMA, GRAYSCALE_P, JITTER_AT_HALF, JITTER_P, SOLARIZE_THRESHOLD,
-                               blur_kernel_size, crop_scale_min, effective_blur_probs)
+from excb.data.augment import (BLUR_SIGMA, GRAY_WEIGHTS, GRAYSCALE_P, JITTER_AT_HALF, JITTER_P,
+                               SOLARIZE_THRESHOLD, blur_kernel_size, crop_scale_min, effective_blur_probs)
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+TV_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale, inside its contrast/saturation
 MAX_PAD_PIXELS = 64_000_000  # per padded chunk (768 MB fp32): a few huge images must not pad the whole batch
 
 
@@ -224,10 +224,11 @@ def crop_resize(x: Tensor, image_index: Tensor, boxes: Tensor, size: int) -> Ten
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def grayscale(x: Tensor) -> Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W] luma with torchvision's weights."""
+def grayscale(x: Tensor, weights: Sequence[float] = GRAY_WEIGHTS) -> Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W] luma. The grayscale op uses the CPU path's weights (grey stays grey);
+    contrast and saturation pass torchvision's, as its ColorJitter (used on the CPU path) does."""
     r, g, b = x.unbind(1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+    return (weights[0] * r + weights[1] * g + weights[2] * b).unsqueeze(1)
 
 
 def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
@@ -240,11 +241,11 @@ def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
 
 
 def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+    return _blend(x, grayscale(x, TV_GRAY_WEIGHTS).mean(dim=(-3, -2, -1), keepdim=True), f)
 
 
 def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, grayscale(x), f)
+    return _blend(x, grayscale(x, TV_GRAY_WEIGHTS), f)
 
 
 def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

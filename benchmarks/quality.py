@@ -129,10 +129,14 @@ def machine() -> dict[str, Any]:
 
 def cmd_main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / "excb-main"
-    extra = [f"batch_size={args.batch}", *args.overrides]
-    run = run_one(out, extra, args.minutes, args.images // args.batch if args.images else args.steps)
-    res = {"study": "main", "machine": machine(), "run": run, "excb": knn_of_run(out), **baselines(out, extra)}
-    rows = [("ExCB (cpu-small)", res["excb"]), ("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
+    extra = [*([f"batch_size={args.batch}"] if args.batch else []), *args.overrides]
+    batch = args.batch or _cfg(out, extra).batch_size
+    run = run_one(out, extra, args.minutes, args.images // batch if args.images else args.steps)
+    res = {"study": "main", "machine": machine(), "run": run, "overrides": extra, "excb": knn_of_run(out)}
+    if not args.no_baselines:
+        res.update(baselines(out, extra))
+    rows = [("ExCB (cpu-small)", res["excb"])]
+    rows += [] if args.no_baselines else [("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
     print(f"\nFashion-MNIST kNN (k=20), {run['steps']} steps, {run['epochs']:.2f} epochs, "
           f"train wall {run['train_wall_seconds'] / 60:.1f} min\n")
     print("| features | kNN exp-weighted (T=0.07) | kNN majority |\n|---|---|---|")
@@ -168,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=25.0, help="training budget per run (calibrated to steps)")
     p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes")
     p.add_argument("--images", type=int, help="fixed budget in training images (steps = images // batch)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, help="main: batch size (default: the preset's)")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
     p.add_argument("--methods", nargs="+", default=["excb", "dino-centering", "none"])
     p.add_argument("--out", default="runs/benchmarks")
+    p.add_argument("--no-baselines", action="store_true", help="main: skip the raw-pixel/random-init rows")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_intermixed_args(argv)
     res = cmd_main(args) if args.study == "main" else cmd_robustness(args)

@@ -291,7 +291,7 @@ class Run:
             n_images = len(self.stream)
         else:
             base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit,
-                                 transform=ToUint8Tensor() if self.gpu_augment else self.transform,
+                                 transform=ToUint8Tensor(4 * cfg.augment.global_size) if self.gpu_augment else self.transform,
                                  max_pixels=cfg.data.max_image_pixels)
             self.items = SeededItems(base, cfg.seed)
             self.sampler = ResumableSampler(len(base), local_batch, self.ctx.rank, self.ctx.world_size, cfg.seed)

@@ -242,6 +242,16 @@ def test_map_style_items_collate_to_pixels() -> None:
     assert grey.shape == (1, 8, 9) and rgb.shape == (3, 5, 7)
 
 
+def test_large_images_are_shrunk_before_padding() -> None:
+    """A 12 MP photo must not make every padded batch 12 MP: the long side is capped, aspect and mean kept."""
+    to_tensor = G.ToUint8Tensor(max_side=112)
+    photo = Image.fromarray(np.full((3000, 4000, 3), 90, np.uint8))
+    x = to_tensor(photo)
+    assert x.shape == (3, 84, 112) and set(x.unique().tolist()) == {90}
+    assert photo.size == (4000, 3000)  # the caller's image is left alone
+    assert to_tensor(Image.fromarray(np.zeros((20, 30), np.uint8), mode="L")).shape == (1, 20, 30)
+
+
 def test_data_throughput_benchmark_quick(tmp_path) -> None:
     """benchmarks/data_throughput.py --quick: both multi-crop paths and both end-to-end figures are reported."""
     import json

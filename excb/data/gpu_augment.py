@@ -87,15 +87,27 @@ def collate_raw(batch: Sequence[Any]) -> RawBatch:
 
 
 class ToUint8Tensor:
-    """Map-style sets on the GPU path: PIL image -> uint8 [C, H, W] (1 or 3 channels), no augmentation."""
+    """Map-style sets on the device path: PIL image -> uint8 [C, H, W] (1 or 3 channels), no augmentation.
+
+    ``max_side`` shrinks large images first (antialiased, aspect kept): the batch is padded to its largest
+    image before cropping, so a folder of 12 MP photos would otherwise need GBs per batch. The trainer uses
+    4 x ``global_size``, which keeps >= ``local_size`` source pixels across even the smallest local crop.
+    """
+
+    def __init__(self, max_side: int | None = None) -> None:
+        self.max_side = max_side
 
     def __call__(self, image: Any) -> Tensor:
+        from PIL import Image
         from torchvision.transforms.v2 import functional as F
 
         if isinstance(image, Tensor):
             return image if image.ndim == 3 else image.unsqueeze(0)
         if image.mode not in ("L", "RGB"):
             image = image.convert("RGB")
+        if self.max_side is not None and max(image.size) > self.max_side:
+            image = image.copy()
+            image.thumbnail((self.max_side, self.max_side), Image.Resampling.BICUBIC, reducing_gap=3.0)
         return F.pil_to_tensor(image)
 
 

@@ -181,7 +181,9 @@ def test_two_process_gloo_training(tmp_path: Path) -> None:
 
 
 def test_online_knn_every_epoch(tmp_path: Path) -> None:
-    train(tiny(tmp_path / "knn", "epochs=2", "batch_size=256", "eval.knn_every_epochs=1", "eval.test_limit=100"))
+    # stride-1 stem: at 16 px the preset's stride 2 leaves 1x1 maps for this 2-epoch width-8 net
+    train(tiny(tmp_path / "knn", "epochs=2", "batch_size=256", "eval.knn_every_epochs=1", "eval.test_limit=100",
+               "model.stem_stride=1"))
     evals = [r for r in read_rows(tmp_path / "knn") if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2]
     assert all(0.3 < r["knn_acc"] <= 1.0 for r in evals)  # digits: far above the 10% of chance

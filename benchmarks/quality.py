@@ -133,10 +133,10 @@ def cmd_main(args: argparse.Namespace) -> dict[str, Any]:
     batch = args.batch or _cfg(out, extra).batch_size
     run = run_one(out, extra, args.minutes, args.images // batch if args.images else args.steps)
     res = {"study": "main", "machine": machine(), "run": run, "overrides": extra, "excb": knn_of_run(out)}
+    rows = [("ExCB (cpu-small)", res["excb"])]
     if not args.no_baselines:
         res.update(baselines(out, extra))
-    rows = [("ExCB (cpu-small)", res["excb"])]
-    rows += [] if args.no_baselines else [("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
+        rows += [("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
     print(f"\nFashion-MNIST kNN (k=20), {run['steps']} steps, {run['epochs']:.2f} epochs, "
           f"train wall {run['train_wall_seconds'] / 60:.1f} min\n")
     print("| features | kNN exp-weighted (T=0.07) | kNN majority |\n|---|---|---|")

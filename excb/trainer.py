@@ -290,9 +290,9 @@ class Run:
                 shuffle_buffer=cfg.data.shuffle_buffer, limit=cfg.data.limit, max_pixels=cfg.data.max_image_pixels)
             n_images = len(self.stream)
         else:
+            item_transform = ToUint8Tensor(4 * cfg.augment.global_size) if self.gpu_augment else self.transform
             base = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit,
-                                 transform=ToUint8Tensor(4 * cfg.augment.global_size) if self.gpu_augment else self.transform,
-                                 max_pixels=cfg.data.max_image_pixels)
+                                 transform=item_transform, max_pixels=cfg.data.max_image_pixels)
             self.items = SeededItems(base, cfg.seed)
             self.sampler = ResumableSampler(len(base), local_batch, self.ctx.rank, self.ctx.world_size, cfg.seed)
             n_images = len(base)

@@ -242,8 +242,8 @@ def test_map_style_items_collate_to_pixels() -> None:
     assert grey.shape == (1, 8, 9) and rgb.shape == (3, 5, 7)
 
 
-def test_large_images_are_shrunk_before_padding() -> None:
-    """A 12 MP photo must not make every padded batch 12 MP: the long side is capped, aspect and mean kept."""
+def test_large_images_are_shrunk_in_the_loader() -> None:
+    """A 12 MP photo does not travel to the augmenter at 12 MP: the long side is capped, aspect and mean kept."""
     to_tensor = G.ToUint8Tensor(max_side=112)
     photo = Image.fromarray(np.full((3000, 4000, 3), 90, np.uint8))
     x = to_tensor(photo)

@@ -110,6 +110,12 @@ class RandomGaussianBlur(v2.Transform):
         return gaussian_blur_separable(x, self.kernel_size, sigma)
 
 
+def luma(x: Tensor, weights: Sequence[float] = GRAY_WEIGHTS) -> Tensor:
+    """[..., 3, H, W] -> [..., 1, H, W] weighted channel sum, as float (both augmentation paths use this)."""
+    r, g, b = x.to(torch.float32).unbind(-3)
+    return (weights[0] * r + weights[1] * g + weights[2] * b).unsqueeze(-3)
+
+
 class RandomGrayscale(v2.Transform):
     """Grayscale with probability ``p``, 3 channels kept; exact on grey input (PIL's weights, rounded on uint8)."""
 
@@ -124,11 +130,10 @@ class RandomGrayscale(v2.Transform):
             return x.convert("L").convert(x.mode) if x.mode != "L" else x
         if x.shape[-3] == 1:
             return x
-        r, g, b = x.to(torch.float32).unbind(-3)
-        luma = (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+        grey = luma(x)
         if not torch.is_floating_point(x):
-            luma = luma.round_().clamp_(0, 255)
-        return luma.to(x.dtype).expand_as(x).contiguous()
+            grey = grey.round_().clamp_(0, 255)
+        return grey.to(x.dtype).expand_as(x).contiguous()
 
 
 def _jitter(strength: float) -> v2.Transform:

@@ -34,7 +34,7 @@ from torchvision.ops import roi_align
 
 from excb.config import AugmentConfig
 from excb.data.augment import (BLUR_SIGMA, GRAY_WEIGHTS, GRAYSCALE_P, JITTER_AT_HALF, JITTER_P,
-                               SOLARIZE_THRESHOLD, blur_kernel_size, crop_scale_min, effective_blur_probs)
+                               SOLARIZE_THRESHOLD, blur_kernel_size, crop_scale_min, effective_blur_probs, luma)
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10
@@ -89,9 +89,11 @@ def collate_raw(batch: Sequence[Any]) -> RawBatch:
 class ToUint8Tensor:
     """Map-style sets on the device path: PIL image -> uint8 [C, H, W] (1 or 3 channels), no augmentation.
 
-    ``max_side`` shrinks large images first (antialiased, aspect kept): the batch is padded to its largest
-    image before cropping, so a folder of 12 MP photos would otherwise need GBs per batch. The trainer uses
-    4 x ``global_size``, which keeps >= ``local_size`` source pixels across even the smallest local crop.
+    ``max_side`` shrinks large images first (antialiased, aspect kept). Padding is already chunked
+    (``MAX_PAD_PIXELS``), but full-size images would still travel from the loader workers (a batch of 128
+    12 MP photos is 4.6 GB of uint8) and make ``roi_align``'s adaptive sampling average ~100x100 samples per
+    output pixel. The trainer uses 4 x ``global_size``, which keeps >= ``local_size`` source pixels across
+    even the smallest local crop.
     """
 
     def __init__(self, max_side: int | None = None) -> None:
@@ -239,8 +241,7 @@ def crop_resize(x: Tensor, image_index: Tensor, boxes: Tensor, size: int) -> Ten
 def grayscale(x: Tensor, weights: Sequence[float] = GRAY_WEIGHTS) -> Tensor:
     """[N, 3, H, W] -> [N, 1, H, W] luma. The grayscale op uses the CPU path's weights (grey stays grey);
     contrast and saturation pass torchvision's, as its ColorJitter (used on the CPU path) does."""
-    r, g, b = x.unbind(1)
-    return (weights[0] * r + weights[1] * g + weights[2] * b).unsqueeze(1)
+    return luma(x, weights)
 
 
 def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:

@@ -149,7 +149,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = Field(
+        False, description="torch.compile the student and the teacher's forward: 1.3x the steps/s of cpu-small on 2 "
+        "CPU cores after about a minute of compiling (needs a C++ compiler on CPU); pays off over thousands of steps",
+    )
     ema_momentum_start: float = Field(0.996, ge=0.0, le=1.0)
     ema_momentum_end: float = Field(1.0, ge=0.0, le=1.0)
     checkpoint_every_steps: int = Field(500, ge=1)

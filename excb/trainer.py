@@ -330,6 +330,10 @@ class Run:
         if self.ctx.distributed:
             ddp_ids = [device.index] if device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(student, device_ids=ddp_ids)
+        self.teacher_forward: Callable[[Tensor], Tensor] = teacher.forward_teacher
+        if cfg.compile:  # after DDP, as torch recommends; state_dict()/EMA keep using the uncompiled modules
+            self.student = torch.compile(self.student)
+            self.teacher_forward = torch.compile(teacher.forward_teacher)
         sp = dict(self.student_core.named_parameters())
         self.ema_pairs = [(tp, sp[n]) for n, tp in teacher.named_parameters() if n in sp]
         b = cfg.balancing
@@ -450,7 +454,7 @@ class Run:
             l = l.contiguous(memory_format=torch.channels_last) if l is not None else None
         amp = dict(device_type=device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
         with torch.no_grad(), torch.autocast(**amp):
-            z_t = self.teacher.forward_teacher(g).float()
+            z_t = self.teacher_forward(g).float()
         probs, bal_metrics = self.balancer.teacher_probs(z_t, self.balance_gen)
         with torch.autocast(**amp):
             proj_z, pred_z = self.student(g, l)

@@ -88,6 +88,17 @@ def test_exact_resume(tmp_path: Path) -> None:
     assert rows == list(range(1, 9)), "metrics.jsonl must have each step exactly once after a resume"
 
 
+def test_compile_matches_eager(tmp_path: Path) -> None:
+    """``compile=true`` trains the same model: same losses (to float tolerance), same checkpoint keys."""
+    train(tiny(tmp_path / "eager", "max_steps=3"))
+    train(tiny(tmp_path / "compiled", "max_steps=3", "compile=true"))
+    losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if r["type"] == "step"] for name in ("eager", "compiled")}
+    assert len(losses["compiled"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    a, b = _state(tmp_path / "eager"), _state(tmp_path / "compiled")
+    assert a["student"].keys() == b["student"].keys() and a["teacher"].keys() == b["teacher"].keys()
+
+
 def _write_folder(root: Path, n_good: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(n_good):

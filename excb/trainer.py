@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,22 @@ def _augment_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+COMPILE_MIN_STEPS = 2000  # compile.auto: ~1 min of compiling on 2 CPU cores pays off after ~2000 steps of cpu-small
+
+
+def _compile_decision(cfg: TrainConfig, device: torch.device, total_steps: int) -> tuple[bool, str]:
+    """Whether to torch.compile, and why: ``auto`` compiles only long runs on a device inductor can build for."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on", f"compile={cfg.compile}"
+    if total_steps < COMPILE_MIN_STEPS:
+        return False, f"auto: {total_steps} steps < {COMPILE_MIN_STEPS}, compiling would not pay off"
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX") or "g++"
+        if shutil.which(cxx) is None:
+            return False, f"auto: no C++ compiler ({cxx}) for inductor's CPU kernels"
+    return True, f"auto: {total_steps} steps"
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -331,7 +348,9 @@ class Run:
             ddp_ids = [device.index] if device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(student, device_ids=ddp_ids)
         self.teacher_forward: Callable[[Tensor], Tensor] = teacher.forward_teacher
-        if cfg.compile:  # after DDP, as torch recommends; state_dict()/EMA keep using the uncompiled modules
+        self.compiled, why = _compile_decision(cfg, device, self.total_steps)
+        log.info("torch.compile: %s (%s)", "on" if self.compiled else "off", why)
+        if self.compiled:  # after DDP, as torch recommends; state_dict()/EMA keep using the uncompiled modules
             self.student = torch.compile(self.student)
             self.teacher_forward = torch.compile(teacher.forward_teacher)
         sp = dict(self.student_core.named_parameters())
@@ -692,5 +711,6 @@ def _summary(run: Run, status: str) -> dict[str, Any]:
         "wall_time_seconds": run.wall_time,
         "world_size": run.ctx.world_size,
         "device": str(run.ctx.device),
+        "compiled": run.compiled,
         "balance": stats.balance_stats(run.balancer.sizes, kind="sizes"),
     }

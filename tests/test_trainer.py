@@ -16,7 +16,7 @@ from PIL import Image
 
 from excb.checkpoint import latest_checkpoint, load_checkpoint
 from excb.config import resolve
-from excb.trainer import TrainingInterrupted, train
+from excb.trainer import COMPILE_MIN_STEPS, TrainingInterrupted, _compile_decision, train
 
 torch.set_num_threads(1)
 
@@ -89,14 +89,28 @@ def test_exact_resume(tmp_path: Path) -> None:
 
 
 def test_compile_matches_eager(tmp_path: Path) -> None:
-    """``compile=true`` trains the same model: same losses (to float tolerance), same checkpoint keys."""
-    train(tiny(tmp_path / "eager", "max_steps=3"))
-    train(tiny(tmp_path / "compiled", "max_steps=3", "compile=true"))
+    """``compile=on`` trains the same model: same losses (to float tolerance), same checkpoint keys; ``auto``
+    leaves a run too short to pay for compiling eager."""
+    eager = train(tiny(tmp_path / "eager", "max_steps=3", "compile=auto"))
+    compiled = train(tiny(tmp_path / "compiled", "max_steps=3", "compile=true"))
+    assert eager.summary["compiled"] is False and compiled.summary["compiled"] is True
     losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if r["type"] == "step"] for name in ("eager", "compiled")}
     assert len(losses["compiled"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
     a, b = _state(tmp_path / "eager"), _state(tmp_path / "compiled")
     assert a["student"].keys() == b["student"].keys() and a["teacher"].keys() == b["teacher"].keys()
+
+
+def test_compile_auto_needs_a_long_run_and_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = resolve(preset_name="cpu-small", overrides=["compile=auto"])
+    cpu = torch.device("cpu")
+    assert _compile_decision(cfg, cpu, COMPILE_MIN_STEPS - 1)[0] is False
+    monkeypatch.setenv("CXX", "no-such-compiler-on-path")
+    on, why = _compile_decision(cfg, cpu, 10 * COMPILE_MIN_STEPS)
+    assert on is False and "no C++ compiler" in why
+    monkeypatch.setenv("CXX", sys.executable)  # any executable on disk stands in for a found compiler
+    assert _compile_decision(cfg, cpu, 10 * COMPILE_MIN_STEPS)[0] is True
+    assert _compile_decision(resolve(overrides=["compile=off"]), cpu, 10 * COMPILE_MIN_STEPS)[0] is False
 
 
 def _write_folder(root: Path, n_good: int) -> None:

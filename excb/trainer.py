@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from excb import schedules, stats
 from excb.balancing import Balancer
 from excb.checkpoint import LAST, checkpoint_dir, load_checkpoint, save_checkpoint
-from excb.config import TrainConfig, dump_yaml, validate
+from excb.config import COMPILE_MIN_STEPS, TrainConfig, dump_yaml, validate
 from excb.distributed import DistContext, all_gather_cat, all_reduce_sum_int, barrier, setup
 from excb.kmeans import spherical_kmeans
 from excb.loss import excb_loss
@@ -142,9 +142,6 @@ def _augment_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-COMPILE_MIN_STEPS = 2000  # compile.auto: ~1 min of compiling on 2 CPU cores pays off after ~2000 steps of cpu-small
-
-
 def _compile_decision(cfg: TrainConfig, device: torch.device, total_steps: int) -> tuple[bool, str]:
     """Whether to torch.compile, and why: ``auto`` compiles only long runs on a device inductor can build for."""
     if cfg.compile != "auto":

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from excb.checkpoint import latest_checkpoint, load_checkpoint
-from excb.config import resolve
-from excb.trainer import COMPILE_MIN_STEPS, TrainingInterrupted, _compile_decision, train
+from excb.config import COMPILE_MIN_STEPS, resolve
+from excb.trainer import TrainingInterrupted, _compile_decision, train
 
 torch.set_num_threads(1)
 

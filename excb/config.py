@@ -21,7 +21,7 @@ def _yaml_on_off(value: object) -> object:
     return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
-COMPILE_MIN_STEPS = 2000  # compile=auto: a cold compile (~1 min, 2 CPU cores) is ~2500 cpu-small steps of savings; cached repeats ~3 s
+COMPILE_MIN_STEPS = 2000  # compile=auto: a cold compile (~1 min, 2 CPU cores) breaks even near here; cached ones (~3 s) at once
 
 
 class _Section(BaseModel):

@@ -64,8 +64,12 @@ class Settings(BaseSettings):
         None, description="file with the database password (compose/Kubernetes secret), put into database_url")
     redis_url: str | None = Field(None, description="Celery broker; default: an embedded SQLite transport under home")
     max_attempts: int = Field(3, ge=1)
-    heartbeat_seconds: float = Field(5.0, gt=0)
-    stall_seconds: float = Field(120.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0, description="how often workers and running jobs heartbeat")
+    stall_heartbeats: int = Field(
+        6, ge=2, description="missed heartbeats before a job's worker, or a worker, counts as gone")
+    stall_seconds: float = Field(
+        0.0, ge=0, description="heartbeat age that makes a job stalled / a worker dead; 0 = stall_heartbeats x "
+                               "heartbeat_seconds (30 s by default)")
     cancel_grace_seconds: float = Field(30.0, gt=0)
     max_running_jobs_per_key: int = Field(2, ge=1)
     celery_queue: str = Field("excb.jobs", description="Celery queue the training tasks travel on")
@@ -78,10 +82,29 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="where `excb jobs ...` finds the control plane")
     api_token: str | None = Field(None, description="bearer key `excb jobs ...` sends")
     export_parity_images: int = Field(256, ge=1, description="images the ONNX-vs-PyTorch parity check compares")
+    worker_restart_backoff_seconds: float = Field(
+        1.0, gt=0, description="`excb up`: wait before restarting a worker that died; doubles per death in a row")
+    worker_restart_backoff_max_seconds: float = Field(60.0, gt=0, description="cap of that back-off")
+    worker_stable_seconds: float = Field(
+        60.0, gt=0, description="a worker up this long has recovered: its back-off starts again from the base")
+    worker_crash_loop_restarts: int = Field(
+        3, ge=2, description="this many worker deaths within worker_crash_loop_window_seconds = a crash loop")
+    worker_crash_loop_window_seconds: float = Field(300.0, gt=0)
+    worker_health_file: Path | None = Field(
+        None, description="a worker touches this file every heartbeat while its Celery consumer runs; "
+                          "`excb worker-health` (the container health check) fails when it goes stale")
+
 
     # --- embed service (owned by services/embed) ------------------------------------------------------
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
+
+    @model_validator(mode="after")
+    def _stall_from_heartbeat(self) -> "Settings":
+        """The stall window follows the heartbeat interval (minutes of silence are not needed to call a worker gone)."""
+        if not self.stall_seconds:
+            self.stall_seconds = self.heartbeat_seconds * self.stall_heartbeats
+        return self
 
     @model_validator(mode="after")
     def _database_password_from_file(self) -> "Settings":

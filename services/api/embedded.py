@@ -1,8 +1,9 @@
 """`excb up`: the whole system on one machine, no Redis and no Docker.
 
 One process serves the control plane, the embed service (same port) and the dashboard, and runs the reaper
-thread; worker processes (`celery worker --pool=solo`, one job each) are started beside it and stopped with
-SIGTERM on exit (a running job checkpoints and goes back to QUEUED). State lives under ``--home``.
+thread; worker processes (`celery worker --pool=solo`, one job each) are started beside it by a supervisor
+thread that restarts them when they die and requeues their job at once (services/worker/supervisor.py), and
+stopped with SIGTERM on exit (a running job checkpoints and goes back to QUEUED). State lives under ``--home``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,13 +35,19 @@ def _configure_env(home: Path | None, data_roots: list[Path]) -> None:
         os.environ["EXCB_DATA_ROOTS"] = json.dumps([str(p.expanduser().resolve()) for p in data_roots])
 
 
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A worker in its own process group that dies with `excb up` (no orphan keeps consuming)."""
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent)
+
+
 def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path], workers: int = 1) -> int:
-    """Start workers, then serve HTTP until interrupted; returns the exit status."""
+    """Start the supervised workers, then serve HTTP until interrupted; returns the exit status."""
     import uvicorn
 
     from services.api.app import create_app
     from services.common.logging import configure_logging
     from services.settings import get_settings
+    from services.worker.supervisor import WorkerSupervisor
 
     _configure_env(home, data_roots)
     get_settings.cache_clear()
@@ -49,19 +55,15 @@ def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path]
     configure_logging(settings.log_level, settings.log_json)
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     app = create_app(settings, embedded=True)  # migrates the DB before any worker opens it
-    procs = [subprocess.Popen(worker_command(settings.celery_queue, f"excb-up-{i}@%h"),
-                              preexec_fn=_die_with_parent) for i in range(max(1, workers))]
-    log.info("excb up: http://%s:%d (home %s, %d worker(s), broker %s)", host, port, settings.home, len(procs),
-             "redis" if settings.redis_url else "embedded sqlite")
+    cp = app.state.plane
+    supervisor = WorkerSupervisor(cp.db, cp.celery, settings, max(1, workers),
+                                  lambda node: worker_command(settings.celery_queue, node), _spawn)
+    cp.supervisor = supervisor
+    supervisor.start_workers()
+    log.info("excb up: http://%s:%d (home %s, %d supervised worker(s), broker %s)", host, port, settings.home,
+             len(supervisor.slots), "redis" if settings.redis_url else "embedded sqlite")
     try:
         uvicorn.run(app, host=host, port=port, log_config=None)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=settings.cancel_grace_seconds + 10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        supervisor.stop(settings.cancel_grace_seconds + 10)
     return 0

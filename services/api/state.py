@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 from fastapi import Request
@@ -18,6 +19,8 @@ class ControlPlane:
     db: Database
     celery: Celery
     auth: ApiKeyAuth
+    # `excb up` only: the WorkerSupervisor of the workers this process started (services/worker/supervisor.py)
+    supervisor: Any = None
 
 
 def plane(request: Request) -> ControlPlane:

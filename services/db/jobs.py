@@ -306,14 +306,16 @@ def stalled_jobs(db: Database, stall_seconds: float) -> list[Job]:
         return list(s.scalars(select(Job).where(Job.status.in_(list(ACTIVE)), Job.heartbeat_at < cutoff)))
 
 
-def reap(db: Database, job: Job) -> str:
+def reap(db: Database, job: Job, reason: str | None = None) -> str:
     """Take a stalled job away from its (lost) worker: bump the token so the zombie is fenced out, then
-    CANCELLED (if cancel was asked), FAILED (budget spent) or QUEUED for another worker."""
+    CANCELLED (if cancel was asked), FAILED (budget spent) or QUEUED for another worker. ``reason`` replaces
+    the "no heartbeat" message when the caller knows why (a supervisor saw the worker process exit)."""
     now = utcnow()
     with db.session() as s:
         fence = (Job.id == job.id, Job.lease_token == job.lease_token, Job.status.in_(list(ACTIVE)))
         base = {"lease_token": Job.lease_token + 1, "lease_owner": None, "updated_at": now}
-        lost = {"type": "worker_lost", "message": f"no heartbeat from {job.lease_owner} since {job.heartbeat_at}"}
+        lost = {"type": "worker_lost",
+                "message": reason or f"no heartbeat from {job.lease_owner} since {job.heartbeat_at}"}
         outcome = "LOST"
         if job.cancel_requested:
             res = s.execute(update(Job).where(*fence).values(status="CANCELLED", finished_at=now, **base))

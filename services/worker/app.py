@@ -60,6 +60,9 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={TASK_RUN_JOB: {"queue": settings.celery_queue}},
         broker_pool_limit=2,
     )
+    from services.worker.liveness import ConsumerHeartbeat
+
+    app.steps["consumer"].add(ConsumerHeartbeat)  # worker liveness for /readyz, /v1/workers, the health check
     return app
 
 

@@ -9,6 +9,7 @@ from celery.signals import worker_shutting_down
 
 from services.db.session import Database, default_url
 from services.settings import get_settings
+from services.worker import liveness
 from services.worker.app import TASK_RUN_JOB, app
 from services.worker.runner import SHUTDOWN, JobRunner
 
@@ -30,6 +31,10 @@ def _on_shutdown(**_: object) -> None:
 @app.task(name=TASK_RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
     """Run (or skip, if it is a duplicate delivery) one training job."""
-    outcome = JobRunner(database(), get_settings(), job_id).run()
+    liveness.CURRENT_JOB = job_id
+    try:
+        outcome = JobRunner(database(), get_settings(), job_id).run()
+    finally:
+        liveness.CURRENT_JOB = None
     log.info("job %s: %s", job_id, outcome)
     return outcome

@@ -151,7 +151,7 @@ def test_job_views_before_training(api: Any) -> None:
 
 def test_infra_routes(api: Any) -> None:
     assert api.client.get("/livez").json() == {"status": "ok"}
-    ready = api.client.get("/readyz")
+    ready = api.client.get("/readyz", params={"workers": "false"})
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
     api.client.post("/v1/jobs", json=SHORT)
     text = api.client.get("/metrics").text
@@ -160,6 +160,42 @@ def test_infra_routes(api: Any) -> None:
     assert info["database"] in ("sqlite", "postgresql") and "versions" in info
     assert api.client.get("/v1/models").json() == {"items": []}
     assert api.client.get("/v1/models/nope").status_code == 404
+
+
+def test_worker_liveness_in_readyz_workers_and_job_views(api: Any) -> None:
+    """No worker has ever beaten: /readyz is 503 saying so, and a QUEUED job says it cannot start. A heartbeat
+    makes both good; a worker marked dead (what `excb up`'s supervisor does) makes them bad again at once."""
+    import socket
+
+    from services.db import workers as worker_store
+
+    db = api.app.state.plane.db
+    jid = api.client.post("/v1/jobs", json=SHORT).json()["id"]
+    r = api.client.get("/readyz")
+    assert r.status_code == 503 and "workers=no live worker" in r.json()["error"]["message"]
+    job = api.client.get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "QUEUED" and "cannot start: no live worker" in job["status_detail"]
+    listed = api.client.get("/v1/jobs").json()["items"][0]
+    assert "no live worker" in listed["status_detail"]
+    assert api.client.get("/v1/workers").json()["live"] == 0
+    assert "excb_workers_live 0.0" in api.client.get("/metrics").text
+
+    who = worker_store.Identity(f"{socket.gethostname()}:4242", "w@h", socket.gethostname(), 4242, "q")
+    worker_store.beat(db, who, None)
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["workers"] == "ok: 1 live"
+    assert api.client.get(f"/v1/jobs/{jid}").json()["status_detail"] == "queued: waiting for a free worker"
+    workers = api.client.get("/v1/workers").json()
+    assert workers["live"] == 1 and workers["reason"] is None and workers["supervisor"] is None
+    item = workers["items"][0]
+    assert item["name"] == who.name and item["live"] and item["heartbeat_age_seconds"] < 5
+    assert api.client.get("/v1/info").json()["workers"]["live"] == 1
+
+    worker_store.mark(db, who.name, "dead", "worker killed by SIGKILL")
+    r = api.client.get("/readyz")
+    message = r.json()["error"]["message"]
+    assert r.status_code == 503 and who.name in message and "killed by SIGKILL" in message
+    assert "cannot start" in api.client.get(f"/v1/jobs/{jid}").json()["status_detail"]
 
 
 def test_api_keys_ownership_and_limit(make_stack: Any, tmp_path: Path) -> None:

@@ -116,6 +116,10 @@ def _jobs_list(client: Any, args: argparse.Namespace) -> int:
         step = f"{pr.get('step') or 0}/{pr.get('total_steps') or '?'}"
         pct = "" if pr.get("percent") is None else f"{pr['percent']:.0f}"
         print(f"{j['id']:22} {j['status']:10} {j['attempt']:>3} {step:>12} {pct:>6}  {j['created_at']}")
+    stuck = next((j["status_detail"] for j in page["items"] if j["status"] == "QUEUED"
+                  and "no live worker" in (j.get("status_detail") or "")), None)
+    if stuck:
+        print(f"warning: {stuck}", file=sys.stderr)
     return 0
 
 
@@ -126,6 +130,8 @@ def _jobs_status(client: Any, args: argparse.Namespace) -> int:
         return 0
     pr = job["progress"]
     print(f"{job['id']}  {job['status']}  attempt {job['attempt']}/{job['max_attempts']}")
+    if job.get("status_detail"):
+        print(f"  detail:   {job['status_detail']}")
     print(f"  progress: step {pr.get('step')}/{pr.get('total_steps')}  epoch {pr.get('epoch')}  "
           f"{pr.get('percent')}%  eta {pr.get('eta_seconds')}s")
     if job["latest_metrics"]:

@@ -1,16 +1,18 @@
-"""/livez, /readyz, /metrics, /v1/info."""
+"""/livez, /readyz, /metrics, /v1/info, /v1/workers."""
 
 from __future__ import annotations
 
 import platform
 from typing import Any, Iterable
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
-from services.api.state import ControlPlane, plane
+from services.api.liveness import workers_view
+from services.api.state import ControlPlane, plane, principal
+from services.common.auth import Principal
 from services.common.errors import ApiError
 from services.common.metrics import metrics_response
 from services.db.models import JOB_STATUSES, Job
@@ -23,8 +25,11 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="DB and broker reachable", responses={503: {"description": "not ready"}})
-def readyz(cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
+@router.get("/readyz", summary="DB and broker reachable, and a worker alive",
+            responses={503: {"description": "not ready; the message says which check failed and why"}})
+def readyz(cp: ControlPlane = Depends(plane),
+           workers: bool = Query(True, description="also require a live worker (false: only this process's "
+                                                   "own dependencies, for load-balancer readiness)")) -> dict[str, Any]:
     checks: dict[str, str] = {}
     try:
         with cp.db.engine.connect() as conn:
@@ -38,9 +43,20 @@ def readyz(cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {type(exc).__name__}"
-    if any(v != "ok" for v in checks.values()):
-        raise ApiError(503, "unavailable", "not ready: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
+    if workers and checks["database"] == "ok":
+        view = workers_view(cp)
+        checks["workers"] = f"ok: {view.live} live" if view.live else (view.reason or "no live worker")
+    failed = {k: v for k, v in checks.items() if not v.startswith("ok")}
+    if failed:
+        raise ApiError(503, "unavailable", "not ready: " + ", ".join(f"{k}={v}" for k, v in failed.items()))
     return {"status": "ok", "checks": checks}
+
+
+@router.get("/v1/workers", summary="Workers and their last heartbeat (and, in `excb up`, the supervisor)")
+def list_workers(cp: ControlPlane = Depends(plane), _: Principal = Depends(principal)) -> dict[str, Any]:
+    """A worker is live while its row says alive and its heartbeat is younger than ``stale_after_seconds``;
+    ``reason`` says why none is, ``supervisor`` what `excb up` is doing about it (restarts, crash loop)."""
+    return workers_view(cp).as_dict(cp.settings.stall_seconds)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -67,7 +83,19 @@ def info(cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
         "queue": s.celery_queue,
         "max_attempts": s.max_attempts,
         "data_roots": len(s.data_roots),
+        "workers": _workers_summary(cp),
     }
+
+
+def _workers_summary(cp: ControlPlane) -> dict[str, Any]:
+    """Counts only: the list, with names and the reason, is GET /v1/workers (behind auth) and /readyz."""
+    try:
+        view = workers_view(cp)
+    except Exception as exc:
+        return {"error": type(exc).__name__}
+    crash = any(slot["crash_loop"] for slot in view.supervisor or [])
+    return {"live": view.live, "stale_after_seconds": cp.settings.stall_seconds,
+            "supervised": view.supervisor is not None, "crash_loop": crash}
 
 
 class JobsCollector:
@@ -90,5 +118,22 @@ class JobsCollector:
         return [gauge]
 
 
+class WorkersCollector:
+    """``excb_workers_live`` from the workers table at scrape time (alert on 0 while jobs are QUEUED)."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            live = workers_view(self.cp).live
+        except Exception:
+            return []
+        gauge = GaugeMetricFamily("excb_workers_live", "workers whose heartbeat is within the stall window")
+        gauge.add_metric([], live)
+        return [gauge]
+
+
 def register_collectors(registry: CollectorRegistry, cp: ControlPlane) -> None:
     registry.register(JobsCollector(cp))  # type: ignore[arg-type]
+    registry.register(WorkersCollector(cp))  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.api import submit as submit_mod
 from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
+from services.api.liveness import no_worker_reason
 from services.api.serialize import decode_cursor, encode_cursor, job_dict
 from services.api.state import ControlPlane, plane, principal
 from services.common.auth import Principal
@@ -91,12 +92,15 @@ def list_jobs(cp: ControlPlane = Depends(plane), who: Principal = Depends(princi
     rows = store.list_jobs(cp.db, owner=who.id, status=statuses or None, limit=limit + 1, cursor=after)
     more = len(rows) > limit
     rows = rows[:limit]
-    return {"items": [job_dict(j) for j in rows], "next_cursor": encode_cursor(rows[-1]) if more and rows else None}
+    idle = no_worker_reason(cp) if any(j.status == "QUEUED" for j in rows) else None
+    return {"items": [job_dict(j, idle) for j in rows],
+            "next_cursor": encode_cursor(rows[-1]) if more and rows else None}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Job status, progress, metrics, balance")
 def show_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
-    return job_dict(_owned(cp, who, job_id))
+    job = _owned(cp, who, job_id)
+    return job_dict(job, no_worker_reason(cp) if job.status == "QUEUED" else None)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel (cooperative)")
@@ -234,7 +238,8 @@ async def _events(cp: ControlPlane, job_id: str, request: Request, max_seconds: 
             return
         if job.updated_at != last_update:
             last_update = job.updated_at
-            yield _sse("status", job_dict(job))
+            idle = await run_in_threadpool(no_worker_reason, cp) if job.status == "QUEUED" else None
+            yield _sse("status", job_dict(job, idle))
         rows = await run_in_threadpool(store.metrics_since, cp.db, job_id, last_step, 500)
         for row in rows:
             last_step = max(last_step, int(row.get("step", last_step)))

@@ -56,6 +56,8 @@ class JobOut(BaseModel):
     artifacts: dict[str, Any]
     model_id: str | None
     error: ErrorInfo | None
+    status_detail: str | None = Field(
+        None, description="why the job is where it is; on a QUEUED job, says when no live worker will run it")
     created_at: dt.datetime
     updated_at: dt.datetime
     started_at: dt.datetime | None

@@ -10,7 +10,21 @@ from services.common.errors import ApiError
 from services.db.models import Job, ModelRow
 
 
-def job_dict(job: Job) -> dict[str, Any]:
+def status_detail(job: Job, no_worker: str | None) -> str | None:
+    """One line on why the job is where it is: above all, a QUEUED job that no live worker will pick up."""
+    if job.status == "QUEUED":
+        if no_worker:
+            return f"queued, but it cannot start: {no_worker}"
+        if job.attempt and job.error:
+            return f"queued again for attempt {job.attempt + 1} after {job.error.get('type')}"
+        return "queued: waiting for a free worker"
+    if job.status in ("STARTING", "RUNNING", "CANCELLING") and job.lease_owner:
+        return f"{job.status.lower()} on worker {job.lease_owner}"
+    return None
+
+
+def job_dict(job: Job, no_worker: str | None = None) -> dict[str, Any]:
+    """``no_worker``: why no worker is live (services.api.liveness.no_worker_reason), shown on QUEUED jobs."""
     progress = {"epoch": None, "step": None, "total_steps": None, "percent": None, "eta_seconds": None}
     progress.update(job.progress or {})
     return {
@@ -18,7 +32,8 @@ def job_dict(job: Job) -> dict[str, Any]:
         "max_attempts": job.max_attempts, "failures": job.failures, "config": job.config,
         "request": job.request or {}, "progress": progress, "latest_metrics": job.latest_metrics or {},
         "balance": job.balance or {}, "artifacts": job.artifacts or {}, "model_id": job.model_id,
-        "error": job.error, "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
+        "error": job.error, "status_detail": status_detail(job, no_worker),
+        "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
     }
 

@@ -25,7 +25,8 @@
     const p = job.progress || {};
     const h = Excb.health(latestRow(), state.k);
     const dl = el("dl", { class: "facts" }, [
-      el("dt", { text: "status" }), el("dd", {}, [Excb.statusBadge(job.status)]),
+      el("dt", { text: "status" }), el("dd", {}, [Excb.statusBadge(job.status),
+        job.status_detail ? el("span", { id: "status-detail", class: "muted small", text: " " + job.status_detail }) : null]),
       el("dt", { text: "balance" }), el("dd", { id: "health" }, [Excb.healthBadge(h), el("span", { class: "muted small", text: " " + h.reasons.join("; ") })]),
       el("dt", { text: "progress" }), el("dd", {}, [Excb.progressBar(p)]),
       el("dt", { text: "ETA" }), el("dd", { id: "eta", text: Excb.TERMINAL.has(job.status) ? "done" : Excb.fmtEta(p.eta_seconds) }),
@@ -42,6 +43,8 @@
       el("h1", {}, ["Job ", el("code", { text: job.id })]),
       dl,
       job.error ? el("p", { class: "error-box", role: "alert", text: (job.error.type || "error") + ": " + (job.error.message || "") }) : "",
+      job.status === "QUEUED" && /no live worker/.test(job.status_detail || "")
+        ? el("p", { class: "warn-box", role: "alert", id: "no-worker", text: job.status_detail }) : "",
       links);
     document.title = "Job " + Excb.shortId(job.id) + " \u00b7 excb dashboard";
     document.getElementById("job").setAttribute("data-status", job.status);

@@ -23,7 +23,7 @@
       el("td", {}, [box]),
       el("th", { scope: "row" }, [el("a", { href: "/dashboard/jobs/" + encodeURIComponent(job.id), title: job.id }, [el("code", { text: Excb.shortId(job.id) })]),
         job.name ? el("span", { class: "job-name", text: job.name }) : null]),
-      el("td", {}, [Excb.statusBadge(job.status)]),
+      el("td", { title: job.status_detail || null }, [Excb.statusBadge(job.status)]),
       el("td", { class: "col-progress" }, [Excb.progressBar(p)]),
       el("td", { text: Excb.TERMINAL.has(job.status) ? "\u2013" : Excb.fmtEta(p.eta_seconds) }),
       el("td", { class: "num", text: String(job.attempt === undefined ? "\u2013" : job.attempt) }),
@@ -37,7 +37,7 @@
 
   function renderJobs(items) {
     // Re-render only on change: a rebuilt table every poll would steal keyboard focus from the checkboxes.
-    const digest = JSON.stringify(items.map((j) => [j.id, j.status, j.attempt, j.progress, j.latest_metrics && j.latest_metrics.step]));
+    const digest = JSON.stringify(items.map((j) => [j.id, j.status, j.attempt, j.progress, j.latest_metrics && j.latest_metrics.step, j.status_detail]));
     if (digest === lastJobs) return;
     lastJobs = digest;
     const host = clear(document.getElementById("jobs"));
@@ -54,6 +54,9 @@
       el("thead", {}, [el("tr", {}, head.map((h, i) => el("th", { scope: "col", class: i >= 7 ? "col-hide-sm" : null, text: h })))]),
       el("tbody", {}, items.map(jobRow)),
     ]);
+    // Queued jobs that no live worker will pick up: say so above the table instead of letting them look normal.
+    const stuck = items.find((j) => j.status === "QUEUED" && /no live worker/.test(j.status_detail || ""));
+    if (stuck) host.append(el("p", { class: "warn-box", role: "alert", id: "no-worker", text: stuck.status_detail }));
     host.append(el("div", { class: "table-wrap" }, [table]));
   }
 

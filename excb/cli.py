@@ -73,7 +73,7 @@ class _StopFlag:
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     if args.dry_run:
-        sys.stdout.write(dump_yaml(cfg))
+        sys.stdout.write(_dry_run(cfg))
         return 0
     from excb.trainer import TrainingInterrupted, train
 
@@ -87,6 +87,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "status": result.status,
                       "skipped_files": result.summary.get("skipped_files", 0)}))
     return 0
+
+
+def _dry_run(cfg: Any) -> str:
+    """The config a run would start with: for ``recipe=auto`` fitted to the data and this machine, the reasons
+    as YAML comments on top; a budget's step count is only known after timing steps at the start."""
+    from excb.distributed import resolve_device
+    from excb.recipe import fit_config
+
+    fitted, recipe = fit_config(cfg, resolve_device(cfg.device))
+    lines = []
+    if recipe is not None:
+        lines.append(f"# recipe fitted to {recipe.profile.describe()} on {recipe.device}:")
+        lines += [f"#   {reason}" for reason in recipe.reasons]
+    if fitted.budget:
+        lines.append(f"# budget {fitted.budget}: max_steps is set at the start by timing real steps on this machine")
+    return "".join(line + "\n" for line in lines) + dump_yaml(fitted)
 
 
 def _add_presets(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

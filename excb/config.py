@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -141,10 +142,31 @@ class EvalConfig(_Section):
 PRESET_NAMES = ("cpu-small", "resnet50-ep400", "vit-s16-ep800")
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def budget_seconds(text: str) -> float:
+    """``"10m"``, ``"600s"``, ``"2h"``, ``"90"`` (seconds) -> seconds; raises ValueError naming the format."""
+    match = _DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration like 600s, 10m or 2h")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
 class TrainConfig(_Section):
     """Everything a training run needs; the resolved copy is written to ``RUN_DIR/config.yaml``."""
 
     preset: str | None = None
+    recipe: Literal["auto", "off", "fitted"] = Field(
+        "auto", description="auto: fit input size, model, K, batch, schedules and length to the data and device "
+        "at the start of training (excb/recipe.py; keys set explicitly are kept). off: the defaults or the preset "
+        "as they are (the default with a preset). fitted: already fitted (written into the run's config.yaml)")
+    pinned: list[str] = Field(default_factory=list, description="dotted keys the user set explicitly; the "
+                              "fitted recipe never changes them (filled in by resolve())")
+    budget: str | None = Field(None, description="compute budget (600s, 10m, 2h): turned into max_steps by timing "
+                               "a few real steps on this machine at the start; overrides epochs; resume keeps the "
+                               "step count of the first start")
     out: str = "runs/excb"
     seed: int = 0
     epochs: int = Field(100, ge=1)
@@ -174,6 +196,13 @@ class TrainConfig(_Section):
     balancing: BalancingConfig = BalancingConfig()
     kmeans: KMeansConfig = KMeansConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("budget")
+    @classmethod
+    def _check_budget(cls, value: str | None) -> str | None:
+        if value is not None:
+            budget_seconds(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -248,6 +277,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 1024,
         "model": {"backbone": "resnet50", "num_clusters": 65536, "mlp_bn": True, "activation": "relu"},
         "optim": {"name": "sgd", "lr": 0.6, "weight_decay": 1e-4, "weight_decay_end_factor": 1.0},
+        # The released models saw the reference code's inverted blur, (0, 0.9, 0) for (global 1, global 2,
+        # local): reproduce it here. blur_reference_parity=false applies the configured (1.0, 0.1, 1.0), as DINO.
+        "augment": {"blur_reference_parity": True},
     },
     "vit-s16-ep800": {
         "epochs": 800,
@@ -255,6 +287,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "model": {"backbone": "vit_small", "num_clusters": 65536, "mlp_bn": False, "activation": "gelu",
                   "drop_path_rate": 0.1, "patch_size": 16},
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.04, "weight_decay_end_factor": 10.0},
+        "augment": {"blur_reference_parity": True},  # as the released training (see resnet50-ep400)
     },
 }
 
@@ -266,14 +299,24 @@ def preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(_PRESETS[name])
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``, section by section (neither is modified)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves of a nested mapping: ``{"optim": {"lr": 1}}`` -> ``["optim.lr"]``."""
+    keys: list[str] = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys.extend(leaf_keys(value, dotted + ".") if isinstance(value, Mapping) and value else [dotted])
+    return keys
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -294,7 +337,7 @@ def _expand_short_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key in SHORT_KEYS and not isinstance(value, Mapping):
             _set_dotted(out, SHORT_KEYS[key], value)
         elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -361,9 +404,26 @@ def resolve(raw: Mapping[str, Any] | None = None, overrides: list[str] | None = 
             raise ConfigError("preset", f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
         tree = preset(name)
         tree["preset"] = name
-    tree = _deep_merge(tree, body)
-    tree = _deep_merge(tree, over)
+        tree["recipe"] = "off"  # a preset is a recipe: fitting starts only when asked for (recipe=auto)
+    tree = deep_merge(tree, body)
+    tree = deep_merge(tree, over)
+    tree["pinned"] = _pinned(body, over)
     return validate(tree)
+
+
+_NOT_PINNABLE = {"out", "preset", "recipe", "pinned", "data.source", "progress", "resume"}
+
+
+def _pinned(body: Mapping[str, Any], over: Mapping[str, Any]) -> list[str]:
+    """Keys the user set. A body that already carries ``pinned`` was resolved before (a job's stored config,
+    a run's config.yaml): its list is kept rather than every key of the full dump."""
+    given = body.get("pinned")
+    if isinstance(given, list):
+        keys = {str(k) for k in given}
+    else:
+        keys = set(leaf_keys(body))
+    keys |= set(leaf_keys(over))
+    return sorted(keys - _NOT_PINNABLE)
 
 
 def validate(tree: Mapping[str, Any]) -> TrainConfig:

@@ -203,7 +203,7 @@ def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     return (train - mean) / std, (test - mean) / std
 
 
-class _LinearHead:
+class LinearHead:
     """Softmax regression trained with hand-written SGD + momentum (same update rule as torch.optim.SGD).
 
     The closed-form gradient avoids autograd's per-step overhead: a 100-epoch probe on 60k x 512 features
@@ -270,7 +270,7 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     x_train, x_test = _standardise(train_feats.float(), test_feats.float())
     y_train, y_test = train_labels.to(x_train.device), test_labels.to(x_test.device)
     gen = torch.Generator().manual_seed(seed)
-    head = _LinearHead(x_train.shape[1], classes, gen, x_train.device)
+    head = LinearHead(x_train.shape[1], classes, gen, x_train.device)
     n = x_train.shape[0]
     epoch_loss = torch.zeros(())
     for epoch in range(epochs):
@@ -287,6 +287,7 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         "weight_norm": float(head.weight.norm()),
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
         "momentum": momentum, "num_classes": classes, "seconds": time.perf_counter() - started,
+        "protocol": "fast",
     }
 
 
@@ -356,22 +357,25 @@ def model_transform(cfg: Any) -> Any:
     return eval_transform(a.global_size, tuple(a.mean), tuple(a.std))
 
 
-def _baselines(cfg: Any, args: argparse.Namespace, data: str, device: torch.device, k: int) -> dict[str, Any]:
-    """Raw pixels at the model's input size and a randomly initialised network, evaluated identically."""
+def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperature: float = 0.07,
+              linear: bool = False, train_limit: int | None = None, test_limit: int | None = None,
+              batch_size: int = 256) -> dict[str, Any]:
+    """Raw pixels at the model's input size and the same network randomly initialised, evaluated exactly like
+    the trained teacher: a representation is only learned if it beats both (data.md)."""
     from torchvision import transforms
 
     from excb.models import build_model
 
     size = cfg.augment.global_size
     pixels = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    raw_train, raw_test = labelled_splits(data, pixels, args.train_limit, args.test_limit)
+    raw_train, raw_test = labelled_splits(data, pixels, train_limit, test_limit)
     raw = evaluate_features(*raw_pixel_features(raw_train), *raw_pixel_features(raw_test), k=k,
-                            temperature=args.temperature, linear=args.linear)
+                            temperature=temperature, linear=linear)
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, teacher=True).to(device).eval()
-    train_ds, test_ds = labelled_splits(data, model_transform(cfg), args.train_limit, args.test_limit)
-    rand = evaluate(random_model.features, train_ds, test_ds, k=k, temperature=args.temperature,
-                    linear=args.linear, batch_size=args.batch_size, device=device)
+    train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
+    rand = evaluate(random_model.features, train_ds, test_ds, k=k, temperature=temperature,
+                    linear=linear, batch_size=batch_size, device=device)
     return {"raw_pixels": raw, "random_init": rand}
 
 
@@ -387,12 +391,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         test_limit = args.test_limit if args.test_limit is not None else cfg.eval.test_limit
         args.train_limit, args.test_limit = train_limit, test_limit
         train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
+        fast_linear = args.linear and args.protocol == "fast"
         result = evaluate(model.features, train_ds, test_ds, k=k, temperature=args.temperature,
-                          linear=args.linear, batch_size=args.batch_size, device=device,
+                          linear=fast_linear, batch_size=args.batch_size, device=device,
                           progress=not args.json and sys.stderr.isatty())
+        if args.linear and args.protocol == "reference":
+            from excb.linear_reference import reference_linear_probe
+
+            result["linear"] = reference_linear_probe(model, cfg, data, device, epochs=args.linear_epochs,
+                                                      train_limit=train_limit, test_limit=test_limit)
         result.update(info, data=data, backbone=cfg.model.backbone)
         if args.baselines:
-            result["baselines"] = _baselines(cfg, args, data, device, k)
+            result["baselines"] = baselines(cfg, data, device, k, args.temperature, fast_linear, train_limit,
+                                            test_limit, args.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"excb eval: {exc}", file=sys.stderr)
         return 2
@@ -404,7 +415,7 @@ def _format_one(name: str, r: dict[str, Any]) -> str:
     line = (f"{name:<12} kNN k={r['k']} T={r['temperature']}: {100 * r['knn_acc']:.2f}% (exp), "
             f"{100 * r['knn_majority_acc']:.2f}% (majority)")
     if "linear" in r:
-        line += f"; linear probe {100 * r['linear']['acc']:.2f}%"
+        line += f"; linear probe ({r['linear'].get('protocol', 'fast')}) {100 * r['linear']['acc']:.2f}%"
     return line
 
 
@@ -429,6 +440,12 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k, 20)")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--linear", action="store_true", help="also train a linear probe (100 epochs)")
+    p.add_argument("--protocol", choices=("fast", "reference"), default="fast",
+                   help="linear probe: fast = one head on pre-extracted standardised features (seconds; the "
+                        "default for small runs); reference = augmented images through the frozen teacher every "
+                        "epoch, lr 0.3 @ 256 (ResNet) / last-4 CLS (ViT), wd 0, as the authors' code (method.md "
+                        "§8.2); baselines are only probed with the fast protocol")
+    p.add_argument("--linear-epochs", type=int, default=100, help="epochs of the reference protocol")
     p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and a random-init network")
     p.add_argument("--train-limit", type=int, default=None, metavar="N")
     p.add_argument("--test-limit", type=int, default=None, metavar="N")

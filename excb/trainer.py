@@ -37,6 +37,7 @@ from excb.models import build_model
 log = logging.getLogger("excb.trainer")
 
 Callback = Callable[[dict[str, Any]], None]
+PLAN_FILE = "recipe.json"  # the fitted choices and the budget's step count: a resume reuses them
 
 
 class TrainingInterrupted(RuntimeError):
@@ -317,6 +318,11 @@ class Run:
             )
         log.info("data: %d images, %s augmentation, loader %s", n_images, "device" if self.gpu_augment else "CPU",
                  dataloader_settings(self.device, cfg.data.num_workers))
+        self.set_length(cfg)
+
+    def set_length(self, cfg: TrainConfig) -> None:
+        """Total steps, warm-up and epochs from ``cfg`` (again after a budget calibration changed them)."""
+        self.cfg = cfg
         planned = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
         self.warmup_steps = min(int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)), self.total_steps // 2)
@@ -608,19 +614,56 @@ def _resume_if_any(run: Run, logger: RunLogger) -> bool:
     return True
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback | None,
-           should_stop: Callable[[], bool] | None) -> TrainResult:
-    _seed_everything(cfg.seed + ctx.rank)  # per-rank seeds (the reference seeds every rank alike, §10.5)
+def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The recipe of this run: the one stored with its checkpoint (a resume trains the same recipe and step
+    count), or one fitted now to the data and device (``recipe=auto``; excb/recipe.py)."""
+    from excb.recipe import apply, fit_config
+
+    stored = run_dir / PLAN_FILE
+    if cfg.resume != "never" and stored.exists() and (checkpoint_dir(run_dir) / LAST).exists():
+        plan = json.loads(stored.read_text())
+        return apply(cfg, plan.get("choices", {}), plan.get("length", {})), plan
+    fitted, recipe = fit_config(cfg, ctx.device, ctx.world_size)
+    return fitted, (recipe.to_json() if recipe is not None else {})
+
+
+def _write_plan(run_dir: Path, ctx: DistContext, cfg: TrainConfig, plan: dict[str, Any]) -> None:
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+
+
+def _fit_to_budget(run: "Run", plan: dict[str, Any], started: float, logger: RunLogger) -> TrainConfig:
+    """Time real steps, then set max_steps (and a fitted recipe's warm-up) so the schedules end with the budget."""
+    from excb.budget import calibrate, length_overrides
+    from excb.recipe import apply
+
+    cal = calibrate(run.cfg, run, started)
+    length = length_overrides(run.cfg, cal.steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
+    plan["length"], plan["calibration"] = length, cal.to_json()
+    log.info("budget %s: %.3f s/step measured, %.0f s of set-up -> %d steps", run.cfg.budget, cal.seconds_per_step,
+             cal.seconds_before_training, cal.steps)
+    logger.emit({"type": "budget", "step": 0, "time": time.time(), **cal.to_json()})
+    return apply(run.cfg, {}, length)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback | None,
+           should_stop: Callable[[], bool] | None) -> TrainResult:
+    started = time.time()
+    _seed_everything(cfg.seed + ctx.rank)  # per-rank seeds (the reference seeds every rank alike, §10.5)
+    cfg, plan = _plan_config(cfg, ctx, run_dir)
+    _write_plan(run_dir, ctx, cfg, plan)
     run = Run(cfg, ctx)
     logger = RunLogger(run_dir, ctx, callback)
     resumed = _resume_if_any(run, logger)
-    log.info("run %s: %d steps (%d per epoch), device %s, world %d, precision %s", run_dir, run.total_steps,
-             run.steps_per_epoch, ctx.device, ctx.world_size, run.amp_dtype or "fp32")
     if not resumed and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         km = run.init_centroids()
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **km})
+    if not resumed and cfg.budget and "length" not in plan:
+        run.set_length(_fit_to_budget(run, plan, started, logger))
+        _write_plan(run_dir, ctx, run.cfg, plan)
+    log.info("run %s: %d steps (%d per epoch), device %s, world %d, precision %s", run_dir, run.total_steps,
+             run.steps_per_epoch, ctx.device, ctx.world_size, run.amp_dtype or "fp32")
     if not resumed:
         run.save()
     progress = None
@@ -629,8 +672,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
 
         progress = tqdm(total=run.total_steps, initial=run.step, desc="excb train", unit="step", dynamic_ncols=True)
     status = "completed"
+    check = None
+    if cfg.budget and not resumed:
+        from excb.budget import BudgetCheck
+        from excb.config import budget_seconds
+
+        check = BudgetCheck(budget_seconds(cfg.budget), started, run.total_steps, run.step, plan)
     try:
-        _loop(run, logger, should_stop, progress)
+        _loop(run, logger, should_stop, progress, check)
     except TrainingInterrupted:
         status = "interrupted"
         raise
@@ -644,7 +693,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     return TrainResult(run_dir, run.step, run.epoch, status, summary)
 
 
-def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, progress: Any) -> None:
+def _correct_length(run: Run, check: Any, logger: RunLogger) -> None:
+    """Move the end of a budgeted run once, from the loop's measured pace (excb.budget.BudgetCheck)."""
+    from excb.budget import length_overrides
+    from excb.recipe import apply
+
+    steps = check.corrected_steps(run.step)
+    length = length_overrides(run.cfg, steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
+    log.info("budget check at step %d: %d -> %d steps at the loop's pace", run.step, run.total_steps, steps)
+    check.plan["length"] = length
+    check.plan["corrected_at_step"] = run.step
+    run.set_length(apply(run.cfg, {}, length))
+    _write_plan(run.run_dir, run.ctx, run.cfg, check.plan)
+    logger.emit({"type": "budget", "step": run.step, "time": time.time(), "steps": steps})
+
+
+def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, progress: Any,
+          check: Any = None) -> None:
     cfg = run.cfg
     while run.step < run.total_steps:
         if run.epoch_batch == 0:
@@ -672,6 +737,10 @@ def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, p
             t_last = now
             if run.step % cfg.histogram_every_steps == 0 or run.step == run.total_steps:
                 logger.emit(_curve_row(run))
+            if check is not None and check.due(run.step):
+                _correct_length(run, check, logger)
+                if progress is not None:
+                    progress.total = run.total_steps
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", refresh=False)

@@ -1,0 +1,128 @@
+"""A compute budget (``budget=10m``) turned into a step count by timing real steps on this machine.
+
+An epoch count means 300 steps on a small folder and 30,000 on a large one; a user knows how long they can
+wait, not how many steps their data needs. The trainer times a few real optimisation steps of the actual run
+(data loading included, across epoch boundaries on small sets), restores the state from before them, and
+sets ``max_steps`` so the learning-rate, EMA and crop-scale schedules end when the budget does. Machines of
+one kind differ up to 2x in speed, so the count is measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from excb.config import TrainConfig, budget_seconds
+
+WARMUP_STEPS = 3          # first steps pay for allocator warm-up / compilation: timed separately
+MEASURED_STEPS = 12
+SAFETY = 0.97             # checkpoints, logging and the final save are not in the per-step figure
+MIN_STEPS = 10
+WARMUP_FRACTION = 0.05    # lr warm-up as a share of a fitted run's steps (cpu-small: 1 epoch of 16 = 6%)
+CHECK_FRACTION = 0.1      # re-time the real loop once, this far into the run, and correct the step count
+MIN_CHECK_STEPS = 30
+
+
+@dataclass
+class Calibration:
+    budget_seconds: float
+    seconds_per_step: float
+    seconds_before_training: float    # data/model set-up, k-means and the calibration itself
+    steps: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_steps(run: Any, steps: int = MEASURED_STEPS, warmup: int = WARMUP_STEPS) -> float:
+    """Mean seconds per step of ``run`` over ``steps`` steps after ``warmup``; state restored after.
+
+    The mean (not the median) keeps the per-epoch loader restarts of small data sets in the figure.
+    """
+    saved = copy.deepcopy(run.state())
+    done, started = 0, 0.0
+    for epoch in itertools.count():
+        for index, batch in enumerate(run.batches(epoch, 0)):
+            g, l, _ = run.device_views(batch, epoch, index)
+            run.train_step(g, l, want_metrics=True)  # the loop logs every step by default: time that too
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            done += 1
+            if done == warmup:
+                started = time.perf_counter()
+            if done == warmup + steps:
+                break
+        if done >= warmup + steps:
+            break
+    per_step = (time.perf_counter() - started) / steps
+    run.restore(saved)
+    return per_step
+
+
+def steps_within(budget: float, per_step: float, spent: float) -> int:
+    """Steps that fit in what is left of the budget after ``spent`` seconds of set-up."""
+    return max(int(math.floor(max(budget - spent, 0.0) * SAFETY / per_step)), MIN_STEPS)
+
+
+def length_overrides(cfg: TrainConfig, steps: int, steps_per_epoch: int, fitted: bool) -> dict[str, Any]:
+    """max_steps and epochs for ``steps`` (and, for a fitted recipe, a warm-up that is 5% of them)."""
+    out: dict[str, Any] = {"max_steps": steps, "epochs": max(math.ceil(steps / steps_per_epoch), 1)}
+    if fitted and "optim.warmup_epochs" not in cfg.pinned:
+        out["optim"] = {"warmup_epochs": round(WARMUP_FRACTION * steps / steps_per_epoch, 4)}
+    return out
+
+
+def calibrate(cfg: TrainConfig, run: Any, started: float) -> Calibration:
+    """Time the run's steps and size it to ``cfg.budget`` counted from ``started`` (time.time())."""
+    assert cfg.budget is not None
+    budget = budget_seconds(cfg.budget)
+    per_step = time_steps(run)
+    per_step = _slowest_rank(per_step, run)
+    spent = time.time() - started
+    return Calibration(budget, per_step, spent, steps_within(budget, per_step, spent))
+
+
+def _slowest_rank(per_step: float, run: Any) -> float:
+    """Under torchrun every rank must agree on the step count: take the slowest rank's time."""
+    if not run.ctx.distributed:
+        return per_step
+    import torch.distributed as dist
+
+    t = torch.tensor([per_step], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class BudgetCheck:
+    """One correction of the step count from the real loop's speed, early in the run.
+
+    A dozen timed steps miss what the loop adds (logging, histograms, checkpoints, epoch restarts) and any
+    change in machine load; at 10% of the run the loop's own pace is known and the end is moved once, while the
+    learning rate is still near its peak, so the schedules still complete inside the budget.
+    """
+
+    def __init__(self, budget: float, started: float, total_steps: int, first_step: int,
+                 plan: dict[str, Any]) -> None:
+        self.budget, self.started = budget, started
+        self.plan = plan  # the run's recipe.json contents: the corrected length is recorded there
+        self.check_step = first_step + max(int(total_steps * CHECK_FRACTION), MIN_CHECK_STEPS)
+        self.first_step = first_step
+        self.loop_started = time.time()
+        self.done = False
+
+    def due(self, step: int) -> bool:
+        return not self.done and step >= self.check_step
+
+    def corrected_steps(self, step: int) -> int:
+        """Total steps that end the run at the budget, at the pace of the steps since the loop began."""
+        self.done = True
+        now = time.time()
+        per_step = (now - self.loop_started) / max(step - self.first_step, 1)
+        left = self.budget - (now - self.started)
+        return step + steps_within(left, per_step, 0.0) if left > 0 else step + 1

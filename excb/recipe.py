@@ -1,0 +1,316 @@
+"""A training recipe fitted to the user's data and device: what ``excb train data=FOLDER`` runs without a preset.
+
+The presets were tuned on one data set each; a folder of 1,500 icons or 4,000 digits needs other input
+sizes, fewer clusters and many more epochs than Fashion-MNIST did. :func:`inspect_data` looks at the data
+(count, size distribution, grey or colour) and :func:`fit` turns that and the device into config choices,
+each with a one-line reason. Keys the user set explicitly (``TrainConfig.pinned``) are never touched, and the
+choices made for a run directory are stored in ``recipe.json`` so a resume trains exactly the same recipe.
+
+Why these rules (benchmarks/RESULTS.md has the runs behind them):
+- input size ~ the images' own short side (no upsampling of small images; on CPU at most 32 px, where the
+  step cost, not the pixels, limits quality within a budget);
+- K ~ one cluster per 64 images (1024 for Fashion-MNIST's 60k, where it was tuned; 64 for a few thousand);
+- the number of steps comes from a compute budget (``excb.budget``), because short runs on small folders
+  were the main cause of features worse than raw pixels;
+- the CPU recipe is the tuned ``cpu-small`` model and schedules; grey data switches off colour-only
+  augmentations (solarize).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from excb.config import TrainConfig
+
+log = logging.getLogger("excb.recipe")
+
+SAMPLE_IMAGES = 64           # images decoded to estimate size and colour
+GREY_TOLERANCE = 6           # max channel difference (uint8) still counted as grey (JPEG chroma noise)
+GREY_FRACTION = 0.9          # share of sampled images that must be grey for the set to count as grey
+IMAGES_PER_CLUSTER = 64
+MIN_CLUSTERS, MAX_CLUSTERS = 64, 65536
+CPU_MAX_SIZE, GPU_MAX_SIZE, MIN_SIZE = 32, 224, 16
+DEFAULT_CPU_BUDGET = "10m"   # no epochs/max_steps/budget given: on a CPU, ten minutes
+GPU_DEFAULT_EPOCHS, GPU_MIN_STEPS = 100, 5000
+
+
+@dataclass
+class DataProfile:
+    """What :func:`fit` needs to know about a data set."""
+
+    images: int
+    short_side: int | None            # median short side of the sampled images (None: unknown, e.g. shards)
+    long_side: int | None
+    grey: bool | None                 # None: unknown
+    sampled: int = 0
+
+    def describe(self) -> str:
+        size = f"median {self.short_side}x{self.long_side} px" if self.short_side else "size unknown"
+        colour = {True: "grey", False: "colour", None: "colour unknown"}[self.grey]
+        return f"{self.images} images, {size}, {colour}"
+
+
+@dataclass
+class Recipe:
+    """Fitted choices (a nested override tree) and why each was made."""
+
+    profile: DataProfile
+    device: str
+    choices: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profile": asdict(self.profile), "device": self.device, "choices": self.choices,
+                "reasons": self.reasons}
+
+
+# ------------------------------------------------------------------------------------------------ inspection
+def _median(values: list[int]) -> int | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def _is_grey(image: Any) -> bool:
+    """RGB image whose channels agree within the tolerance everywhere (on a small thumbnail)."""
+    import numpy as np
+
+    thumb = image.copy()
+    thumb.thumbnail((32, 32))
+    a = np.asarray(thumb.convert("RGB"), dtype=np.int16)
+    return int(np.abs(a[..., 0] - a[..., 1]).max()) <= GREY_TOLERANCE and \
+        int(np.abs(a[..., 1] - a[..., 2]).max()) <= GREY_TOLERANCE
+
+
+def _profile_arrays(images: Any) -> DataProfile:
+    n, h, w = images.shape[:3]
+    return DataProfile(images=n, short_side=min(h, w), long_side=max(h, w), grey=True, sampled=n)
+
+
+def _profile_files(ds: Any) -> DataProfile:
+    """Decode an evenly spaced sample of files (the same safe decoder training uses)."""
+    n = len(ds)
+    picks = sorted({int(i * n / min(n, SAMPLE_IMAGES)) for i in range(min(n, SAMPLE_IMAGES))})
+    shorts, longs, greys = [], [], 0
+    for i in picks:
+        image = ds[i]
+        if image is None:  # undecodable: skipped and counted by the data set
+            continue
+        w, h = image.size
+        shorts.append(min(w, h))
+        longs.append(max(w, h))
+        greys += _is_grey(image)
+    seen = len(shorts)
+    grey = (greys >= GREY_FRACTION * seen) if seen else None
+    return DataProfile(images=n, short_side=_median(shorts), long_side=_median(longs), grey=grey, sampled=seen)
+
+
+def inspect_data(cfg: TrainConfig) -> DataProfile:
+    """Count, size and colour of ``cfg.data`` (shards: count only, from their index)."""
+    source = cfg.data.source.strip()
+    if source.startswith("shards:"):
+        from excb.data.shards import read_index
+
+        index = read_index(source[len("shards:"):])
+        total = sum(index.counts)
+        return DataProfile(images=min(total, cfg.data.limit or total), short_side=None, long_side=None, grey=None)
+    from excb.data.datasets import ArrayDataset, build_dataset
+
+    ds = build_dataset(source, split=cfg.data.split, limit=cfg.data.limit, max_pixels=cfg.data.max_image_pixels)
+    if isinstance(ds, ArrayDataset):
+        return _profile_arrays(ds.images)
+    return _profile_files(ds)
+
+
+# ------------------------------------------------------------------------------------------------- fitting
+def _pow2_floor(x: float) -> int:
+    return 2 ** max(int(math.floor(math.log2(max(x, 1.0)))), 0)
+
+
+def _pow2_round(x: float) -> int:
+    return 2 ** max(int(round(math.log2(max(x, 1.0)))), 0)
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+class _Fitter:
+    """Collects choices; a pinned key keeps the user's value (and later choices read that value)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.current = cfg.model_dump(mode="json")
+        self.pinned = set(cfg.pinned)
+        self.choices: dict[str, Any] = {}
+        self.reasons: list[str] = []
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self.pinned or any(key.startswith(p + ".") for p in self.pinned)
+
+    def set(self, key: str, value: Any, why: str | None = None) -> Any:
+        """Choose ``value`` for ``key`` unless the user pinned it; returns the value in effect."""
+        if self.is_pinned(key):
+            return _get(self.current, key)
+        node = self.choices
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        cur = self.current
+        for part in parts[:-1]:
+            cur = cur[part]
+        cur[parts[-1]] = value
+        if why:
+            self.reasons.append(f"{key}={value}: {why}")
+        return value
+
+    def value(self, key: str) -> Any:
+        return _get(self.current, key)
+
+
+def _input_size(f: _Fitter, p: DataProfile, on_gpu: bool) -> int:
+    cap = GPU_MAX_SIZE if on_gpu else CPU_MAX_SIZE
+    native = p.short_side or cap
+    size = int(min(max(native, MIN_SIZE), cap))
+    size -= size % 2
+    why = (f"the images' median short side is {p.short_side} px" if p.short_side else "image size unknown")
+    if p.short_side and native > cap:
+        why += f"; capped at {cap} px on {'GPU' if on_gpu else 'CPU'} so a budget buys enough steps"
+    elif p.short_side and native < MIN_SIZE:
+        why += f"; raised to the network's minimum of {MIN_SIZE} px"
+    return f.set("augment.global_size", size, why)
+
+
+def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
+    small = size <= 64
+    f.set("model.small_images", small)
+    if not on_gpu:
+        stride = 2 if size >= 28 else 1
+        f.set("model.stem_stride", stride, "a stride-2 3x3 stem halves the feature maps of >= 28 px inputs"
+              if stride == 2 else "inputs under 28 px keep full-resolution feature maps")
+        f.set("model.backbone", "resnet18")
+        f.set("model.width", 16, "ResNet-18 at width 16: the model cpu-small was tuned with on a 2-core CPU")
+        head = {"projector_hidden_dim": 512, "bottleneck_dim": 128, "predictor_hidden_dim": 512}
+    else:
+        f.set("model.backbone", "resnet18" if p.images < 200_000 else "resnet50",
+              f"{'ResNet-18' if p.images < 200_000 else 'ResNet-50'} for {p.images} images on a GPU")
+        f.set("model.width", 64)
+        head = {"projector_hidden_dim": 2048, "bottleneck_dim": 256, "predictor_hidden_dim": 2048}
+    for key, value in head.items():
+        f.set(f"model.{key}", value)
+    f.set("model.sync_bn", on_gpu)
+
+
+def _clusters(f: _Fitter, p: DataProfile) -> None:
+    k = int(min(max(_pow2_round(p.images / IMAGES_PER_CLUSTER), MIN_CLUSTERS), MAX_CLUSTERS))
+    f.set("model.num_clusters", k, f"about one cluster per {IMAGES_PER_CLUSTER} images ({p.images} images), "
+          f"within [{MIN_CLUSTERS}, {MAX_CLUSTERS}]")
+    f.set("kmeans.samples", min(p.images, 10_000 if k <= 4096 else 500_000))
+    f.set("kmeans.iterations", 20)
+
+
+def _batch(f: _Fitter, p: DataProfile, on_gpu: bool, world: int) -> int:
+    cap = 512 if on_gpu else 128
+    batch = int(min(cap, max(_pow2_floor(p.images / 8), 16)))
+    batch = max(batch - batch % world, world)
+    return f.set("batch_size", batch, f"at most {cap} on {'GPU' if on_gpu else 'CPU'} and at least 8 steps per "
+                 f"epoch ({p.images // batch} at this batch); more updates beat bigger batches at a fixed budget")
+
+
+def _crops(f: _Fitter, size: int) -> None:
+    local = max(8, int(round(size * 4 / 7)) // 2 * 2)
+    f.set("augment.local_size", local, "4/7 of the global crop, as cpu-small's 16 px locals at 28 px")
+    f.set("augment.num_local_crops", 4)
+    f.set("augment.global_scale_min_start", 0.4)
+    f.set("augment.global_scale_min_end", 0.3)
+    f.set("augment.local_scale_min", 0.1)
+
+
+def _optim(f: _Fitter, batch: int, on_gpu: bool) -> None:
+    lr = round(2e-3 * math.sqrt(batch / 128), 6)
+    f.set("optim.name", "adamw")
+    f.set("optim.lr", lr, "AdamW 2e-3 at batch 128 (cpu-small), square-root scaled with the batch")
+    f.set("optim.weight_decay", 0.04)
+    f.set("optim.weight_decay_end_factor", 10.0)
+    f.set("optim.lr_min_factor", 0.01)
+    f.set("balancing.size_momentum", 0.999)
+    if not on_gpu:
+        f.set("ema_momentum_start", 0.99, "a faster-following teacher for runs of a few thousand steps")
+        f.set("ema_momentum_end", 0.998)
+
+
+def _colour(f: _Fitter, p: DataProfile) -> None:
+    if p.grey:
+        f.set("augment.solarize_p", 0.0, "grey images: colour-only augmentations off")
+    else:
+        f.set("augment.solarize_p", 0.2)
+
+
+def _device_settings(f: _Fitter, on_gpu: bool) -> None:
+    if not on_gpu:
+        f.set("device", "cpu")
+        f.set("precision", "fp32")
+        f.set("channels_last", False)
+        f.set("data.gpu_augment", "on", "batched tensor multi-crop: 1.8x the img/s of per-image crops on CPU")
+        f.set("compile", "off", "a cold torch.compile costs about a minute of a CPU budget for a 1.2x step")
+        f.set("checkpoint_every_steps", 200)
+        f.set("histogram_every_steps", 20)
+
+
+def _length(f: _Fitter, on_gpu: bool, steps_per_epoch: int) -> None:
+    """No budget, epochs or max_steps given: CPUs get a default budget, GPUs a step count."""
+    if any(f.is_pinned(k) for k in ("budget", "epochs", "max_steps")):
+        return
+    if not on_gpu:
+        f.set("budget", DEFAULT_CPU_BUDGET, "no epochs, max_steps or budget given: a 10-minute CPU budget "
+              "(calibrated to a step count on this machine)")
+        return
+    steps = max(GPU_DEFAULT_EPOCHS * steps_per_epoch, GPU_MIN_STEPS)
+    f.set("epochs", math.ceil(steps / steps_per_epoch), f"no length given: {steps} steps "
+          f"(max of {GPU_DEFAULT_EPOCHS} epochs and {GPU_MIN_STEPS} steps)")
+
+
+def fit(cfg: TrainConfig, profile: DataProfile, device: torch.device, world_size: int = 1) -> Recipe:
+    """Choices for every key the user did not pin, given the data and the device."""
+    on_gpu = device.type == "cuda"
+    f = _Fitter(cfg)
+    size = _input_size(f, profile, on_gpu)
+    _model(f, profile, size, on_gpu)
+    _clusters(f, profile)
+    batch = _batch(f, profile, on_gpu, world_size)
+    _crops(f, size)
+    _optim(f, batch, on_gpu)
+    _colour(f, profile)
+    _device_settings(f, on_gpu)
+    _length(f, on_gpu, max(profile.images // batch, 1))
+    return Recipe(profile=profile, device=str(device), choices=f.choices, reasons=f.reasons)
+
+
+def apply(cfg: TrainConfig, choices: dict[str, Any], length: dict[str, Any] | None = None) -> TrainConfig:
+    """``cfg`` with fitted choices (pinned keys are never in them) and a budget's length merged in."""
+    from excb.config import deep_merge, validate
+
+    tree = deep_merge(deep_merge(cfg.model_dump(mode="json"), choices), length or {})
+    if choices:
+        tree["recipe"] = "fitted"
+    return validate(tree)
+
+
+def fit_config(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> tuple[TrainConfig, Recipe | None]:
+    """Fit when ``cfg.recipe == "auto"`` (else return it unchanged) and log what was chosen."""
+    if cfg.recipe != "auto":
+        return cfg, None
+    profile = inspect_data(cfg)
+    recipe = fit(cfg, profile, device, world_size)
+    log.info("recipe fitted to the data (%s) on %s:", profile.describe(), device)
+    for line in recipe.reasons:
+        log.info("  %s", line)
+    if cfg.pinned:
+        log.info("  kept as given: %s", ", ".join(cfg.pinned))
+    return apply(cfg, recipe.choices), recipe

@@ -1,6 +1,10 @@
-"""Representation quality on Fashion-MNIST: ExCB vs raw pixels vs the same network randomly initialised.
+"""Representation quality: ExCB vs raw pixels vs the same network randomly initialised.
 
-Two studies, both printing a markdown table and a JSON line:
+Three studies, each printing a markdown table and a JSON line:
+
+  suite       the default recipe (no preset, fitted to each data set) with a compute budget on every set of
+              benchmarks/suite_data.py (Fashion-MNIST, two digit sets, two colour sets), then kNN (k=20) and
+              the fast linear probe on ExCB features, raw pixels and a random-init network.
 
   main        one `cpu-small` run with a time (or step) budget, then kNN (k=20, T=0.07; exp-weighted and
               majority vote) on teacher features, raw pixels and a random-init network, evaluated identically.
@@ -11,6 +15,7 @@ Two studies, both printing a markdown table and a JSON line:
 A time budget is turned into a step budget by timing a short calibration run first, so the lr/EMA
 schedules still complete; the steps actually used and the wall time are reported.
 
+  python benchmarks/quality.py suite --budget 10m
   python benchmarks/quality.py main --minutes 25
   python benchmarks/quality.py robustness --images 40000   # same number of training images per run
 """
@@ -32,8 +37,8 @@ import torch
 from excb import stats
 from excb.checkpoint import latest_checkpoint, load_checkpoint
 from excb.config import resolve
-from excb.evaluation import (evaluate, evaluate_features, labelled_splits, load_teacher, model_transform,
-                             raw_pixel_features)
+from excb.evaluation import (baselines, evaluate, evaluate_features, labelled_splits, load_teacher,
+                             model_transform, raw_pixel_features)
 from excb.trainer import train
 
 
@@ -166,9 +171,68 @@ def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
     return {"study": "robustness", "machine": machine(), "results": results}
 
 
+def suite_row(name: str, source: str, out: Path, budget: str, extra: list[str]) -> dict[str, Any]:
+    """Train the default recipe (no preset) on one suite set, then kNN + linear on ExCB, raw pixels, random init."""
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = resolve(overrides=[f"data={source}", f"out={out}", f"budget={budget}", "progress=false", *extra])
+    t0 = time.time()
+    result = train(cfg)
+    wall = time.time() - t0
+    run_cfg, model, _ = load_teacher(out, torch.device("cpu"))
+    excb = evaluate(model.features, *labelled_splits(source, model_transform(run_cfg)), k=20, linear=True,
+                    batch_size=512)
+    base = baselines(run_cfg, source, torch.device("cpu"), k=20, linear=True, batch_size=512)
+    recipe = json.loads((out / "recipe.json").read_text())
+    return {"name": name, "source": source, "images": recipe.get("profile", {}).get("images"),
+            "test_images": excb["num_test"], "steps": result.steps, "train_minutes": wall / 60,
+            "global_size": run_cfg.augment.global_size, "num_clusters": run_cfg.model.num_clusters,
+            "batch_size": run_cfg.batch_size, "excb": _scores(excb), "raw_pixels": _scores(base["raw_pixels"]),
+            "random_init": _scores(base["random_init"]),
+            "final_size_effective_clusters": result.summary["balance"]["effective_clusters"]}
+
+
+def _scores(r: dict[str, Any]) -> dict[str, float]:
+    return {"knn": r["knn_acc"], "knn_majority": r["knn_majority_acc"], "linear": r["linear"]["acc"]}
+
+
+def suite_table(rows: list[dict[str, Any]]) -> str:
+    """One markdown table: per set, raw pixels / random init / ExCB (kNN k=20 and the fast linear probe)."""
+    lines = ["| data set | train / test images | input px, K, batch | raw pixels kNN / linear | random init kNN / "
+             "linear | **ExCB kNN** / linear | ExCB - raw (kNN) | steps | train min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: f"{100 * v:.1f}%"
+    for r in rows:
+        e, raw, rnd = r["excb"], r["raw_pixels"], r["random_init"]
+        lines.append(f"| {r['name']} | {r['images']} / {r['test_images']} | {r['global_size']}, {r['num_clusters']}, "
+                     f"{r['batch_size']} | {pct(raw['knn'])} / {pct(raw['linear'])} | {pct(rnd['knn'])} / "
+                     f"{pct(rnd['linear'])} | **{pct(e['knn'])}** / {pct(e['linear'])} | "
+                     f"{100 * (e['knn'] - raw['knn']):+.1f} | {r['steps']} | {r['train_minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_suite(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import suite_data
+
+    names = args.sets or list(suite_data.SUITE)
+    rows = []
+    for name in names:
+        suite_data.prepare(name, args.root)
+        source = suite_data.data_source(name, args.root)
+        rows.append(suite_row(name, source, Path(args.out) / f"suite-{name}", args.budget, list(args.overrides)))
+        print(json.dumps(rows[-1]), flush=True)
+    table = suite_table(rows)
+    print(f"\nQuality suite, default recipe (no preset), budget {args.budget} per set; kNN k=20 (T=0.07, exp "
+          f"weighting); linear = the fast probe (standardised pre-extracted features, 100 epochs)\n\n{table}")
+    return {"study": "suite", "machine": machine(), "budget": args.budget, "rows": rows, "table": table}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=("main", "robustness"))
+    p.add_argument("study", choices=("main", "robustness", "suite"))
+    p.add_argument("--budget", default="10m", help="suite: training budget per data set (600s, 10m, 2h)")
+    p.add_argument("--sets", nargs="+", help="suite: only these data sets (default: all of benchmarks/suite_data.py)")
+    p.add_argument("--root", default=None, help="suite: where the data sets are prepared (~/.cache/excb/suite)")
     p.add_argument("--minutes", type=float, default=25.0, help="training budget per run (calibrated to steps)")
     p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes")
     p.add_argument("--images", type=int, help="fixed budget in training images (steps = images // batch)")
@@ -179,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="main: skip the raw-pixel/random-init rows")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_intermixed_args(argv)
-    res = cmd_main(args) if args.study == "main" else cmd_robustness(args)
+    studies = {"main": cmd_main, "robustness": cmd_robustness, "suite": cmd_suite}
+    res = studies[args.study](args)
     print(json.dumps(res))
     return 0
 

@@ -1,0 +1,161 @@
+"""The recipe fitted to the data (excb/recipe.py) and the compute budget (excb/budget.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from excb.budget import length_overrides, steps_within, time_steps
+from excb.config import ConfigError, budget_seconds, dump_yaml, load_file, resolve
+from excb.recipe import DataProfile, fit, fit_config, inspect_data
+from excb.trainer import Run, TrainingInterrupted, train
+
+torch.set_num_threads(1)
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+# A budgeted run small enough for CI: the fitted recipe with a narrower net and fewer locals (pinned).
+SMALL = ["model.width=8", "augment.num_local_crops=2", "model.projector_hidden_dim=64",
+         "model.predictor_hidden_dim=64", "kmeans.samples=256", "progress=false"]
+
+
+def _folder(root: Path, n: int, size: tuple[int, int], grey: bool) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(n // 2):
+            arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+            if grey:
+                arr[..., 1] = arr[..., 2] = arr[..., 0]
+            Image.fromarray(arr).save(root / "train" / f"c{c}" / f"{i:04d}.png")
+    return root
+
+
+def test_fit_small_grey_digits_on_cpu() -> None:
+    cfg = resolve(overrides=["data=digits"])
+    r = fit(cfg, DataProfile(images=4000, short_side=20, long_side=20, grey=True), CPU)
+    c = r.choices
+    assert c["augment"]["global_size"] == 20 and c["model"]["stem_stride"] == 1
+    assert c["model"]["num_clusters"] == 64 and c["batch_size"] == 128
+    assert c["augment"]["solarize_p"] == 0.0 and c["budget"] == "10m" and c["device"] == "cpu"
+    assert any(line.startswith("model.num_clusters=64:") for line in r.reasons)
+
+
+def test_fit_sizes_k_and_batch_follow_the_data() -> None:
+    cfg = resolve(overrides=["data=digits"])
+    fm = fit(cfg, DataProfile(images=60_000, short_side=28, long_side=28, grey=True), CPU).choices
+    assert fm["augment"]["global_size"] == 28 and fm["model"]["stem_stride"] == 2
+    assert fm["model"]["num_clusters"] == 1024 and fm["augment"]["local_size"] == 16
+    photos = fit(cfg, DataProfile(images=500, short_side=480, long_side=640, grey=False), CPU).choices
+    assert photos["augment"]["global_size"] == 32 and photos["batch_size"] == 32
+    assert photos["augment"]["solarize_p"] == 0.2
+    gpu = fit(cfg, DataProfile(images=1_000_000, short_side=375, long_side=500, grey=False), CUDA).choices
+    assert gpu["augment"]["global_size"] == 224 and gpu["model"]["backbone"] == "resnet50"
+    assert gpu["model"]["num_clusters"] == 16384 and "budget" not in gpu and gpu["epochs"] >= 100
+
+
+def test_explicit_keys_win_and_later_choices_follow_them() -> None:
+    cfg = resolve(overrides=["data=digits", "num_clusters=256", "augment.global_size=24", "batch_size=64"])
+    assert {"model.num_clusters", "augment.global_size", "batch_size"} <= set(cfg.pinned)
+    c = fit(cfg, DataProfile(images=4000, short_side=20, long_side=20, grey=True), CPU).choices
+    assert "num_clusters" not in c["model"] and "global_size" not in c["augment"] and "batch_size" not in c
+    assert c["augment"]["local_size"] == 14  # 4/7 of the pinned 24 px
+    assert c["optim"]["lr"] == pytest.approx(2e-3 * (64 / 128) ** 0.5, rel=1e-3)
+    fitted, _ = fit_config(cfg, CPU)
+    assert fitted.model.num_clusters == 256 and fitted.augment.global_size == 24 and fitted.recipe == "fitted"
+
+
+def test_a_length_given_means_no_default_budget() -> None:
+    for given in ("epochs=5", "max_steps=100", "budget=2m"):
+        cfg = resolve(overrides=["data=digits", given])
+        c = fit(cfg, DataProfile(images=4000, short_side=20, long_side=20, grey=True), CPU).choices
+        assert "budget" not in c and "epochs" not in c, given
+
+
+def test_presets_are_not_refitted_unless_asked() -> None:
+    cfg = resolve(preset_name="cpu-small")
+    assert cfg.recipe == "off" and fit_config(cfg, CPU) == (cfg, None)
+    assert resolve(preset_name="cpu-small", overrides=["recipe=auto"]).recipe == "auto"
+
+
+def test_pinned_survives_a_round_trip_through_a_full_dump(tmp_path: Path) -> None:
+    """The API stores the full config and the worker re-reads it: pinned must stay the user's keys only."""
+    cfg = resolve({"optim": {"lr": 0.01}}, ["data=digits"])
+    again = resolve(json.loads(cfg.model_dump_json()))
+    assert again.pinned == cfg.pinned == ["optim.lr"]
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert resolve(load_file(path), ["batch_size=16"]).pinned == ["batch_size", "optim.lr"]
+
+
+def test_inspect_folder_sizes_and_colour(tmp_path: Path) -> None:
+    grey = inspect_data(resolve(overrides=[f"data={_folder(tmp_path / 'g', 20, (40, 30), grey=True)}"]))
+    assert (grey.images, grey.short_side, grey.long_side, grey.grey) == (20, 30, 40, True)
+    colour = inspect_data(resolve(overrides=[f"data={_folder(tmp_path / 'c', 10, (64, 64), grey=False)}"]))
+    assert colour.grey is False and colour.short_side == 64
+    arrays = inspect_data(resolve(overrides=["data=digits"]))
+    assert (arrays.short_side, arrays.grey) == (8, True) and arrays.images == 1438
+
+
+def test_budget_parsing() -> None:
+    assert [budget_seconds(t) for t in ("600s", "10m", "2h", "90", "1.5m")] == [600, 600, 7200, 90, 90]
+    for bad in ("ten minutes", "-5m", "0", "5d"):
+        with pytest.raises(ConfigError) as err:
+            resolve(overrides=[f"budget={bad}"])
+        assert err.value.field == "budget"
+
+
+def test_steps_within_and_length() -> None:
+    assert steps_within(100.0, 0.5, 10.0) == int(90 * 0.97 / 0.5)
+    assert steps_within(10.0, 1.0, 20.0) == 10  # never below the minimum
+    cfg = resolve(overrides=["data=digits"])
+    out = length_overrides(cfg, 1000, 11, fitted=True)
+    assert out["max_steps"] == 1000 and out["epochs"] == 91
+    assert out["optim"]["warmup_epochs"] == pytest.approx(0.05 * 1000 / 11, rel=1e-3)
+    assert "optim" not in length_overrides(resolve(overrides=["optim.warmup_epochs=2"]), 1000, 11, fitted=True)
+
+
+def test_timing_steps_leaves_the_run_untouched(tmp_path: Path) -> None:
+    cfg, _ = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
+    from excb.distributed import setup
+
+    run = Run(cfg, setup("cpu"))
+    before = {k: v.clone() for k, v in run.student_core.state_dict().items()}
+    assert time_steps(run, steps=2, warmup=1) > 0
+    after = run.student_core.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and run.step == 0
+
+
+def test_budgeted_run_plans_once_and_resume_keeps_the_step_count(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    over = ["data=digits", f"out={out}", "budget=25s", *SMALL]
+    calls = {"n": 0}
+
+    def stop_early() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    with pytest.raises(TrainingInterrupted):
+        train(resolve(overrides=over), should_stop=stop_early)
+    plan = json.loads((out / "recipe.json").read_text())
+    planned = plan["length"]["max_steps"]
+    assert plan["calibration"]["seconds_per_step"] > 0 and plan["choices"]["model"]["num_clusters"] == 64
+    assert load_file(out / "config.yaml")["max_steps"] == planned
+    result = train(resolve(overrides=over))  # the same command again: resumes, no new fit, no new timing
+    assert result.steps == planned == json.loads((out / "recipe.json").read_text())["length"]["max_steps"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "step"] == list(range(1, planned + 1))
+
+
+def test_cli_dry_run_shows_the_fitted_recipe(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "excb.cli", "train", "--dry-run", "data=digits", "budget=3m",
+                          f"out={tmp_path}"], capture_output=True, text=True, check=True).stdout
+    assert "# recipe fitted to 1438 images, median 8x8 px, grey on cpu" in out
+    assert "model.num_clusters=64" in out and "max_steps is set at the start" in out
+    assert "recipe: fitted" in out and "budget: 3m" in out

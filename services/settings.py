@@ -32,7 +32,8 @@ class EmbedSettings(BaseModel):
     url_allowed_hosts: list[str] = Field(default_factory=list, description="hosts GET /embed may fetch; empty = URLs off")
     url_allowed_networks: list[str] = Field(
         default_factory=list, description="CIDRs an allowed host may resolve into even though they are not public")
-    url_timeout_seconds: float = Field(5.0, gt=0.0)
+    url_timeout_seconds: float = Field(5.0, gt=0.0, description="one deadline for connect + redirects + body")
+    url_max_concurrent: int = Field(8, ge=1, description="URL fetches in flight, on their own threads; beyond -> 503")
     url_max_redirects: int = Field(3, ge=0, le=10)
     providers: list[str] = Field(
         default_factory=list, description="ONNX Runtime providers in order (tensorrt, cuda, cpu); empty = auto. "
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
                                "heartbeat_seconds (30 s by default)")
     cancel_grace_seconds: float = Field(30.0, gt=0)
     max_running_jobs_per_key: int = Field(2, ge=1)
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=1 << 30,
+        description="control-plane request bodies (JSON); larger -> 413 before the body is read")
     celery_queue: str = Field("excb.jobs", description="Celery queue the training tasks travel on")
     visibility_timeout_seconds: float = Field(
         172800.0, gt=0, description="Redis redelivery of unacked tasks; far above any job (the DB lease guards)")
@@ -93,7 +97,6 @@ class Settings(BaseSettings):
     worker_health_file: Path | None = Field(
         None, description="a worker touches this file every heartbeat while its Celery consumer runs; "
                           "`excb worker-health` (the container health check) fails when it goes stale")
-
 
     # --- embed service (owned by services/embed) ------------------------------------------------------
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")

@@ -6,9 +6,9 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +16,8 @@ from services.api import submit as submit_mod
 from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
 from services.api.liveness import no_worker_reason
 from services.api.serialize import decode_cursor, encode_cursor, job_dict
-from services.api.state import ControlPlane, plane, principal
+from services.api.guard import AuthFirstRoute
+from services.api.state import Caller, ControlPlane, Plane
 from services.common.auth import Principal
 from services.common.errors import ERROR_SCHEMA, ApiError
 from services.db import jobs as store
@@ -27,31 +28,35 @@ from services.worker.publish import publish
 _ERR = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"description": d, **_ERR} for c, d in
                                            [(401, "unauthorized"), (404, "not found"), (409, "conflict"),
-                                            (422, "invalid input"), (429, "too many jobs")]}
+                                            (413, "body too large"), (422, "invalid input"),
+                                            (429, "too many jobs")]}
 
-router = APIRouter(tags=["jobs"], responses=ERRORS)
+router = APIRouter(tags=["jobs"], responses=ERRORS, route_class=AuthFirstRoute)
 StatusName = Literal["QUEUED", "STARTING", "RUNNING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED"]
 LOG_FILES = {"job": "job.log", "train": "train.log"}
 
 
 def _owned(cp: ControlPlane, who: Principal, job_id: str) -> Job:
-    """The job if it exists and the caller may see it (another key's job is a plain 404)."""
-    job = store.get_job(cp.db, job_id)
-    if job is None or (who.id is not None and job.owner != who.id):
+    """The job ``job_id`` names for the caller (their client id or a server id they own); another key's job
+    is a plain 404, exactly like a missing one."""
+    job = store.find_owned(cp.db, who.id, job_id)
+    if job is None:
         raise ApiError(404, "not_found", f"job {job_id!r} not found", "job_id")
     return job
 
 
 @router.post("/jobs", status_code=201, response_model=JobOut, summary="Submit a training job")
-def submit_job(body: JobSubmit, response: Response, cp: ControlPlane = Depends(plane),
-               who: Principal = Depends(principal),
-               idempotency_key: str | None = Header(None, max_length=255)) -> dict[str, Any]:
+def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
+               idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict[str, Any]:
     """Validate the config exactly like `excb train`, store the job QUEUED, publish it; idempotent on
-    ``job_id`` or the ``Idempotency-Key`` header (a repeat returns the first job with 200)."""
+    ``job_id`` or the ``Idempotency-Key`` header within the caller's key (a repeat returns the first job
+    with 200). The server always picks the run dir, so a job never sees another job's files."""
     settings = cp.settings
     existing = _existing(cp, who, body.job_id, idempotency_key)
-    job_id = existing.id if existing is not None else (body.job_id or submit_mod.new_job_id())
-    run_dir = Path(settings.runs_dir).expanduser().resolve() / job_id
+    if existing is not None:
+        job_id, run_dir = existing.id, Path(existing.run_dir)
+    else:
+        job_id, run_dir = submit_mod.fresh_run(settings)
     config = submit_mod.build_config(body, settings, run_dir)
     if existing is None and who.id is not None and \
             store.count_active(cp.db, who.id) >= settings.max_running_jobs_per_key:
@@ -60,8 +65,9 @@ def submit_job(body: JobSubmit, response: Response, cp: ControlPlane = Depends(p
                        headers={"Retry-After": "60"})
     request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb}
     try:
-        job, created = store.create_job(cp.db, job_id=job_id, owner=who.id, idempotency_key=idempotency_key,
-                                        name=body.name, config=config, request=request, run_dir=str(run_dir),
+        job, created = store.create_job(cp.db, job_id=job_id, client_id=body.job_id, owner=who.id,
+                                        idempotency_key=idempotency_key, name=body.name, config=config,
+                                        request=request, run_dir=str(run_dir),
                                         max_attempts=body.max_attempts or settings.max_attempts)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc), "job_id") from exc
@@ -70,21 +76,21 @@ def submit_job(body: JobSubmit, response: Response, cp: ControlPlane = Depends(p
         job = store.get_job(cp.db, job.id) or job
     else:
         response.status_code = 200
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
     return job_dict(job)
 
 
 def _existing(cp: ControlPlane, who: Principal, job_id: str | None, key: str | None) -> Job | None:
-    job = store.get_job(cp.db, job_id) if job_id else None
-    if job is not None:
-        return job
-    if key is None:
-        return None
-    return store.find_by_key(cp.db, who.id, key)
+    """The caller's own earlier submission with this client job id or Idempotency-Key, if any."""
+    if key is not None:
+        job = store.find_by_key(cp.db, who.id, key)
+        if job is not None:
+            return job
+    return store.find_client_job(cp.db, who.id, job_id) if job_id is not None else None
 
 
 @router.get("/jobs", response_model=JobList, summary="List jobs, newest first")
-def list_jobs(cp: ControlPlane = Depends(plane), who: Principal = Depends(principal),
+def list_jobs(cp: Plane, who: Caller,
               status: list[StatusName] | None = Query(None, description="repeat or comma-separate"),
               limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=512)) -> dict[str, Any]:
     statuses = [s for item in (status or []) for s in str(item).split(",") if s]
@@ -98,53 +104,53 @@ def list_jobs(cp: ControlPlane = Depends(plane), who: Principal = Depends(princi
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Job status, progress, metrics, balance")
-def show_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
+def show_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     job = _owned(cp, who, job_id)
     return job_dict(job, no_worker_reason(cp) if job.status == "QUEUED" else None)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel (cooperative)")
-def cancel_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
-    _owned(cp, who, job_id)
+def cancel_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
+    job = _owned(cp, who, job_id)
     try:
-        return job_dict(store.request_cancel(cp.db, job_id))
+        return job_dict(store.request_cancel(cp.db, job.id))
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
 
 
 @router.post("/jobs/{job_id}/retry", status_code=202, response_model=JobOut,
              summary="Run a FAILED/CANCELLED job again, resuming from its last checkpoint")
-def retry_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
-    _owned(cp, who, job_id)
+def retry_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
+    job = _owned(cp, who, job_id)
     try:
-        job = store.retry_job(cp.db, job_id)
+        job = store.retry_job(cp.db, job.id)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
-    publish(cp.celery, cp.db, job_id, cp.settings.celery_queue)
-    return job_dict(store.get_job(cp.db, job_id) or job)
+    publish(cp.celery, cp.db, job.id, cp.settings.celery_queue)
+    return job_dict(store.get_job(cp.db, job.id) or job)
 
 
-@router.delete("/jobs/{job_id}", status_code=204, summary="Delete a finished job (its run dir stays)")
-def delete_job(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> Response:
-    _owned(cp, who, job_id)
+@router.delete("/jobs/{job_id}", status_code=204,
+               summary="Delete a finished job with its run dir (logs, checkpoints); its model stays")
+def delete_job(job_id: str, cp: Plane, who: Caller) -> Response:
+    job = _owned(cp, who, job_id)
     try:
-        store.delete_job(cp.db, job_id)
+        run_dir = store.delete_job(cp.db, job.id)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
+    submit_mod.discard_run_dir(cp.settings, run_dir)
     return Response(status_code=204)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricsOut, summary="Metric time series (step rows)")
-def job_metrics(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal),
-                since_step: int | None = Query(None, ge=-1, le=2**31 - 1),
+def job_metrics(job_id: str, cp: Plane, who: Caller, since_step: int | None = Query(None, ge=-1, le=2**31 - 1),
                 limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
-    _owned(cp, who, job_id)
-    return {"items": store.metrics_since(cp.db, job_id, since_step, limit)}
+    job = _owned(cp, who, job_id)
+    return {"items": store.metrics_since(cp.db, job.id, since_step, limit)}
 
 
 @router.get("/jobs/{job_id}/cluster-sizes", response_model=ClusterSizesOut, summary="Latest sorted K*s curve")
-def cluster_sizes(job_id: str, cp: ControlPlane = Depends(plane),
-                  who: Principal = Depends(principal)) -> dict[str, Any]:
+def cluster_sizes(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     job = _owned(cp, who, job_id)
     if not job.cluster_sizes:
         raise ApiError(404, "not_found", "no cluster-size curve logged yet", "cluster_sizes")
@@ -152,7 +158,7 @@ def cluster_sizes(job_id: str, cp: ControlPlane = Depends(plane),
 
 
 @router.get("/jobs/{job_id}/logs", response_model=LogsOut, summary="Log text from a byte offset")
-def job_logs(job_id: str, cp: ControlPlane = Depends(plane), who: Principal = Depends(principal),
+def job_logs(job_id: str, cp: Plane, who: Caller,
              offset: int = Query(0, ge=0, le=2**40), limit: int = Query(65536, ge=1, le=1 << 20),
              source: Literal["job", "train"] = "job") -> dict[str, Any]:
     job = _owned(cp, who, job_id)
@@ -177,8 +183,7 @@ def _sse(event: str, data: Any) -> bytes:
 
 @router.get("/jobs/{job_id}/logs/stream", summary="Live log lines (SSE event `log`)",
             response_class=StreamingResponse)
-async def job_logs_stream(job_id: str, request: Request, cp: ControlPlane = Depends(plane),
-                          who: Principal = Depends(principal), offset: int = Query(0, ge=0, le=2**40),
+async def job_logs_stream(job_id: str, request: Request, cp: Plane, who: Caller, offset: int = Query(0, ge=0, le=2**40),
                           source: Literal["job", "train"] = "job",
                           max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
     job = await run_in_threadpool(_owned, cp, who, job_id)
@@ -190,7 +195,7 @@ async def job_logs_stream(job_id: str, request: Request, cp: ControlPlane = Depe
         while time.monotonic() < deadline and not await request.is_disconnected():
             for line in follower.read():
                 yield _sse("log", {"line": line, "offset": follower.offset})
-            current = await run_in_threadpool(store.get_job, cp.db, job_id)
+            current = await run_in_threadpool(store.get_job, cp.db, job.id)
             if current is None or current.status in TERMINAL:
                 for line in follower.read(final=True):
                     yield _sse("log", {"line": line, "offset": follower.offset})
@@ -217,13 +222,12 @@ class _LogFollower:
 
 @router.get("/jobs/{job_id}/events", summary="Live job events for the dashboard (SSE)",
             response_class=StreamingResponse)
-async def job_events(job_id: str, request: Request, cp: ControlPlane = Depends(plane),
-                     who: Principal = Depends(principal),
+async def job_events(job_id: str, request: Request, cp: Plane, who: Caller,
                      max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
     """Events: ``status`` (the Job), ``metrics`` (one step row), ``cluster_sizes`` (curve), ``log`` (line).
     The stream ends after the job reaches a terminal status."""
-    await run_in_threadpool(_owned, cp, who, job_id)
-    return StreamingResponse(_events(cp, job_id, request, max_seconds), media_type="text/event-stream",
+    job = await run_in_threadpool(_owned, cp, who, job_id)
+    return StreamingResponse(_events(cp, job.id, request, max_seconds), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from services.api.routes_jobs import ERRORS
 from services.api.model_sync import sync_once
 from services.api.schemas import ModelList, ModelOut
 from services.api.serialize import model_dict
-from services.api.state import ControlPlane, plane, principal
+from services.api.guard import AuthFirstRoute
+from services.api.state import Caller, ControlPlane, Plane
 from services.common.auth import Principal
 from services.common.errors import ApiError
 from services.db import jobs as store
 from services.db.models import ModelRow
 from services.worker.pipeline import write_active_pointer
 
-router = APIRouter(tags=["models"], responses=ERRORS)
+router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
 
 
 def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
@@ -29,19 +30,17 @@ def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
 
 
 @router.get("/models", response_model=ModelList, summary="Registered models, newest first")
-def list_models(cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
+def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
     return {"items": [model_dict(m) for m in store.list_models(cp.db, who.id)]}
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")
-def show_model(model_id: str, cp: ControlPlane = Depends(plane),
-               who: Principal = Depends(principal)) -> dict[str, Any]:
+def show_model(model_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     return model_dict(_owned_model(cp, who, model_id))
 
 
 @router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
-def activate_model(model_id: str, request: Request, cp: ControlPlane = Depends(plane),
-                   who: Principal = Depends(principal)) -> dict[str, Any]:
+def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> dict[str, Any]:
     row = _owned_model(cp, who, model_id)
     if not (Path(row.bundle_dir) / "model.onnx").exists():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")

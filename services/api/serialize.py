@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 from services.common.errors import ApiError
+from services.db.jobs import public_id
 from services.db.models import Job, ModelRow
 
 
@@ -28,7 +29,7 @@ def job_dict(job: Job, no_worker: str | None = None) -> dict[str, Any]:
     progress = {"epoch": None, "step": None, "total_steps": None, "percent": None, "eta_seconds": None}
     progress.update(job.progress or {})
     return {
-        "id": job.id, "name": job.name, "status": job.status, "attempt": job.attempt,
+        "id": public_id(job), "name": job.name, "status": job.status, "attempt": job.attempt,
         "max_attempts": job.max_attempts, "failures": job.failures, "config": job.config,
         "request": job.request or {}, "progress": progress, "latest_metrics": job.latest_metrics or {},
         "balance": job.balance or {}, "artifacts": job.artifacts or {}, "model_id": job.model_id,

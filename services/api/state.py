@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from typing import Annotated
 
 from celery import Celery
-from fastapi import Request
+from fastapi import Depends, Request
 
 from services.common.auth import ApiKeyAuth, Principal
 from services.db.session import Database
@@ -29,5 +30,15 @@ def plane(request: Request) -> ControlPlane:
 
 
 def principal(request: Request) -> Principal:
-    """The authenticated caller (FastAPI dependency; 401 when auth is on and the key is bad)."""
+    """The authenticated caller (FastAPI dependency; 401 when auth is on and the key is bad).
+
+    Routes of :class:`services.api.guard.AuthFirstRoute` have already authenticated before the body was
+    read; their result is reused."""
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
     return request.app.state.plane.auth.authenticate(request)
+
+
+Plane = Annotated[ControlPlane, Depends(plane)]
+Caller = Annotated[Principal, Depends(principal)]

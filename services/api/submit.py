@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,10 +16,44 @@ from services.common.paths import PathNotAllowed, resolve_in_roots
 from services.settings import Settings
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist")
+TRASH_DIR = ".deleted"  # under runs/: where a deleted job's run dir waits for removal
+
+log = logging.getLogger("excb.api")
 
 
 def new_job_id() -> str:
     return f"j-{uuid.uuid4().hex[:16]}"
+
+
+def runs_root(settings: Settings) -> Path:
+    return Path(settings.runs_dir).expanduser().resolve()
+
+
+def fresh_run(settings: Settings) -> tuple[str, Path]:
+    """A new server job id and its run dir, which must not exist yet: a job never starts in (and so never
+    resumes from) a directory another job wrote."""
+    while True:
+        job_id = new_job_id()
+        run_dir = runs_root(settings) / job_id
+        if not run_dir.exists():
+            return job_id, run_dir
+
+
+def discard_run_dir(settings: Settings, run_dir: str) -> None:
+    """Move a deleted job's run dir aside at once (one rename: logs and checkpoints vanish atomically),
+    then remove it. Directories outside ``runs/`` are never touched."""
+    root = runs_root(settings)
+    path = Path(run_dir)
+    if not path.is_relative_to(root) or path == root or not path.is_dir():
+        return
+    trash = root / TRASH_DIR / f"{path.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, trash)
+    except OSError as exc:
+        log.warning("could not move aside the run dir %s of a deleted job: %s", path, exc)
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def build_config(body: JobSubmit, settings: Settings, run_dir: Path) -> dict[str, Any]:

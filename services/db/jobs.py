@@ -32,50 +32,80 @@ class Lease:
 
 # --- API side ---------------------------------------------------------------------------------------
 
-def create_job(db: Database, *, job_id: str, owner: str | None, idempotency_key: str | None, name: str | None,
-               config: dict[str, Any], request: dict[str, Any], run_dir: str, max_attempts: int) -> tuple[Job, bool]:
-    """Insert a QUEUED job; return ``(job, created)``. A repeated key or job id returns the first job."""
-    scoped_key = f"{owner or ''}:{idempotency_key}" if idempotency_key else None
-    existing = _find_duplicate(db, job_id, scoped_key)
+def scoped(owner: str | None, name: str) -> str:
+    """A client-chosen name (job id, idempotency key) within its owner's namespace."""
+    return f"{owner or ''}:{name}"
+
+
+def create_job(db: Database, *, job_id: str, client_id: str | None = None, owner: str | None,
+               idempotency_key: str | None, name: str | None, config: dict[str, Any], request: dict[str, Any],
+               run_dir: str, max_attempts: int) -> tuple[Job, bool]:
+    """Insert a QUEUED job under the server id ``job_id``; return ``(job, created)``.
+
+    A repeated Idempotency-Key or client ``job_id`` *of the same owner* returns the first job (409 when its
+    config differs); another owner's names are a different namespace, so they neither clash nor leak."""
+    scoped_key = scoped(owner, idempotency_key) if idempotency_key else None
+    ref = scoped(owner, client_id) if client_id else None
+    existing = _find_duplicate(db, ref, scoped_key)
     if existing is not None:
-        return _check_same(existing, owner, config), False
+        return _check_same(existing, config), False
     now = utcnow()
-    job = Job(id=job_id, idempotency_key=scoped_key, owner=owner, name=name, status="QUEUED", config=config,
-              request=request, run_dir=run_dir, attempt=0, failures=0, max_attempts=max_attempts, lease_token=0,
-              cancel_requested=False, publish_count=0, progress={}, latest_metrics={}, balance={}, artifacts={},
-              created_at=now, updated_at=now)
+    job = Job(id=job_id, idempotency_key=scoped_key, client_ref=ref, owner=owner, name=name, status="QUEUED",
+              config=config, request=request, run_dir=run_dir, attempt=0, failures=0, max_attempts=max_attempts,
+              lease_token=0, cancel_requested=False, publish_count=0, progress={}, latest_metrics={}, balance={},
+              artifacts={}, created_at=now, updated_at=now)
     try:
         with db.session() as s:
             s.add(job)
     except IntegrityError:
-        existing = _find_duplicate(db, job_id, scoped_key)
+        existing = _find_duplicate(db, ref, scoped_key)
         if existing is None:
             raise
-        return _check_same(existing, owner, config), False
+        return _check_same(existing, config), False
     return job, True
 
 
-def _find_duplicate(db: Database, job_id: str, scoped_key: str | None) -> Job | None:
+def _find_duplicate(db: Database, ref: str | None, scoped_key: str | None) -> Job | None:
     with db.session() as s:
         if scoped_key is not None:
             hit = s.scalar(select(Job).where(Job.idempotency_key == scoped_key))
             if hit is not None:
                 return hit
-        return s.get(Job, job_id)
+        return s.scalar(select(Job).where(Job.client_ref == ref)) if ref is not None else None
 
 
-def _check_same(job: Job, owner: str | None, config: dict[str, Any]) -> Job:
-    if job.owner != owner:
-        raise Conflict(f"job id {job.id!r} is taken")
+def _check_same(job: Job, config: dict[str, Any]) -> Job:
     if {k: v for k, v in job.config.items() if k != "out"} != {k: v for k, v in config.items() if k != "out"}:
-        raise Conflict(f"job {job.id!r} already exists with a different config")
+        raise Conflict(f"job {public_id(job)!r} already exists with a different config")
     return job
+
+
+def public_id(job: Job) -> str:
+    """The id the owner knows the job by: the client's ``job_id`` when one was given, else the server id."""
+    return job.client_ref.partition(":")[2] if job.client_ref else job.id
 
 
 def find_by_key(db: Database, owner: str | None, idempotency_key: str) -> Job | None:
     """The job first submitted with this Idempotency-Key by this owner."""
     with db.session() as s:
-        return s.scalar(select(Job).where(Job.idempotency_key == f"{owner or ''}:{idempotency_key}"))
+        return s.scalar(select(Job).where(Job.idempotency_key == scoped(owner, idempotency_key)))
+
+
+def find_client_job(db: Database, owner: str | None, client_id: str) -> Job | None:
+    """The owner's job submitted with this client ``job_id``."""
+    with db.session() as s:
+        return s.scalar(select(Job).where(Job.client_ref == scoped(owner, client_id)))
+
+
+def find_owned(db: Database, owner: str | None, ref: str) -> Job | None:
+    """The job ``ref`` names for ``owner``: their client ``job_id`` first, else a server id they own.
+
+    ``owner=None`` (auth off) sees every job by server id. Another owner's job is None, exactly like a
+    missing one, so existence never crosses keys."""
+    job = find_client_job(db, owner, ref) or get_job(db, ref)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
 
 
 def get_job(db: Database, job_id: str) -> Job | None:
@@ -144,14 +174,18 @@ def retry_job(db: Database, job_id: str) -> Job:
     return job
 
 
-def delete_job(db: Database, job_id: str) -> None:
-    """Delete a terminal job (its metrics and attempts go with it); 409 otherwise."""
+def delete_job(db: Database, job_id: str) -> str:
+    """Delete a terminal job (its metrics and attempts go with it) and return its run dir; 409 otherwise.
+
+    The caller removes the run dir: the row is gone first, so no worker can lease the job any more."""
     with db.session() as s:
+        run_dir = s.scalar(select(Job.run_dir).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
         res = s.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
-        if res.rowcount == 0:
+        if res.rowcount == 0 or run_dir is None:
             raise Conflict("only SUCCEEDED, FAILED or CANCELLED jobs can be deleted")
         s.execute(delete(JobMetric).where(JobMetric.job_id == job_id))
         s.execute(delete(JobAttempt).where(JobAttempt.job_id == job_id))
+    return run_dir
 
 
 def metrics_since(db: Database, job_id: str, since_step: int | None, limit: int) -> list[dict[str, Any]]:

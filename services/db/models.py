@@ -44,12 +44,16 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     """One training job. ``lease_token`` is the fencing token: every (re)start increments it and every
-    write from a worker is conditional on it, so a stale worker can neither heartbeat nor commit."""
+    write from a worker is conditional on it, so a stale worker can neither heartbeat nor commit.
+
+    ``id`` (and so the run directory) is always made by the server; a client's ``job_id`` lives in
+    ``client_ref`` scoped by the owner, so two keys may use the same name without seeing each other."""
 
     __tablename__ = "jobs"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # always server-made (see client_ref)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    client_ref: Mapped[str | None] = mapped_column(String(255))  # "<owner>:<client job_id>", unique per key
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
     name: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -80,6 +84,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("idempotency_key", name="uq_jobs_idempotency_key"),
         Index("ix_jobs_created", "created_at", "id"),
+        Index("uq_jobs_client_ref", "client_ref", unique=True),
     )
 
 

@@ -82,6 +82,8 @@ class EmbedService:
         e = settings.embed
         self.fetch_policy = FetchPolicy.build(e.url_allowed_hosts, e.url_allowed_networks, e.max_image_bytes,
                                               e.url_timeout_seconds, e.url_max_redirects)
+        self._fetch_limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
+        self._fetches = 0  # in flight; checked and bumped with no await between, so admission is exact
 
     # -- inputs ------------------------------------------------------------------------------------------
 
@@ -220,6 +222,21 @@ class EmbedService:
             raise ApiError(413, "too_large", f"the image exceeds the limit of {cap} bytes", "uri")
         return data
 
+    async def fetch(self, uri: str) -> bytes:
+        """Fetch a URL on threads of its own: at most ``url_max_concurrent`` at once, none taken from the
+        pool every other sync route runs on, so slow remote servers cannot starve them; beyond it 503."""
+        cap = self.embed.url_max_concurrent
+        if self._fetch_limiter is None:
+            self._fetch_limiter = anyio.CapacityLimiter(cap)
+        if self._fetches >= cap:
+            self.metrics.rejected.labels("fetch_busy").inc()
+            raise ApiError(503, "overloaded", f"{cap} URL fetches already in flight", "uri", self._retry())
+        self._fetches += 1
+        try:
+            return await anyio.to_thread.run_sync(self.read_url, uri, limiter=self._fetch_limiter)
+        finally:
+            self._fetches -= 1
+
     def read_url(self, uri: str) -> bytes:
         try:
             return fetch_url(uri, self.fetch_policy)
@@ -352,7 +369,7 @@ def build_router(svc: EmbedService) -> APIRouter:
                             encoding_format=encoding_format)
         lowered = uri.lower()
         if lowered.startswith(("http://", "https://")):
-            data = await anyio.to_thread.run_sync(svc.read_url, uri)
+            data = await svc.fetch(uri)
         elif "://" in uri or lowered.startswith(("file:", "data:")):
             raise ApiError(422, "invalid_uri", "uri must be a path relative to a data root or an http(s) URL", "uri")
         else:

@@ -6,6 +6,8 @@ private, link-local incl. 169.254.169.254, CGNAT, ULA, multicast, reserved and I
 those are refused) unless it falls in an explicitly allowed network; the connection then goes to that
 pinned address (no second DNS lookup, so DNS rebinding cannot swap it), with SNI/Host set to the name.
 Redirects are followed by hand, each hop re-validated. The body is read in chunks up to a byte cap.
+One wall-clock deadline (``timeout_s``) covers connect, TLS, headers, every redirect and the body: a watchdog
+shuts the socket when it passes, so a server dripping one byte at a time cannot hold a thread for longer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -143,9 +146,10 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
     def __init__(self, address: str, host: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._address = address
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
@@ -153,41 +157,84 @@ class _PinnedHTTP(http.client.HTTPConnection):
     def __init__(self, address: str, host: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _Watchdog:
+    """Shuts the connection's socket at the deadline, whatever call is blocked on it (per-call socket
+    timeouts alone restart with every byte that arrives, so they bound nothing)."""
+
+    def __init__(self, conn: "_PinnedHTTP | _PinnedHTTPS", deadline: float) -> None:
+        self.conn = conn
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self.conn.raw_sock  # not conn.sock: http.client drops that once the response owns the socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "_Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _timed_out() -> FetchError:
+    return FetchError("fetch_timeout", "the image URL did not deliver within url_timeout_seconds "
+                                       "(one deadline for connect, redirects and body)")
 
 
 def _one_hop(target: Target, policy: FetchPolicy, deadline: float) -> tuple[int, str | None, bytes]:
     cls = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
-    left = max(0.1, deadline - time.monotonic())
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timed_out()
     conn = cls(target.address, target.host, target.port, left)
-    try:
-        conn.request("GET", target.path, headers={"User-Agent": "excb-embed", "Accept": "image/*"})
-        resp = conn.getresponse()
-        if resp.status in _REDIRECTS:
-            return resp.status, resp.getheader("Location"), b""
-        if resp.status != 200:
-            raise FetchError("fetch_failed", f"the image URL answered HTTP {resp.status}")
-        length = resp.getheader("Content-Length")
-        if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-            raise FetchError("too_large", f"the image is {length} bytes; the limit is {policy.max_bytes}", 413)
-        chunks, total = [], 0
-        while True:
-            if time.monotonic() > deadline:
-                raise FetchError("fetch_failed", "timed out reading the image URL")
-            block = resp.read(65536)
-            if not block:
-                break
-            total += len(block)
-            if total > policy.max_bytes:
-                raise FetchError("too_large", f"the image exceeds the limit of {policy.max_bytes} bytes", 413)
-            chunks.append(block)
-        return 200, None, b"".join(chunks)
-    except (OSError, http.client.HTTPException) as exc:
-        raise FetchError("fetch_failed", f"could not fetch the image URL: {exc}") from exc
-    finally:
-        conn.close()
+    with _Watchdog(conn, deadline) as watchdog:
+        try:
+            status, location, body = _exchange(conn, target, policy)
+        except (OSError, http.client.HTTPException) as exc:
+            if watchdog.fired:
+                raise _timed_out() from exc
+            raise FetchError("fetch_failed", f"could not fetch the image URL: {exc}") from exc
+        finally:
+            conn.close()
+        if watchdog.fired:  # a read-until-close body cut short by the watchdog looks complete; it is not
+            raise _timed_out()
+    return status, location, body
+
+
+def _exchange(conn: "_PinnedHTTP | _PinnedHTTPS", target: Target, policy: FetchPolicy) -> tuple[int, str | None, bytes]:
+    conn.request("GET", target.path, headers={"User-Agent": "excb-embed", "Accept": "image/*"})
+    resp = conn.getresponse()
+    if resp.status in _REDIRECTS:
+        return resp.status, resp.getheader("Location"), b""
+    if resp.status != 200:
+        raise FetchError("fetch_failed", f"the image URL answered HTTP {resp.status}")
+    length = resp.getheader("Content-Length")
+    if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+        raise FetchError("too_large", f"the image is {length} bytes; the limit is {policy.max_bytes}", 413)
+    chunks, total = [], 0
+    while True:
+        block = resp.read1(65536)
+        if not block:
+            break
+        total += len(block)
+        if total > policy.max_bytes:
+            raise FetchError("too_large", f"the image exceeds the limit of {policy.max_bytes} bytes", 413)
+        chunks.append(block)
+    return 200, None, b"".join(chunks)
 
 
 def fetch_url(url: str, policy: FetchPolicy, resolver: Resolver = system_resolver) -> bytes:

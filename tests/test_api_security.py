@@ -325,3 +325,23 @@ def test_slow_url_fetches_cannot_starve_other_routes(drip_server: int, make_stac
     codes = sorted((status, kind) for status, kind, _ in results)
     assert codes == [(422, "fetch_timeout")] * 2 + [(503, "overloaded")] * 3, results
     assert max(seconds for _, _, seconds in results) < 4.0, results
+
+
+# --- the per-key limit holds under concurrency and on retry -------------------------------------------------
+
+def test_per_key_limit_is_atomic_on_submit_and_retry(db_url: str, make_stack: Any, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = make_stack(db_url, None, api_keys_file=_keys_file(tmp_path), max_running_jobs_per_key=2)
+    c = stack.start_api()
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(lambda _: c.post("/v1/jobs", json=SHORT, headers=A).status_code, range(10)))
+    assert sorted(codes) == [201] * 2 + [429] * 8, codes  # today: up to 5 x 201
+    ids = [j["id"] for j in c.get("/v1/jobs", headers=A).json()["items"]]
+    for jid in ids:
+        c.post(f"/v1/jobs/{jid}/cancel", headers=A)
+    assert c.post("/v1/jobs", json=SHORT, headers=A).status_code == 201
+    assert c.post("/v1/jobs", json=SHORT, headers=A).status_code == 201
+    retried = [c.post(f"/v1/jobs/{jid}/retry", headers=A).status_code for jid in ids]
+    assert retried == [429, 429], retried  # today: 202, 202 (4 active with a limit of 2)
+    assert c.post("/v1/jobs", json=SHORT, headers=B).status_code == 201  # the limit is per key

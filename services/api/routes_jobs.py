@@ -21,7 +21,7 @@ from services.api.state import Caller, ControlPlane, Plane
 from services.common.auth import Principal
 from services.common.errors import ERROR_SCHEMA, ApiError
 from services.db import jobs as store
-from services.db.jobs import Conflict
+from services.db.jobs import Conflict, LimitReached
 from services.db.models import TERMINAL, Job
 from services.worker.publish import publish
 
@@ -58,19 +58,17 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
     config = submit_mod.build_config(body, settings, run_dir)
-    if existing is None and who.id is not None and \
-            store.count_active(cp.db, who.id) >= settings.max_running_jobs_per_key:
-        raise ApiError(429, "too_many_jobs",
-                       f"this key already has {settings.max_running_jobs_per_key} queued or running jobs",
-                       headers={"Retry-After": "60"})
     request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb}
     try:
         job, created = store.create_job(cp.db, job_id=job_id, client_id=body.job_id, owner=who.id,
                                         idempotency_key=idempotency_key, name=body.name, config=config,
                                         request=request, run_dir=str(run_dir),
-                                        max_attempts=body.max_attempts or settings.max_attempts)
+                                        max_attempts=body.max_attempts or settings.max_attempts,
+                                        max_active=settings.max_running_jobs_per_key)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc), "job_id") from exc
+    except LimitReached as exc:
+        raise _too_many(exc) from exc
     if created:
         publish(cp.celery, cp.db, job.id, settings.celery_queue)
         job = store.get_job(cp.db, job.id) or job
@@ -78,6 +76,10 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
     return job_dict(job)
+
+
+def _too_many(exc: LimitReached) -> ApiError:
+    return ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": "60"})
 
 
 def _existing(cp: ControlPlane, who: Principal, job_id: str | None, key: str | None) -> Job | None:
@@ -123,9 +125,11 @@ def cancel_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
 def retry_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     job = _owned(cp, who, job_id)
     try:
-        job = store.retry_job(cp.db, job.id)
+        job = store.retry_job(cp.db, job.id, who.id, cp.settings.max_running_jobs_per_key)
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
+    except LimitReached as exc:
+        raise _too_many(exc) from exc
     publish(cp.celery, cp.db, job.id, cp.settings.celery_queue)
     return job_dict(store.get_job(cp.db, job.id) or job)
 

@@ -7,11 +7,13 @@ fencing token ``lease_token``), so concurrent actors can never both win a transi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from services.db.models import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
 from services.db.session import Database
@@ -19,6 +21,10 @@ from services.db.session import Database
 
 class Conflict(Exception):
     """The request clashes with the job's state or with another job (maps to 409)."""
+
+
+class LimitReached(Exception):
+    """The owner already has its quota of queued or running jobs (maps to 429)."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ def scoped(owner: str | None, name: str) -> str:
 
 def create_job(db: Database, *, job_id: str, client_id: str | None = None, owner: str | None,
                idempotency_key: str | None, name: str | None, config: dict[str, Any], request: dict[str, Any],
-               run_dir: str, max_attempts: int) -> tuple[Job, bool]:
+               run_dir: str, max_attempts: int, max_active: int | None = None) -> tuple[Job, bool]:
     """Insert a QUEUED job under the server id ``job_id``; return ``(job, created)``.
 
     A repeated Idempotency-Key or client ``job_id`` *of the same owner* returns the first job (409 when its
-    config differs); another owner's names are a different namespace, so they neither clash nor leak."""
+    config differs); another owner's names are a different namespace, so they neither clash nor leak.
+    ``max_active`` (per owner) is checked in the inserting transaction: concurrent submits cannot overshoot."""
     scoped_key = scoped(owner, idempotency_key) if idempotency_key else None
     ref = scoped(owner, client_id) if client_id else None
     existing = _find_duplicate(db, ref, scoped_key)
@@ -56,6 +63,7 @@ def create_job(db: Database, *, job_id: str, client_id: str | None = None, owner
               artifacts={}, created_at=now, updated_at=now)
     try:
         with db.session() as s:
+            _admit(s, owner, max_active)
             s.add(job)
     except IntegrityError:
         existing = _find_duplicate(db, ref, scoped_key)
@@ -132,9 +140,29 @@ def list_jobs(db: Database, *, owner: str | None, status: Sequence[str] | None, 
 def count_active(db: Database, owner: str | None) -> int:
     """Jobs of ``owner`` that are queued or running (the per-key limit)."""
     with db.session() as s:
-        q = select(func.count()).select_from(Job).where(Job.status.in_(["QUEUED", *ACTIVE]))
-        q = q.where(Job.owner.is_(None) if owner is None else Job.owner == owner)
-        return int(s.scalar(q) or 0)
+        return _count_active(s, owner)
+
+
+def _count_active(s: Session, owner: str | None) -> int:
+    q = select(func.count()).select_from(Job).where(Job.status.in_(["QUEUED", *ACTIVE]))
+    q = q.where(Job.owner.is_(None) if owner is None else Job.owner == owner)
+    return int(s.scalar(q) or 0)
+
+
+def _admit(s: Session, owner: str | None, max_active: int | None) -> None:
+    """Hold the owner's admission lock for the rest of the transaction, then check its quota.
+
+    PostgreSQL: a transaction-scoped advisory lock per owner; SQLite: ``BEGIN IMMEDIATE`` (the database
+    write lock, taken before the count). Either way count + write is one atomic step."""
+    if max_active is None or owner is None:
+        return
+    if s.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"excb-admit:{owner}".encode()).digest()[:8], "big", signed=True)
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    else:
+        s.execute(text("BEGIN IMMEDIATE"))
+    if _count_active(s, owner) >= max_active:
+        raise LimitReached(f"this key already has {max_active} queued or running jobs")
 
 
 def mark_published(db: Database, job_id: str) -> None:
@@ -160,10 +188,12 @@ def request_cancel(db: Database, job_id: str) -> Job:
     return job
 
 
-def retry_job(db: Database, job_id: str) -> Job:
-    """FAILED/CANCELLED -> QUEUED with a fresh failure budget; the trainer resumes from its last checkpoint."""
+def retry_job(db: Database, job_id: str, owner: str | None = None, max_active: int | None = None) -> Job:
+    """FAILED/CANCELLED -> QUEUED with a fresh failure budget; the trainer resumes from its last checkpoint.
+    A retried job counts against ``max_active`` like a new one (checked atomically, as in create_job)."""
     now = utcnow()
     with db.session() as s:
+        _admit(s, owner, max_active)
         res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(["FAILED", "CANCELLED"]))
                         .values(status="QUEUED", failures=0, cancel_requested=False, error=None, enqueued_at=None,
                                 finished_at=None, lease_owner=None, updated_at=now))

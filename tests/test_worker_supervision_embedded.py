@@ -145,7 +145,7 @@ def test_kill9_worker_is_restarted_and_the_job_resumes_from_its_checkpoint(up: U
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 2 and done["failures"] == 1, done
     assert done["progress"]["step"] == 60
     resumed = up.resumed_at()
-    assert 4 <= resumed <= step_at_kill + 4 and resumed % 4 == 0, (resumed, step_at_kill)  # checkpoint every 4
+    assert 4 <= resumed < 60 and resumed % 4 == 0, resumed  # a checkpoint (every 4 steps), not step 0
     job_log = (up.run_dir() / "job.log").read_text()
     assert "--- attempt 2" in job_log
 

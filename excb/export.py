@@ -269,7 +269,8 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
 def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``excb export RUN_DIR_OR_CHECKPOINT --out BUNDLE_DIR``."""
-    p = subparsers.add_parser("export", help="export a trained teacher to an ONNX bundle (with parity check)",
+    p = subparsers.add_parser("export", help="export a trained teacher to an ONNX bundle (with parity check) "
+                                             "or its backbone weights (--format torch)",
                               description="Write BUNDLE_DIR/model.onnx + model.json and verify ONNX Runtime "
                                           "against PyTorch on real images; exits 1 when parity fails.")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -277,10 +278,17 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--parity-data", metavar="SOURCE", help="images for the parity check (default: the run's data)")
     p.add_argument("--parity-images", type=int, default=DEFAULT_PARITY_IMAGES, metavar="N")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--format", choices=("onnx", "torch"), default="onnx",
+                   help="onnx: the servable bundle (default); torch: backbone.safetensors + backbone.json of the "
+                        "teacher backbone, for fine-tuning (excb.models.load_backbone)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "onnx") == "torch":
+        from excb.models.weights import cmd_export_weights
+
+        return cmd_export_weights(args.source, args.out)
     try:
         meta = export_bundle(args.source, args.out, parity_data=args.parity_data, parity_count=args.parity_images,
                              opset=args.opset)

@@ -121,6 +121,11 @@ class EmbedService:
     # -- the pipeline ------------------------------------------------------------------------------------
 
     async def serve(self, items: list[tuple[str, bytes]], opts: EmbedOptions, route: str) -> JSONResponse:
+        body, version = await self.run(items, opts, route)
+        return JSONResponse(body, headers={"X-Model-Version": version})
+
+    async def run(self, items: list[tuple[str, bytes]], opts: EmbedOptions, route: str) -> tuple[dict[str, Any], str]:
+        """The pipeline without the HTTP envelope: (body, model version); POST /v1/embeddings reshapes it."""
         t0 = time.perf_counter()
         k = self.check_top_k(opts)
         try:
@@ -143,7 +148,7 @@ class EmbedService:
             lease.__exit__(None, None, None)
         self.metrics.images.labels(model.id).inc(len(items))
         self.metrics.request_seconds.labels(route).observe(time.perf_counter() - t0)
-        return JSONResponse(body, headers={"X-Model-Version": model.version})
+        return body, model.version
 
     def _submit(self, model: LoadedModel, x: np.ndarray) -> "Future[tuple[np.ndarray, np.ndarray]]":
         try:
@@ -470,6 +475,11 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     install_http_metrics(app, metrics.registry, "embed")
     app.state.embed = svc
     app.include_router(build_router(svc))
+    from services.embed.openai_compat import build_openai_router  # imports this module: kept local
+    from services.embed.openapi_docs import install_openapi
+
+    app.include_router(build_openai_router(svc))
+    install_openapi(app)
     return app
 
 

@@ -281,6 +281,35 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[chosen], labels[chosen]
 
 
+# ------------------------------------------------------------------------------------------ containment
+def source_paths(source: str) -> list[Path]:
+    """Every local file ``source`` makes a reader open (all splits), unresolved; ``[]`` for built-ins.
+
+    A service checks each one's real path against its data roots: checking only the top-level path let a
+    symlink inside a root, or a ``list:`` line with an absolute or ``../`` path, reach files outside it.
+    URL shard sources raise ValueError (they are not files).
+    """
+    source = source.strip()
+    if source == "digits" or source == "fashion-mnist":
+        return []  # packaged or from the machine's own install, never a user path
+    if source.startswith("fashion-mnist:"):
+        root = fashion_mnist_root(source.partition(":")[2])
+        return [root] + sorted(p for p in root.glob("*idx*") if p.is_file() or p.is_symlink())
+    if source.startswith("list:"):
+        list_file = Path(source[len("list:"):]).expanduser()
+        base = list_file.resolve().parent
+        return [list_file] + [Path(p) if Path(p).is_absolute() else base / p for p, _ in _read_list(list_file)]
+    if source.startswith("shards:"):
+        from excb.data.shards import INDEX_NAME, read_index
+
+        if "://" in source:
+            raise ValueError(f"data source {source!r}: not a local path")
+        index = read_index(source[len("shards:"):])
+        return [Path(index.root), Path(index.root) / INDEX_NAME] + [Path(s) for s in index.shards]
+    root = Path(source).expanduser()
+    return [root] + [root / r for r in _scan_folder(root)]
+
+
 # -------------------------------------------------------------------------------------------------- entry
 def _check_split(split: str) -> None:
     if split not in ("train", "test", "all"):

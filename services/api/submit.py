@@ -12,10 +12,9 @@ from typing import Any
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
 from services.common.errors import ApiError
-from services.common.paths import PathNotAllowed, resolve_in_roots
+from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained, resolve_in_roots
 from services.settings import Settings
 
-BUILTIN_SOURCES = ("digits", "fashion-mnist")
 TRASH_DIR = ".deleted"  # under runs/: where a deleted job's run dir waits for removal
 
 log = logging.getLogger("excb.api")
@@ -77,10 +76,13 @@ def safe_source(source: str, settings: Settings) -> str:
     """Built-in data sets pass; any path (folder, ``list:FILE``, ``fashion-mnist:ROOT``) must lie in a data root."""
     if source in BUILTIN_SOURCES:
         return source
-    for prefix in ("list:", "fashion-mnist:"):
-        if source.startswith(prefix):
-            return prefix + str(_in_roots(source[len(prefix):], settings))
-    return str(_in_roots(source, settings))
+    prefix = next((p for p in ("list:", "fashion-mnist:") if source.startswith(p)), "")
+    resolved = prefix + str(_in_roots(source[len(prefix):], settings))
+    try:  # every file the trainer will open, not only the top-level path (symlinks, list: lines)
+        check_source_contained(resolved, settings.data_roots)
+    except PathNotAllowed as exc:
+        raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
+    return resolved
 
 
 def _in_roots(path: str, settings: Settings) -> Path:

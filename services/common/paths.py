@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+BUILTIN_SOURCES = ("digits", "fashion-mnist")  # data sets that name no user path
+
 
 class PathNotAllowed(ValueError):
     """The path is outside every data root (or no roots are configured); ``field`` names the input."""
@@ -56,3 +58,26 @@ def resolve_in_roots(user_path: str, roots: Iterable[Path | str], field: str = "
                 raise PathNotAllowed(field, f"{user_path!r} does not exist inside the data roots")
             return resolved
     raise PathNotAllowed(field, f"{user_path!r} resolves outside the configured data roots")
+
+
+def check_source_contained(source: str, roots: Iterable[Path | str], field: str = "data.source") -> int:
+    """Raise :class:`PathNotAllowed` unless every file ``source`` will read resolves inside ``roots``.
+
+    The top-level check above is not enough (issue 13 item 4): a symlink inside a root or a ``list:`` line
+    may point anywhere. Returns the number of paths checked. Run by the API on submit and again by the
+    worker before it starts the trainer (the tree may have changed in between).
+    """
+    from excb.data.datasets import source_paths
+
+    real_roots = [_real(Path(r).expanduser()) for r in roots]
+    if not real_roots:
+        raise PathNotAllowed(field, "no data roots are configured (set EXCB_DATA_ROOTS)")
+    try:
+        paths = source_paths(source)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PathNotAllowed(field, f"cannot list the files of {source!r}: {exc}") from exc
+    for path in paths:
+        if not any(_inside(_real(path), root) for root in real_roots):
+            raise PathNotAllowed(field, f"{str(path)!r} (read by {source!r}) resolves outside the configured "
+                                        f"data roots")
+    return len(paths)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from excb.config import validate
+from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.db import jobs as store
 from services.db.jobs import Lease
 from services.db.models import utcnow
@@ -97,6 +98,9 @@ class JobRunner:
         run_dir = Path(job.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = validate({**job.config, "out": str(run_dir)})
+        refused = self._outside_roots(cfg.data.source)
+        if refused:
+            return self._commit_failure(lease, "path_not_allowed", refused, count=False)
         cfg_path = run_dir / "job.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         request = job.request or {}
@@ -115,6 +119,18 @@ class JobRunner:
         outcome = self._supervise(lease, proc, tail, tracker, request)
         self._sync_progress(lease, tail, tracker)
         return self._settle(lease, outcome, run_dir, tracker, tail)  # runs the export stage after a clean exit
+
+    def _outside_roots(self, source: str) -> str | None:
+        """Defence in depth (issue 13 item 4): the API checked the data on submit, but the tree may have
+        changed since (a symlink added) or the row may not have come through the API; check again here."""
+        if source in BUILTIN_SOURCES:
+            return None
+        try:
+            check_source_contained(source, self.settings.data_roots)
+        except PathNotAllowed as exc:
+            log.warning("job %s refused: %s", self.job_id, exc)
+            return str(exc)
+        return None
 
     def _supervise(self, lease: Lease, proc: subprocess.Popen[bytes], tail: MetricsTail,
                    tracker: ProgressTracker, request: dict[str, Any]) -> Outcome:

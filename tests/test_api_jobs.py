@@ -158,7 +158,7 @@ def test_infra_routes(api: Any) -> None:
     assert 'excb_jobs{status="QUEUED"} 1.0' in text and "excb_http_requests_total" in text
     info = api.client.get("/v1/info").json()
     assert info["database"] in ("sqlite", "postgresql") and "versions" in info
-    assert api.client.get("/v1/models").json() == {"items": []}
+    assert api.client.get("/v1/models").json() == {"items": [], "object": "list", "data": []}
     assert api.client.get("/v1/models/nope").status_code == 404
 
 

@@ -173,3 +173,31 @@ def test_native_routes_unchanged_and_openapi_declares_bodies(server: es.UvicornT
             assert "content" in op["responses"]["200"], (path, method)
             has_security = "security" in op
             assert has_security == (path not in ("/livez", "/readyz", "/metrics")), (path, method)
+
+
+def test_excb_up_shape_models_list_coexists_with_control_plane(make_stack, tmp_path: Path) -> None:
+    """In `excb up` the control plane owns GET /v1/models (its `items`); the OpenAI `object` + `data` ride
+    beside them, so the official client lists models and embeds through the mounted embed app."""
+    from services.api.app import create_app as create_plane
+    from services.db import jobs as store
+    from services.db.models import ModelRow
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'up.sqlite'}", None)
+    bundle_dir = stack.home / "models" / "digits-a"
+    shutil.copytree(es.bundle(), bundle_dir)
+    app = create_plane(stack.settings(), embedded=True, reaper=False)
+    store.add_model(app.state.plane.db, ModelRow(id="digits-a", status="READY", bundle_dir=str(bundle_dir),
+                                                 model_json={}), activate=True)
+    with es.UvicornThread(app) as srv:
+        raw = httpx.get(srv.url + "/v1/models", timeout=30).json()
+        assert [m["id"] for m in raw["items"]] == ["digits-a"] and raw["object"] == "list"
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        listed = c.models.list().data
+        assert [m.id for m in listed] == ["digits-a"] and listed[0].object == "model" and listed[0].created > 0
+        res = c.embeddings.create(model="digits-a", input=[_b64(0)], encoding_format="float")
+        assert len(res.data[0].embedding) == es_dim() and "assignment" in res.data[0].model_extra
+    app.state.plane.db.dispose()
+
+
+def es_dim() -> int:
+    return load_bundle(es.bundle()).embed_dim

@@ -15,6 +15,7 @@ from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
 from services.common.auth import Principal
 from services.common.errors import ApiError
+from services.common.openai_shapes import model_entry
 from services.db import jobs as store
 from services.db.models import ModelRow
 from services.worker.pipeline import write_active_pointer
@@ -31,7 +32,9 @@ def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
 
 @router.get("/models", response_model=ModelList, summary="Registered models, newest first")
 def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
-    return {"items": [model_dict(m) for m in store.list_models(cp.db, who.id)]}
+    rows = store.list_models(cp.db, who.id)
+    return {"items": [model_dict(m) for m in rows], "object": "list",
+            "data": [model_entry(m.id, m.created_at, m.active, owned_by=m.owner or "excb") for m in rows]}
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.openai_shapes import OpenAIModel
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -98,4 +100,9 @@ class ModelOut(BaseModel):
 
 
 class ModelList(BaseModel):
+    """``items`` is excb's; ``object`` + ``data`` are the OpenAI list shape, so the official client's
+    ``models.list()`` works on the same path (issue 15)."""
+
     items: list[ModelOut]
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]

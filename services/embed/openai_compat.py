@@ -23,10 +23,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 
 from services.common.errors import ApiError, field_from_loc
+from services.common.openai_shapes import OpenAIModel, OpenAIModelList, model_entry
 from services.embed.app import EmbedOptions, EmbedService, decode_base64_item
 from services.embed.registry import LoadedModel, ModelNotFound
-from services.embed.schemas import (EmbeddingsRequest, EmbeddingsResponse, OpenAIError, OpenAIModel,
-                                    OpenAIModelList)
+from services.embed.schemas import EmbeddingsRequest, EmbeddingsResponse, OpenAIError
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -159,10 +159,10 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def model_entry(model: LoadedModel, latest_id: str | None) -> dict[str, Any]:
-    return OpenAIModel(id=model.id, created=int(model.loaded_at), version=model.version,
-                       embed_dim=model.bundle.embed_dim, num_clusters=model.bundle.num_clusters,
-                       latest=model.id == latest_id).model_dump()
+def served_entry(model: LoadedModel, latest_id: str | None) -> dict[str, Any]:
+    """A loaded model as an OpenAI model entry (``created`` = when this process loaded it)."""
+    return model_entry(model.id, model.loaded_at, model.id == latest_id, version=model.version,
+                       embed_dim=model.bundle.embed_dim, num_clusters=model.bundle.num_clusters)
 
 
 # -- routes ------------------------------------------------------------------------------------------------
@@ -203,12 +203,12 @@ def build_openai_router(svc: EmbedService) -> APIRouter:
     async def list_models(s: Svc) -> dict[str, Any]:
         latest = s.registry.latest_id
         models = sorted(s.registry.models(), key=lambda m: (m.id != latest, -m.loaded_at))
-        return {"object": "list", "data": [model_entry(m, latest) for m in models]}
+        return {"object": "list", "data": [served_entry(m, latest) for m in models]}
 
     @router.get("/v1/models/{model_id}", response_model=OpenAIModel, summary="One served model (OpenAI shape)")
     async def get_model(model_id: str, s: Svc) -> dict[str, Any]:
         try:
-            return model_entry(s.registry.get(model_id), s.registry.latest_id)
+            return served_entry(s.registry.get(model_id), s.registry.latest_id)
         except ModelNotFound as exc:
             raise ApiError(404, "model_not_found", f"model {model_id!r} is not loaded", "model") from exc
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.openai_shapes import OpenAIModel, OpenAIModelList
+
 
 class ClusterScore(BaseModel):
     id: int = Field(description="cluster index in [0, K)")
@@ -112,24 +114,6 @@ class EmbeddingsResponse(BaseModel):
     model: str
     model_version: str
     usage: EmbeddingsUsage
-
-
-class OpenAIModel(BaseModel):
-    """One entry of the OpenAI model list; the excb fields after ``owned_by`` are extensions."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(description="unix seconds")
-    owned_by: str = "excb"
-    version: str | None = None
-    embed_dim: int | None = None
-    num_clusters: int | None = None
-    latest: bool = False
-
-
-class OpenAIModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[OpenAIModel]
 
 
 class OpenAIErrorDetail(BaseModel):

@@ -689,6 +689,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
         summary = _summary(run, status)
         if ctx.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if ctx.is_main:  # weights for fine-tuning next to the checkpoints (excb.models.load_backbone reads them)
+        from excb.models.weights import save_run_backbone
+
+        save_run_backbone(run.teacher, run.cfg, run_dir, run.step)
     logger.emit({"type": "done", "step": run.step, "time": time.time(), "summary": summary})
     return TrainResult(run_dir, run.step, run.epoch, status, summary)
 

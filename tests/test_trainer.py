@@ -42,7 +42,8 @@ def test_run_directory_and_metrics(tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "r", "max_steps=6"), callback=events.append)
     run = tmp_path / "r"
     assert result.steps == 6 and result.status == "completed"
-    for name in ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "checkpoints/last.pt"):
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "checkpoints/last.pt",
+                 "backbone.safetensors", "backbone.json"):
         assert (run / name).exists(), name
     rows = read_rows(run)
     steps = [r for r in rows if r["type"] == "step"]

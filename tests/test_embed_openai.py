@@ -15,6 +15,7 @@ import embed_support as es
 from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, load_bundle
 from services.embed.app import create_app
+from services.embed.manifest import record_model
 from services.settings import EmbedSettings, Settings
 
 openai = pytest.importorskip("openai")
@@ -26,6 +27,8 @@ KEY = "sk-test-openai-compat"
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("openai-home")
     shutil.copytree(es.bundle(), home / "models" / "digits-a")
+    # With API keys on, only bundles the control plane recorded are served (issue 13 item 5).
+    record_model(home / "models", "digits-a", load_bundle(home / "models" / "digits-a").sha256, owner=None)
     data = home / "data"
     (data / "sub").mkdir(parents=True)
     for i in range(3):

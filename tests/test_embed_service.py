@@ -25,6 +25,7 @@ from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, available_providers, load_bundle
 from excb.stats import balance_stats
 from services.embed.app import create_app
+from services.embed.manifest import record_model
 from services.embed.registry import ACTIVE_FILE, ModelRegistry
 from services.settings import EmbedSettings, Settings
 
@@ -187,7 +188,11 @@ def test_queue_full_answers_503_with_retry_after_then_recovers(home: Path) -> No
 def test_bearer_api_keys(home: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# one key\ns3cret-key\n")
-    s = settings_for(home).model_copy(update={"api_keys_file": keys})
+    models = tmp_path / "models"
+    shutil.copytree(home / "models" / "digits-a", models / "digits-a")
+    # With keys on, a bundle is served only with the control plane's record (issue 13 item 5).
+    record_model(models, "digits-a", load_bundle(models / "digits-a").sha256, owner=None)
+    s = settings_for(home).model_copy(update={"api_keys_file": keys, "models_dir": models})
     body = {"input": base64.b64encode(es.digit_png()).decode()}
     with TestClient(create_app(s)) as c:
         assert c.post("/v1/embed", json=body).status_code == 401

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from services.db.models import ModelRow
 from services.db.session import Database
+from services.embed.manifest import ModelRecord
 
 log = logging.getLogger("excb.model_sync")
 
@@ -28,7 +29,8 @@ def sync_once(db: Database, registry: Any) -> str | None:
     if row.id in {m.id for m in registry.models()}:
         registry.activate(row.id)
     else:
-        registry.register(row.bundle_dir, row.id, activate=True)
+        record = ModelRecord(sha256=row.sha256 or "", owner=row.owner)  # the DB's hash must match the bytes
+        registry.register(row.bundle_dir, row.id, activate=True, record=record)
     log.info("embed service now serves %s", row.id)
     return row.id
 

@@ -18,6 +18,7 @@ from services.common.errors import ApiError
 from services.common.openai_shapes import model_entry
 from services.db import jobs as store
 from services.db.models import ModelRow
+from services.embed.manifest import record_model
 from services.worker.pipeline import write_active_pointer
 
 router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
@@ -48,8 +49,9 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     if not (Path(row.bundle_dir) / "model.onnx").exists():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
     store.activate_model(cp.db, model_id)
-    write_active_pointer(Path(cp.settings.resolved_models_dir).expanduser().resolve(), row.id,
-                         Path(row.bundle_dir), row.sha256 or "")
+    models_dir = Path(cp.settings.resolved_models_dir).expanduser().resolve()
+    record_model(models_dir, row.id, row.sha256 or "", row.owner)  # the owner's default model from now on
+    write_active_pointer(models_dir, row.id, Path(row.bundle_dir), row.sha256 or "")
     embed_app = getattr(request.app.state, "embed_app", None)
     if embed_app is not None:  # embedded mode: switch the in-process embed service now
         sync_once(cp.db, embed_app.state.embed.registry)

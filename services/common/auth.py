@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,11 @@ class Principal:
 
 
 ANONYMOUS = Principal(id=None)
+
+# The caller of the request being served (set by ApiKeyAuth.authenticate in the request's task). The embed
+# registry reads it so every route that authenticates - including ones added later - sees only the caller's
+# models; unset (background threads, health checks) means no tenant filter.
+CURRENT_PRINCIPAL: ContextVar[Principal | None] = ContextVar("excb_principal", default=None)
 
 
 def hash_key(key: str) -> str:
@@ -77,6 +83,7 @@ class ApiKeyAuth:
     def authenticate(self, request: Request) -> Principal:
         """The caller's principal; raises 401 when auth is on and the key is missing or wrong."""
         if not self.enabled:
+            CURRENT_PRINCIPAL.set(ANONYMOUS)
             return ANONYMOUS
         key = _presented_key(request)
         if key is None:
@@ -85,7 +92,9 @@ class ApiKeyAuth:
         digest = self.match(key)
         if digest is None:
             raise ApiError(401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        return Principal(id="key-" + digest[:16])
+        principal = Principal(id="key-" + digest[:16])
+        CURRENT_PRINCIPAL.set(principal)
+        return principal
 
 
 def _presented_key(request: Request) -> str | None:

@@ -359,7 +359,9 @@ def build_router(svc: EmbedService) -> APIRouter:
     router = APIRouter()
     e = svc.embed
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:
+        """Async on purpose: the principal it sets (CURRENT_PRINCIPAL) must reach the route's task, where the
+        registry reads it to show each key only its own models (a sync dependency runs in a copied context)."""
         svc.auth.authenticate(request)
 
     @router.get("/embed", dependencies=[Depends(require_key)], tags=["embed"])
@@ -417,7 +419,7 @@ def build_router(svc: EmbedService) -> APIRouter:
             "url_input": svc.fetch_policy.enabled,
             "latest": svc.registry.latest_id,
             "models": [m.info() for m in svc.registry.models()],
-            "errors": dict(svc.registry.errors),
+            "errors": dict(svc.registry.errors) if not svc.auth.enabled else {},  # names other keys' models
         }
 
     @router.get("/v1/models/{model_id}/balance", dependencies=[Depends(require_key)], tags=["embed"])
@@ -455,7 +457,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     metrics = EmbedMetrics()
     owns = registry is None
     if registry is None:
-        registry = ModelRegistry(settings.embed, settings.resolved_models_dir, batch_hook=metrics.batch_hook)
+        registry = ModelRegistry(settings.embed, settings.resolved_models_dir, batch_hook=metrics.batch_hook,
+                                 require_record=settings.api_keys_file is not None)
         registry.rescan()
         registry.start_rescan(settings.embed.rescan_seconds)
     elif registry.batch_hook is None:

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from excb.onnx_runtime import META_FILE, Bundle, BundleError, OrtEmbedder, load_bundle
+from services.common.auth import CURRENT_PRINCIPAL
 from services.embed.batcher import MicroBatcher
+from services.embed.manifest import ModelRecord, read_manifest
 from services.embed.monitor import BalanceMonitor
 from services.settings import EmbedSettings
 
@@ -47,6 +49,12 @@ def _recorded_sha(bundle_dir: Path) -> str | None:
         return None
 
 
+def _caller() -> str | None:
+    """The authenticated key of the request being served; None = no tenant filter (auth off, or no request)."""
+    principal = CURRENT_PRINCIPAL.get()
+    return principal.id if principal is not None else None
+
+
 def valid_model_id(model_id: str) -> bool:
     return bool(_ID_RE.match(model_id)) and model_id != LATEST
 
@@ -60,9 +68,14 @@ class LoadedModel:
     embedder: OrtEmbedder
     batcher: MicroBatcher
     monitor: BalanceMonitor
+    record: ModelRecord | None = None  # the control plane's record (owner, sharing); None = operator-loaded
     loaded_at: float = field(default_factory=time.time)
     leases: int = 0
     retired: bool = False
+
+    def visible_to(self, caller: str | None) -> bool:
+        """Tenancy (issue 13 item 6): with API keys on, a key sees its own, shared and ownerless models."""
+        return self.record is None or self.record.visible_to(caller)
 
     @property
     def version(self) -> str:
@@ -98,8 +111,10 @@ class ModelRegistry:
     """Loaded models by id + the ``latest`` alias. Thread-safe; loading happens outside the lock."""
 
     def __init__(self, settings: EmbedSettings | None = None, models_dir: Path | None = None,
-                 batch_hook: BatchHookFactory | None = None) -> None:
+                 batch_hook: BatchHookFactory | None = None, require_record: bool = False) -> None:
         self.settings = settings or EmbedSettings()
+        # Serve bundles found in models_dir only with a control-plane record (also whenever manifest.json exists).
+        self.require_record = require_record
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self.batch_hook = batch_hook
         self._models: dict[str, LoadedModel] = {}
@@ -108,6 +123,7 @@ class ModelRegistry:
         self._load_lock = threading.Lock()  # one load at a time: loads are heavy, swaps are cheap
         self.errors: dict[str, str] = {}
         self._failed_sha: dict[str, str | None] = {}
+        self._unrecorded: set[str] = set()
         self._rescan_stop = threading.Event()
         self._rescan_thread: threading.Thread | None = None
 
@@ -120,8 +136,11 @@ class ModelRegistry:
 
     # -- loading ---------------------------------------------------------------------------------------
 
-    def _build(self, model_id: str, bundle_dir: Path) -> LoadedModel:
+    def _build(self, model_id: str, bundle_dir: Path, record: ModelRecord | None) -> LoadedModel:
         bundle = load_bundle(bundle_dir)
+        if record is not None and bundle.sha256 != record.sha256:
+            raise BundleError(f"{bundle_dir}: model.onnx is {bundle.sha256[:12]}..., the control plane recorded "
+                              f"{record.sha256[:12]}... for {model_id}; refusing to serve it")
         parity = bundle.meta.get("parity") or {}
         if parity.get("passed") is not True:
             raise BundleError(f"{bundle_dir}: the export parity check did not pass; refusing to serve it")
@@ -134,13 +153,15 @@ class ModelRegistry:
                                queue_size=s.queue_size, enabled=s.batching, timeout_s=s.request_timeout_seconds,
                                retry_after=s.retry_after_seconds, name=model_id, on_batch=hook)
         monitor = BalanceMonitor(bundle.num_clusters, bundle.sizes, s.balance_window)
-        return LoadedModel(model_id, bundle, embedder, batcher, monitor)
+        return LoadedModel(model_id, bundle, embedder, batcher, monitor, record)
 
-    def register(self, bundle_dir: str | Path, model_id: str | None = None, activate: bool = True) -> LoadedModel:
+    def register(self, bundle_dir: str | Path, model_id: str | None = None, activate: bool = True,
+                 record: ModelRecord | None = None) -> LoadedModel:
         """Load (verify, build, warm up) a bundle and publish it; replaces a model with the same id.
 
-        ``activate`` points ``latest`` at it. Raises :class:`BundleError` for an unservable bundle, in which
-        case nothing that is being served changes.
+        ``activate`` points ``latest`` at it. ``record`` (the control plane's sha256 and owner) must match the
+        bytes loaded. Raises :class:`BundleError` for an unservable bundle, in which case nothing that is being
+        served changes.
         """
         path = Path(bundle_dir)
         model_id = model_id or path.resolve().name
@@ -148,7 +169,7 @@ class ModelRegistry:
             raise ValueError(f"invalid model id {model_id!r}")
         with self._load_lock:
             try:
-                new = self._build(model_id, path)
+                new = self._build(model_id, path, record)
             except Exception as exc:
                 self.errors[model_id] = str(exc)
                 raise
@@ -191,12 +212,20 @@ class ModelRegistry:
         """
         if self.models_dir is None or not self.models_dir.is_dir():
             return []
+        records = read_manifest(self.models_dir)
+        required = records is not None or self.require_record
+        self._refresh_records(records or {})
         loaded: list[str] = []
         for sub in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and (p / META_FILE).is_file()):
             if not valid_model_id(sub.name) or not self._changed(sub):
                 continue
+            record = (records or {}).get(sub.name)
+            if required and record is None:
+                self._refuse(sub, "no control-plane record in manifest.json (not registered by a job)")
+                continue
+            self._unrecorded.discard(sub.name)
             try:
-                self.register(sub, sub.name, activate=False)
+                self.register(sub, sub.name, activate=False, record=record)
                 loaded.append(sub.name)
                 self._failed_sha.pop(sub.name, None)
             except Exception as exc:  # one bad bundle must not stop the others
@@ -210,6 +239,28 @@ class ModelRegistry:
                     self._latest = newest
         self._follow_active_pointer()
         return loaded
+
+    def _refuse(self, bundle_dir: Path, reason: str) -> None:
+        """Log (once) why a bundle in models_dir is not served; it is looked at again on every rescan, so a
+        record that arrives later is picked up."""
+        if bundle_dir.name not in self._unrecorded:
+            log.warning("refusing bundle %s: %s", bundle_dir, reason)
+            self._unrecorded.add(bundle_dir.name)
+        self.errors[bundle_dir.name] = reason
+
+    def _refresh_records(self, records: dict[str, ModelRecord]) -> None:
+        """Sharing and activation times change without the bundle changing: update loaded models in place;
+        a model whose recorded hash no longer matches is unloaded."""
+        with self._lock:
+            for m in list(self._models.values()):
+                rec = records.get(m.id)
+                if m.record is None or rec is None:
+                    continue
+                if rec.sha256 != m.bundle.sha256:
+                    log.warning("model %s: the control plane's record changed its sha256; unloading it", m.id)
+                    self.unload(m.id)
+                else:
+                    m.record = rec
 
     def _follow_active_pointer(self) -> None:
         """Point ``latest`` at the model named by ``active.json`` so separate embed replicas switch too."""
@@ -262,14 +313,34 @@ class ModelRegistry:
     # -- serving ---------------------------------------------------------------------------------------
 
     def resolve_id(self, model_id: str | None) -> str:
+        """The served id for ``model_id`` as the current caller sees it; a model the caller may not see is
+        :class:`ModelNotFound`, exactly like one that does not exist (no existence oracle across keys)."""
+        caller = _caller()
         with self._lock:
             if model_id in (None, "", LATEST):
-                if self._latest is None:
-                    raise ModelNotFound(LATEST)
-                return self._latest
-            if model_id not in self._models:
+                return self._default_for(caller)
+            model = self._models.get(model_id)  # type: ignore[arg-type]
+            if model is None or not model.visible_to(caller):
                 raise ModelNotFound(model_id)
-            return model_id
+            return model.id
+
+    def _default_for(self, caller: str | None) -> str:
+        """Each key's default: its most recently activated model, else the global latest if it may see it,
+        else the newest model it may see. Called under the lock."""
+        if caller is None:
+            if self._latest is None:
+                raise ModelNotFound(LATEST)
+            return self._latest
+        own = [m for m in self._models.values() if m.record is not None and m.record.owner == caller]
+        if own:
+            return max(own, key=lambda m: (m.record.activated_at if m.record else 0.0, m.loaded_at)).id
+        latest = self._models.get(self._latest) if self._latest else None
+        if latest is not None and latest.visible_to(caller):
+            return latest.id
+        visible = [m for m in self._models.values() if m.visible_to(caller)]
+        if not visible:
+            raise ModelNotFound(LATEST)
+        return max(visible, key=lambda m: (str(m.bundle.meta.get("created_at", "")), m.loaded_at)).id
 
     def get(self, model_id: str | None = None) -> LoadedModel:
         """The model (no lease: for metadata only)."""
@@ -299,11 +370,17 @@ class ModelRegistry:
 
     @property
     def latest_id(self) -> str | None:
-        return self._latest
+        """The current caller's default model (the global ``latest`` outside a request)."""
+        try:
+            return self.resolve_id(None)
+        except ModelNotFound:
+            return None
 
     def models(self) -> list[LoadedModel]:
+        """The loaded models the current caller may see (all of them outside a request)."""
+        caller = _caller()
         with self._lock:
-            return list(self._models.values())
+            return [m for m in self._models.values() if m.visible_to(caller)]
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Ready = at least one model, and no required GPU provider silently replaced by CPU."""

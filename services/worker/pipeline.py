@@ -19,6 +19,7 @@ from typing import Any
 from services.db import jobs as store
 from services.db.models import ModelRow
 from services.db.session import Database
+from services.embed.manifest import record_model
 from services.embed.registry import ACTIVE_FILE
 from services.settings import Settings
 
@@ -68,11 +69,14 @@ def register_bundle(db: Database, settings: Settings, job_id: str, run_dir: Path
             raise PipelineError("parity_failed", f"ONNX parity check failed: {parity}")
         raise PipelineError("export_failed", f"excb export exited with {export_rc}")
     final = staging.parent / model_id
-    os.replace(staging, final)
-    digest = sha256_file(final / "model.onnx")
+    digest = sha256_file(staging / "model.onnx")
     if meta.get("sha256") and meta["sha256"] != digest:
+        shutil.rmtree(staging, ignore_errors=True)
         raise PipelineError("export_failed", "model.onnx does not match the sha256 in model.json")
     job = store.get_job(db, job_id)
+    # The trusted record first, then the bundle appears: the embed service serves only recorded hashes.
+    record_model(final.parent, model_id, digest, job.owner if job else None)
+    os.replace(staging, final)
     store.add_model(db, ModelRow(id=model_id, job_id=job_id, owner=job.owner if job else None, status="READY",
                                  bundle_dir=str(final), sha256=digest, model_json=meta), activate=True)
     write_active_pointer(final.parent, model_id, final, digest)

@@ -41,7 +41,7 @@ def test_fit_small_grey_digits_on_cpu() -> None:
     cfg = resolve(overrides=["data=digits"])
     r = fit(cfg, DataProfile(images=4000, short_side=20, long_side=20, grey=True), CPU)
     c = r.choices
-    assert c["augment"]["global_size"] == 20 and c["model"]["stem_stride"] == 1
+    assert c["augment"]["global_size"] == 28 and c["model"]["stem_stride"] == 2  # upsampled: cheaper steps
     assert c["model"]["num_clusters"] == 64 and c["batch_size"] == 128
     assert c["augment"]["solarize_p"] == 0.0 and c["budget"] == "10m" and c["device"] == "cpu"
     assert any(line.startswith("model.num_clusters=64:") for line in r.reasons)
@@ -65,7 +65,7 @@ def test_explicit_keys_win_and_later_choices_follow_them() -> None:
     assert {"model.num_clusters", "augment.global_size", "batch_size"} <= set(cfg.pinned)
     c = fit(cfg, DataProfile(images=4000, short_side=20, long_side=20, grey=True), CPU).choices
     assert "num_clusters" not in c["model"] and "global_size" not in c["augment"] and "batch_size" not in c
-    assert c["augment"]["local_size"] == 14  # 4/7 of the pinned 24 px
+    assert c["augment"]["local_size"] == 14 and c["model"]["stem_stride"] == 1  # follow the pinned 24 px
     assert c["optim"]["lr"] == pytest.approx(2e-3 * (64 / 128) ** 0.5, rel=1e-3)
     fitted, _ = fit_config(cfg, CPU)
     assert fitted.model.num_clusters == 256 and fitted.augment.global_size == 24 and fitted.recipe == "fitted"
@@ -157,5 +157,6 @@ def test_cli_dry_run_shows_the_fitted_recipe(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "excb.cli", "train", "--dry-run", "data=digits", "budget=3m",
                           f"out={tmp_path}"], capture_output=True, text=True, check=True).stdout
     assert "# recipe fitted to 1438 images, median 8x8 px, grey on cpu" in out
+    assert "augment.global_size=28: the images' median short side is 8 px; upsampled" in out
     assert "model.num_clusters=64" in out and "max_steps is set at the start" in out
     assert "recipe: fitted" in out and "budget: 3m" in out

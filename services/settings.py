@@ -28,6 +28,11 @@ class EmbedSettings(BaseModel):
     max_image_bytes: int = Field(20_000_000, ge=1024, description="one encoded image")
     max_request_bytes: int = Field(64_000_000, ge=1024, description="one request body (counted while streaming)")
     max_pixels: int = Field(40_000_000, ge=64, description="decompression-bomb cap (header check before decode)")
+    decode_pixel_budget: int = Field(
+        80_000_000, ge=64, description="pixels decoded at once across all requests (~11 bytes each while decoding); "
+                                       "raised to max_pixels if lower")
+    decode_wait_seconds: float = Field(
+        5.0, ge=0.0, description="how long a decode waits for room in that budget; then 503 + Retry-After")
     allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
     url_allowed_hosts: list[str] = Field(default_factory=list, description="hosts GET /embed may fetch; empty = URLs off")
     url_allowed_networks: list[str] = Field(

@@ -168,6 +168,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise ImageDecodeError("unsupported_format", f"cannot convert image mode {mode!r} to RGB") from exc
 
 
+def header_pixels(data: bytes, allowed_formats: Iterable[str] = DEFAULT_FORMATS) -> int:
+    """Width x height from the header alone (nothing decoded): what a decode of ``data`` is about to cost,
+    so a service can budget concurrent decodes before starting one. Bad input raises ImageDecodeError."""
+    im = _open_header(bytes(data), tuple(f.upper() for f in allowed_formats))
+    try:
+        return int(im.width) * int(im.height)
+    finally:
+        im.close()
+
+
 def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  allowed_formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
     """Decode untrusted bytes into an RGB image (frame 0 only) or raise :class:`ImageDecodeError`."""

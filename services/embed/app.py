@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from excb.data.decode import ImageDecodeError, decode_image
+from excb.data.decode import ImageDecodeError, decode_image, header_pixels
 from excb.onnx_runtime import (PROVIDER_ORDER, available_providers, balance_paper, default_intra_op_threads,
                                l2_normalize, top_k)
 from services.common.auth import ApiKeyAuth
@@ -41,6 +41,7 @@ from services.common.errors import ApiError, field_from_loc, install_error_handl
 from services.common.metrics import install_http_metrics, metrics_response
 from services.common.paths import PathNotAllowed, resolve_in_roots
 from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
+from services.embed.decode_budget import BudgetExhausted, PixelBudget, return_large_buffers_to_the_os
 from services.embed.fetch import FetchError, FetchPolicy, fetch_url
 from services.embed.metrics import EmbedMetrics
 from services.embed.registry import LoadedModel, ModelNotFound, ModelRegistry
@@ -84,6 +85,8 @@ class EmbedService:
                                               e.url_timeout_seconds, e.url_max_redirects)
         self._fetch_limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
         self._fetches = 0  # in flight; checked and bumped with no await between, so admission is exact
+        self.pixel_budget = PixelBudget(max(e.decode_pixel_budget, e.max_pixels), e.decode_wait_seconds)
+        return_large_buffers_to_the_os()  # else freed decode buffers stay in per-thread arenas (see there)
 
     # -- inputs ------------------------------------------------------------------------------------------
 
@@ -107,9 +110,14 @@ class EmbedService:
         out = np.empty((len(items), 3, model.bundle.input_size, model.bundle.input_size), dtype=np.float32)
         for i, (field, data) in enumerate(items):
             try:
-                image = decode_image(data, max_bytes=e.max_image_bytes, max_pixels=e.max_pixels,
-                                     allowed_formats=e.allowed_formats)
-                out[i] = model.embedder.preprocess(image)
+                with self.pixel_budget.hold(self._cost(data)):  # bounded decode memory across requests
+                    image = decode_image(data, max_bytes=e.max_image_bytes, max_pixels=e.max_pixels,
+                                         allowed_formats=e.allowed_formats)
+                    out[i] = model.embedder.preprocess(image)
+                    del image  # freed before the budget is: the next decode may need the room
+            except BudgetExhausted as exc:
+                self.metrics.rejected.labels("decode_budget").inc()
+                raise ApiError(503, "overloaded", str(exc), None, self._retry()) from exc
             except ImageDecodeError as exc:
                 self.metrics.rejected.labels(exc.code).inc()
                 raise ApiError(exc.http_status, exc.code, exc.message, field) from exc
@@ -117,6 +125,17 @@ class EmbedService:
                 self.metrics.rejected.labels("corrupt").inc()
                 raise ApiError(422, "corrupt", f"the image could not be decoded: {exc}", field) from exc
         return out
+
+    def _cost(self, data: bytes) -> int:
+        """Pixels to reserve for one image: its header's size (capped at max_pixels, which decode enforces);
+        unreadable input reserves 1 and decode_image reports it with its own error."""
+        e = self.embed
+        if not 0 < len(data) <= e.max_image_bytes:
+            return 1
+        try:
+            return min(header_pixels(data, e.allowed_formats), e.max_pixels)
+        except (ImageDecodeError, ValueError, OSError, TypeError):
+            return 1
 
     # -- the pipeline ------------------------------------------------------------------------------------
 

@@ -211,8 +211,9 @@ def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
 
 def _clusters(f: _Fitter, p: DataProfile) -> None:
     k = int(min(max(_pow2_round(p.images / IMAGES_PER_CLUSTER), MIN_CLUSTERS), MAX_CLUSTERS))
+    k = min(k, _pow2_floor(p.images / 4))  # a tiny folder: k-means needs several points per centroid
     f.set("model.num_clusters", k, f"about one cluster per {IMAGES_PER_CLUSTER} images ({p.images} images), "
-          f"within [{MIN_CLUSTERS}, {MAX_CLUSTERS}]")
+          f"within [{MIN_CLUSTERS}, {MAX_CLUSTERS}] and at most a quarter of the images")
     f.set("kmeans.samples", min(p.images, 10_000 if k <= 4096 else 500_000))
     f.set("kmeans.iterations", 20)
 

@@ -39,6 +39,15 @@ def test_short_key_job_is_valid_and_yaml_equals_json(api: Any, tmp_path: Path) -
     assert strip(again["config"]) == strip(job["config"])
 
 
+def test_a_job_without_preset_gets_the_fitted_recipe_at_train_time(api: Any) -> None:
+    """No preset: the stored config says recipe=auto with the user's keys pinned; the worker fits the rest."""
+    r = api.client.post("/v1/jobs", json={"data": "digits", "budget": "10m", "overrides": ["num_clusters=128"]})
+    assert r.status_code == 201, r.text
+    cfg = r.json()["config"]
+    assert cfg["recipe"] == "auto" and cfg["pinned"] == ["budget", "model.num_clusters"]
+    assert api.client.post("/v1/jobs", json={"data": "digits", "budget": "soon"}).status_code == 422
+
+
 def test_overrides_and_nested_sections(api: Any) -> None:
     job = api.client.post("/v1/jobs", json={**tiny_job(), "overrides": ["optim.lr=0.01"]}).json()
     assert job["config"]["optim"]["lr"] == 0.01 and job["config"]["model"]["width"] == 8

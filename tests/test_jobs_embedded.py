@@ -64,6 +64,7 @@ def test_excb_up_end_to_end(tmp_path: Path) -> None:
         assert len(body["data"]) == 1 and len(body["data"][0]["embedding"]) > 0
         assert job["model_id"] in str(body.get("model", ""))
         assert httpx.get(f"{base}/v1/info").json()["broker"] == "sqlalchemy (embedded)"
+        _fitted_job_runs(cli, env, tmp_path)
         assert httpx.get(f"{base}/embed", params={"uri": "../../etc/passwd"}).status_code in (403, 404, 422)
     finally:
         os.killpg(up.pid, signal.SIGTERM)
@@ -72,6 +73,24 @@ def test_excb_up_end_to_end(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
+
+
+def _fitted_job_runs(cli: list[str], env: dict[str, str], tmp_path: Path) -> None:
+    """No preset, a budget: the worker fits the recipe to the data (8 px digits -> 28 px input) and plans steps."""
+    job_file = tmp_path / "fitted.yaml"
+    job_file.write_text(yaml.safe_dump({"data": "digits", "budget": "20s", "model": {"width": 8},
+                                        "augment": {"num_local_crops": 2}, "kmeans": {"samples": 256}}))
+    sub = subprocess.run(cli + ["--json", "submit", str(job_file), "--follow"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+    base = cli[cli.index("--url") + 1]
+    jobs = httpx.get(f"{base}/v1/jobs").json()
+    job = next(j for j in jobs["items"] if j["config"].get("budget") == "20s")
+    assert job["status"] == "SUCCEEDED"
+    run_dir = Path(job["config"]["out"])
+    recipe = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recipe["recipe"] == "fitted" and recipe["augment"]["global_size"] == 28
+    assert recipe["max_steps"] == job["progress"]["total_steps"] > 10
 
 
 def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:

@@ -160,3 +160,22 @@ def test_cli_dry_run_shows_the_fitted_recipe(tmp_path: Path) -> None:
     assert "augment.global_size=28: the images' median short side is 8 px; upsampled" in out
     assert "model.num_clusters=64" in out and "max_steps is set at the start" in out
     assert "recipe: fitted" in out and "budget: 3m" in out
+
+
+def test_a_folder_of_any_sizes_and_modes_trains_within_its_budget(tmp_path: Path) -> None:
+    """Grey, RGBA, palette and RGB files of different sizes plus one corrupt file: fitted, trained, counted."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "mixed"
+    root.mkdir()
+    for i in range(48):
+        w, h = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+        image = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        image = [image, image.convert("L"), image.convert("RGBA"), image.convert("P")][i % 4]
+        image.save(root / f"{i:03d}.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = train(resolve(overrides=[f"data={root}", f"out={tmp_path / 'run'}", "budget=15s", *SMALL]))
+    plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert plan["profile"]["images"] == 49 and plan["profile"]["grey"] is False
+    assert plan["choices"]["batch_size"] == 16 and plan["choices"]["augment"]["global_size"] == 32
+    assert result.status == "completed" and result.steps == plan["length"]["max_steps"]
+    assert result.summary["skipped_files"] >= 1

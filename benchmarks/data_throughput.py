@@ -155,7 +155,7 @@ def bench_end_to_end(cfg: TrainConfig, device: torch.device, steps: int, rounds:
 
     return {"preset_batch": b, "real_img_s": med["real"], "synthetic_img_s": med["synthetic"],
             "real_over_synthetic": med["real"] / med["synthetic"], "blocks": rates, "steps_per_block": steps,
-            "gpu_augment": run.gpu_augment, "loader": dataloader_settings(device, cfg.data.num_workers),
+            "gpu_augment": run.data.gpu_augment, "loader": dataloader_settings(device, cfg.data.num_workers),
             "global_size": a.global_size, "local_size": a.local_size, "num_local_crops": a.num_local_crops}
 
 

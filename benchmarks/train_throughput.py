@@ -1,4 +1,4 @@
-"""Training-step throughput: the tuned ExCB step (``excb.trainer.Run.train_step``) against a naive eager step.
+"""Training-step throughput: the tuned ExCB step (``excb.step.ExCBStep``) against a naive eager step.
 
 One step = teacher forward + balancing + student forward/backward + optimizer + EMA + size update, on
 synthetic inputs already on the device (no data loading). Both steps start from the same weights and run
@@ -232,8 +232,8 @@ def measure(preset: str, batch: int, device: torch.device, args: argparse.Namesp
         cfg = bench_config(preset, batch, device.type, args.set, args.quick, tmp)
         run = build_tuned(cfg, device)
         naive_prec = naive_precision(args.naive_precision, device)
-        naive = NaiveStep(cfg, device, run.student_core, naive_prec)
-        tuned_prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.amp_dtype]
+        naive = NaiveStep(cfg, device, run.learner.student_core, naive_prec)
+        tuned_prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.learner.amp_dtype]
         g, l = synthetic_batch(cfg, device, cfg.seed)
         steps = {"tuned": tuned_step_fn(run, g, l), "naive": lambda: naive(g, l)}
         for _ in range(args.warmup):

@@ -357,6 +357,26 @@ def model_transform(cfg: Any) -> Any:
     return eval_transform(a.global_size, tuple(a.mean), tuple(a.std))
 
 
+def online_knn(teacher: nn.Module, cfg: Any, device: torch.device) -> dict[str, Any] | None:
+    """The trainer's kNN of the teacher on the labelled train/test split of the run's own data.
+
+    A source without labels (an unlabelled folder) returns None, with a warning in train.log.
+    """
+    try:
+        train_ds, test_ds = labelled_splits(cfg.data.source, model_transform(cfg), cfg.eval.train_limit,
+                                            cfg.eval.test_limit)
+    except (ValueError, FileNotFoundError) as exc:
+        logging.getLogger("excb.trainer").warning("online kNN skipped: %s", exc)
+        return None
+    teacher.eval()
+    try:
+        res = evaluate(teacher.features, train_ds, test_ds, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                       batch_size=256, device=device)
+    finally:
+        teacher.train()
+    return {"knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"], "knn_k": cfg.eval.knn_k}
+
+
 def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperature: float = 0.07,
               linear: bool = False, train_limit: int | None = None, test_limit: int | None = None,
               batch_size: int = 256) -> dict[str, Any]:

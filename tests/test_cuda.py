@@ -22,7 +22,8 @@ from PIL import Image
 
 from excb.config import TrainConfig
 from excb.distributed import DistContext
-from excb.trainer import Run, _ema_update
+from excb.step import ema_update
+from excb.trainer import Run
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -54,9 +55,9 @@ def _run(cfg: TrainConfig, device: str) -> Run:
 
 def _copy_state(src: Run, dst: Run) -> None:
     """Same weights, size estimate and balancing generator seed on both runs, whatever device built them."""
-    dst.student_core.load_state_dict(src.student_core.state_dict())
-    dst.teacher.load_state_dict(src.teacher.state_dict())
-    dst.balancer.load_state_dict(src.balancer.state_dict())
+    dst.learner.student_core.load_state_dict(src.learner.student_core.state_dict())
+    dst.learner.teacher.load_state_dict(src.learner.teacher.state_dict())
+    dst.learner.balancer.load_state_dict(src.learner.balancer.state_dict())
 
 
 def _batch(cfg: TrainConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -122,7 +123,7 @@ def test_foreach_ema_on_cuda_equals_the_per_parameter_loop() -> None:
     teacher = [torch.randn(64, 32, generator=gen).cuda() for _ in range(5)]
     student = [torch.randn(64, 32, generator=gen).cuda() for _ in range(5)]
     expected = [t.clone().mul_(0.996).add_(s, alpha=1 - 0.996) for t, s in zip(teacher, student)]
-    _ema_update(teacher, student, 0.996)
+    ema_update(teacher, student, 0.996)
     for t, e in zip(teacher, expected):
         torch.testing.assert_close(t, e, atol=1e-6, rtol=0)
 

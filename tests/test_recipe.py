@@ -126,9 +126,9 @@ def test_timing_steps_leaves_the_run_untouched(tmp_path: Path) -> None:
     from excb.distributed import setup
 
     run = Run(cfg, setup("cpu"))
-    before = {k: v.clone() for k, v in run.student_core.state_dict().items()}
+    before = {k: v.clone() for k, v in run.learner.student_core.state_dict().items()}
     assert time_steps(run, steps=2, warmup=1) > 0
-    after = run.student_core.state_dict()
+    after = run.learner.student_core.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and run.step == 0
 
 

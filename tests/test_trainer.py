@@ -16,7 +16,8 @@ from PIL import Image
 
 from excb.checkpoint import latest_checkpoint, load_checkpoint
 from excb.config import COMPILE_MIN_STEPS, resolve
-from excb.trainer import TrainingInterrupted, _compile_decision, train
+from excb.step import compile_decision
+from excb.trainer import TrainingInterrupted, train
 
 torch.set_num_threads(1)
 
@@ -105,13 +106,13 @@ def test_compile_matches_eager(tmp_path: Path) -> None:
 def test_compile_auto_needs_a_long_run_and_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = resolve(preset_name="cpu-small", overrides=["compile=auto"])
     cpu = torch.device("cpu")
-    assert _compile_decision(cfg, cpu, COMPILE_MIN_STEPS - 1)[0] is False
+    assert compile_decision(cfg, cpu, COMPILE_MIN_STEPS - 1)[0] is False
     monkeypatch.setenv("CXX", "no-such-compiler-on-path")
-    on, why = _compile_decision(cfg, cpu, 10 * COMPILE_MIN_STEPS)
+    on, why = compile_decision(cfg, cpu, 10 * COMPILE_MIN_STEPS)
     assert on is False and "no C++ compiler" in why
     monkeypatch.setenv("CXX", sys.executable)  # any executable on disk stands in for a found compiler
-    assert _compile_decision(cfg, cpu, 10 * COMPILE_MIN_STEPS)[0] is True
-    assert _compile_decision(resolve(overrides=["compile=off"]), cpu, 10 * COMPILE_MIN_STEPS)[0] is False
+    assert compile_decision(cfg, cpu, 10 * COMPILE_MIN_STEPS)[0] is True
+    assert compile_decision(resolve(overrides=["compile=off"]), cpu, 10 * COMPILE_MIN_STEPS)[0] is False
 
 
 def _write_folder(root: Path, n_good: int) -> None:

@@ -1,25 +1,34 @@
-"""DataLoader construction for training: skip-and-count collate, rank split, worker seeding (method.md §4.6).
+"""Owns the training batches: "this rank's batches of epoch e from step s" for folders and shards alike.
+
+:class:`TrainData` is what the trainer (and the budget's timing) iterates; :func:`build_train_loader` is the
+same map-style loader for one epoch on its own. Exact resume: the order is a seeded permutation that can
+start mid-epoch, and every augmentation is a function of (seed, epoch, index) (excb.seeds.derive_seed).
 
 Undecodable files come out of the data set as ``None``; :func:`collate_multicrop` drops them and reports
 how many in ``MultiCropBatch.skipped`` (workers are separate processes, so the count has to travel with
 the batch). Workers are not persistent: a new iterator per epoch re-forks them, which is how the epoch's
-crop scale (set on the transform in the parent) reaches them.
+crop scale (set on the transform in the parent) reaches them (method.md §4.6).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate
 
 from excb.config import TrainConfig
+from excb.seeds import derive_seed, seeded
+
+log = logging.getLogger("excb.data")
 
 
 @dataclass
@@ -118,9 +127,78 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def loader_seed(seed: int, rank: int, epoch: int) -> int:
-    """Seed of the loader's generator: different per rank and per epoch, reproducible from the run seed."""
-    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**63 - 1)
+class SeededItems(Dataset):
+    """Makes each item's augmentation a pure function of (seed, epoch, index).
+
+    torchvision's transforms draw from the global torch RNG; seeding it per item keeps the data identical
+    whether the run was interrupted or not, and whatever the number of loader workers.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with seeded(derive_seed(self.seed, "item", self.epoch, index)):
+            return self.base[index]
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation, split across ranks without overlap, able to start mid-epoch."""
+
+    def __init__(self, n: int, local_batch: int, rank: int, world: int, seed: int) -> None:
+        self.n, self.local_batch, self.rank, self.world, self.seed = n, local_batch, rank, world, seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world) // self.local_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.start_batch) * self.local_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        perm = torch.randperm(self.n, generator=g)
+        per_rank = self.batches_per_epoch() * self.local_batch
+        mine = perm[self.rank :: self.world][:per_rank]
+        return iter(mine[self.start_batch * self.local_batch :].tolist())
+
+
+def _map_loader(items: SeededItems, sampler: ResumableSampler, cfg: TrainConfig, device: str | torch.device,
+                collate: Callable[[list[Any]], Any]) -> DataLoader:
+    """The epoch's loader over ``items`` in ``sampler``'s order (never consumes the global RNG)."""
+    opts = dataloader_settings(device, cfg.data.num_workers)
+    return DataLoader(
+        items,
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=opts["num_workers"],
+        collate_fn=collate,
+        pin_memory=opts["pin_memory"],
+        drop_last=True,
+        persistent_workers=False,  # re-created per epoch so the crop-scale schedule takes effect
+        prefetch_factor=opts["prefetch_factor"],
+        worker_init_fn=_seed_worker if opts["num_workers"] > 0 else None,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", sampler.rank, sampler.epoch)),
+    )
+
+
+def _stream_loader(stream: Any, cfg: TrainConfig, device: str | torch.device) -> DataLoader:
+    """Shards: the stream batches and collates itself (equal full batches per rank); workers split it."""
+    opts = dataloader_settings(device, cfg.data.num_workers)
+    return DataLoader(stream, batch_size=None, num_workers=opts["num_workers"], pin_memory=opts["pin_memory"],
+                      persistent_workers=False, prefetch_factor=opts["prefetch_factor"])
+
+
+def _local_batch(batch_size: int, world_size: int) -> int:
+    if world_size < 1 or batch_size // world_size < 1 or batch_size % world_size:
+        raise ValueError(f"batch_size: {batch_size} is not divisible by world size {world_size}")
+    return batch_size // world_size
 
 
 def _apply_epoch(dataset: Dataset, epoch: int, epochs: int) -> None:
@@ -131,11 +209,10 @@ def _apply_epoch(dataset: Dataset, epoch: int, epochs: int) -> None:
 
 
 def build_train_loader(cfg: TrainConfig, dataset: Dataset, rank: int = 0, world_size: int = 1, seed: int | None = None,
-                       epoch: int = 0) -> DataLoader:
+                       epoch: int = 0, start_batch: int = 0) -> DataLoader:
     """A loader for one epoch: this rank's disjoint share, per-rank batch ``cfg.batch_size // world_size``."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size} is not a valid distributed setting")
-    seed = cfg.seed if seed is None else seed
     per_rank = cfg.batch_size // world_size
     if per_rank < 1:
         raise ValueError(f"batch_size: {cfg.batch_size} is smaller than the world size {world_size}")
@@ -144,25 +221,97 @@ def build_train_loader(cfg: TrainConfig, dataset: Dataset, rank: int = 0, world_
         raise ValueError(f"batch_size: the data set has {n} images, fewer than one batch "
                          f"({per_rank} per rank x {world_size} ranks, batch_size={cfg.batch_size})")
     _apply_epoch(dataset, epoch, cfg.epochs)
-    generator = torch.Generator().manual_seed(loader_seed(seed, rank, epoch))
-    if world_size > 1:
-        sampler: Any = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                          drop_last=True)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(loader_seed(seed, 0, epoch) + 1))
-    opts = dataloader_settings(cfg.device, cfg.data.num_workers)
-    workers = opts["num_workers"]
-    return DataLoader(
-        dataset,
-        batch_size=per_rank,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate_multicrop,
-        pin_memory=opts["pin_memory"],
-        drop_last=True,
-        persistent_workers=False,
-        prefetch_factor=opts["prefetch_factor"],
-        worker_init_fn=_seed_worker if workers > 0 else None,
-        generator=generator,
-    )
+    seed = cfg.seed if seed is None else seed
+    items = SeededItems(dataset, seed)
+    sampler = ResumableSampler(n, per_rank, rank, world_size, seed)
+    items.epoch = sampler.epoch = epoch
+    sampler.start_batch = start_batch
+    return _map_loader(items, sampler, cfg, cfg.device, collate_multicrop)
+
+
+def use_gpu_augment(cfg: TrainConfig, device: torch.device) -> bool:
+    """``data.gpu_augment``: auto = decode and augment on the device when it is a GPU."""
+    mode = cfg.data.gpu_augment
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+class TrainData:
+    """This rank's training data: the source opened once, batches per (epoch, start step), views on the device.
+
+    Map-style sets go through :class:`SeededItems` + :class:`ResumableSampler` (exact resume mid-epoch);
+    ``shards:`` sources stream (an epoch restarts the same stream and skips nothing: the caller stops after the
+    remaining steps). On the GPU path (``data.gpu_augment``) the loader yields undecoded JPEG bytes (shards)
+    or uint8 images, and :meth:`device_views` decodes and multi-crops them on the device.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
+        from excb.data.augment import MultiCropTransform
+        from excb.data.gpu_augment import GpuMultiCrop, collate_raw
+
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.gpu_augment = use_gpu_augment(cfg, device)
+        self.transform: Any = GpuMultiCrop(cfg.augment) if self.gpu_augment else MultiCropTransform(cfg.augment)
+        self.collate = collate_raw if self.gpu_augment else collate_multicrop
+        local_batch = _local_batch(cfg.batch_size, world_size)
+        self.stream: Any = None
+        self.items: SeededItems | None = None
+        self.sampler: ResumableSampler | None = None
+        if cfg.data.source.strip().startswith("shards:"):
+            self.stream = self._open_stream(local_batch, world_size)
+            self.num_images = len(self.stream)
+        else:
+            base = self._open_dataset()
+            self.items = SeededItems(base, cfg.seed)
+            self.sampler = ResumableSampler(len(base), local_batch, rank, world_size, cfg.seed)  # type: ignore[arg-type]
+            self.num_images = len(base)  # type: ignore[arg-type]
+        self.steps_per_epoch = (self.num_images // world_size) // local_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size: {cfg.batch_size} is larger than the data set "
+                             f"({self.num_images} images from {cfg.data.source!r})")
+        log.info("data: %d images, %s augmentation, loader %s", self.num_images,
+                 "device" if self.gpu_augment else "CPU", dataloader_settings(device, cfg.data.num_workers))
+
+    def _open_stream(self, local_batch: int, world_size: int) -> Any:
+        from excb.data.shards import open_shards
+
+        cfg = self.cfg
+        return open_shards(cfg.data.source.strip(), transform=None if self.gpu_augment else self.transform,
+                           mode="raw" if self.gpu_augment else "pil", seed=cfg.seed, rank=self.rank,
+                           world_size=world_size, batch_size=local_batch, collate=self.collate,
+                           shuffle_buffer=cfg.data.shuffle_buffer, limit=cfg.data.limit,
+                           max_pixels=cfg.data.max_image_pixels)
+
+    def _open_dataset(self) -> Dataset:
+        from excb.data.datasets import build_dataset
+        from excb.data.gpu_augment import ToUint8Tensor
+
+        cfg = self.cfg
+        item_transform = ToUint8Tensor(4 * cfg.augment.global_size) if self.gpu_augment else self.transform
+        return build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=item_transform,
+                             max_pixels=cfg.data.max_image_pixels)
+
+    def batches(self, epoch: int, start_batch: int, total_epochs: int, schedule_epoch: int | None = None) -> Iterator[Any]:
+        """Loader batches of ``epoch`` from ``start_batch`` on (at most the epoch's remaining steps), with the
+        crop scale of ``schedule_epoch`` (default ``epoch``) out of ``total_epochs``."""
+        self.transform.set_epoch(epoch if schedule_epoch is None else schedule_epoch, max(total_epochs, 1))
+        if self.stream is not None:
+            self.stream.set_epoch(epoch)
+            loader = _stream_loader(self.stream, self.cfg, self.device)
+        else:
+            assert self.items is not None and self.sampler is not None
+            self.items.epoch = epoch
+            self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+            loader = _map_loader(self.items, self.sampler, self.cfg, self.device, self.collate)
+        return itertools.islice(loader, max(self.steps_per_epoch - start_batch, 0))
+
+    def device_views(self, batch: Any, epoch: int, index: int) -> tuple[Tensor, Tensor | None, int]:
+        """``(globals, locals, skipped)`` on the device; the GPU path decodes and multi-crops here, with draws
+        that are a function of (seed, rank, epoch, batch) so a resume replays them."""
+        if self.gpu_augment:
+            from excb.data.gpu_augment import augment_batch
+
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "gpu-augment", self.rank, epoch, index))
+            return augment_batch(batch, self.transform, self.device, gen)
+        g = batch.globals.to(self.device, non_blocking=True)
+        l = batch.locals.to(self.device, non_blocking=True) if batch.locals is not None else None
+        return g, l, batch.skipped

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from excb.seeds import derive_seed, seeded
+
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "excb-shards/1"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -217,7 +219,7 @@ def plan_epoch(counts: Sequence[int], epoch: int, seed: int, rank: int, world: i
     """
     if not 0 <= rank < world or not 0 <= worker < num_workers or block < 1:
         raise ValueError(f"bad consumer rank={rank}/{world} worker={worker}/{num_workers} block={block}")
-    order = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(counts))
+    order = np.random.default_rng(derive_seed(seed, "shard-order", epoch)).permutation(len(counts))
     total = int(sum(counts))
     lo, hi = rank * total // world, (rank + 1) * total // world
     blocks = (hi - lo) // block
@@ -249,11 +251,6 @@ def shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[An
         yield item
     rng.shuffle(buf)
     yield from buf
-
-
-def item_seed(seed: int, epoch: int, key: int) -> int:
-    """Augmentation seed of one sample: same value whatever the worker that reads it."""
-    return (seed * 1_000_003 + epoch * 7_919 + key * 104_729 + 1) % (2**63 - 1)
 
 
 @dataclass
@@ -338,16 +335,13 @@ class ShardStream(IterableDataset):
         except ImageDecodeError:
             return None
         if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                s = item_seed(self.seed, self.epoch, key)
-                torch.manual_seed(s)
-                random.seed(s)
+            with seeded(derive_seed(self.seed, "item", self.epoch, key)):  # whatever worker reads it
                 image = self.transform(image)
         return (image, label) if self.labelled else image
 
     def __iter__(self) -> Iterator[Any]:
         worker, workers = self._consumer()
-        rng = random.Random(item_seed(self.seed, self.epoch, -(1 + self.rank * 4099 + worker)))
+        rng = random.Random(derive_seed(self.seed, "shuffle", self.epoch, self.rank, worker))
         items = (self._item(k, s) for k, s in shuffled(self._raw(worker, workers), self.shuffle_buffer, rng))
         if self.batch_size is None:
             yield from items

@@ -283,7 +283,7 @@ def drip_server() -> Iterator[int]:
 def test_url_fetch_has_one_wall_clock_deadline(drip_server: int) -> None:
     from services.embed.fetch import FetchError, FetchPolicy, fetch_url
 
-    policy = FetchPolicy.build(["127.0.0.1"], ["127.0.0.1/32"], 1_000_000, 1.0, 2)
+    policy = FetchPolicy.build([f"127.0.0.1:{drip_server}"], ["127.0.0.1/32"], 1_000_000, 1.0, 2)
     started = time.monotonic()
     with pytest.raises(FetchError) as info:
         fetch_url(f"http://127.0.0.1:{drip_server}/slow.png", policy)
@@ -300,7 +300,8 @@ def test_slow_url_fetches_cannot_starve_other_routes(drip_server: int, make_stac
     from embed_support import UvicornThread
     from services.api.app import create_app
 
-    stack = make_stack(f"sqlite:///{tmp_path / 'u.sqlite'}", None, embed__url_allowed_hosts='["127.0.0.1"]',
+    stack = make_stack(f"sqlite:///{tmp_path / 'u.sqlite'}", None,
+                       embed__url_allowed_hosts=f'["127.0.0.1:{drip_server}"]',
                        embed__url_allowed_networks='["127.0.0.1/32"]', embed__url_timeout_seconds="2",
                        embed__url_max_concurrent="2")
     app = create_app(stack.settings(), embedded=True, reaper=False)

@@ -209,7 +209,7 @@ def image_server():
 
 def test_fetch_real_server_with_redirect_revalidation(image_server: tuple[int, bytes]) -> None:
     port, png = image_server
-    policy = FetchPolicy.build(["127.0.0.1"], ["127.0.0.1/32"], 4000, 3.0, 2)
+    policy = FetchPolicy.build([f"127.0.0.1:{port}"], ["127.0.0.1/32"], 4000, 3.0, 2)
     base = f"http://127.0.0.1:{port}"
     assert fetch_url(f"{base}/a.png", policy) == png
     assert fetch_url(f"{base}/to-self", policy) == png
@@ -218,7 +218,7 @@ def test_fetch_real_server_with_redirect_revalidation(image_server: tuple[int, b
         with pytest.raises(FetchError) as info:
             fetch_url(base + path, policy)
         assert info.value.code == code, path
-    strict = FetchPolicy.build(["127.0.0.1"], [], 4000, 3.0, 2)  # loopback not explicitly allowed
+    strict = FetchPolicy.build([f"127.0.0.1:{port}"], [], 4000, 3.0, 2)  # loopback not explicitly allowed
     with pytest.raises(FetchError, match="non-public"):
         fetch_url(f"{base}/a.png", strict)
 
@@ -231,7 +231,7 @@ def test_get_embed_by_allow_listed_url(image_server: tuple[int, bytes], tmp_path
     from services.settings import EmbedSettings, Settings
 
     port, _ = image_server
-    embed = EmbedSettings(url_allowed_hosts=["127.0.0.1"], url_allowed_networks=["127.0.0.1/32"], max_delay_ms=1)
+    embed = EmbedSettings(url_allowed_hosts=[f"127.0.0.1:{port}"], url_allowed_networks=["127.0.0.1/32"], max_delay_ms=1)
     reg = ModelRegistry(embed)
     reg.register(es.bundle())
     with TestClient(create_app(Settings(home=tmp_path, embed=embed), reg)) as c:

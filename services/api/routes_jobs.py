@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal, get_args
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -91,11 +91,22 @@ def _existing(cp: ControlPlane, who: Principal, job_id: str | None, key: str | N
     return store.find_client_job(cp.db, who.id, job_id) if job_id is not None else None
 
 
+def parse_statuses(values: list[str]) -> list[str]:
+    """``?status=QUEUED,RUNNING`` as documented (and repeated ``?status=``); an unknown name is a 422."""
+    statuses = [s.strip().upper() for item in values for s in item.split(",") if s.strip()]
+    unknown = sorted(set(statuses) - set(get_args(StatusName)))
+    if unknown:
+        raise ApiError(422, "validation_error", f"unknown status {unknown[0]!r}; use "
+                                                f"{', '.join(get_args(StatusName))}", "status")
+    return statuses
+
+
 @router.get("/jobs", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(cp: Plane, who: Caller,
-              status: list[StatusName] | None = Query(None, description="repeat or comma-separate"),
+              status: list[str] | None = Query(None, description="repeat or comma-separate: "
+                                               + ", ".join(get_args(StatusName))),
               limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=512)) -> dict[str, Any]:
-    statuses = [s for item in (status or []) for s in str(item).split(",") if s]
+    statuses = parse_statuses(status or [])
     after = decode_cursor(cursor) if cursor else None
     rows = store.list_jobs(cp.db, owner=who.id, status=statuses or None, limit=limit + 1, cursor=after)
     more = len(rows) > limit

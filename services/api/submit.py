@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -67,9 +68,45 @@ def build_config(body: JobSubmit, settings: Settings, run_dir: Path) -> dict[str
     except (ValueError, TypeError) as exc:  # anything else the schema could not digest is still bad input
         raise ApiError(422, "validation_error", str(exc), None) from exc
     data = cfg.model_dump(mode="json")
+    check_job_bounds(data)
     data["out"] = str(run_dir)
     data["data"]["source"] = safe_source(cfg.data.source, settings)
     return data
+
+
+# Upper bounds a job submitted over the API must respect (issue 13 item 12): the training schema accepts any
+# positive value for `excb train` on one's own machine; a shared service refuses sizes that can only exhaust it.
+JOB_BOUNDS: dict[str, int] = {
+    "batch_size": 65_536, "epochs": 100_000, "max_steps": 100_000_000, "data.num_workers": 64,
+    "data.shuffle_buffer": 1_000_000, "model.num_clusters": 1_048_576, "model.projector_hidden_dim": 65_536,
+    "model.predictor_hidden_dim": 65_536, "augment.global_size": 1024, "augment.local_size": 1024,
+}
+
+
+def check_job_bounds(config: dict[str, Any]) -> None:
+    """422 for a value over :data:`JOB_BOUNDS` or any non-finite number (``lr=Infinity``, NaN)."""
+    for key, limit in JOB_BOUNDS.items():
+        value = _dotted(config, key)
+        if isinstance(value, (int, float)) and value > limit:
+            raise ApiError(422, "validation_error", f"{key}: {value} is above this service's limit of {limit}", key)
+    for key, value in _numbers(config, ""):
+        if not math.isfinite(value):
+            raise ApiError(422, "validation_error", f"{key}: must be a finite number", key)
+
+
+def _dotted(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _numbers(node: Any, prefix: str) -> list[tuple[str, float]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _numbers(v, f"{prefix}{k}.")]
+    if isinstance(node, (list, tuple)):
+        return [kv for i, v in enumerate(node) for kv in _numbers(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), float(node))] if isinstance(node, float) else []
 
 
 def safe_source(source: str, settings: Settings) -> str:

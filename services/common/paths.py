@@ -42,6 +42,13 @@ def resolve_in_roots(user_path: str, roots: Iterable[Path | str], field: str = "
         raise PathNotAllowed(field, "empty path")
     if "\x00" in user_path:
         raise PathNotAllowed(field, "path contains a NUL byte")
+    try:
+        return _resolve(user_path, roots, field, must_exist)
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks: bad input, not a 500
+        raise PathNotAllowed(field, f"cannot resolve {user_path[:80]!r}: {exc.strerror or exc}") from exc
+
+
+def _resolve(user_path: str, roots: Iterable[Path | str], field: str, must_exist: bool) -> Path:
     real_roots = [_real(Path(r).expanduser()) for r in roots]
     if not real_roots:
         raise PathNotAllowed(field, "no data roots are configured (set EXCB_DATA_ROOTS)")

@@ -359,6 +359,8 @@ def _parse_json(body: bytes, svc: EmbedService) -> tuple[list[tuple[str, bytes]]
         raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # arrays nested thousands deep: bad input, not a 500 (issue 13 item 9)
+        raise ApiError(422, "invalid_json", "the body is nested too deeply") from exc
     if not isinstance(raw, dict):
         raise ApiError(422, "validation_error", "the body must be a JSON object with an 'input' field")
     try:

@@ -88,9 +88,25 @@ def is_public(ip: Address) -> bool:
     return bool(ip.is_global and not ip.is_multicast and not ip.is_reserved and not ip.is_unspecified)
 
 
-def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
-    """Exact name match, or ``*.example.com`` for subdomains (never the bare parent by wildcard)."""
-    for pattern in allowed:
+def _split_port(pattern: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port or None)."""
+    if pattern.startswith("["):
+        host, _, rest = pattern[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    host, sep, port = pattern.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return pattern, None
+
+
+def _host_allowed(host: str, port: int, default_port: int, allowed: Sequence[str]) -> bool:
+    """Exact name match, or ``*.example.com`` for subdomains (never the bare parent by wildcard); an entry
+    without a port allows only the scheme's default port, so an allowed host's other services (Redis on
+    6379 behind a redirect) stay out of reach (issue 13 item 12)."""
+    for entry in allowed:
+        pattern, wanted = _split_port(entry)
+        if port != (wanted if wanted is not None else default_port):
+            continue
         if pattern.startswith("*."):
             if host.endswith(pattern[1:]) and host != pattern[2:]:
                 return True
@@ -124,9 +140,10 @@ def check_url(url: str, policy: FetchPolicy, resolver: Resolver = system_resolve
     host = (parts.hostname or "").lower().rstrip(".")
     if not host:
         raise FetchError("invalid_url", "the URL has no host")
-    if not _host_allowed(host, policy.allowed_hosts):
-        raise FetchError("url_not_allowed", f"host {host!r} is not on the allow-list", 403)
-    port = port or (443 if parts.scheme == "https" else 80)
+    default_port = 443 if parts.scheme == "https" else 80
+    port = port or default_port
+    if not _host_allowed(host, port, default_port, policy.allowed_hosts):
+        raise FetchError("url_not_allowed", f"{host}:{port} is not on the allow-list", 403)
     addresses = resolver(host, port)
     if not addresses:
         raise FetchError("fetch_failed", f"{host!r} resolves to no address")

@@ -1,0 +1,100 @@
+"""Issue 13 items 9 and 12: no 5xx from client input, bounded job settings, host:port URL allow-list, the
+documented ``?status=QUEUED,RUNNING`` filter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import embed_support as es
+from services.embed.fetch import FetchError, FetchPolicy, check_url
+from services.settings import EmbedSettings, Settings
+
+DEEP = '{"input": ' + "[" * 3000 + "]" * 3000 + "}"
+
+
+@pytest.fixture
+def embed_client(tmp_path: Path) -> TestClient:
+    from services.embed.app import create_app
+
+    shutil.copytree(es.bundle(), tmp_path / "models" / "digits-a")
+    (tmp_path / "data").mkdir()
+    s = Settings(home=tmp_path, data_roots=[tmp_path / "data"], embed=EmbedSettings(warmup=False))
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_embed_client_input_is_never_a_500(embed_client: TestClient) -> None:
+    """Before: a 256-character ?uri= (ENAMETOOLONG) and arrays nested 3000 deep answered 500."""
+    r = embed_client.get("/embed", params={"uri": "a" * 256})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "uri"
+    r = embed_client.post("/v1/embed", content=DEEP, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_json"
+
+
+@pytest.fixture
+def api(make_stack: Any, tmp_path: Path) -> Any:
+    stack = make_stack(f"sqlite:///{tmp_path / 'low.sqlite'}", None)
+    stack.client = stack.start_api()
+    return stack
+
+
+def test_job_input_is_never_a_500(api: Any) -> None:
+    c = api.client
+    for data in ("a" * 300, "list:" + "b" * 300, "x/" * 200 + "c" * 300):
+        r = c.post("/v1/jobs", json={"data": data, "max_steps": 5})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "data.source", (data[:20], r.text)
+    r = c.post("/v1/jobs", content='{"data": ' + "[" * 3000 + "]" * 3000 + "}",
+               headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"batch_size": 10**11}, "batch_size"), ({"num_clusters": 10**10}, "model.num_clusters"),
+    ({"overrides": ["data.num_workers=100000"]}, "data.num_workers"), ({"epochs": 10**9}, "epochs"),
+])
+def test_job_settings_are_bounded(api: Any, change: dict[str, Any], field: str) -> None:
+    r = api.client.post("/v1/jobs", json={"data": "digits", "max_steps": 5, **change})
+    assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    from services.api.submit import check_job_bounds
+    from services.common.errors import ApiError
+
+    with pytest.raises(ApiError, match="finite"):
+        check_job_bounds({"optim": {"lr": float("inf")}})
+    with pytest.raises(ApiError, match="finite"):
+        check_job_bounds({"optim": {"betas": [0.9, float("nan")]}})
+
+
+def test_status_filter_accepts_a_comma_list(api: Any) -> None:
+    """Before: the documented ?status=QUEUED,RUNNING answered 422."""
+    c = api.client
+    ids = [c.post("/v1/jobs", json={"data": "digits", "max_steps": 5}).json()["id"] for _ in range(2)]
+    c.post(f"/v1/jobs/{ids[0]}/cancel")
+    queued = c.get("/v1/jobs", params={"status": "QUEUED,RUNNING"})
+    assert queued.status_code == 200 and [j["id"] for j in queued.json()["items"]] == [ids[1]]
+    both = c.get("/v1/jobs", params=[("status", "QUEUED"), ("status", "CANCELLED,CANCELLING")]).json()["items"]
+    assert sorted(j["id"] for j in both) == sorted(ids)
+    bad = c.get("/v1/jobs", params={"status": "QUEUED,BOGUS"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "status"
+
+
+def test_url_allow_list_is_host_and_port() -> None:
+    """Before: an allowed host was allowed on every port (a redirect reached Redis on 6379)."""
+    loopback = lambda host, port: ["127.0.0.1"]  # noqa: E731 - a DNS answer, injected
+    policy = FetchPolicy.build(["127.0.0.1", "img.local:8080", "[::1]:9000"], ["127.0.0.1/32", "::1/128"],
+                               1000, 1.0, 2)
+    assert check_url("http://127.0.0.1/a.png", policy, loopback).port == 80
+    assert check_url("http://img.local:8080/a.png", policy, loopback).port == 8080
+    assert check_url("http://[::1]:9000/a.png", policy, lambda h, p: ["::1"]).port == 9000
+    for url in ("http://127.0.0.1:6379/", "http://127.0.0.1:443/a.png", "http://img.local/a.png",
+                "http://[::1]/a.png"):
+        with pytest.raises(FetchError) as info:
+            check_url(url, policy, loopback)
+        assert info.value.code == "url_not_allowed", url

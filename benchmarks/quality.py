@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from excb import stats
-from excb.checkpoint import latest_checkpoint, load_checkpoint
+from excb.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
 from excb.config import resolve
-from excb.evaluation import (baselines, evaluate, evaluate_features, labelled_splits, load_teacher,
-                             model_transform, raw_pixel_features)
+from excb.evaluation import (baselines, evaluate, evaluate_features, labelled_splits, model_transform,
+                             raw_pixel_features)
 from excb.trainer import train
 
 
@@ -98,7 +98,7 @@ def assignment_stats(ckpt: dict[str, Any]) -> dict[str, float | None]:
 
 
 def knn_of_run(out: Path, k: int = 20) -> dict[str, Any]:
-    cfg, model, _ = load_teacher(out, torch.device("cpu"))
+    cfg, model, *_ = load_teacher(out, torch.device("cpu"))
     res = evaluate(model.features, *labelled_splits("fashion-mnist", model_transform(cfg)), k=k, batch_size=512)
     return {"knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"]}
 
@@ -178,7 +178,7 @@ def suite_row(name: str, source: str, out: Path, budget: str, extra: list[str]) 
     t0 = time.time()
     result = train(cfg)
     wall = time.time() - t0
-    run_cfg, model, _ = load_teacher(out, torch.device("cpu"))
+    run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
     excb = evaluate(model.features, *labelled_splits(source, model_transform(run_cfg)), k=20, linear=True,
                     batch_size=512)
     base = baselines(run_cfg, source, torch.device("cpu"), k=20, linear=True, batch_size=512)

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from excb.fileio import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write to a temp file in the same directory, fsync, ``os.replace``, fsync the directory.
-
-    A crash or a full disk mid-write leaves the previous checkpoint intact (reliability.md row 14).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """Atomic (excb.fileio): a crash or a full disk mid-write leaves the previous checkpoint intact
+    (reliability.md row 14)."""
+    return atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -56,12 +37,26 @@ def latest_checkpoint(run_dir_or_file: str | Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def load_teacher(source: str | Path, device: str | torch.device = "cpu",
-                 require: tuple[str, ...] = ("config", "teacher")) -> tuple[Any, torch.nn.Module, dict[str, Any], Path]:
-    """Run dir or checkpoint -> (config, eval-mode teacher on ``device``, the checkpoint dict, its path).
+class Teacher(NamedTuple):
+    """A run's teacher as loaded for evaluation, export or serving benchmarks."""
 
-    The one loader behind ``excb eval`` and ``excb export``: clear errors for a missing run, a run without a
-    checkpoint, or a checkpoint without the parts the caller needs.
+    cfg: Any
+    model: torch.nn.Module
+    checkpoint: dict[str, Any]
+    path: Path
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Where the weights came from, for reports (``excb eval --json``)."""
+        return {"checkpoint": str(self.path.resolve()), "step": int(self.checkpoint.get("step", 0))}
+
+
+def load_teacher(source: str | Path, device: str | torch.device = "cpu",
+                 require: tuple[str, ...] = ("config", "teacher")) -> Teacher:
+    """Run dir or checkpoint -> ``Teacher(cfg, eval-mode teacher on device, checkpoint dict, its path)``.
+
+    The one loader behind ``excb eval``, ``excb export`` and the weights export: clear errors for a missing
+    run, a run without a checkpoint, or a checkpoint without the parts the caller needs.
     """
     from excb.config import validate
     from excb.models import build_model
@@ -80,4 +75,4 @@ def load_teacher(source: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg, teacher=True)
     model.load_state_dict(ckpt["teacher"])
     model.to(device).eval()
-    return cfg, model, ckpt, ckpt_path
+    return Teacher(cfg, model, ckpt, ckpt_path)

@@ -330,14 +330,6 @@ def evaluate(encode: Callable[[Tensor], Tensor], train_ds: Dataset, test_ds: Dat
 # CLI: excb eval RUN_DIR_OR_CHECKPOINT
 
 
-def load_teacher(source: str | Path, device: torch.device) -> tuple[Any, nn.Module, dict[str, Any]]:
-    """Run dir or checkpoint -> (config, eval-mode teacher on ``device``, info)."""
-    from excb.checkpoint import load_teacher as load
-
-    cfg, model, ckpt, ckpt_path = load(source, device)
-    return cfg, model, {"checkpoint": str(ckpt_path.resolve()), "step": int(ckpt.get("step", 0))}
-
-
 def labelled_splits(data: str, transform: Any, train_limit: int | None = None,
                     test_limit: int | None = None) -> tuple[Dataset, Dataset]:
     """The labelled (train, test) pair every kNN/linear evaluation uses: the trainer's online kNN, ``excb
@@ -404,7 +396,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         device = resolve_device(args.device)
-        cfg, model, info = load_teacher(args.source, device)
+        from excb.checkpoint import load_teacher
+
+        teacher = load_teacher(args.source, device)
+        cfg, model, info = teacher.cfg, teacher.model, teacher.info
         data = args.data or cfg.data.source
         k = args.k if args.k is not None else cfg.eval.knn_k
         train_limit = args.train_limit if args.train_limit is not None else cfg.eval.train_limit

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from excb.onnx_runtime import (BUNDLE_FORMAT, INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, check_no_external_data,
-                               sha256_bytes, sha256_file)
+from excb.fileio import atomic_write, sha256_bytes, sha256_file
+from excb.onnx_runtime import BUNDLE_FORMAT, INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, check_no_external_data
 
 log = logging.getLogger("excb.export")
 
@@ -193,20 +193,6 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                   parity_images: Sequence[Any] | None = None, *, parity_data: str | None = None,
                   parity_count: int = DEFAULT_PARITY_IMAGES, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
@@ -234,7 +220,7 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
     images, data_desc = _parity_batch(cfg, parity_images, parity_data, parity_count)
     parity = check_parity(wrapper, onnx_bytes, images, sizes)
     parity["data"] = data_desc
-    _atomic_write(out / MODEL_FILE, onnx_bytes)
+    atomic_write(out / MODEL_FILE, onnx_bytes, mode=0o644)
     meta = {
         "format": BUNDLE_FORMAT,
         "arch": json.loads(cfg.model.model_dump_json()),
@@ -256,7 +242,7 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "export_seconds": round(time.perf_counter() - t0, 3),
     }
-    _atomic_write(out / META_FILE, json.dumps(meta, indent=1).encode())
+    atomic_write(out / META_FILE, json.dumps(meta, indent=1).encode(), mode=0o644)
     if not parity["passed"]:
         raise ParityError(f"parity check failed: min cosine {parity['min_cosine']:.6f} (need >= {COSINE_THRESHOLD}), "
                           f"top-1 agreement {parity['top1_agreement']:.4f} (need >= {TOP1_THRESHOLD})", parity)

@@ -11,7 +11,6 @@ fallback is visible to readiness checks.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from excb.fileio import sha256_bytes, sha256_file  # noqa: F401  (bundle verification; re-exported)
 
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
@@ -69,18 +70,6 @@ class Bundle:
     def sizes(self) -> np.ndarray:
         """The final cluster-size estimate ``s`` [K] from training (used for balanced assignment)."""
         return np.asarray(self.meta["sizes"], dtype=np.float32)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 _REQUIRED_META = ("sha256", "input", "embed_dim", "num_clusters", "sizes", "opset")
@@ -290,18 +279,17 @@ def preprocessor(meta: dict[str, Any]) -> Callable[[Any], np.ndarray]:
 
 
 def balance_paper(z: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """NumPy port of ``excb.balancing.balance(z, s, mode="paper")`` (tested equal to the torch version)."""
-    z = np.asarray(z, dtype=np.float32)
-    s = np.asarray(s, dtype=np.float32)
-    if z.ndim != 2 or s.ndim != 1 or z.shape[1] != s.shape[0]:
-        raise ValueError(f"expected z [N, K] and s [K], got {list(z.shape)} and {list(s.shape)}")
-    total = max(float(s.sum()), float(np.finfo(np.float32).tiny))
-    c = (s.size * s / np.float32(total)).astype(np.float32)
-    lo = np.minimum(c, np.float32(1.0))
-    safe = np.where(c > 0, c, np.float32(1.0))
-    hi = np.minimum(np.where(c > 0, np.float32(1.0) / safe, np.float32(1.0)), np.float32(1.0)).astype(np.float32)
-    out = np.float32(1.0) - (np.float32(1.0) - z) * lo
-    return ((np.float32(1.0) + out) * hi - np.float32(1.0)).astype(np.float32)
+    """``excb.balancing.balance(z, s, mode="paper")`` on NumPy arrays: serving assigns with the training formula.
+
+    torch is already loaded where this runs (the eval transform is torchvision's); the views share memory.
+    """
+    import torch
+
+    from excb.balancing import balance
+
+    z_t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
+    return balance(z_t, s_t, mode="paper").numpy()
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ replaced atomically), which works across processes and machines sharing the volu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from excb.fileio import sha256_file
 from services.db import jobs as store
 from services.db.models import ModelRow
 from services.db.session import Database
@@ -31,14 +31,6 @@ class PipelineError(Exception):
         super().__init__(message)
         self.type = type
         self.message = message
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def new_model_id() -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -78,6 +80,9 @@ class Settings(BaseSettings):
                                "heartbeat_seconds (30 s by default)")
     cancel_grace_seconds: float = Field(30.0, gt=0)
     max_running_jobs_per_key: int = Field(2, ge=1)
+    ops_routes_auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="/metrics, /v1/info, /docs, /redoc and /openapi.json of the control plane need a key: "
+                            "auto = whenever API keys are configured")
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1 << 30,
         description="control-plane request bodies (JSON); larger -> 413 before the body is read")

@@ -98,3 +98,23 @@ def test_url_allow_list_is_host_and_port() -> None:
         with pytest.raises(FetchError) as info:
             check_url(url, policy, loopback)
         assert info.value.code == "url_not_allowed", url
+
+
+@pytest.mark.parametrize("mode, keys, open_", [("auto", True, False), ("auto", False, True), ("off", True, True),
+                                                ("on", True, False)])
+def test_ops_routes_need_a_key_when_keys_exist(make_stack: Any, tmp_path: Path, mode: str, keys: bool,
+                                               open_: bool) -> None:
+    """Before: with API keys configured, /metrics, /v1/info, /docs and /openapi.json answered anyone (item 11)."""
+    settings: dict[str, Any] = {"ops_routes_auth": mode}
+    if keys:
+        (tmp_path / "keys").write_text("alpha-secret\n")
+        settings["api_keys_file"] = tmp_path / "keys"
+    stack = make_stack(f"sqlite:///{tmp_path / 'ops.sqlite'}", None, **settings)
+    c = stack.start_api()
+    for path in ("/metrics", "/v1/info", "/docs", "/redoc", "/openapi.json"):
+        r = c.get(path)
+        assert r.status_code == (200 if open_ else 401), (path, r.status_code)
+        if not open_:
+            assert r.json()["error"]["type"] == "unauthorized"
+            assert c.get(path, headers={"Authorization": "Bearer alpha-secret"}).status_code == 200, path
+    assert c.get("/livez").status_code == 200  # probes stay open

@@ -9,11 +9,13 @@ from typing import Any, AsyncIterator
 
 from celery import Celery
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry
 
 from services.api import routes_infra, routes_jobs, routes_models
 from services.api.model_sync import ModelSync
-from services.api.state import ControlPlane
+from services.api.state import ControlPlane, OpsCaller
 from services.common.auth import ApiKeyAuth
 from services.common.errors import install_error_handlers
 from services.common.metrics import install_http_metrics
@@ -52,7 +54,8 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
         if syncer:
             syncer.stop()
 
-    app = FastAPI(title="excb control plane", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="excb control plane", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description="Training jobs (ExCB), models, live balance. Errors: {error: {type, message, field}}.")
     app.state.plane = cp
     app.state.embed_app = embed_app
@@ -61,6 +64,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     install_http_metrics(app, app.state.registry, "api")
     routes_infra.register_collectors(app.state.registry, cp)
     app.include_router(routes_infra.router)
+    _include_docs(app)
     for prefix, visible in (("/v1", True), ("", False)):
         app.include_router(routes_jobs.router, prefix=prefix, include_in_schema=visible)
         app.include_router(routes_models.router, prefix=prefix, include_in_schema=visible)
@@ -68,6 +72,22 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     if embed_app is not None:
         app.mount("/", embed_app)
     return app
+
+
+def _include_docs(app: FastAPI) -> None:
+    """/openapi.json, /docs and /redoc behind ``ops_routes_auth`` (FastAPI's built-in ones cannot be)."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_json(_: OpsCaller) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger(_: OpsCaller) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(_: OpsCaller) -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 def _include_dashboard(app: FastAPI) -> None:

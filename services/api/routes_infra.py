@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
 from services.api.liveness import workers_view
-from services.api.state import ControlPlane, plane, principal
+from services.api.state import ControlPlane, OpsCaller, plane, principal
 from services.common.auth import Principal
 from services.common.errors import ApiError
 from services.common.metrics import metrics_response
@@ -60,12 +60,12 @@ def list_workers(cp: ControlPlane = Depends(plane), _: Principal = Depends(princ
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request) -> Response:
+def metrics(request: Request, _: OpsCaller) -> Response:
     return metrics_response(request.app.state.registry)
 
 
 @router.get("/v1/info", summary="Versions and mode (no secrets)")
-def info(cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
+def info(_: OpsCaller, cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
     import celery
     import excb
     import fastapi

@@ -9,7 +9,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 
-from services.common.auth import ApiKeyAuth, Principal
+from services.common.auth import ANONYMOUS, ApiKeyAuth, Principal
 from services.db.session import Database
 from services.settings import Settings
 
@@ -40,5 +40,16 @@ def principal(request: Request) -> Principal:
     return request.app.state.plane.auth.authenticate(request)
 
 
+def ops_principal(request: Request) -> Principal:
+    """The caller of an operational route (metrics, info, docs): authenticated when ``ops_routes_auth`` says
+    so (by default whenever API keys exist: they expose counts, versions and the whole API surface)."""
+    cp: ControlPlane = request.app.state.plane
+    mode = cp.settings.ops_routes_auth
+    if mode == "off" or (mode == "auto" and not cp.auth.enabled):
+        return ANONYMOUS
+    return principal(request)
+
+
 Plane = Annotated[ControlPlane, Depends(plane)]
 Caller = Annotated[Principal, Depends(principal)]
+OpsCaller = Annotated[Principal, Depends(ops_principal)]

@@ -1,4 +1,4 @@
-"""Atomic checkpoints with everything needed for exact resume; loads are ``weights_only``."""
+"""Owns checkpoint files (atomic saves, ``weights_only`` loads, where the last one is) and the teacher loader."""
 
 from __future__ import annotations
 

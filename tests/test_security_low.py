@@ -4,6 +4,7 @@ documented ``?status=QUEUED,RUNNING`` filter."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import embed_support as es
+from services.common.auth import hash_key
 from services.embed.fetch import FetchError, FetchPolicy, check_url
 from services.settings import EmbedSettings, Settings
 
@@ -118,3 +120,34 @@ def test_ops_routes_need_a_key_when_keys_exist(make_stack: Any, tmp_path: Path, 
             assert r.json()["error"]["type"] == "unauthorized"
             assert c.get(path, headers={"Authorization": "Bearer alpha-secret"}).status_code == 200, path
     assert c.get("/livez").status_code == 200  # probes stay open
+
+
+def test_live_streams_are_capped_per_key(make_stack: Any, tmp_path: Path) -> None:
+    """Before: any number of SSE streams per key, each up to a day (item 10)."""
+    import httpx
+
+    from services.api.app import create_app
+
+    (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
+    stack = make_stack(f"sqlite:///{tmp_path / 'sse.sqlite'}", None, api_keys_file=tmp_path / "keys",
+                       max_streams_per_key=2, stream_max_seconds=30)
+    app = create_app(stack.settings(), reaper=False)
+    a = {"Authorization": "Bearer alpha-secret"}
+    b = {"Authorization": "Bearer beta-secret"}
+    with es.UvicornThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        job = c.post("/v1/jobs", json={"data": "digits", "max_steps": 5}, headers=a).json()["id"]
+        bjob = c.post("/v1/jobs", json={"data": "digits", "max_steps": 5}, headers=b).json()["id"]
+        with c.stream("GET", f"/v1/jobs/{job}/events", headers=a) as s1, \
+                c.stream("GET", f"/v1/jobs/{job}/logs/stream", headers=a) as s2:
+            assert (s1.status_code, s2.status_code) == (200, 200)
+            third = c.get(f"/v1/jobs/{job}/events", headers=a)
+            assert third.status_code == 429 and third.headers["retry-after"]
+            assert third.json()["error"]["type"] == "too_many_streams"
+            with c.stream("GET", f"/v1/jobs/{bjob}/events", headers=b) as other:  # B has its own slots
+                assert other.status_code == 200
+        slots = app.state.stream_slots
+        deadline = time.monotonic() + 10
+        while slots.active("key-" + hash_key("alpha-secret")[:16]) and time.monotonic() < deadline:
+            time.sleep(0.2)  # closed streams free their slots once the server notices the disconnect
+        with c.stream("GET", f"/v1/jobs/{job}/events", headers=a) as again:
+            assert again.status_code == 200

@@ -18,6 +18,7 @@ from services.api.liveness import no_worker_reason
 from services.api.serialize import decode_cursor, encode_cursor, job_dict
 from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
+from services.api.streams import StreamSlots, held
 from services.common.auth import Principal
 from services.common.errors import ERROR_SCHEMA, ApiError
 from services.db import jobs as store
@@ -203,6 +204,7 @@ async def job_logs_stream(job_id: str, request: Request, cp: Plane, who: Caller,
                           max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
     job = await run_in_threadpool(_owned, cp, who, job_id)
     path = Path(job.run_dir) / LOG_FILES[source]
+    max_seconds = min(max_seconds, cp.settings.stream_max_seconds)
 
     async def lines() -> AsyncIterator[bytes]:
         follower = _LogFollower(path, offset)
@@ -218,7 +220,23 @@ async def job_logs_stream(job_id: str, request: Request, cp: Plane, who: Caller,
                 return
             await asyncio.sleep(0.5)
 
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _stream(request, cp, who, lines(), max_seconds)
+
+
+def _stream(request: Request, cp: ControlPlane, who: Principal, body: AsyncIterator[bytes],
+            max_seconds: float) -> StreamingResponse:
+    """An SSE response holding one of the key's stream slots (429 + Retry-After when all are taken)."""
+    slots = _slots(request, cp)
+    slot = slots.acquire(who.id, max_seconds)
+    return StreamingResponse(held(slots, who.id, slot, body), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _slots(request: Request, cp: ControlPlane) -> StreamSlots:
+    slots = getattr(request.app.state, "stream_slots", None)
+    if slots is None:
+        slots = request.app.state.stream_slots = StreamSlots(cp.settings.max_streams_per_key)
+    return slots
 
 
 class _LogFollower:
@@ -242,8 +260,8 @@ async def job_events(job_id: str, request: Request, cp: Plane, who: Caller,
     """Events: ``status`` (the Job), ``metrics`` (one step row), ``cluster_sizes`` (curve), ``log`` (line).
     The stream ends after the job reaches a terminal status."""
     job = await run_in_threadpool(_owned, cp, who, job_id)
-    return StreamingResponse(_events(cp, job.id, request, max_seconds), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    max_seconds = min(max_seconds, cp.settings.stream_max_seconds)
+    return _stream(request, cp, who, _events(cp, job.id, request, max_seconds), max_seconds)
 
 
 async def _events(cp: ControlPlane, job_id: str, request: Request, max_seconds: float) -> AsyncIterator[bytes]:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 import embed_support as es
 from services.embed.app import create_app
+from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
 
 
@@ -22,7 +23,10 @@ def _app(tmp: Path) -> Any:
     (tmp / "data" / "d0.png").write_bytes(es.digit_png(0))
     s = Settings(home=tmp, data_roots=[tmp / "data"],
                  embed=EmbedSettings(max_delay_ms=1.0, warmup=False, max_images_per_request=4))
-    return create_app(s)
+    # A registry the app does not own: each fuzzed call runs the app's lifespan, which would close its own.
+    registry = ModelRegistry(s.embed)
+    registry.register(tmp / "models" / "digits-a")
+    return create_app(s, registry)
 
 
 APP = _app(Path(tempfile.mkdtemp(prefix="excb-embed-fuzz-")))

@@ -114,10 +114,11 @@ class Run:
         self.learner.load_state_dict(ckpt)
         for key in COUNTERS:
             setattr(self, key, ckpt[key])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.learner.balance_gen.set_state(ckpt["rng"]["balance"])
-        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        rng = {k: v.cpu() for k, v in ckpt["rng"].items()}  # CPU byte tensors whatever the map_location
+        torch.set_rng_state(rng["torch"])
+        self.learner.balance_gen.set_state(rng["balance"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # -- data and steps (also driven by excb.budget.time_steps)
     def batches(self, epoch: int, start_batch: int, schedule_epoch: int | None = None) -> Iterator[Any]:

@@ -88,8 +88,8 @@ def test_cuda_fp32_step_matches_cpu_step(tmp_path: Path) -> None:
         assert row_gpu["loss"] == pytest.approx(row_cpu["loss"], rel=1e-4)
         for key in ("changed_labels", "llb_min", "lhb_min", "confidence_tr"):
             assert row_gpu[key] == pytest.approx(row_cpu[key], abs=1e-4), key
-    torch.testing.assert_close(gpu.balancer.sizes.cpu(), cpu.balancer.sizes, atol=1e-6, rtol=0)
-    for (name, p_cpu), p_gpu in zip(cpu.teacher.state_dict().items(), gpu.teacher.state_dict().values()):
+    torch.testing.assert_close(gpu.learner.balancer.sizes.cpu(), cpu.learner.balancer.sizes, atol=1e-6, rtol=0)
+    for (name, p_cpu), p_gpu in zip(cpu.learner.teacher.state_dict().items(), gpu.learner.teacher.state_dict().values()):
         if p_cpu.is_floating_point():
             torch.testing.assert_close(p_gpu.cpu(), p_cpu, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -104,15 +104,15 @@ def test_bf16_channels_last_fused_step_matches_fp32(tmp_path: Path, optim: str) 
     ref = _run(_tiny(tmp_path / "fp32", *common, "precision=fp32", "channels_last=false", "optim.fused=false"), "cuda")
     fast = _run(_tiny(tmp_path / "bf16", *common, "precision=bf16", "channels_last=true", "optim.fused=true"), "cuda")
     _copy_state(ref, fast)
-    assert fast.amp_dtype == torch.bfloat16 and fast.optimizer.defaults.get("fused") is True
+    assert fast.learner.amp_dtype == torch.bfloat16 and fast.learner.optimizer.defaults.get("fused") is True
     assert any(p.is_contiguous(memory_format=torch.channels_last) and p.dim() == 4
-               for p in fast.student_core.parameters())
+               for p in fast.learner.student_core.parameters())
     batches = [_batch(ref.cfg, seed) for seed in range(3)]
     a, b = _steps(ref, batches), _steps(fast, batches)
     for row_ref, row_fast in zip(a, b):
         assert np.isfinite(row_fast["loss"])
         assert row_fast["loss"] == pytest.approx(row_ref["loss"], rel=5e-2)
-    for (name, p_ref), p_fast in zip(ref.teacher.state_dict().items(), fast.teacher.state_dict().values()):
+    for (name, p_ref), p_fast in zip(ref.learner.teacher.state_dict().items(), fast.learner.teacher.state_dict().values()):
         if p_ref.is_floating_point():
             torch.testing.assert_close(p_fast.float(), p_ref.float(), atol=1e-3, rtol=1e-2, msg=name)
 

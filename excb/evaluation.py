@@ -13,7 +13,6 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np

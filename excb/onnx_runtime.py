@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from excb.fileio import sha256_bytes, sha256_file  # noqa: F401  (bundle verification; re-exported)
+from excb.fileio import sha256_bytes
 
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"

@@ -15,7 +15,8 @@ import embed_support as es
 from excb import export as export_mod
 from excb.balancing import balance
 from excb.cli import main as excb_main
-from excb.onnx_runtime import BundleError, OrtEmbedder, balance_paper, load_bundle, sha256_file
+from excb.fileio import sha256_file
+from excb.onnx_runtime import BundleError, OrtEmbedder, balance_paper, load_bundle
 
 torch.set_num_threads(1)
 

@@ -104,3 +104,30 @@ def test_row8_two_workers_four_jobs_both_busy_at_once(redis_url: str, make_stack
     assert len(owners) == 2, f"never two workers busy at once: {owners}"
     for job_id in ids:
         assert stack.wait_status(job_id, {"CANCELLED", "SUCCEEDED"}, 120)["status"] in {"CANCELLED", "SUCCEEDED"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_row4_broker_lost_mid_task(private_redis: Any, make_stack: Any, tmp_path: Path) -> None:
+    """Row 4: Redis goes away while a job trains and comes back empty. The job finishes once (one attempt, one
+    lease: progress and the lease live in the job store, not the broker), and the worker reconnects and takes
+    the next job."""
+    from fixtures_services import tiny_job
+    from services.db import jobs as store
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'r4.sqlite'}", private_redis.url, export_parity_images=16)
+    c = stack.start_api()
+    stack.start_worker()
+    job = c.post("/v1/jobs", json=tiny_job(max_steps=150)).json()["id"]
+    stack.wait(job, lambda j: j["status"] == "RUNNING" and (j["progress"]["step"] or 0) >= 1, 120)
+    private_redis.stop()
+    assert c.get(f"/v1/jobs/{job}").json()["status"] == "RUNNING"  # lost mid-task, not after
+    time.sleep(2.0)
+    private_redis.start()
+    done = stack.wait_status(job, {"SUCCEEDED", "FAILED"}, 240)
+    assert done["status"] == "SUCCEEDED" and done["attempt"] == 1, done["error"]
+    server_id = Path(done["config"]["out"]).name
+    attempts = store.attempts(stack.app.state.plane.db, server_id)
+    assert [a.attempt for a in attempts] == [1], [(a.attempt, a.outcome) for a in attempts]
+    after = c.post("/v1/jobs", json=tiny_job(max_steps=3)).json()["id"]
+    assert stack.wait_status(after, {"SUCCEEDED", "FAILED"}, 240)["status"] == "SUCCEEDED"

@@ -131,3 +131,57 @@ def test_row4_broker_lost_mid_task(private_redis: Any, make_stack: Any, tmp_path
     assert [a.attempt for a in attempts] == [1], [(a.attempt, a.outcome) for a in attempts]
     after = c.post("/v1/jobs", json=tiny_job(max_steps=3)).json()["id"]
     assert stack.wait_status(after, {"SUCCEEDED", "FAILED"}, 240)["status"] == "SUCCEEDED"
+
+
+def _requests_total(text: str, route: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("excb_http_requests_total{") and f'route="{route}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.integration
+def test_row31_metrics_totals_monotonic_across_processes(make_stack: Any, tmp_path: Path) -> None:
+    """Row 31: `uvicorn --workers 3` with PROMETHEUS_MULTIPROC_DIR: every scrape, whichever process answers,
+    reports the same growing total (per-process registries made totals jump between scrapes)."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from fixtures_services import REPO, free_port
+
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    stack = make_stack(f"sqlite:///{tmp_path / 'r31.sqlite'}", None)
+    env = {**stack.env, "PROMETHEUS_MULTIPROC_DIR": str(mp)}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "3", "--log-level", "warning"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/livez", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.3)
+        time.sleep(3.0)  # let every worker process finish starting
+        seen: list[float] = []
+        hits = 1
+        for _ in range(40):
+            for _ in range(2):
+                assert httpx.get(url + "/livez", timeout=10).status_code == 200  # a new connection each time
+                hits += 1
+            seen.append(_requests_total(httpx.get(url + "/metrics", timeout=10).text, "/livez"))
+        assert seen == sorted(seen), f"totals went backwards between scrapes: {seen}"
+        assert seen[-1] == hits, (seen[-1], hits)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)

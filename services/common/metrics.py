@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 NAMESPACE = "excb"
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:
-    """The text exposition of ``registry``."""
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """The text exposition of ``registry`` (summed over processes when several serve one port)."""
+    return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """One process: ``registry`` as is. Several (``uvicorn --workers N`` with ``PROMETHEUS_MULTIPROC_DIR``
+    set, reliability.md row 31): each scrape reaches one process at random, so counters and histograms come
+    from every process's files (totals stay monotonic), and only the scrape-time collectors (gauges read
+    from the job store) from this process."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return generate_latest(registry)
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=path)
+    return generate_latest(merged) + generate_latest(_ScrapeTimeOnly(registry))
+
+
+class _ScrapeTimeOnly:
+    """The collectors of a registry that are not per-process metric objects (those are in the files)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        # prometheus_client has no public way to list a registry's collectors; this attribute has been stable.
+        for collector in list(self.registry._collector_to_names):  # noqa: SLF001
+            if not isinstance(collector, MetricWrapperBase):
+                yield from collector.collect()
 
 
 def install_http_metrics(app: FastAPI, registry: CollectorRegistry, service: str) -> None:

@@ -103,7 +103,7 @@ def knn_of_run(out: Path, k: int = 20) -> dict[str, Any]:
     return {"knn_acc": res["knn_acc"], "knn_majority_acc": res["knn_majority_acc"]}
 
 
-def baselines(out: Path, extra: list[str], k: int = 20) -> dict[str, Any]:
+def fashion_mnist_baselines(out: Path, extra: list[str], k: int = 20) -> dict[str, Any]:
     """Raw pixels (28x28) and the same architecture (the run's overrides) randomly initialised, same kNN."""
     from torchvision.transforms import v2
 
@@ -140,7 +140,7 @@ def cmd_main(args: argparse.Namespace) -> dict[str, Any]:
     res = {"study": "main", "machine": machine(), "run": run, "overrides": extra, "excb": knn_of_run(out)}
     rows = [("ExCB (cpu-small)", res["excb"])]
     if not args.no_baselines:
-        res.update(baselines(out, extra))
+        res.update(fashion_mnist_baselines(out, extra))
         rows += [("raw pixels", res["raw_pixels"]), ("random init", res["random_init"])]
     print(f"\nFashion-MNIST kNN (k=20), {run['steps']} steps, {run['epochs']:.2f} epochs, "
           f"train wall {run['train_wall_seconds'] / 60:.1f} min\n")
@@ -224,7 +224,27 @@ def cmd_suite(args: argparse.Namespace) -> dict[str, Any]:
     table = suite_table(rows)
     print(f"\nQuality suite, default recipe (no preset), budget {args.budget} per set; kNN k=20 (T=0.07, exp "
           f"weighting); linear = the fast probe (standardised pre-extracted features, 100 epochs)\n\n{table}")
-    return {"study": "suite", "machine": machine(), "budget": args.budget, "rows": rows, "table": table}
+    res = {"study": "suite", "machine": machine(), "budget": args.budget, "rows": rows, "table": table}
+    if args.write_results:
+        append_results(Path(args.write_results), res, argv_text())
+    return res
+
+
+def argv_text() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def append_results(path: Path, res: dict[str, Any], command: str) -> None:
+    """Append the suite table to RESULTS.md with the machine, the command and the date."""
+    m = res["machine"]
+    section = (f"\n### Quality suite, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: default recipe, budget "
+               f"{res['budget']} per data set\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+               f"{m['threads']} threads, load average at start {m['load_avg_start']:.2f}. Command: `{command}`. "
+               f"kNN k=20 (T=0.07, exp-weighted), linear = the fast probe (pre-extracted standardised features, "
+               f"100 epochs); raw pixels at the model's input size; random init = the same fitted network, "
+               f"untrained.\n\n{res['table']}\n")
+    with path.open("a") as fh:
+        fh.write(section)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="10m", help="suite: training budget per data set (600s, 10m, 2h)")
     p.add_argument("--sets", nargs="+", help="suite: only these data sets (default: all of benchmarks/suite_data.py)")
     p.add_argument("--root", default=None, help="suite: where the data sets are prepared (~/.cache/excb/suite)")
+    p.add_argument("--write-results", metavar="RESULTS_MD", help="suite: append the table to this file")
     p.add_argument("--minutes", type=float, default=25.0, help="training budget per run (calibrated to steps)")
     p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes")
     p.add_argument("--images", type=int, help="fixed budget in training images (steps = images // batch)")

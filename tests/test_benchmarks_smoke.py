@@ -45,3 +45,26 @@ def test_train_throughput_rejects_unknown_preset(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2
     assert "--presets" in proc.stderr and "resnet9000" in proc.stderr
+
+
+def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Path) -> None:
+    """`quality.py suite` on the smallest set with a tiny budget: trains the fitted recipe, evaluates ExCB, raw
+    pixels and random init the same way, prints one table and appends it to a results file."""
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "suite", "--sets", "uci-digits", "--budget", "15s",
+         "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--write-results", str(results),
+         "model.width=8", "augment.num_local_crops=2", "kmeans.samples=256"],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    (row,) = res["rows"]
+    assert row["name"] == "uci-digits" and row["images"] == 1438 and row["test_images"] == 359
+    assert row["global_size"] == 28 and row["num_clusters"] == 64 and row["steps"] > 10
+    for kind in ("excb", "raw_pixels", "random_init"):
+        assert 0.0 <= row[kind]["knn"] <= 1.0 and 0.0 <= row[kind]["linear"] <= 1.0
+    assert row["raw_pixels"]["knn"] > 0.9  # saturated smoke set
+    text = results.read_text()
+    assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1 << 30,
         description="control-plane request bodies (JSON); larger -> 413 before the body is read")
+    default_memory_limit_mb: int = Field(
+        0, ge=0, description="a job without memory_limit_mb gets this one (its trainer is killed and retried "
+                             "above it); 0 = none")
     max_streams_per_key: int = Field(8, ge=1, description="live SSE streams (events, log follow) open at once per key")
     stream_max_seconds: float = Field(
         3600.0, gt=0, le=86400, description="longest life of one live stream (a client's max_seconds is capped to it)")

@@ -151,3 +151,12 @@ def test_live_streams_are_capped_per_key(make_stack: Any, tmp_path: Path) -> Non
             time.sleep(0.2)  # closed streams free their slots once the server notices the disconnect
         with c.stream("GET", f"/v1/jobs/{job}/events", headers=a) as again:
             assert again.status_code == 200
+
+
+def test_default_memory_limit_per_job(make_stack: Any, tmp_path: Path) -> None:
+    """Item 12: an optional default memory limit for jobs that set none (the worker enforces the request's)."""
+    stack = make_stack(f"sqlite:///{tmp_path / 'mem.sqlite'}", None, default_memory_limit_mb=4096)
+    c = stack.start_api()
+    plain = c.post("/v1/jobs", json={"data": "digits", "max_steps": 5}).json()
+    own = c.post("/v1/jobs", json={"data": "digits", "max_steps": 5, "memory_limit_mb": 100}).json()
+    assert (plain["request"]["memory_limit_mb"], own["request"]["memory_limit_mb"]) == (4096, 100)

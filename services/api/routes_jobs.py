@@ -59,7 +59,7 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
     config = submit_mod.build_config(body, settings, run_dir)
-    request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb}
+    request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb or settings.default_memory_limit_mb or None}
     try:
         job, created = store.create_job(cp.db, job_id=job_id, client_id=body.job_id, owner=who.id,
                                         idempotency_key=idempotency_key, name=body.name, config=config,

@@ -173,9 +173,6 @@ class _Fitter:
             self.reasons.append(f"{key}={value}: {why}")
         return value
 
-    def value(self, key: str) -> Any:
-        return _get(self.current, key)
-
 
 def _input_size(f: _Fitter, p: DataProfile, on_gpu: bool) -> int:
     low, cap = GPU_SIZES if on_gpu else CPU_SIZES

@@ -301,7 +301,7 @@ _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor) -> Tensor:
     """Per-sample ColorJitter: for each position in each sample's random order, apply that op to those samples."""
-    idx_all = apply.nonzero().flatten()
+    idx_all = apply.to(x.device).nonzero().flatten()  # same device as the masks below
     if idx_all.numel() == 0:
         return x
     x = x.clone()

@@ -42,7 +42,7 @@ def test_row16_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_row7_enqueue_failure_leaves_a_queued_row_the_outbox_delivers(private_redis: Any, make_stack: Any,
                                                                       tmp_path: Path) -> None:
     """Row 7: broker down at submit -> the job is stored QUEUED and unpublished (no lost job, no 500); once the
-    broker is back, one reaper sweep publishes exactly one message."""
+    broker is back, the reaper publishes exactly one message."""
     import redis
 
     from services.db import jobs as store
@@ -62,11 +62,13 @@ def test_row7_enqueue_failure_leaves_a_queued_row_the_outbox_delivers(private_re
     server_id = Path(r.json()["config"]["out"]).name
     assert store.get_job(db, server_id).enqueued_at is None  # the outbox mark is not set
     private_redis.start()  # same port
-    counts = sweep(db, stack.app.state.plane.celery, settings)
-    assert counts["published"] == 1
+    # The app's own reaper thread (every second here) publishes it: one message, once.
+    deadline = time.monotonic() + 10
+    while store.get_job(db, server_id).enqueued_at is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert store.get_job(db, server_id).enqueued_at is not None
-    assert redis.Redis.from_url(private_redis.url).llen(settings.celery_queue) == 1
     assert sweep(db, stack.app.state.plane.celery, settings)["published"] == 0  # published once, not again
+    assert redis.Redis.from_url(private_redis.url).llen(settings.celery_queue) == 1
 
 
 @pytest.mark.integration

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     ops_routes_auth: Literal["auto", "on", "off"] = Field(
         "auto", description="/metrics, /v1/info, /docs, /redoc and /openapi.json of the control plane need a key: "
                             "auto = whenever API keys are configured")
+    server_paths_in_responses: Literal["auto", "on", "off"] = Field(
+        "auto", description="job and model responses show absolute server paths (run dir, data, bundle); auto = "
+                            "only without API keys (with keys: paths relative to runs/, models/, the data root)")
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=1 << 30,
         description="control-plane request bodies (JSON); larger -> 413 before the body is read")

@@ -30,7 +30,9 @@ def _keys_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def two_keys(db_url: str, make_stack: Any, tmp_path: Path) -> Any:
-    stack = make_stack(db_url, None, api_keys_file=_keys_file(tmp_path), max_running_jobs_per_key=5)
+    # These tests read each job's run dir from its response: show server paths (hidden by default with keys).
+    stack = make_stack(db_url, None, api_keys_file=_keys_file(tmp_path), max_running_jobs_per_key=5,
+                       server_paths_in_responses="on")
     stack.client = stack.start_api()
     return stack
 

@@ -160,3 +160,33 @@ def test_default_memory_limit_per_job(make_stack: Any, tmp_path: Path) -> None:
     plain = c.post("/v1/jobs", json={"data": "digits", "max_steps": 5}).json()
     own = c.post("/v1/jobs", json={"data": "digits", "max_steps": 5, "memory_limit_mb": 100}).json()
     assert (plain["request"]["memory_limit_mb"], own["request"]["memory_limit_mb"]) == (4096, 100)
+
+
+def test_server_paths_stay_out_of_responses_with_keys(make_stack: Any, tmp_path: Path) -> None:
+    """Item 11: with API keys, job and model responses show ids and relative paths, not the server's layout."""
+    from services.db import jobs as store
+    from services.db.models import ModelRow
+
+    (tmp_path / "keys").write_text("alpha-secret\n")
+    stack = make_stack(f"sqlite:///{tmp_path / 'paths.sqlite'}", None, api_keys_file=tmp_path / "keys")
+    (stack.data_root / "imgs").mkdir()
+    (stack.data_root / "imgs" / "a.png").write_bytes(es.digit_png(0))
+    c = stack.start_api()
+    a = {"Authorization": "Bearer alpha-secret"}
+    job = c.post("/v1/jobs", json={"data": "imgs", "max_steps": 5}, headers=a).json()
+    assert job["config"]["out"].startswith("runs/j-") and job["config"]["data"]["source"] == "imgs"
+    server_id = job["config"]["out"].split("/", 1)[1]
+    db = stack.app.state.plane.db
+    bundle = stack.home / "models" / "m-1"
+    store.add_model(db, ModelRow(id="m-1", job_id=server_id, owner="key-" + hash_key("alpha-secret")[:16],
+                                 status="READY", bundle_dir=str(bundle), sha256="0" * 64, model_json={}),
+                    activate=False)
+    texts = [c.get(f"/v1/jobs/{job['id']}", headers=a).text, c.get("/v1/jobs", headers=a).text,
+             c.get("/v1/models/m-1", headers=a).text, c.get("/v1/models", headers=a).text]
+    assert c.get("/v1/models/m-1", headers=a).json()["bundle_dir"] == "models/m-1"
+    for text in texts:
+        assert str(tmp_path) not in text, text[:300]
+    shown = make_stack(f"sqlite:///{tmp_path / 'paths2.sqlite'}", None, api_keys_file=tmp_path / "keys",
+                       server_paths_in_responses="on").start_api()
+    assert shown.post("/v1/jobs", json={"data": "digits", "max_steps": 5}, headers=a).json()["config"]["out"] \
+        .startswith(str(tmp_path))

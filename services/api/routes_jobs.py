@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from services.api import submit as submit_mod
 from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
 from services.api.liveness import no_worker_reason
-from services.api.serialize import decode_cursor, encode_cursor, job_dict
+from services.api.serialize import PathHider, decode_cursor, encode_cursor, job_dict, path_hider
 from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
 from services.api.streams import StreamSlots, held
@@ -76,7 +76,7 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
     else:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
-    return job_dict(job)
+    return job_dict(job, hide=_hide(cp))
 
 
 def _too_many(exc: LimitReached) -> ApiError:
@@ -90,6 +90,11 @@ def _existing(cp: ControlPlane, who: Principal, job_id: str | None, key: str | N
         if job is not None:
             return job
     return store.find_client_job(cp.db, who.id, job_id) if job_id is not None else None
+
+
+def _hide(cp: ControlPlane) -> PathHider | None:
+    """How this API shows server paths to its callers (issue 13 item 11)."""
+    return path_hider(cp.settings, cp.auth.enabled)
 
 
 def parse_statuses(values: list[str]) -> list[str]:
@@ -113,21 +118,22 @@ def list_jobs(cp: Plane, who: Caller,
     more = len(rows) > limit
     rows = rows[:limit]
     idle = no_worker_reason(cp) if any(j.status == "QUEUED" for j in rows) else None
-    return {"items": [job_dict(j, idle) for j in rows],
+    hide = _hide(cp)
+    return {"items": [job_dict(j, idle, hide) for j in rows],
             "next_cursor": encode_cursor(rows[-1]) if more and rows else None}
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Job status, progress, metrics, balance")
 def show_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     job = _owned(cp, who, job_id)
-    return job_dict(job, no_worker_reason(cp) if job.status == "QUEUED" else None)
+    return job_dict(job, no_worker_reason(cp) if job.status == "QUEUED" else None, _hide(cp))
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel (cooperative)")
 def cancel_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     job = _owned(cp, who, job_id)
     try:
-        return job_dict(store.request_cancel(cp.db, job.id))
+        return job_dict(store.request_cancel(cp.db, job.id), hide=_hide(cp))
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
 
@@ -143,7 +149,7 @@ def retry_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     except LimitReached as exc:
         raise _too_many(exc) from exc
     publish(cp.celery, cp.db, job.id, cp.settings.celery_queue)
-    return job_dict(store.get_job(cp.db, job.id) or job)
+    return job_dict(store.get_job(cp.db, job.id) or job, hide=_hide(cp))
 
 
 @router.delete("/jobs/{job_id}", status_code=204,
@@ -276,7 +282,7 @@ async def _events(cp: ControlPlane, job_id: str, request: Request, max_seconds: 
         if job.updated_at != last_update:
             last_update = job.updated_at
             idle = await run_in_threadpool(no_worker_reason, cp) if job.status == "QUEUED" else None
-            yield _sse("status", job_dict(job, idle))
+            yield _sse("status", job_dict(job, idle, _hide(cp)))
         rows = await run_in_threadpool(store.metrics_since, cp.db, job_id, last_step, 500)
         for row in rows:
             last_step = max(last_step, int(row.get("step", last_step)))

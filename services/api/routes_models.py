@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from services.api.routes_jobs import ERRORS
 from services.api.model_sync import sync_once
 from services.api.schemas import ModelList, ModelOut
-from services.api.serialize import model_dict
+from services.api.serialize import model_dict, path_hider
 from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
 from services.common.auth import Principal
@@ -34,13 +34,14 @@ def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
 @router.get("/models", response_model=ModelList, summary="Registered models, newest first")
 def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
     rows = store.list_models(cp.db, who.id)
-    return {"items": [model_dict(m) for m in rows], "object": "list",
+    hide = path_hider(cp.settings, cp.auth.enabled)
+    return {"items": [model_dict(m, hide) for m in rows], "object": "list",
             "data": [model_entry(m.id, m.created_at, m.active, owned_by=m.owner or "excb") for m in rows]}
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")
 def show_model(model_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
-    return model_dict(_owned_model(cp, who, model_id))
+    return model_dict(_owned_model(cp, who, model_id), path_hider(cp.settings, cp.auth.enabled))
 
 
 @router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
@@ -55,4 +56,4 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     embed_app = getattr(request.app.state, "embed_app", None)
     if embed_app is not None:  # embedded mode: switch the in-process embed service now
         sync_once(cp.db, embed_app.state.embed.registry)
-    return model_dict(store.get_model(cp.db, model_id) or row)
+    return model_dict(store.get_model(cp.db, model_id) or row, path_hider(cp.settings, cp.auth.enabled))

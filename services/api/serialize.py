@@ -3,12 +3,58 @@
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 from services.common.errors import ApiError
 from services.db.jobs import public_id
 from services.db.models import Job, ModelRow
+from services.settings import Settings
+
+
+class PathHider:
+    """Server paths as callers may see them (issue 13 item 11): relative to ``runs/``, ``models/`` or the data
+    root they lie in, else only the file name. Keys need ids, not the server's directory layout."""
+
+    def __init__(self, settings: Settings) -> None:
+        home = Path(settings.home).expanduser().resolve()
+        self.bases = [(home / "runs", "runs/"), (Path(settings.resolved_models_dir).expanduser().resolve(), "models/")]
+        self.bases += [(Path(r).expanduser().resolve(), "") for r in settings.data_roots]
+
+    def path(self, text: str) -> str:
+        p = Path(text)
+        if not p.is_absolute():
+            return text
+        for base, prefix in self.bases:
+            if p.is_relative_to(base):
+                return prefix + p.relative_to(base).as_posix()
+        return p.name
+
+    def source(self, source: str) -> str:
+        prefix = next((x for x in ("list:", "fashion-mnist:", "shards:") if source.startswith(x)), "")
+        return prefix + self.path(source[len(prefix):])
+
+    def job(self, body: dict[str, Any]) -> dict[str, Any]:
+        body = copy.deepcopy(body)
+        config = body.get("config") or {}
+        if isinstance(config.get("out"), str):
+            config["out"] = self.path(config["out"])
+        data = config.get("data")
+        if isinstance(data, dict) and isinstance(data.get("source"), str):
+            data["source"] = self.source(data["source"])
+        body["artifacts"] = {k: self.path(v) if isinstance(v, str) and v.startswith("/") else v
+                             for k, v in (body.get("artifacts") or {}).items()}
+        return body
+
+
+def path_hider(settings: Settings, auth_enabled: bool) -> PathHider | None:
+    """None = show server paths (no API keys, or ``server_paths_in_responses=on``)."""
+    mode = settings.server_paths_in_responses
+    if mode == "on" or (mode == "auto" and not auth_enabled):
+        return None
+    return PathHider(settings)
 
 
 def status_detail(job: Job, no_worker: str | None) -> str | None:
@@ -24,8 +70,14 @@ def status_detail(job: Job, no_worker: str | None) -> str | None:
     return None
 
 
-def job_dict(job: Job, no_worker: str | None = None) -> dict[str, Any]:
-    """``no_worker``: why no worker is live (services.api.liveness.no_worker_reason), shown on QUEUED jobs."""
+def job_dict(job: Job, no_worker: str | None = None, hide: PathHider | None = None) -> dict[str, Any]:
+    """``no_worker``: why no worker is live (services.api.liveness.no_worker_reason), shown on QUEUED jobs;
+    ``hide``: rewrite server paths for the caller."""
+    body = _job_body(job, no_worker)
+    return hide.job(body) if hide is not None else body
+
+
+def _job_body(job: Job, no_worker: str | None) -> dict[str, Any]:
     progress = {"epoch": None, "step": None, "total_steps": None, "percent": None, "eta_seconds": None}
     progress.update(job.progress or {})
     return {
@@ -39,9 +91,9 @@ def job_dict(job: Job, no_worker: str | None = None) -> dict[str, Any]:
     }
 
 
-def model_dict(row: ModelRow) -> dict[str, Any]:
+def model_dict(row: ModelRow, hide: PathHider | None = None) -> dict[str, Any]:
     return {"id": row.id, "job_id": row.job_id, "status": row.status, "active": row.active,
-            "bundle_dir": row.bundle_dir, "sha256": row.sha256, "created_at": _iso(row.created_at),
+            "bundle_dir": hide.path(row.bundle_dir) if hide is not None and row.bundle_dir else row.bundle_dir, "sha256": row.sha256, "created_at": _iso(row.created_at),
             "model_json": row.model_json or {}}
 
 

@@ -187,3 +187,32 @@ def test_row31_metrics_totals_monotonic_across_processes(make_stack: Any, tmp_pa
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def test_row14_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 14 (first half): a save that dies mid-write (ENOSPC after half the bytes) leaves the previous
+    checkpoint loadable and no temp file behind. Keeping the last two checkpoints is not implemented."""
+    import errno
+
+    from excb import checkpoint as ck
+
+    path = ck.checkpoint_dir(tmp_path) / ck.LAST
+    ck.save_checkpoint(path, {"step": 10, "w": torch.ones(1000)})
+    real_save = torch.save
+
+    def disk_full(obj: Any, fh: Any) -> None:
+        import io
+
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ck.save_checkpoint(path, {"step": 20, "w": torch.zeros(1000)})
+    monkeypatch.setattr(torch, "save", real_save)
+    state = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))
+    assert state["step"] == 10 and float(state["w"].sum()) == 1000.0
+    assert [p.name for p in path.parent.iterdir()] == [ck.LAST]

@@ -108,7 +108,7 @@ def e2e_config(args: argparse.Namespace, device: torch.device, shards: str, out:
         preset, extra = "resnet50-ep400", [f"batch_size={args.batch_size or 128}"]
     else:
         preset, extra = "cpu-small", [f"batch_size={args.batch_size or 32}"]
-    items = [f"data.source=shards:{shards}", f"device={device}", "kmeans.enabled=false", "progress=false",
+    items = [f"data.source=shards:{shards}", f"device={device.type}", "kmeans.enabled=false", "progress=false",
              f"out={out}", "data.shuffle_buffer=64", *extra, *args.set]
     return resolve(overrides=items, preset_name=preset)
 

@@ -216,3 +216,37 @@ def test_row14_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Pat
     state = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))
     assert state["step"] == 10 and float(state["w"].sum()) == 1000.0
     assert [p.name for p in path.parent.iterdir()] == [ck.LAST]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_row3_duplicate_delivery_of_a_running_job_gets_no_second_lease(redis_url: str, make_stack: Any,
+                                                                        tmp_path: Path) -> None:
+    """Row 3 (lease half): a second copy of a running job's message (what Redis does after the visibility
+    timeout, or a republish) reaches an idle second worker while the first trains. It gets no lease: one
+    attempt, one trainer, one success. The message is duplicated by publishing it again, not by waiting for
+    kombu's restore (a 3 s visibility timeout did not produce a redelivery within a 22 s job here). Fencing
+    of the checkpoint *file* write itself is not implemented: only DB commits are fenced."""
+    from fixtures_services import tiny_job
+    from services.db import jobs as store
+    from services.worker.publish import publish
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'r3.sqlite'}", redis_url, export_parity_images=16)
+    c = stack.start_api()
+    stack.start_worker()
+    job = c.post("/v1/jobs", json=tiny_job(max_steps=300)).json()
+    server_id = Path(job["config"]["out"]).name
+    stack.wait(job["id"], lambda j: j["status"] == "RUNNING", 120)
+    stack.start_worker()
+    time.sleep(3.0)  # the second worker is up and idle
+    settings = stack.settings()
+    assert publish(stack.app.state.plane.celery, stack.app.state.plane.db, server_id, settings.celery_queue)
+    deadline = time.monotonic() + 60
+    logs = ""
+    while "not acquired" not in logs and time.monotonic() < deadline:
+        time.sleep(0.5)
+        logs = "".join(p.read_text(errors="replace") for p in stack.home.parent.glob("w*.log"))
+    assert "not acquired" in logs, "the duplicate was never delivered"
+    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, 300)
+    assert done["status"] == "SUCCEEDED" and done["attempt"] == 1, done["error"]
+    assert [a.attempt for a in store.attempts(stack.app.state.plane.db, server_id)] == [1]

@@ -264,3 +264,41 @@ def test_eval_cli_reports_missing_checkpoint(tmp_path: Path, capsys: pytest.Capt
 
     assert main(["eval", str(tmp_path), "--device", "cpu"]) == 2
     assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_reference_linear_protocol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--protocol reference`: augmented images through the frozen teacher, raw features, lr 0.3 @ 256, wd 0;
+    deterministic for a seed, and named in the output so a figure says which probe made it."""
+    import json
+
+    from excb.cli import main
+    from excb.linear_reference import default_lr, encoder, reference_linear_probe
+
+    torch.set_num_threads(1)
+    run_dir, teacher = _tiny_run(tmp_path)
+    code = main(["eval", str(run_dir), "--data", "digits", "--train-limit", "200", "--test-limit", "100",
+                 "--device", "cpu", "--linear", "--protocol", "reference", "--linear-epochs", "2", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lin = out["linear"]
+    assert lin["protocol"] == "reference" and lin["epochs"] == 2 and lin["weight_decay"] == 0.0
+    assert lin["lr"] == pytest.approx(0.3) and lin["batch_size"] == 256 and 0.0 <= lin["acc"] <= 1.0
+    cfg_args = dict(data="digits", device=torch.device("cpu"), epochs=2, train_limit=200, test_limit=100)
+    from excb.checkpoint import load_teacher
+
+    loaded = load_teacher(run_dir, "cpu")
+    again = reference_linear_probe(loaded.model, loaded.cfg, **cfg_args)
+    assert again["acc"] == lin["acc"]
+    assert default_lr(teacher, 1024) == pytest.approx(1.2) and encoder(teacher) == teacher.features
+
+
+def test_reference_presets_reproduce_the_released_blur() -> None:
+    """The released models saw the reference code's inverted blur: (0, 0.9, 0) for (global 1, global 2, local)."""
+    from excb.config import resolve
+    from excb.data.augment import effective_blur_probs
+
+    for name in ("resnet50-ep400", "vit-s16-ep800"):
+        aug = resolve(preset_name=name).augment
+        assert aug.blur_reference_parity is True
+        assert effective_blur_probs(aug) == pytest.approx((0.0, 0.9, 0.0))
+    assert effective_blur_probs(resolve(preset_name="cpu-small").augment) == pytest.approx((1.0, 0.1, 1.0))

@@ -36,7 +36,7 @@ GREY_FRACTION = 0.9          # share of sampled images that must be grey for the
 IMAGES_PER_CLUSTER = 64
 MIN_CLUSTERS, MAX_CLUSTERS = 64, 65536
 # (min, max) input size. On a CPU, 28-32 px with a stride-2 stem (14-16 px feature maps): smaller images are
-# upsampled, because a stride-1 stem on 20 px costs twice the step of 28 px at stride 2 for maps no larger.
+# upsampled, because a stride-1 stem on 20 px has 20x20 maps (about twice the FLOPs of 28 px at stride 2, 14x14).
 CPU_SIZES, GPU_SIZES = (28, 32), (32, 224)
 DEFAULT_CPU_BUDGET = "10m"   # no epochs/max_steps/budget given: on a CPU, ten minutes
 GPU_DEFAULT_EPOCHS, GPU_MIN_STEPS = 100, 5000
@@ -192,7 +192,7 @@ def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
     small = size <= 64
     f.set("model.small_images", small)
     if not on_gpu:
-        f.set("model.stem_stride", 2 if size >= 28 else 1, "a stride-2 3x3 stem: ~4x cheaper steps on CPU")
+        f.set("model.stem_stride", 2 if size >= 28 else 1, "a stride-2 3x3 stem (a quarter of the feature-map area), as cpu-small on CPU")
         f.set("model.backbone", "resnet18")
         f.set("model.width", 16, "ResNet-18 at width 16: the model cpu-small was tuned with on a 2-core CPU")
         head = {"projector_hidden_dim": 512, "bottleneck_dim": 128, "predictor_hidden_dim": 512}

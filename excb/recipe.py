@@ -192,7 +192,8 @@ def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
     small = size <= 64
     f.set("model.small_images", small)
     if not on_gpu:
-        f.set("model.stem_stride", 2 if size >= 28 else 1, "a stride-2 3x3 stem (a quarter of the feature-map area), as cpu-small on CPU")
+        f.set("model.stem_stride", 2 if size >= 28 else 1,
+              "a stride-2 3x3 stem (a quarter of the feature-map area), as cpu-small on CPU")
         f.set("model.backbone", "resnet18")
         f.set("model.width", 16, "ResNet-18 at width 16: the model cpu-small was tuned with on a 2-core CPU")
         head = {"projector_hidden_dim": 512, "bottleneck_dim": 128, "predictor_hidden_dim": 512}

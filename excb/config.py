@@ -187,7 +187,15 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(1, ge=1)
     histogram_every_steps: int = Field(50, ge=1, description="how often the sorted K*s curve is logged")
     progress: bool = True
-    resume: Literal["auto", "never", "must"] = "auto"
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto", description="auto: continue the run in out if its checkpoint's config matches (fields that may "
+        "differ: excb.rerun.MAY_CHANGE_ON_RESUME); never: refuse an out that already holds a run; must: fail "
+        "without a checkpoint to continue")
+    overwrite: bool = Field(False, description="start over in an out that holds a run: its checkpoints, metrics "
+                            "and config are moved to out/replaced/STAMP/ first")
+    checkpoint: str | None = Field(None, description="warm start a new run from another run's weights (run "
+                                   "directory or .pt): student, teacher and, when num_clusters matches, the "
+                                   "cluster-size estimate; fresh optimizer and schedules from step 0")
     _on_off = field_validator("compile", mode="before")(_yaml_on_off)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -208,6 +216,8 @@ class TrainConfig(_Section):
     def _check(self) -> "TrainConfig":
         if self.preset is not None and self.preset not in PRESET_NAMES:
             raise ValueError(f"preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        if self.overwrite and self.resume == "must":
+            raise ValueError("overwrite: overwrite=true starts over, resume=must continues; choose one")
         if self.augment.global_scale_min_end > self.augment.global_scale_min_start:
             raise ValueError("augment.global_scale_min_end must be <= augment.global_scale_min_start")
         if self.augment.local_scale_min > self.augment.global_scale_min_end:
@@ -411,7 +421,7 @@ def resolve(raw: Mapping[str, Any] | None = None, overrides: list[str] | None = 
     return validate(tree)
 
 
-_NOT_PINNABLE = {"out", "preset", "recipe", "pinned", "data.source", "progress", "resume"}
+_NOT_PINNABLE = {"out", "preset", "recipe", "pinned", "data.source", "progress", "resume", "overwrite", "checkpoint"}
 
 
 def _pinned(body: Mapping[str, Any], over: Mapping[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from excb import stats
 from excb.checkpoint import LAST, checkpoint_dir, load_checkpoint, save_checkpoint
-from excb.config import TrainConfig, dump_yaml, validate
+from excb.config import ConfigError, TrainConfig, dump_yaml, validate
 from excb.data.loader import TrainData
 from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup
 from excb.fileio import atomic_write
@@ -146,9 +146,15 @@ class Run:
 def train(cfg: TrainConfig, callback: Callback | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train (or resume) a run described by ``cfg``; see docs/internals.md for the run-directory layout."""
     cfg = validate(json.loads(cfg.model_dump_json()))  # private, validated copy
+    if cfg.checkpoint:
+        from excb.rerun import warm_source
+
+        warm_source(cfg.checkpoint)  # a wrong path fails before anything is written
     ctx = setup(cfg.device)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        _start_over(run_dir, ctx)
     handler = _setup_file_log(run_dir, ctx)
     try:
         return _train(cfg, ctx, run_dir, callback, should_stop)
@@ -156,6 +162,15 @@ def train(cfg: TrainConfig, callback: Callback | None = None, should_stop: Calla
         if handler is not None:
             logging.getLogger("excb").removeHandler(handler)
             handler.close()
+
+
+def _start_over(run_dir: Path, ctx: DistContext) -> None:
+    """``overwrite=true``: rank 0 moves the old run aside (before train.log is reopened), the others wait."""
+    from excb.rerun import set_aside
+
+    if ctx.is_main:
+        set_aside(run_dir)
+    barrier()
 
 
 def _setup_file_log(run_dir: Path, ctx: DistContext) -> logging.Handler | None:
@@ -173,11 +188,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     started = time.time()
     seed_everything(cfg.seed + ctx.rank)  # per-rank seeds (the reference seeds every rank alike, §10.5)
     cfg, plan = _plan_config(cfg, ctx, run_dir)
+    ckpt = _checkpoint_to_resume(cfg, ctx, run_dir, plan)  # before anything in run_dir is rewritten
     _write_plan(run_dir, ctx, cfg, plan)
     run = Run(cfg, ctx)
     logger = RunLogger(run_dir, ctx, callback)
-    resumed = _resume_if_any(run, logger)
-    if not resumed and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
+    resumed = _resume(run, logger, ckpt)
+    warm = _warm_start(run, logger) if not resumed and cfg.checkpoint else {}
+    if not resumed and not warm.get("centroids_loaded") and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **run.init_centroids()})
     if not resumed and cfg.budget and "length" not in plan:
         run.set_length(_fit_to_budget(run, plan, started, logger))
@@ -208,17 +225,45 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     return TrainResult(run_dir, run.step, run.epoch, status, summary)
 
 
-def _resume_if_any(run: Run, logger: RunLogger) -> bool:
-    cfg = run.cfg
-    last = checkpoint_dir(run.run_dir) / LAST
-    if cfg.resume == "never" or not last.exists():
+def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
+                          plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's own last checkpoint when this config may continue it, None for a fresh start; a config that
+    differs in a field that may not change on resume (or resume=never on an existing run) is a ConfigError,
+    so two runs never mix in one directory (excb/rerun.py)."""
+    from excb.rerun import check_resumable
+
+    last = checkpoint_dir(run_dir) / LAST
+    if not last.exists():
         if cfg.resume == "must":
-            raise FileNotFoundError(f"resume=must but no checkpoint at {last}")
+            raise ConfigError("resume", f"resume=must but no checkpoint at {last}")
+        return None
+    if cfg.resume == "never":
+        raise ConfigError("resume", f"resume=never but out={cfg.out} already holds a run ({last}); to start "
+                          "over add overwrite=true, or choose a new out=")
+    ckpt = load_checkpoint(last, map_location=ctx.device)
+    if isinstance(ckpt.get("config"), dict):
+        check_resumable(ckpt["config"], json.loads(cfg.model_dump_json()), cfg.out, plan.get("length"))
+    return ckpt
+
+
+def _resume(run: Run, logger: RunLogger, ckpt: dict[str, Any] | None) -> bool:
+    if ckpt is None:
         return False
-    run.restore(load_checkpoint(last, map_location=run.device))
+    run.restore(ckpt)
     logger.rewind(run.step)
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", last, run.step, run.epoch, run.epoch_batch)
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_dir(run.run_dir) / LAST, run.step,
+             run.epoch, run.epoch_batch)
     return True
+
+
+def _warm_start(run: Run, logger: RunLogger) -> dict[str, Any]:
+    """``checkpoint=PATH`` on a fresh run: another run's weights, this run's optimizer and step 0."""
+    from excb.rerun import warm_start
+
+    assert run.cfg.checkpoint is not None
+    info = warm_start(run.learner, run.cfg.checkpoint)
+    logger.emit({"type": "warm_start", "step": 0, "time": time.time(), **info})
+    return info
 
 
 def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
@@ -226,10 +271,13 @@ def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[Tra
     count), or one fitted now to the data and device (``recipe=auto``; excb/recipe.py)."""
     from excb.recipe import apply, fit_config
 
+    from excb.rerun import without_keys
+
     stored = run_dir / PLAN_FILE
     if cfg.resume != "never" and stored.exists() and (checkpoint_dir(run_dir) / LAST).exists():
         plan = json.loads(stored.read_text())
-        return apply(cfg, plan.get("choices", {}), plan.get("length", {})), plan
+        choices = without_keys(plan.get("choices", {}), cfg.pinned)  # what the user typed now is compared
+        return apply(cfg, choices, plan.get("length", {})), plan
     fitted, recipe = fit_config(cfg, ctx.device, ctx.world_size)
     return fitted, (recipe.to_json() if recipe is not None else {})
 

@@ -121,3 +121,77 @@ def _wait_embed(base: str, model_id: str) -> httpx.Response:
 
 def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def test_excb_up_is_one_service(tmp_path: Path) -> None:
+    """Issue 15 §2 on the real `excb up`: one /metrics with the embed series, one OpenAPI with the embed routes,
+    one /v1/info; and a SUCCEEDED job's model answers GET /embed within 2 s with every polling timer off
+    (no rescan; activation follows active.json's file-system event and the request path's check)."""
+    home, data = tmp_path / "home", tmp_path / "data"
+    data.mkdir()
+    _digit_png(data / "seven.png")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
+    env.update({"OMP_NUM_THREADS": "1", "EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "false",
+                "EXCB_EMBED__RESCAN_SECONDS": "0", "EXCB_REAPER_INTERVAL_SECONDS": "30",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
+                           "--data-root", str(data)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, up, tmp_path / "up.log")
+        r = httpx.post(f"{base}/v1/jobs", json=tiny_job(max_steps=8), timeout=30)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        job, succeeded_at = _poll_until_terminal(base, job_id)
+        assert job["status"] == "SUCCEEDED", str(job) + _tail(tmp_path / "up.log")
+        activated_before_any_request = httpx.get(f"{base}/v1/info", timeout=10).json()["embed"]["latest"]
+        first_ok, codes = _first_embed_ok(base, job["model_id"], succeeded_at + 10)
+        latency = first_ok - succeeded_at
+        print(f"SUCCEEDED -> first GET /embed 200: {latency:.3f} s (codes before: {codes}); "
+              f"/v1/info latest right after SUCCEEDED: {activated_before_any_request}")
+        assert latency < 2.0, (latency, codes)
+
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        for series in ("excb_embed_images_total{", "excb_model_loaded{", "excb_embed_queue_depth{", "excb_jobs{",
+                       'service="embed"', 'service="api"'):
+            assert series in metrics, series
+        assert metrics.count("# TYPE excb_http_requests_total counter") == 1  # one registry, one family
+        paths = httpx.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+        for path in ("/embed", "/v1/embed", "/v1/embeddings", "/v1/jobs", "/v1/models/{model_id}/activate"):
+            assert path in paths, path
+        info = httpx.get(f"{base}/v1/info", timeout=10).json()
+        assert info["service"] == "excb-control-plane" and info["broker"] == "sqlalchemy (embedded)"
+        assert info["embed"]["latest"] == job["model_id"]
+        assert [m["id"] for m in info["embed"]["models"]] == [job["model_id"]]
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
+def _poll_until_terminal(base: str, job_id: str) -> tuple[dict, float]:
+    """The job and the moment it was first seen terminal (polled every 20 ms, as a client would)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
+        if job["status"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return job, time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def _first_embed_ok(base: str, model_id: str, deadline: float) -> tuple[float, list[int]]:
+    codes: list[int] = []
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{base}/embed", params={"uri": "seven.png", "model": model_id}, timeout=10)
+        if r.status_code == 200:
+            return time.monotonic(), codes
+        codes.append(r.status_code)
+        time.sleep(0.02)
+    raise AssertionError(f"GET /embed never answered 200 for {model_id}: {codes[-5:]}")

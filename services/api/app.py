@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import Any, AsyncIterator
 
 from celery import Celery
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry
 
@@ -34,16 +37,18 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     db = db or Database(settings.database_url or default_url(settings.home))
     celery = celery or make_celery(settings)
     cp = ControlPlane(settings=settings, db=db, celery=celery, auth=ApiKeyAuth.from_file(settings.api_keys_file))
-    embed_app = _embed_app(settings) if embedded else None
+    metrics_registry = CollectorRegistry()  # one registry: the embed app's series too in `excb up`
+    embed_app = _embed_app(settings, metrics_registry) if embedded else None
+    syncer = ModelSync(db, embed_app.state.embed.registry, settings.resolved_models_dir) if embed_app else None
+    if syncer is not None:
+        embed_app.state.embed.model_source = syncer
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = Reaper(db, celery, settings) if reaper else None
         if sweeper:
             sweeper.start()
-        syncer = None
-        if embed_app is not None:
-            syncer = ModelSync(db, embed_app.state.embed.registry, settings.reaper_interval_seconds)
+        if syncer is not None:
             syncer.start()
         async with contextlib.AsyncExitStack() as stack:
             if embed_app is not None:
@@ -59,7 +64,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
                   description="Training jobs (ExCB), models, live balance. Errors: {error: {type, message, field}}.")
     app.state.plane = cp
     app.state.embed_app = embed_app
-    app.state.registry = CollectorRegistry()
+    app.state.registry = metrics_registry
     install_error_handlers(app)
     install_http_metrics(app, app.state.registry, "api")
     routes_infra.register_collectors(app.state.registry, cp)
@@ -71,6 +76,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     _include_dashboard(app)
     if embed_app is not None:
         app.mount("/", embed_app)
+        _merge_openapi(app, embed_app)
     return app
 
 
@@ -90,6 +96,35 @@ def _include_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
+def _merge_openapi(app: FastAPI, embed_app: FastAPI) -> None:
+    """`excb up` is one service, so one spec: the control plane's operations plus every operation of the
+    mounted embed app that no control-plane route shadows (those are matched first and never reach it)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            taken = {(_shape(r.path), m.lower()) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+            embed = embed_app.openapi()
+            for path, item in embed.get("paths", {}).items():
+                for method, op in item.items():
+                    if (_shape(path), method) not in taken:
+                        schema.setdefault("paths", {}).setdefault(path, {})[method] = op
+            for section, entries in embed.get("components", {}).items():
+                target = schema.setdefault("components", {}).setdefault(section, {})
+                for name, body in entries.items():
+                    target.setdefault(name, body)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _shape(path: str) -> str:
+    """A path template with its parameter names erased: /v1/models/{id} and /v1/models/{model_id} collide."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
+
+
 def _include_dashboard(app: FastAPI) -> None:
     try:
         from services.dashboard import router as dashboard_router
@@ -99,10 +134,10 @@ def _include_dashboard(app: FastAPI) -> None:
     app.include_router(dashboard_router)
 
 
-def _embed_app(settings: Settings) -> Any:
+def _embed_app(settings: Settings, metrics_registry: CollectorRegistry) -> Any:
     try:
         from services.embed.app import create_app as create_embed_app
     except ImportError:
         log.warning("services.embed not installed; /embed not served")
         return None
-    return create_embed_app(settings)
+    return create_embed_app(settings, metrics_registry=metrics_registry)

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from services.api.liveness import workers_view
 from services.api.state import ControlPlane, OpsCaller, plane, principal
-from services.common.auth import Principal
+from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
 from services.common.metrics import metrics_response
 from services.db.models import JOB_STATUSES, Job
@@ -64,8 +64,8 @@ def metrics(request: Request, _: OpsCaller) -> Response:
     return metrics_response(request.app.state.registry)
 
 
-@router.get("/v1/info", summary="Versions and mode (no secrets)")
-def info(_: OpsCaller, cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
+@router.get("/v1/info", summary="Versions and mode (no secrets); in `excb up` also the embed service's")
+def info(request: Request, caller: OpsCaller, cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
     import celery
     import excb
     import fastapi
@@ -84,7 +84,24 @@ def info(_: OpsCaller, cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
         "max_attempts": s.max_attempts,
         "data_roots": len(s.data_roots),
         "workers": _workers_summary(cp),
+        "embed": _embed_info(request, caller),
     }
+
+
+def _embed_info(request: Request, caller: Principal) -> dict[str, Any] | None:
+    """The mounted embed service's info (`excb up` is one service, so one /v1/info), with the caller's models
+    only: the principal is set here because this sync route runs in its own copied context."""
+    embed_app = request.app.state.embed_app
+    if embed_app is None:
+        return None
+    token = CURRENT_PRINCIPAL.set(caller)
+    try:
+        body: dict[str, Any] = embed_app.state.embed.info()
+    finally:
+        CURRENT_PRINCIPAL.reset(token)
+    if caller.id is None and request.app.state.plane.auth.enabled:  # ops routes opened to all: no model names
+        body = {k: v for k, v in body.items() if k not in ("latest", "models")}
+    return body
 
 
 def _workers_summary(cp: ControlPlane) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from typing import Awaitable, Callable, Iterator
 
 from fastapi import FastAPI, Request, Response
@@ -45,12 +46,27 @@ class _ScrapeTimeOnly:
                 yield from collector.collect()
 
 
+_HTTP_METRICS: "weakref.WeakKeyDictionary[CollectorRegistry, tuple[Counter, Histogram]]" = \
+    weakref.WeakKeyDictionary()
+_COUNTED = "excb.http_counted"  # scope key: an inner (mounted) app already counted this request
+
+
+def http_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """The request counter and latency histogram of ``registry``, made once: a mounted app that shares its
+    parent's registry (`excb up`) uses the same series with its own ``service`` label."""
+    if registry not in _HTTP_METRICS:
+        _HTTP_METRICS[registry] = (
+            Counter(f"{NAMESPACE}_http_requests_total", "HTTP requests", ["service", "method", "route", "status"],
+                    registry=registry),
+            Histogram(f"{NAMESPACE}_http_request_duration_seconds", "HTTP request latency",
+                      ["service", "method", "route"], registry=registry))
+    return _HTTP_METRICS[registry]
+
+
 def install_http_metrics(app: FastAPI, registry: CollectorRegistry, service: str) -> None:
-    """Count requests and time them by route template (never by raw path: unbounded label values)."""
-    requests = Counter(f"{NAMESPACE}_http_requests_total", "HTTP requests", ["service", "method", "route", "status"],
-                       registry=registry)
-    latency = Histogram(f"{NAMESPACE}_http_request_duration_seconds", "HTTP request latency",
-                        ["service", "method", "route"], registry=registry)
+    """Count requests and time them by route template (never by raw path: unbounded label values). A request
+    is counted once, by the innermost app that saw it (an app mounted in another labels its own routes)."""
+    requests, latency = http_metrics(registry)
 
     @app.middleware("http")
     async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -61,7 +77,9 @@ def install_http_metrics(app: FastAPI, registry: CollectorRegistry, service: str
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            requests.labels(service, request.method, template, str(status)).inc()
-            latency.labels(service, request.method, template).observe(time.perf_counter() - start)
+            if not request.scope.get(_COUNTED):
+                request.scope[_COUNTED] = True
+                route = request.scope.get("route")
+                template = getattr(route, "path", "unmatched")
+                requests.labels(service, request.method, template, str(status)).inc()
+                latency.labels(service, request.method, template).observe(time.perf_counter() - start)

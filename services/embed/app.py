@@ -30,6 +30,7 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -79,6 +80,9 @@ class EmbedService:
         self.registry = registry
         self.metrics = metrics
         self.owns_registry = owns_registry
+        # `excb up`: the control plane's ModelSync (stale(), sync_if_changed()); checked before each lease so
+        # a model activated a moment ago answers even before the file-system notification arrives
+        self.model_source: Any = None
         self.auth = ApiKeyAuth.from_file(settings.api_keys_file)
         e = settings.embed
         self.fetch_policy = FetchPolicy.build(e.url_allowed_hosts, e.url_allowed_networks, e.max_image_bytes,
@@ -137,6 +141,33 @@ class EmbedService:
         except (ImageDecodeError, ValueError, OSError, TypeError):
             return 1
 
+    def info(self) -> dict[str, Any]:
+        """The embed half of ``/v1/info`` (also embedded in the control plane's in `excb up`); models are the
+        caller's (CURRENT_PRINCIPAL)."""
+        import onnxruntime
+
+        from excb import __version__
+
+        e = self.embed
+
+        return {
+            "service": "excb-embed",
+            "versions": {"excb": __version__, "onnxruntime": onnxruntime.__version__},
+            "providers": {"order": list(PROVIDER_ORDER), "available": available_providers(),
+                          "requested": e.providers or "auto"},
+            "threads": {"intra_op": e.intra_op_threads or default_intra_op_threads(),
+                        "inter_op": e.inter_op_threads, "cores": default_intra_op_threads()},
+            "batching": {"enabled": e.batching, "max_batch": e.max_batch, "max_delay_ms": e.max_delay_ms,
+                         "queue_size": e.queue_size},
+            "limits": {"max_images_per_request": e.max_images_per_request, "max_image_bytes": e.max_image_bytes,
+                       "max_request_bytes": e.max_request_bytes, "max_pixels": e.max_pixels,
+                       "allowed_formats": e.allowed_formats, "max_top_k": e.max_top_k},
+            "url_input": self.fetch_policy.enabled,
+            "latest": self.registry.latest_id,
+            "models": [m.info() for m in self.registry.models()],
+            "errors": dict(self.registry.errors) if not self.auth.enabled else {},  # names other keys' models
+        }
+
     # -- the pipeline ------------------------------------------------------------------------------------
 
     async def serve(self, items: list[tuple[str, bytes]], opts: EmbedOptions, route: str) -> JSONResponse:
@@ -147,6 +178,8 @@ class EmbedService:
         """The pipeline without the HTTP envelope: (body, model version); POST /v1/embeddings reshapes it."""
         t0 = time.perf_counter()
         k = self.check_top_k(opts)
+        if self.model_source is not None and self.model_source.stale():
+            await anyio.to_thread.run_sync(self.model_source.sync_if_changed)
         try:
             lease = self.registry.use(opts.model)
             model = lease.__enter__()
@@ -421,27 +454,7 @@ def build_router(svc: EmbedService) -> APIRouter:
     @router.get("/v1/info", dependencies=[Depends(require_key)], tags=["embed"])
     async def info() -> dict[str, Any]:
         """Runtime, providers (requested, available, active per model), threads, batching and models."""
-        import onnxruntime
-
-        from excb import __version__
-
-        return {
-            "service": "excb-embed",
-            "versions": {"excb": __version__, "onnxruntime": onnxruntime.__version__},
-            "providers": {"order": list(PROVIDER_ORDER), "available": available_providers(),
-                          "requested": e.providers or "auto"},
-            "threads": {"intra_op": e.intra_op_threads or default_intra_op_threads(),
-                        "inter_op": e.inter_op_threads, "cores": default_intra_op_threads()},
-            "batching": {"enabled": e.batching, "max_batch": e.max_batch, "max_delay_ms": e.max_delay_ms,
-                         "queue_size": e.queue_size},
-            "limits": {"max_images_per_request": e.max_images_per_request, "max_image_bytes": e.max_image_bytes,
-                       "max_request_bytes": e.max_request_bytes, "max_pixels": e.max_pixels,
-                       "allowed_formats": e.allowed_formats, "max_top_k": e.max_top_k},
-            "url_input": svc.fetch_policy.enabled,
-            "latest": svc.registry.latest_id,
-            "models": [m.info() for m in svc.registry.models()],
-            "errors": dict(svc.registry.errors) if not svc.auth.enabled else {},  # names other keys' models
-        }
+        return svc.info()
 
     @router.get("/v1/models/{model_id}/balance", dependencies=[Depends(require_key)], tags=["embed"])
     async def balance(model_id: str, max_points: int = Query(256, ge=2, le=4096)) -> dict[str, Any]:
@@ -471,11 +484,13 @@ def build_router(svc: EmbedService) -> APIRouter:
     return router
 
 
-def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
+               metrics_registry: CollectorRegistry | None = None) -> FastAPI:
     """Build the embed app. Without ``registry``, one is made from ``settings`` and ``models_dir`` is scanned
-    now (not in a lifespan hook, so the app also works when mounted inside another app)."""
+    now (not in a lifespan hook, so the app also works when mounted inside another app). ``metrics_registry``:
+    the mounting app's, so one ``/metrics`` shows both (`excb up`); by default the app has its own."""
     settings = settings or get_settings()
-    metrics = EmbedMetrics()
+    metrics = EmbedMetrics(metrics_registry)
     owns = registry is None
     if registry is None:
         registry = ModelRegistry(settings.embed, settings.resolved_models_dir, batch_hook=metrics.batch_hook,

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the embed service, in its own registry (one per app, so apps never collide).
+"""Prometheus metrics of the embed service, in its own registry (one per app, so apps never collide) or, in
+`excb up`, in the control plane's (one ``/metrics`` for the one service).
 
 Label values are bounded: ``model`` (the loaded models) and ``reason`` (a fixed set). Balance gauges are
 computed at scrape time from each model's monitor; there is never one series per cluster.
@@ -63,8 +64,8 @@ class _ModelCollector:
 class EmbedMetrics:
     """Counters/histograms updated on the request path plus the scrape-time model collector."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
         self.images = Counter(f"{NAMESPACE}_embed_images_total", "images embedded", ["model"], registry=self.registry)
         self.rejected = Counter(f"{NAMESPACE}_embed_rejected_total", "requests refused", ["reason"],
                                 registry=self.registry)

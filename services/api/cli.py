@@ -162,12 +162,14 @@ def _jobs_retry(client: Any, args: argparse.Namespace) -> int:
 def _jobs_logs(client: Any, args: argparse.Namespace) -> int:
     if args.follow:
         return _follow(client, args.job_id)
-    print(client.logs(args.job_id)["text"], end="")
+    for text in client.log_pages(args.job_id):
+        print(text, end="", flush=True)
     return 0
 
 
 def _follow(client: Any, job_id: str) -> int:
-    """Stream the log until the job ends; exit 0 only if it SUCCEEDED."""
+    """Stream the log until the job ends, however long that is (the client reconnects where it left off);
+    exit 0 only if it SUCCEEDED."""
     status = None
     for event, data in client.stream(f"/v1/jobs/{job_id}/logs/stream"):
         if event == "log":

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Iterator
 
 import httpx
+from httpx_sse import SSEError, connect_sse
+
+RECONNECT_ATTEMPTS = 10  # in a row without an event in between; then the error reaches the caller
 
 
 class ApiClientError(Exception):
@@ -54,21 +58,59 @@ class ApiClient:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/retry")
 
-    def logs(self, job_id: str, offset: int = 0) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}/logs", params={"offset": offset})
+    def logs(self, job_id: str, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        params = {"offset": offset} | ({"limit": limit} if limit else {})
+        return self._call("GET", f"/v1/jobs/{job_id}/logs", params=params)
 
-    def stream(self, path: str) -> Iterator[tuple[str, Any]]:
-        """Yield ``(event, data)`` from an SSE endpoint until the server closes it."""
-        with self.http.stream("GET", path, timeout=None) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                raise ApiClientError(resp.status_code, resp.json())
-            event, data = "message", []
-            for line in resp.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    yield event, json.loads("\n".join(data))
-                    event, data = "message", []
+    def log_pages(self, job_id: str, limit: int = 1 << 20) -> Iterator[str]:
+        """The whole log, page by page from offset 0 to the size it had when the pages were read."""
+        offset = 0
+        while True:
+            page = self.logs(job_id, offset, limit)
+            if page["text"]:
+                yield page["text"]
+            if page["next_offset"] <= offset or page["next_offset"] >= page["size"]:
+                return
+            offset = page["next_offset"]
+
+    def stream(self, path: str, params: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
+        """Yield ``(event, data)`` from an SSE endpoint until it sends ``end``, reconnecting with
+        ``Last-Event-ID`` whenever the connection drops or the server closes it (streams live at most
+        EXCB_STREAM_MAX_SECONDS); the server resumes after the last event this client saw."""
+        last_id: str | None = None
+        failures, delay = 0, 1.0
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+            try:
+                with connect_sse(self.http, "GET", path, params=params, headers=headers,
+                                 timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as source:
+                    resp = source.response
+                    if resp.status_code == 429:
+                        delay = float(resp.headers.get("Retry-After", "1"))
+                        raise httpx.TransportError("too many streams")
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise ApiClientError(resp.status_code, _error_body(resp))
+                    for sse in source.iter_sse():
+                        if sse.retry is not None:
+                            delay = sse.retry / 1000
+                        if sse.id:
+                            last_id = sse.id
+                        if not sse.data:
+                            continue
+                        failures = 0
+                        yield sse.event, json.loads(sse.data)
+                        if sse.event == "end":
+                            return
+            except (httpx.TransportError, SSEError):
+                failures += 1
+                if failures > RECONNECT_ATTEMPTS:
+                    raise
+            time.sleep(delay)  # closed at the server's cap, or dropped: come back after its retry delay
+
+
+def _error_body(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return {"error": {"type": "http_error", "message": resp.text}}

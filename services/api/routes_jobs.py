@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Literal, get_args
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from services.api import submit as submit_mod
@@ -199,43 +199,70 @@ def _read_log(path: Path, offset: int, limit: int) -> tuple[bytes, int]:
         return b"", 0
 
 
-def _sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+STREAM_PING_SECONDS = 15  # comment lines keep proxies and load balancers from closing an idle stream
+STREAM_RETRY_MS = 1000  # what EventSource (and our client) waits before reconnecting
 
 
-@router.get("/jobs/{job_id}/logs/stream", summary="Live log lines (SSE event `log`)",
-            response_class=StreamingResponse)
+def _sse(event: str, data: Any, event_id: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(data, default=str), event=event, id=event_id)
+
+
+def _resume_offset(last_event_id: str | None, offset: int) -> int:
+    """A log stream's event id is the byte offset after its line: a reconnect resumes there."""
+    if last_event_id is None:
+        return offset
+    try:
+        return max(0, int(last_event_id.strip()))
+    except ValueError:
+        raise ApiError(422, "validation_error", "Last-Event-ID of a log stream is a byte offset",
+                       "Last-Event-ID") from None
+
+
+@router.get("/jobs/{job_id}/logs/stream", summary="Live log lines (SSE event `log`, id = next byte offset)",
+            response_class=EventSourceResponse)
 async def job_logs_stream(job_id: str, request: Request, cp: Plane, who: Caller, offset: int = Query(0, ge=0, le=2**40),
                           source: Literal["job", "train"] = "job",
-                          max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
+                          max_seconds: float = Query(3600, gt=0, le=86400),
+                          last_event_id: Annotated[str | None, Header(max_length=64)] = None) -> EventSourceResponse:
+    """Ends with event ``end`` when the job is terminal. A stream also closes at ``max_seconds`` (capped by
+    EXCB_STREAM_MAX_SECONDS) without ``end``: reconnect with ``Last-Event-ID`` (or ``offset``) to go on."""
     job = await run_in_threadpool(_owned, cp, who, job_id)
     path = Path(job.run_dir) / LOG_FILES[source]
     max_seconds = min(max_seconds, cp.settings.stream_max_seconds)
+    start = _resume_offset(last_event_id, offset)
 
-    async def lines() -> AsyncIterator[bytes]:
-        follower = _LogFollower(path, offset)
+    async def lines() -> AsyncIterator[ServerSentEvent]:
+        follower = _LogFollower(path, start)
         deadline = time.monotonic() + max_seconds
-        while time.monotonic() < deadline and not await request.is_disconnected():
-            for line in follower.read():
-                yield _sse("log", {"line": line, "offset": follower.offset})
+        while time.monotonic() < deadline:
+            for line, end in follower.read_with_offsets():
+                yield _sse("log", {"line": line, "offset": end}, str(end))
             current = await run_in_threadpool(store.get_job, cp.db, job.id)
             if current is None or current.status in TERMINAL:
-                for line in follower.read(final=True):
-                    yield _sse("log", {"line": line, "offset": follower.offset})
-                yield _sse("end", {"status": current.status if current else "DELETED"})
+                for line, end in follower.read_with_offsets(final=True):
+                    yield _sse("log", {"line": line, "offset": end}, str(end))
+                yield _sse("end", {"status": current.status if current else "DELETED"}, str(follower.offset))
                 return
             await asyncio.sleep(0.5)
 
     return _stream(request, cp, who, lines(), max_seconds)
 
 
-def _stream(request: Request, cp: ControlPlane, who: Principal, body: AsyncIterator[bytes],
-            max_seconds: float) -> StreamingResponse:
-    """An SSE response holding one of the key's stream slots (429 + Retry-After when all are taken)."""
+def _stream(request: Request, cp: ControlPlane, who: Principal, body: AsyncIterator[ServerSentEvent],
+            max_seconds: float) -> EventSourceResponse:
+    """An SSE response (sse-starlette: pings, disconnect handling) holding one of the key's stream slots
+    (429 + Retry-After when all are taken)."""
     slots = _slots(request, cp)
     slot = slots.acquire(who.id, max_seconds)
-    return StreamingResponse(held(slots, who.id, slot, body), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return EventSourceResponse(held(slots, who.id, slot, _with_retry(body)), ping=STREAM_PING_SECONDS,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _with_retry(body: AsyncIterator[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """The reconnection delay first, so a client that loses the stream knows when to come back."""
+    yield ServerSentEvent(comment="stream open", retry=STREAM_RETRY_MS)
+    async for event in body:
+        yield event
 
 
 def _slots(request: Request, cp: ControlPlane) -> StreamSlots:
@@ -249,52 +276,80 @@ class _LogFollower:
     """Yields complete new lines of a growing text file."""
 
     def __init__(self, path: Path, offset: int = 0) -> None:
-        self.path, self.offset, self._partial = path, offset, b""
+        self.path, self.offset = path, offset  # offset: just after the last complete line returned
 
     def read(self, final: bool = False) -> list[str]:
+        return [line for line, _ in self.read_with_offsets(final)]
+
+    def read_with_offsets(self, final: bool = False) -> list[tuple[str, int]]:
+        """New complete lines with the byte offset after each (a partial last line waits unless ``final``)."""
         data, _ = _read_log(self.path, self.offset, 1 << 20)
-        self.offset += len(data)
-        chunks = (self._partial + data).split(b"\n")
-        self._partial = b"" if final else chunks.pop()
-        return [c.decode("utf-8", errors="replace") for c in chunks if c]
+        out: list[tuple[str, int]] = []
+        pos = 0
+        while (nl := data.find(b"\n", pos)) >= 0:
+            if nl > pos:
+                out.append((data[pos:nl].decode("utf-8", errors="replace"), self.offset + nl + 1))
+            pos = nl + 1
+        if final and pos < len(data):
+            out.append((data[pos:].decode("utf-8", errors="replace"), self.offset + len(data)))
+            pos = len(data)
+        self.offset += pos
+        return out
 
 
 @router.get("/jobs/{job_id}/events", summary="Live job events for the dashboard (SSE)",
-            response_class=StreamingResponse)
+            response_class=EventSourceResponse)
 async def job_events(job_id: str, request: Request, cp: Plane, who: Caller,
-                     max_seconds: float = Query(3600, gt=0, le=86400)) -> StreamingResponse:
+                     max_seconds: float = Query(3600, gt=0, le=86400),
+                     last_event_id: Annotated[str | None, Header(max_length=64)] = None) -> EventSourceResponse:
     """Events: ``status`` (the Job), ``metrics`` (one step row), ``cluster_sizes`` (curve), ``log`` (line).
-    The stream ends after the job reaches a terminal status."""
+    The stream ends with ``end`` after the job reaches a terminal status. Ids are ``STEP:OFFSET`` (last metrics
+    step sent, log byte offset): a reconnect with ``Last-Event-ID`` resends the status and curve snapshots and
+    goes on after them, so nothing is lost or repeated across the EXCB_STREAM_MAX_SECONDS cap."""
     job = await run_in_threadpool(_owned, cp, who, job_id)
     max_seconds = min(max_seconds, cp.settings.stream_max_seconds)
-    return _stream(request, cp, who, _events(cp, job.id, request, max_seconds), max_seconds)
+    step, offset = _events_cursor(last_event_id)
+    return _stream(request, cp, who, _events(cp, job.id, max_seconds, step, offset), max_seconds)
 
 
-async def _events(cp: ControlPlane, job_id: str, request: Request, max_seconds: float) -> AsyncIterator[bytes]:
-    last_update, last_step, last_curve = None, -1, None
+def _events_cursor(last_event_id: str | None) -> tuple[int, int]:
+    if last_event_id is None:
+        return -1, 0
+    try:
+        step, offset = (int(part) for part in last_event_id.split(":", 1))
+    except ValueError:
+        raise ApiError(422, "validation_error", "Last-Event-ID of an event stream is STEP:OFFSET",
+                       "Last-Event-ID") from None
+    return max(step, -1), max(offset, 0)
+
+
+async def _events(cp: ControlPlane, job_id: str, max_seconds: float, last_step: int,
+                  offset: int) -> AsyncIterator[ServerSentEvent]:
+    last_update, last_curve = None, None
     follower: _LogFollower | None = None
     deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline and not await request.is_disconnected():
+    while time.monotonic() < deadline:
         job = await run_in_threadpool(store.get_job, cp.db, job_id)
         if job is None:
             yield _sse("end", {"status": "DELETED"})
             return
+        follower = follower or _LogFollower(Path(job.run_dir) / "job.log", offset)
+        cursor = lambda: f"{last_step}:{follower.offset}"  # noqa: E731 - the id after what was sent
         if job.updated_at != last_update:
             last_update = job.updated_at
             idle = await run_in_threadpool(no_worker_reason, cp) if job.status == "QUEUED" else None
-            yield _sse("status", job_dict(job, idle, _hide(cp)))
+            yield _sse("status", job_dict(job, idle, _hide(cp)), cursor())
         rows = await run_in_threadpool(store.metrics_since, cp.db, job_id, last_step, 500)
         for row in rows:
             last_step = max(last_step, int(row.get("step", last_step)))
-            yield _sse("metrics", row)
+            yield _sse("metrics", row, cursor())
         curve = job.cluster_sizes
         if curve and curve.get("step") != last_curve:
             last_curve = curve.get("step")
-            yield _sse("cluster_sizes", curve)
-        follower = follower or _LogFollower(Path(job.run_dir) / "job.log")
-        for line in follower.read(final=job.status in TERMINAL):
-            yield _sse("log", {"line": line})
+            yield _sse("cluster_sizes", curve, cursor())
+        for line, end in follower.read_with_offsets(final=job.status in TERMINAL):
+            yield _sse("log", {"line": line}, f"{last_step}:{end}")
         if job.status in TERMINAL:
-            yield _sse("end", {"status": job.status})
+            yield _sse("end", {"status": job.status}, cursor())
             return
         await asyncio.sleep(0.5)

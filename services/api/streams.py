@@ -11,10 +11,11 @@ import contextlib
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, TypeVar
 
 from services.common.errors import ApiError
 
+T = TypeVar("T")
 _GRACE_S = 60.0  # a slot outlives its stream's deadline by this much at most
 
 
@@ -51,7 +52,7 @@ class StreamSlots:
             return sum(1 for exp in self._slots.get(key or "anonymous", {}).values() if exp > now)
 
 
-async def held(slots: StreamSlots, key: str | None, slot: str, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def held(slots: StreamSlots, key: str | None, slot: str, body: AsyncIterator[T]) -> AsyncIterator[T]:
     """``body`` that frees its slot when it ends, fails or is cancelled (client disconnect)."""
     try:
         async for chunk in body:

@@ -14,16 +14,40 @@ import logging
 import signal
 import sys
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from excb import __version__
-from excb.config import PRESET_NAMES, ConfigError, dump_yaml, load_file, resolve
+from excb.config import PRESET_NAMES, ConfigError, dump_yaml, format_config_fields, load_file, resolve
 
 # Exit status of a run stopped by SIGTERM/SIGINT after checkpointing: the job can be retried and resumes.
 EXIT_INTERRUPTED = 143
 EXIT_CONFIG = 2
 
 _BUILTIN_VERBS = ("excb.evaluation", "excb.export", "excb.embed_folder", "excb.data.pack")
+
+
+class UsageError(Exception):
+    """A mistake in how a verb was called: reported as one ``excb: ...`` line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ``excb: ...`` line (exit 2) instead of a usage block;
+    sub-parsers inherit it, so every verb and sub-verb does the same."""
+
+    def error(self, message: str) -> NoReturn:
+        verb = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(EXIT_CONFIG, f"excb: {verb}{message} (see {self.prog} --help)\n")
+
+
+class _HelpConfig(argparse.Action):
+    """``--help-config``: print every config field from the pydantic schema and exit, like ``--help``."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> NoReturn:
+        sys.stdout.write(format_config_fields())
+        parser.exit(0)
 
 
 def _add_train(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -34,7 +58,10 @@ def _add_train(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
             "Train (or resume) an ExCB run. Settings come from, in increasing priority: --preset, --config FILE "
             "(YAML/JSON), then key=value overrides with dotted keys (optim.lr=0.1). Short keys: data (a folder, "
             "'digits', 'fashion-mnist[:ROOT]', 'list:FILE'), out, max_steps, epochs, batch_size, backbone, "
-            "num_clusters, device. Re-running with the same out resumes from out/checkpoints/last.pt."
+            "num_clusters, device. Re-running with the same out resumes from out/checkpoints/last.pt when the "
+            "config matches the run's (else an error names the fields: add overwrite=true to start over, or use "
+            "a new out); checkpoint=PATH starts a new run from another run's weights. --help-config lists every "
+            "field."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  excb train --preset cpu-small data=digits max_steps=200 out=runs/digits\n"
@@ -43,13 +70,37 @@ def _add_train(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--config", help="YAML or JSON file with a TrainConfig")
     p.add_argument("--preset", choices=PRESET_NAMES, help="start from a preset")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action=_HelpConfig,
+                   help="list every config field (dotted name, type, default, description) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_train)
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
-    raw = load_file(args.config) if args.config else {}
+    raw = _config_file(args.config) if args.config else {}
     return resolve(raw, args.overrides, args.preset)
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    """``--config FILE`` read, with a missing or unparsable file reported as a config error."""
+    import yaml
+
+    try:
+        return load_file(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError("--config", f"{path}: {_file_problem(exc)}") from exc
+
+
+def _file_problem(exc: BaseException) -> str:
+    """What is wrong with a config file, in a few words (YAML errors with their line, not the whole dump)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or 'invalid YAML'}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())
 
 
 class _StopFlag:
@@ -75,7 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(_dry_run(cfg))
         return 0
-    from excb.trainer import TrainingInterrupted, train
+    from excb.trainer import NonFiniteLossError, TrainingInterrupted, train
 
     flag = _StopFlag()
     flag.install()
@@ -84,6 +135,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"excb: {exc}; resume with the same command", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except NonFiniteLossError as exc:
+        print(f"excb: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "status": result.status,
                       "skipped_files": result.summary.get("skipped_files", 0)}))
     return 0
@@ -121,7 +175,7 @@ def _print_presets(name: str | None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: built-in verbs, module verbs, then plugins."""
-    parser = argparse.ArgumentParser(prog="excb", description="ExCB pretraining, export and serving.")
+    parser = _Parser(prog="excb", description="ExCB pretraining, export and serving.")
     parser.add_argument("--version", action="version", version=f"excb {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -165,6 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"excb: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:
+        status = _expected_error(exc)
+        if status is None:
+            raise  # a bug: the traceback is the report
+        print(f"excb: {_one_line(exc)}", file=sys.stderr)
+        return status
+
+
+def _expected_error(exc: BaseException) -> int | None:
+    """Exit status for errors a user causes and can fix (bad paths, data, unreachable server), None for bugs.
+    Usage errors exit 2 (as argparse does), an unreachable control plane 1."""
+    from excb.data.datasets import EmptyDatasetError
+    from excb.data.shards import ShardFormatError
+
+    if isinstance(exc, (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                        EmptyDatasetError, ShardFormatError)):
+        return EXIT_CONFIG
+    if type(exc).__module__.split(".")[0] == "httpx":  # excb jobs: the control plane is down or unreachable
+        return 1
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """``[Errno 2] No such file or directory: 'x'`` -> ``x: No such file or directory``; others as they read."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    request = getattr(exc, "_request", None)  # httpx: name the server that could not be reached
+    if request is not None:
+        return f"cannot reach {request.url.copy_with(query=None)}: {' '.join(str(exc).split())}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def budget_seconds(text: str) -> float:
 class TrainConfig(_Section):
     """Everything a training run needs; the resolved copy is written to ``RUN_DIR/config.yaml``."""
 
-    preset: str | None = None
+    preset: str | None = Field(None, description=f"start from a preset ({', '.join(PRESET_NAMES)}); it sets "
+                               "recipe=off unless recipe is given")
     recipe: Literal["auto", "off", "fitted"] = Field(
         "auto", description="auto: fit input size, model, K, batch, schedules and length to the data and device "
         "at the start of training (excb/recipe.py; keys set explicitly are kept). off: the defaults or the preset "
@@ -197,6 +198,8 @@ class TrainConfig(_Section):
                                    "directory or .pt): student, teacher and, when num_clusters matches, the "
                                    "cluster-size estimate; fresh optimizer and schedules from step 0")
     _on_off = field_validator("compile", mode="before")(_yaml_on_off)
+    _recipe_off = field_validator("recipe", mode="before")(
+        lambda value: {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -451,3 +454,60 @@ def validate(tree: Mapping[str, Any]) -> TrainConfig:
 def dump_yaml(cfg: TrainConfig) -> str:
     """Serialise a resolved config (round-trips through :func:`resolve`)."""
     return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------ field reference
+def _type_name(annotation: Any) -> str:
+    """``Literal['a', 'b']`` -> ``a|b``, ``int | None`` -> ``int|None``, ``tuple[float, float]`` as written."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """Pydantic's ``ge``/``gt``/``le``/``lt`` constraints as text (``>=1, <1``)."""
+    signs = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    return ", ".join(f"{sign}{getattr(m, attr)}" for m in metadata for attr, sign in signs if hasattr(m, attr))
+
+
+def config_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(dotted name, type, default, description)`` of every leaf field, read from the pydantic schema so the
+    reference (``excb train --help-config``) can never drift from what is validated."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += config_fields(annotation, f"{prefix}{name}.")
+            continue
+        default = info.get_default(call_default_factory=True)
+        type_text = _type_name(annotation) + (f" ({bounds})" if (bounds := _bounds(info.metadata)) else "")
+        default_text = json.dumps(list(default) if isinstance(default, tuple) else default)
+        rows.append((prefix + name, type_text, default_text, (info.description or "").strip()))
+    return rows
+
+
+def format_config_fields(width: int = 100) -> str:
+    """The field reference as text: ``name  type = default``, the description wrapped underneath."""
+    import textwrap
+
+    short = {v: k for k, v in SHORT_KEYS.items()}
+    rows = config_fields()
+    name_width = max(len(r[0]) for r in rows)
+    lines = ["TrainConfig fields: set them as key=value, in a --config file or in a job body. Defaults are "
+             "before a preset or the fitted recipe (recipe=auto) changes them; excb train --dry-run shows the "
+             "values a run would use.", ""]
+    for name, type_, default, desc in rows:
+        lines.append(f"  {name:<{name_width}}  {type_} = {default}")
+        text = desc + (f" (short key: {short[name]})" if name in short else "")
+        lines += textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6) if text else []
+    return "\n".join(lines) + "\n"

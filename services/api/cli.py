@@ -80,7 +80,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     try:
         return int(args.jobs_func(client, args) or 0)
     except ApiClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"excb: {exc}", file=sys.stderr)
         return 2 if exc.status in (400, 409, 422) else 1
 
 

@@ -96,3 +96,48 @@ def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Pat
         assert httpx.get(f"{srv.url}/v1/jobs/{job['id']}/logs/stream",
                          headers={"Last-Event-ID": "x"}).status_code == 422
     db.dispose()
+
+
+def test_pull_a_model_bundle(make_stack: Any, tmp_path: Path) -> None:
+    """GET /v1/models/{id}/bundle (owner only, like the model routes) and `excb jobs pull ID --out DIR`."""
+    import hashlib
+    import shutil
+
+    from services.api.app import create_app
+    from services.common.auth import hash_key
+    from services.db import jobs as store
+    from services.db.models import Job, ModelRow
+
+    (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
+    stack = make_stack(f"sqlite:///{tmp_path / 'pull.sqlite'}", None, api_keys_file=tmp_path / "keys")
+    app = create_app(stack.settings(), reaper=False)
+    db = app.state.plane.db
+    a = {"Authorization": "Bearer alpha-secret"}
+    owner = "key-" + hash_key("alpha-secret")[:16]
+    bundle = stack.home / "models" / "m-pull"
+    shutil.copytree(es.bundle(), bundle)
+    (bundle / "escape").symlink_to("/etc/hostname")  # never shipped: links are left out of the tar
+    sha = hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()
+    with es.UvicornThread(app) as srv:
+        job = httpx.post(f"{srv.url}/v1/jobs", json={"data": "digits", "max_steps": 5}, headers=a, timeout=30).json()
+        store.add_model(db, ModelRow(id="m-pull", owner=owner, status="READY", bundle_dir=str(bundle), sha256=sha,
+                                     model_json={}), activate=True)
+        row = store.find_owned(db, owner, job["id"])
+        assert row is not None
+        with db.session() as s, s.begin():
+            s.execute(update(Job).where(Job.id == row.id).values(status="SUCCEEDED", model_id="m-pull"))
+
+        other = httpx.get(f"{srv.url}/v1/models/m-pull/bundle", headers={"Authorization": "Bearer beta-secret"})
+        assert other.status_code == 404 and other.json()["error"]["type"] == "not_found"
+        assert httpx.get(f"{srv.url}/v1/models/m-pull/bundle").status_code == 401
+        env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+               "EXCB_API_TOKEN": "alpha-secret"}
+        pulled = subprocess.run([sys.executable, "-m", "excb.cli", "jobs", "--url", srv.url, "pull", job["id"],
+                                 "--out", str(tmp_path / "home-copy")], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        got = tmp_path / "home-copy" / "m-pull"
+        assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in es.bundle().iterdir())
+        assert hashlib.sha256((got / "model.onnx").read_bytes()).hexdigest() == sha
+        assert not list((stack.home / "tmp").glob("bundle-*"))  # the server's temporary tar is gone
+    db.dispose()

@@ -68,6 +68,10 @@ def _add_jobs(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     lg.add_argument("job_id")
     lg.add_argument("--follow", "-f", action="store_true")
     lg.set_defaults(jobs_func=_jobs_logs)
+    pl = jobs.add_parser("pull", help="download a finished job's model bundle into --out/<model id>/")
+    pl.add_argument("job_id")
+    pl.add_argument("--out", type=Path, default=Path("."), help="directory to save the bundle in (default: .)")
+    pl.set_defaults(jobs_func=_jobs_pull)
     p.set_defaults(func=_cmd_jobs)
 
 
@@ -164,6 +168,14 @@ def _jobs_logs(client: Any, args: argparse.Namespace) -> int:
         return _follow(client, args.job_id)
     for text in client.log_pages(args.job_id):
         print(text, end="", flush=True)
+    return 0
+
+
+def _jobs_pull(client: Any, args: argparse.Namespace) -> int:
+    from services.api.client import pull_bundle
+
+    target = pull_bundle(client, args.job_id, args.out)
+    print(json.dumps({"model_dir": str(target)}) if args.json else f"saved {target}")
     return 0
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -107,6 +111,33 @@ class ApiClient:
                 if failures > RECONNECT_ATTEMPTS:
                     raise
             time.sleep(delay)  # closed at the server's cap, or dropped: come back after its retry delay
+
+
+def pull_bundle(client: ApiClient, job_id: str, out: Path) -> Path:
+    """Download the model of ``job_id`` into ``out/<model id>/`` and check model.onnx against its sha256."""
+    job = client.get(job_id)
+    model_id = job.get("model_id")
+    if not model_id:
+        raise ApiClientError(409, {"error": {"type": "conflict",
+                                             "message": f"job {job_id} has no model ({job['status']})"}})
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile() as fh:
+        with client.http.stream("GET", f"/v1/models/{model_id}/bundle") as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise ApiClientError(resp.status_code, _error_body(resp))
+            expected = resp.headers.get("X-Bundle-SHA256", "")
+            for chunk in resp.iter_bytes():
+                fh.write(chunk)
+        fh.seek(0)
+        with tarfile.open(fileobj=fh, mode="r") as tar:
+            tar.extractall(out, filter="data")  # refuses absolute paths, "..", links out of ``out``
+    target = out / model_id
+    digest = hashlib.sha256((target / "model.onnx").read_bytes()).hexdigest()
+    if expected and digest != expected:
+        raise ApiClientError(502, {"error": {"type": "corrupt_download",
+                                             "message": f"model.onnx is {digest}, the server recorded {expected}"}})
+    return target
 
 
 def _error_body(resp: httpx.Response) -> Any:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 
 from services.api.routes_jobs import ERRORS
 from services.api.model_sync import sync_once
@@ -57,3 +62,32 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     if embed_app is not None:  # embedded mode: switch the in-process embed service now
         sync_once(cp.db, embed_app.state.embed.registry)
     return model_dict(store.get_model(cp.db, model_id) or row, path_hider(cp.settings, cp.auth.enabled))
+
+
+@router.get("/models/{model_id}/bundle", summary="Download the model's bundle (a tar of its directory)",
+            response_class=FileResponse,
+            responses={200: {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "tar with one directory, the model id; X-Bundle-SHA256 = model.onnx"}})
+def download_bundle(model_id: str, cp: Plane, who: Caller) -> FileResponse:
+    """So a remote user can take the model home (`excb jobs pull`): the same ownership as the model routes."""
+    row = _owned_model(cp, who, model_id)
+    bundle = Path(row.bundle_dir)
+    if not (bundle / "model.onnx").is_file():
+        raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
+    tar_path = bundle_tar(bundle, row.id, Path(cp.settings.home))
+    return FileResponse(tar_path, media_type="application/x-tar", filename=f"{row.id}.tar",
+                        headers={"X-Bundle-SHA256": row.sha256 or ""},
+                        background=BackgroundTask(os.unlink, tar_path))
+
+
+def bundle_tar(bundle: Path, name: str, home: Path) -> Path:
+    """A temporary tar of the bundle's regular files under ``name/`` (links are left out: nothing outside the
+    bundle can ride along); the caller deletes it."""
+    tmp_dir = home / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="bundle-", suffix=".tar", dir=tmp_dir)
+    with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w") as tar:
+        for path in sorted(bundle.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                tar.add(path, arcname=f"{name}/{path.relative_to(bundle).as_posix()}", recursive=False)
+    return Path(tmp)

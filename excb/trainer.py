@@ -66,6 +66,11 @@ class RunLogger:
         kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         atomic_write(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
+    def reset(self) -> None:
+        """A fresh start: rows a crashed start left before its first checkpoint belong to no run."""
+        if self.ctx.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+
     def emit(self, event: dict[str, Any], persist: bool = True) -> None:
         if not self.ctx.is_main:
             return
@@ -248,6 +253,7 @@ def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
 
 def _resume(run: Run, logger: RunLogger, ckpt: dict[str, Any] | None) -> bool:
     if ckpt is None:
+        logger.reset()
         return False
     run.restore(ckpt)
     logger.rewind(run.step)

@@ -53,10 +53,14 @@ def test_argparse_errors_and_missing_files_in_process(tmp_path: Path, capsys: py
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:  # excb train installs its stop handlers; put pytest's back
         assert main(["train", f"out={tmp_path / 'r'}", "resume=must", "recipe=off", "device=cpu"]) == 2
+        assert capsys.readouterr().err.startswith("excb: config error: resume: resume=must")
+        assert main(["train", "data=", f"out={tmp_path / 'e'}", "device=cpu"]) == 2
+        assert capsys.readouterr().err.startswith("excb: config error: data.source: empty")
+        assert main(["train", "data=list:", f"out={tmp_path / 'e'}", "device=cpu"]) == 2
+        assert "expected list:FILE" in capsys.readouterr().err
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    assert capsys.readouterr().err.startswith("excb: config error: resume: resume=must")
 
 
 def test_help_config_lists_every_field_from_the_schema(capsys: pytest.CaptureFixture[str]) -> None:

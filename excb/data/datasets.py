@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from excb.config import ConfigError
 from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, load_image
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def _list_dataset(source: str, list_path: str, transform: Transform | None, labe
                   max_pixels: int) -> ImageFileDataset:
     list_file = Path(list_path).expanduser()
     if not list_path:
-        raise ValueError(f"data source {source!r}: expected list:FILE")
+        raise ConfigError("data.source", f"{source!r}: expected list:FILE")
     if not list_file.is_file():
         raise FileNotFoundError(f"data source {source!r}: list file {str(list_file)!r} does not exist")
     entries = _read_list(list_file)
@@ -334,7 +335,7 @@ def build_dataset(source: str, split: str = "train", limit: int | None = None, t
     """Open ``source`` (folder, ``list:FILE``, ``fashion-mnist[:ROOT]``, ``digits``) as a map-style data set."""
     _check_split(split)
     if not isinstance(source, str) or not source.strip():
-        raise ValueError("data.source: empty; use a folder, list:FILE, fashion-mnist[:ROOT] or digits")
+        raise ConfigError("data.source", "empty; use a folder, list:FILE, fashion-mnist[:ROOT] or digits")
     source = source.strip()
     ds: _BaseDataset
     if source == "digits":

@@ -153,3 +153,22 @@ def test_dump_round_trip_carries_the_new_fields() -> None:
     cfg = resolve(overrides=["overwrite=true", "checkpoint=runs/a"])
     again = resolve(yaml.safe_load(dump_yaml(cfg)))
     assert again.overwrite is True and again.checkpoint == "runs/a"
+
+
+def test_api_warm_start_path_stays_inside_runs_and_data_roots(tmp_path: Path, make_stack) -> None:
+    """checkpoint= over the job API: another job's run directory is fine, any other file on the server is not."""
+    data = tmp_path / "data"
+    data.mkdir()
+    stack = make_stack(f"sqlite:///{tmp_path / 'jobs.sqlite'}", None)
+    stack.env["EXCB_DATA_ROOTS"] = f'["{data}"]'
+    client = stack.start_api()
+    earlier = stack.settings().runs_dir / "earlier-job"
+    (earlier / "checkpoints").mkdir(parents=True)
+    body = {"preset": "cpu-small", "max_steps": 5, "data": "digits"}
+    ok = client.post("/v1/jobs", json={**body, "checkpoint": "earlier-job"})
+    assert ok.status_code == 201, ok.text
+    assert Path(ok.json()["config"]["checkpoint"]).name == "earlier-job" or "earlier-job" in ok.text
+    for bad in ["/etc/passwd", "../../secret.pt"]:
+        r = client.post("/v1/jobs", json={**body, "checkpoint": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"]["type"] == "path_not_allowed" and r.json()["error"]["field"] == "checkpoint"

@@ -71,7 +71,19 @@ def build_config(body: JobSubmit, settings: Settings, run_dir: Path) -> dict[str
     check_job_bounds(data)
     data["out"] = str(run_dir)
     data["data"]["source"] = safe_source(cfg.data.source, settings)
+    if cfg.checkpoint:
+        data["checkpoint"] = safe_checkpoint(cfg.checkpoint, settings)
     return data
+
+
+def safe_checkpoint(path: str, settings: Settings) -> str:
+    """``checkpoint=`` (a warm start) over the API: a run directory or .pt inside this server's runs directory or
+    a data root (relative paths: a job's run directory name), never any file the server can read."""
+    try:
+        return str(resolve_in_roots(path, [settings.runs_dir, *settings.data_roots], field="checkpoint",
+                                    must_exist=True))
+    except PathNotAllowed as exc:
+        raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
 
 
 # Upper bounds a job submitted over the API must respect (issue 13 item 12): the training schema accepts any

@@ -142,11 +142,16 @@ def test_excb_up_is_one_service(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(base, up, tmp_path / "up.log")
-        r = httpx.post(f"{base}/v1/jobs", json=tiny_job(max_steps=8), timeout=30)
+        labels = {"team": "vision", "ticket": 42, "tags": ["nightly"]}
+        r = httpx.post(f"{base}/v1/jobs", json=tiny_job(max_steps=8) | {"metadata": labels}, timeout=30)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
         job, succeeded_at = _poll_until_terminal(base, job_id)
         assert job["status"] == "SUCCEEDED", str(job) + _tail(tmp_path / "up.log")
+        assert job["metadata"] == labels  # §5: metadata set at submit, attempts with worker and outcome
+        [attempt] = job["attempts"]
+        assert attempt["number"] == 1 and attempt["outcome"] == "succeeded" and attempt["worker"]
+        assert attempt["started_at"] <= attempt["ended_at"]
         activated_before_any_request = httpx.get(f"{base}/v1/info", timeout=10).json()["embed"]["latest"]
         first_ok, codes = _first_embed_ok(base, job["model_id"], succeeded_at + 10)
         latency = first_ok - succeeded_at

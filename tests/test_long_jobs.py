@@ -95,6 +95,11 @@ def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Pat
         assert ": ping" in raw and "event: end" not in raw
         assert httpx.get(f"{srv.url}/v1/jobs/{job['id']}/logs/stream",
                          headers={"Last-Event-ID": "x"}).status_code == 422
+        shown = httpx.get(f"{srv.url}/v1/jobs/{job['id']}").json()
+        assert shown["metadata"] == {} and shown["attempts"] == []  # no worker ran it
+        for too_big in ({"k": "x" * 17000}, {f"k{i}": i for i in range(65)}):
+            r = httpx.post(f"{srv.url}/v1/jobs", json={"data": "digits", "metadata": too_big}, timeout=30)
+            assert r.status_code == 422 and r.json()["error"]["field"].startswith("metadata"), r.text
     db.dispose()
 
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from services.api import submit as submit_mod
 from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
 from services.api.liveness import no_worker_reason
-from services.api.serialize import PathHider, decode_cursor, encode_cursor, job_dict, path_hider
+from services.api.serialize import PathHider, attempt_dict, decode_cursor, encode_cursor, job_dict, path_hider
 from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
 from services.api.streams import StreamSlots, held
@@ -59,7 +59,8 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
     config = submit_mod.build_config(body, settings, run_dir)
-    request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb or settings.default_memory_limit_mb or None}
+    request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb or settings.default_memory_limit_mb or None,
+               "metadata": body.metadata}
     try:
         job, created = store.create_job(cp.db, job_id=job_id, client_id=body.job_id, owner=who.id,
                                         idempotency_key=idempotency_key, name=body.name, config=config,
@@ -123,10 +124,12 @@ def list_jobs(cp: Plane, who: Caller,
             "next_cursor": encode_cursor(rows[-1]) if more and rows else None}
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, summary="Job status, progress, metrics, balance")
+@router.get("/jobs/{job_id}", response_model=JobOut,
+            summary="Job status, progress, metrics, balance, metadata and every attempt")
 def show_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     job = _owned(cp, who, job_id)
-    return job_dict(job, no_worker_reason(cp) if job.status == "QUEUED" else None, _hide(cp))
+    body = job_dict(job, no_worker_reason(cp) if job.status == "QUEUED" else None, _hide(cp))
+    return body | {"attempts": [attempt_dict(a) for a in store.attempts(cp.db, job.id)]}
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel (cooperative)")

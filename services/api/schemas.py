@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.openai_shapes import OpenAIModel
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 # Keys of the job request that are not TrainConfig fields (the "wrapper").
-WRAPPER_KEYS = ("job_id", "name", "gpus", "memory_limit_mb", "max_attempts", "overrides")
+WRAPPER_KEYS = ("job_id", "name", "gpus", "memory_limit_mb", "max_attempts", "overrides", "metadata")
+METADATA_MAX_BYTES = 16 * 1024  # as JSON: the row is read on every job listing
+METADATA_MAX_KEYS = 64
 
 
 class JobSubmit(BaseModel):
@@ -28,6 +31,19 @@ class JobSubmit(BaseModel):
     memory_limit_mb: int | None = Field(None, ge=1, description="kill (and retry) the trainer above this RSS")
     max_attempts: int | None = Field(None, ge=1, le=20, description="retry budget for crashes / lost workers")
     overrides: list[str] = Field(default_factory=list, description="`key=value` overrides, as on the CLI")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description=f"free-form labels kept with the job and returned as is (at most "
+                                          f"{METADATA_MAX_KEYS} keys, {METADATA_MAX_BYTES} bytes as JSON)")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Free-form but bounded: it is stored in the job row and sent with every job response."""
+        if len(value) > METADATA_MAX_KEYS:
+            raise ValueError(f"at most {METADATA_MAX_KEYS} keys")
+        if len(json.dumps(value, allow_nan=False)) > METADATA_MAX_BYTES:
+            raise ValueError(f"at most {METADATA_MAX_BYTES} bytes as JSON")
+        return value
 
 
 class Progress(BaseModel):
@@ -41,6 +57,18 @@ class Progress(BaseModel):
 class ErrorInfo(BaseModel):
     type: str
     message: str
+
+
+class AttemptOut(BaseModel):
+    """One start of the job: which worker ran it, when, and how it ended (``reason``: the detail)."""
+
+    number: int
+    worker: str | None
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    outcome: str | None = Field(None, description="succeeded, failed, preempted, cancelled, lease_lost, ...; "
+                                                  "null while it runs")
+    reason: str | None
 
 
 class JobOut(BaseModel):
@@ -64,6 +92,8 @@ class JobOut(BaseModel):
     updated_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    metadata: dict[str, Any] = Field(default_factory=dict, description="what the submit set")
+    attempts: list[AttemptOut] | None = Field(None, description="every start, oldest first (GET /v1/jobs/{id})")
 
 
 class JobList(BaseModel):

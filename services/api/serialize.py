@@ -10,7 +10,7 @@ from typing import Any
 
 from services.common.errors import ApiError
 from services.db.jobs import public_id
-from services.db.models import Job, ModelRow
+from services.db.models import Job, JobAttempt, ModelRow
 from services.settings import Settings
 
 
@@ -88,7 +88,13 @@ def _job_body(job: Job, no_worker: str | None) -> dict[str, Any]:
         "error": job.error, "status_detail": status_detail(job, no_worker),
         "created_at": _iso(job.created_at), "updated_at": _iso(job.updated_at),
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+        "metadata": (job.request or {}).get("metadata") or {},
     }
+
+
+def attempt_dict(row: JobAttempt) -> dict[str, Any]:
+    return {"number": row.attempt, "worker": row.worker, "started_at": _iso(row.started_at),
+            "ended_at": _iso(row.ended_at), "outcome": row.outcome, "reason": row.detail}
 
 
 def model_dict(row: ModelRow, hide: PathHider | None = None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ def test_bad_invocations_are_one_clean_line(tmp_path: Path) -> None:
         ("export", "no-such-run", "--out", "b"): "no-such-run",
         ("data", "pack", "no-such-folder", "--out", "p"): "no-such-folder",
         ("presets", "nope"): "nope",
+        ("data",): "DATA_COMMAND",
     }
     for args, needle in cases.items():
         r = _excb(*args, cwd=tmp_path)

@@ -144,5 +144,5 @@ def register_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     p.add_argument("--workers", type=int, default=1, help="decode/encode processes (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
-    data.set_defaults(func=lambda _args: (data.print_help(sys.stderr), 2)[1])
+    data.set_defaults(func=lambda _args: data.error("choose a DATA_COMMAND: pack"))
 

@@ -5,6 +5,7 @@ seconds (written the way the worker appends it), and the real `excb jobs logs` C
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -97,6 +98,17 @@ def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Pat
                          headers={"Last-Event-ID": "x"}).status_code == 422
         shown = httpx.get(f"{srv.url}/v1/jobs/{job['id']}").json()
         assert shown["metadata"] == {} and shown["attempts"] == []  # no worker ran it
+        (tmp_path / "job.yaml").write_text("data: digits\nmax_steps: 5\n")
+        jobs_cli = [sys.executable, "-m", "excb.cli", "jobs", "--url", srv.url]
+        sub = subprocess.run(jobs_cli + ["--json", "submit", str(tmp_path / "job.yaml"), "--meta", "team=vision",
+                                         "--meta", "n=3"], capture_output=True, text=True, env=env, timeout=60)
+        assert sub.returncode == 0, sub.stderr[-2000:]
+        labelled = json.loads(sub.stdout)["id"]
+        status = subprocess.run(jobs_cli + ["status", labelled], capture_output=True, text=True, env=env, timeout=60)
+        assert 'metadata: {"n": 3, "team": "vision"}' in status.stdout, status.stdout
+        bad = subprocess.run(jobs_cli + ["submit", str(tmp_path / "job.yaml"), "--meta", "novalue"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.startswith("excb: --meta")
         for too_big in ({"k": "x" * 17000}, {f"k{i}": i for i in range(65)}):
             r = httpx.post(f"{srv.url}/v1/jobs", json={"data": "digits", "metadata": too_big}, timeout=30)
             assert r.status_code == 422 and r.json()["error"]["field"].startswith("metadata"), r.text

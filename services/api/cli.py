@@ -54,6 +54,8 @@ def _add_jobs(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     s.add_argument("--idempotency-key")
     s.add_argument("--gpus", type=int)
     s.add_argument("--follow", action="store_true", help="stream logs until the job ends")
+    s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="a metadata label kept with the job (repeatable; the value is JSON when it parses)")
     s.set_defaults(jobs_func=_jobs_submit)
     ls = jobs.add_parser("list", help="list jobs")
     ls.add_argument("--status")
@@ -98,6 +100,8 @@ def _jobs_submit(client: Any, args: argparse.Namespace) -> int:
         body["job_id"] = args.job_id
     if args.gpus is not None:
         body["gpus"] = args.gpus
+    if args.meta:
+        body["metadata"] = {**body.get("metadata", {}), **_labels(args.meta)}
     job = client.submit(body, args.idempotency_key)
     if args.json:
         print(json.dumps(job))
@@ -148,7 +152,29 @@ def _jobs_status(client: Any, args: argparse.Namespace) -> int:
         print(f"  model:    {job['model_id']}")
     if job["error"]:
         print(f"  error:    {job['error']['type']}: {job['error']['message']}")
+    if job.get("metadata"):
+        print("  metadata: " + json.dumps(job["metadata"], sort_keys=True))
+    for a in job.get("attempts") or []:
+        ended = a["ended_at"] or "running"
+        reason = f" ({a['reason'][:120]})" if a.get("reason") else ""
+        print(f"  attempt {a['number']}: {a['outcome'] or 'running'} on {a['worker']}, {a['started_at']} -> "
+              f"{ended}{reason}")
     return 0
+
+
+def _labels(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` labels; a value that parses as JSON (numbers, true, lists) is kept typed."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            print(f"excb: --meta {pair!r}: use KEY=VALUE", file=sys.stderr)
+            raise SystemExit(2)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _jobs_cancel(client: Any, args: argparse.Namespace) -> int:

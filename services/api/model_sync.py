@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ log = logging.getLogger("excb.model_sync")
 logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
 
 Signature = tuple[int, int, int] | None
+RETRY_FAILED_S = 5.0
 
 
 def sync_once(db: Database, registry: Any) -> str | None:
@@ -74,26 +76,31 @@ class ModelSync(threading.Thread):
         self.db, self.registry, self.models_dir = db, registry, Path(models_dir)
         self.pointer = self.models_dir / ACTIVE_FILE
         self._seen: Signature = None
-        self._synced = False
+        self._tried = False
+        self._failed_at: float | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stale(self) -> bool:
-        """Cheap enough for every request: one stat."""
-        return not self._synced or pointer_signature(self.pointer) != self._seen
+        """Cheap enough for every request: one stat. A failed sync (a refused bundle, a locked SQLite file) is
+        retried after RETRY_FAILED_S or on the next change, not by every request."""
+        if not self._tried or pointer_signature(self.pointer) != self._seen:
+            return True
+        return self._failed_at is not None and time.monotonic() - self._failed_at > RETRY_FAILED_S
 
     def sync_if_changed(self) -> None:
-        """Sync when the pointer changed since the last sync (one caller at a time; the rest find it done)."""
+        """Sync when stale (one caller at a time; the others find it done)."""
         with self._lock:
-            sig = pointer_signature(self.pointer)
-            if self._synced and sig == self._seen:
+            if not self.stale():
                 return
+            sig = pointer_signature(self.pointer)  # read first: a change during the sync is seen next time
             try:
                 sync_once(self.db, self.registry)
+                self._failed_at = None
             except Exception:
-                log.exception("model sync failed")  # a later event (or request) retries
-                return
-            self._seen, self._synced = sig, True
+                log.exception("model sync failed; retrying in %.0f s or on the next change", RETRY_FAILED_S)
+                self._failed_at = time.monotonic()
+            self._seen, self._tried = sig, True
 
     def run(self) -> None:
         import watchfiles
@@ -103,7 +110,7 @@ class ModelSync(threading.Thread):
         self.models_dir.mkdir(parents=True, exist_ok=True)
         name = self.pointer.name
         try:
-            for _ in watchfiles.watch(self.models_dir, stop_event=self._stop, debounce=400, step=20,
+            for _ in watchfiles.watch(self.models_dir, stop_event=self._halt, debounce=400, step=20,
                                       recursive=False, watch_filter=lambda _c, p: Path(p).name == name,
                                       raise_interrupt=False):
                 self.sync_if_changed()
@@ -111,4 +118,4 @@ class ModelSync(threading.Thread):
             log.exception("watching %s failed; embed requests still pick up new models", self.models_dir)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

@@ -315,6 +315,11 @@ async def job_events(job_id: str, request: Request, cp: Plane, who: Caller,
     return _stream(request, cp, who, _events(cp, job.id, max_seconds, step, offset), max_seconds)
 
 
+def _event_id(step: int, offset: int) -> str:
+    """The position after an event: last metrics step sent, log bytes sent (what a reconnect resumes from)."""
+    return f"{step}:{offset}"
+
+
 def _events_cursor(last_event_id: str | None) -> tuple[int, int]:
     if last_event_id is None:
         return -1, 0
@@ -337,22 +342,21 @@ async def _events(cp: ControlPlane, job_id: str, max_seconds: float, last_step: 
             yield _sse("end", {"status": "DELETED"})
             return
         follower = follower or _LogFollower(Path(job.run_dir) / "job.log", offset)
-        cursor = lambda: f"{last_step}:{follower.offset}"  # noqa: E731 - the id after what was sent
         if job.updated_at != last_update:
             last_update = job.updated_at
             idle = await run_in_threadpool(no_worker_reason, cp) if job.status == "QUEUED" else None
-            yield _sse("status", job_dict(job, idle, _hide(cp)), cursor())
+            yield _sse("status", job_dict(job, idle, _hide(cp)), _event_id(last_step, follower.offset))
         rows = await run_in_threadpool(store.metrics_since, cp.db, job_id, last_step, 500)
         for row in rows:
             last_step = max(last_step, int(row.get("step", last_step)))
-            yield _sse("metrics", row, cursor())
+            yield _sse("metrics", row, _event_id(last_step, follower.offset))
         curve = job.cluster_sizes
         if curve and curve.get("step") != last_curve:
             last_curve = curve.get("step")
-            yield _sse("cluster_sizes", curve, cursor())
+            yield _sse("cluster_sizes", curve, _event_id(last_step, follower.offset))
         for line, end in follower.read_with_offsets(final=job.status in TERMINAL):
-            yield _sse("log", {"line": line}, f"{last_step}:{end}")
+            yield _sse("log", {"line": line}, _event_id(last_step, end))
         if job.status in TERMINAL:
-            yield _sse("end", {"status": job.status}, cursor())
+            yield _sse("end", {"status": job.status}, _event_id(last_step, follower.offset))
             return
         await asyncio.sleep(0.5)

@@ -14,7 +14,8 @@ PY=${PYTHON:-.venv/bin/python}
 PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions pydantic-settings python-dotenv
           fastapi opentelemetry-api starlette anyio python-multipart uvicorn
           celery kombu billiard vine amqp click click-didyoumean click-plugins click-repl prompt_toolkit wcwidth tzdata tzlocal
-          SQLAlchemy greenlet alembic Mako redis)
+          SQLAlchemy greenlet alembic Mako redis
+          sse-starlette httpx-sse watchfiles)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
            manylinux1_x86_64 any)
 

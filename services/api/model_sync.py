@@ -103,13 +103,13 @@ class ModelSync(threading.Thread):
             self._seen, self._tried = sig, True
 
     def run(self) -> None:
-        import watchfiles
-
         _import_preprocessing()
         self.sync_if_changed()  # what was active before this process started
         self.models_dir.mkdir(parents=True, exist_ok=True)
         name = self.pointer.name
         try:
+            import watchfiles
+
             for _ in watchfiles.watch(self.models_dir, stop_event=self._halt, debounce=400, step=20,
                                       recursive=False, watch_filter=lambda _c, p: Path(p).name == name,
                                       raise_interrupt=False):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -11,12 +14,45 @@ from excb.fileio import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
+PREVIOUS = "previous.pt"  # the checkpoint before last.pt: resume falls back to it when last.pt is unreadable
+# What torch.load raises on a truncated or damaged file. A refused pickle (UnpicklingError) is not damage: it
+# stays an error rather than silently resuming from an older file.
+DAMAGED = (RuntimeError, EOFError, zipfile.BadZipFile, OSError)
+
+log = logging.getLogger("excb.checkpoint")
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | Path, state: dict[str, Any], keep_previous: bool = False) -> Path:
     """Atomic (excb.fileio): a crash or a full disk mid-write leaves the previous checkpoint intact
-    (reliability.md row 14)."""
+    (reliability.md row 14). ``keep_previous`` first hard-links the current file to ``previous.pt``, so the
+    last two checkpoints survive even a file damaged after it was written (disk errors, a bad copy)."""
+    path = Path(path)
+    if keep_previous and path.exists():
+        tmp = path.with_name(f".{PREVIOUS}.link")
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, path.with_name(PREVIOUS))
     return atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def load_resumable(run_dir: str | Path, map_location: str | torch.device = "cpu"
+                   ) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint of a run (last.pt, else previous.pt), or None when it has none."""
+    folder = checkpoint_dir(run_dir)
+    candidates = [p for p in (folder / LAST, folder / PREVIOUS) if p.is_file()]
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path, map_location), path
+        except DAMAGED as exc:
+            if i + 1 == len(candidates):
+                raise
+            log.warning("checkpoint %s is unreadable (%s); resuming from %s", path, exc, candidates[i + 1])
+    return None
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    folder = checkpoint_dir(run_dir)
+    return (folder / LAST).is_file() or (folder / PREVIOUS).is_file()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

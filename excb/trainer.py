@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from excb import stats
-from excb.checkpoint import LAST, checkpoint_dir, load_checkpoint, save_checkpoint
+from excb.checkpoint import LAST, checkpoint_dir, has_checkpoint, load_resumable, save_checkpoint
 from excb.config import ConfigError, TrainConfig, dump_yaml, validate
 from excb.data.loader import TrainData
 from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup
@@ -111,7 +111,8 @@ class Run:
                 **{key: getattr(self, key) for key in COUNTERS}, "rng": rng}
 
     def save(self, name: str = LAST) -> Path | None:
-        path = save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state()) if self.ctx.is_main else None
+        path = (save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state(), keep_previous=name == LAST)
+                if self.ctx.is_main else None)
         barrier()
         return path
 
@@ -238,14 +239,16 @@ def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     from excb.rerun import check_resumable
 
     last = checkpoint_dir(run_dir) / LAST
-    if not last.exists():
+    if not has_checkpoint(run_dir):
         if cfg.resume == "must":
             raise ConfigError("resume", f"resume=must but no checkpoint at {last}")
         return None
     if cfg.resume == "never":
         raise ConfigError("resume", f"resume=never but out={cfg.out} already holds a run ({last}); to start "
                           "over add overwrite=true, or choose a new out=")
-    ckpt = load_checkpoint(last, map_location=ctx.device)
+    found = load_resumable(run_dir, map_location=ctx.device)
+    assert found is not None
+    ckpt = found[0]
     if isinstance(ckpt.get("config"), dict):
         check_resumable(ckpt["config"], json.loads(cfg.model_dump_json()), cfg.out, plan.get("length"))
     return ckpt
@@ -257,8 +260,7 @@ def _resume(run: Run, logger: RunLogger, ckpt: dict[str, Any] | None) -> bool:
         return False
     run.restore(ckpt)
     logger.rewind(run.step)
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_dir(run.run_dir) / LAST, run.step,
-             run.epoch, run.epoch_batch)
+    log.info("resumed at step %d (epoch %d, batch %d)", run.step, run.epoch, run.epoch_batch)
     return True
 
 
@@ -280,7 +282,7 @@ def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[Tra
     from excb.rerun import without_keys
 
     stored = run_dir / PLAN_FILE
-    if cfg.resume != "never" and stored.exists() and (checkpoint_dir(run_dir) / LAST).exists():
+    if cfg.resume != "never" and stored.exists() and has_checkpoint(run_dir):
         plan = json.loads(stored.read_text())
         choices = without_keys(plan.get("choices", {}), cfg.pinned)  # what the user typed now is compared
         return apply(cfg, choices, plan.get("length", {})), plan

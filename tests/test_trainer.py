@@ -214,3 +214,29 @@ def test_online_knn_every_epoch(tmp_path: Path) -> None:
     evals = [r for r in read_rows(tmp_path / "knn") if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2]
     assert all(0.3 < r["knn_acc"] <= 1.0 for r in evals)  # digits: far above the 10% of chance
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_damaged(tmp_path: Path) -> None:
+    """reliability.md row 14: the last two checkpoints are kept; a damaged last.pt (bad disk, bad copy) makes
+    the resume use previous.pt, and the run still ends identical to an uninterrupted one."""
+    train(tiny(tmp_path / "straight", "max_steps=6", "checkpoint_every_steps=2"))
+    calls = {"n": 0}
+
+    def stop_at_3() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 3
+
+    run = tmp_path / "damaged"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(run, "max_steps=6", "checkpoint_every_steps=2"), should_stop=stop_at_3)
+    folder = run / "checkpoints"
+    assert load_checkpoint(folder / "last.pt")["step"] == 3 and load_checkpoint(folder / "previous.pt")["step"] == 2
+    data = (folder / "last.pt").read_bytes()
+    (folder / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+    result = train(tiny(run, "max_steps=6", "checkpoint_every_steps=2"))
+    assert result.steps == 6 and "resuming from" in (run / "train.log").read_text()
+    a, b = _state(tmp_path / "straight"), _state(run)
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+    rows = [r["step"] for r in read_rows(run) if r["type"] == "step"]
+    assert rows == list(range(1, 7))

@@ -35,6 +35,36 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_previous: bool
     return atomic_write(path, lambda fh: torch.save(state, fh))
 
 
+FENCE_FILE = "fence"          # the newest writer's token, written by whoever starts an attempt on the run
+FENCE_ENV = "EXCB_FENCE_TOKEN"  # this process's token: it may write checkpoints while no newer token exists
+
+
+class FencedOut(RuntimeError):
+    """A newer attempt owns this run directory: this (stale) trainer must not write another checkpoint."""
+
+
+def write_fence(run_dir: str | Path, token: int) -> None:
+    """Claim the run directory for the attempt holding ``token`` (a monotonically increasing lease token)."""
+    atomic_write(Path(run_dir) / FENCE_FILE, str(int(token)))
+
+
+def check_fence(run_dir: str | Path) -> None:
+    """Raise :class:`FencedOut` when a newer token than ``$EXCB_FENCE_TOKEN`` has claimed ``run_dir``.
+
+    The DB commit of a stale worker is fenced by its lease token; this fences its checkpoint *file* writes too
+    (reliability.md row 3): a redelivered job's old trainer, still running, cannot overwrite the checkpoint
+    the new attempt resumes from. Without the variable (plain ``excb train``) there is no fence."""
+    mine = os.environ.get(FENCE_ENV)
+    if not mine:
+        return
+    try:
+        newest = int((Path(run_dir) / FENCE_FILE).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return
+    if newest > int(mine):
+        raise FencedOut(f"{run_dir} belongs to a newer attempt (token {newest} > {mine}); not writing")
+
+
 def load_resumable(run_dir: str | Path, map_location: str | torch.device = "cpu"
                    ) -> tuple[dict[str, Any], Path] | None:
     """The newest readable checkpoint of a run (last.pt, else previous.pt), or None when it has none."""

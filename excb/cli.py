@@ -126,6 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(_dry_run(cfg))
         return 0
+    from excb.checkpoint import FencedOut
     from excb.trainer import NonFiniteLossError, TrainingInterrupted, train
 
     flag = _StopFlag()
@@ -138,6 +139,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"excb: {exc}", file=sys.stderr)
         return 1
+    except FencedOut as exc:  # a newer attempt of the same job owns out: this one stops, writing nothing more
+        print(f"excb: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "status": result.status,
                       "skipped_files": result.summary.get("skipped_files", 0)}))
     return 0

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from excb import stats
-from excb.checkpoint import LAST, checkpoint_dir, has_checkpoint, load_resumable, save_checkpoint
+from excb.checkpoint import (LAST, FencedOut, check_fence, checkpoint_dir, has_checkpoint, load_resumable,
+                             save_checkpoint)
 from excb.config import ConfigError, TrainConfig, dump_yaml, validate
 from excb.data.loader import TrainData
 from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup
@@ -111,8 +112,10 @@ class Run:
                 **{key: getattr(self, key) for key in COUNTERS}, "rng": rng}
 
     def save(self, name: str = LAST) -> Path | None:
-        path = (save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state(), keep_previous=name == LAST)
-                if self.ctx.is_main else None)
+        path = None
+        if self.ctx.is_main:
+            check_fence(self.run_dir)  # a newer attempt owns the directory: raises FencedOut, writes nothing
+            path = save_checkpoint(checkpoint_dir(self.run_dir) / name, self.state(), keep_previous=name == LAST)
         barrier()
         return path
 
@@ -217,11 +220,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     except TrainingInterrupted:
         status = "interrupted"
         raise
+    except FencedOut:
+        status = "superseded"  # a newer attempt owns the directory: write nothing more into it
+        raise
     finally:
         if progress is not None:
             progress.close()
         summary = _summary(run, status)
-        if ctx.is_main:
+        if ctx.is_main and status != "superseded":
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     if ctx.is_main:  # weights for fine-tuning next to the checkpoints (excb.models.load_backbone reads them)
         from excb.models.weights import save_run_backbone

@@ -225,8 +225,8 @@ def test_row3_duplicate_delivery_of_a_running_job_gets_no_second_lease(redis_url
     """Row 3 (lease half): a second copy of a running job's message (what Redis does after the visibility
     timeout, or a republish) reaches an idle second worker while the first trains. It gets no lease: one
     attempt, one trainer, one success. The message is duplicated by publishing it again, not by waiting for
-    kombu's restore (a 3 s visibility timeout did not produce a redelivery within a 22 s job here). Fencing
-    of the checkpoint *file* write itself is not implemented: only DB commits are fenced."""
+    kombu's restore (a 3 s visibility timeout did not produce a redelivery within a 22 s job here). The
+    checkpoint *file* writes are fenced too: see test_row3_a_stale_trainer_cannot_overwrite_the_new_checkpoint."""
     from fixtures_services import tiny_job
     from services.db import jobs as store
     from services.worker.publish import publish
@@ -250,3 +250,36 @@ def test_row3_duplicate_delivery_of_a_running_job_gets_no_second_lease(redis_url
     done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, 300)
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 1, done["error"]
     assert [a.attempt for a in store.attempts(stack.app.state.plane.db, server_id)] == [1]
+    run_dir = stack.home / "runs" / server_id
+    assert (run_dir / "fence").read_text() == "1"  # the attempt claimed its run directory with its lease token
+
+
+def test_row3_a_stale_trainer_cannot_overwrite_the_new_checkpoint(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 3 (file half): the worker claims the run directory with its lease token and hands the token to its
+    trainer (EXCB_FENCE_TOKEN). When a redelivered attempt claims it with a newer token, the old trainer, still
+    running, refuses its next checkpoint write and stops: the new attempt's checkpoint is never overwritten."""
+    from test_trainer import tiny
+
+    from excb.checkpoint import FENCE_ENV, FencedOut, load_checkpoint, write_fence
+    from excb.trainer import train
+    from services.worker.runner import _child_env
+
+    assert _child_env(7)[FENCE_ENV] == "7"
+    run = tmp_path / "run"
+    write_fence(run, 1)
+    monkeypatch.setenv(FENCE_ENV, "1")
+    calls = {"n": 0}
+
+    def newer_attempt_claims_after_step_3() -> bool:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            write_fence(run, 2)
+        return False
+
+    with pytest.raises(FencedOut):
+        train(tiny(run, "max_steps=8", "checkpoint_every_steps=2"), should_stop=newer_attempt_claims_after_step_3)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2  # the step-4 write was refused
+    assert not (run / "summary.json").exists()
+    monkeypatch.setenv(FENCE_ENV, "2")  # the new attempt writes as usual
+    assert train(tiny(run, "max_steps=8", "checkpoint_every_steps=2")).steps == 8

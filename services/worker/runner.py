@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from excb.checkpoint import FENCE_ENV, write_fence
 from excb.config import validate
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.db import jobs as store
@@ -110,7 +111,8 @@ class JobRunner:
         with (run_dir / "job.log").open("ab") as logf:
             logf.write(f"--- attempt {lease.attempt} on {self.worker} (token {lease.token})\n".encode())
             logf.flush()
-            proc = child.start(argv, logf, env=_child_env())
+            write_fence(run_dir, lease.token)  # this attempt's checkpoints win; a stale trainer's are refused
+            proc = child.start(argv, logf, env=_child_env(lease.token))
         store.set_attempt_pid(self.db, lease, proc.pid)
         if not store.fenced_update(self.db, lease, status="RUNNING", heartbeat_at=utcnow()):
             child.stop(proc, 0.5)
@@ -275,9 +277,11 @@ class JobRunner:
         publish(celery_app, self.db, self.job_id, self.settings.celery_queue)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(fence_token: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if fence_token is not None:
+        env[FENCE_ENV] = str(fence_token)
     return env
 
 

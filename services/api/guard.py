@@ -12,9 +12,8 @@ from typing import Any, Callable, Coroutine
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
-from starlette.types import Message, Receive
 
+from services.common.body import capped_receive, declared_length
 from services.common.errors import ApiError
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -22,34 +21,6 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 def too_large(limit: int) -> str:
     return f"request body is larger than {limit} bytes (EXCB_MAX_BODY_BYTES)"
-
-
-def declared_length(request: Request) -> int | None:
-    """``Content-Length`` as an int; None when absent or malformed (then the streamed bytes are counted)."""
-    value = request.headers.get("content-length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def capped_receive(receive: Receive, limit: int) -> Receive:
-    """``receive`` that raises 413 once more than ``limit`` body bytes have arrived.
-
-    It raises an HTTPException because FastAPI re-raises those from body parsing (anything else becomes a
-    400); the app's handler renders it in the shared error shape."""
-    seen = 0
-
-    async def receive_capped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise HTTPException(413, too_large(limit))
-        return message
-
-    return receive_capped
 
 
 class AuthFirstRoute(APIRoute):
@@ -65,6 +36,6 @@ class AuthFirstRoute(APIRoute):
             length = declared_length(request)
             if length is not None and length > limit:
                 raise ApiError(413, "payload_too_large", too_large(limit))
-            return await handler(Request(request.scope, capped_receive(request.receive, limit)))
+            return await handler(Request(request.scope, capped_receive(request.receive, limit, too_large(limit))))
 
         return guarded

@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.types import Message, Receive
 
+from services.common.body import capped_receive, declared_length
 from services.common.errors import ApiError, field_from_loc
 from services.common.openai_shapes import OpenAIModel, OpenAIModelList, model_entry
 from services.embed.app import EmbedOptions, EmbedService, decode_base64_item
@@ -62,22 +62,6 @@ def _from_validation(exc: RequestValidationError) -> JSONResponse:
     return openai_error(400, f"{param}: {msg}" if param else msg, "invalid_request", param)
 
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    """``receive`` that stops a body once more than ``limit`` bytes have arrived (Content-Length not trusted)."""
-    seen = 0
-
-    async def receive_capped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise HTTPException(413, f"the request body exceeds the limit of {limit} bytes")
-        return message
-
-    return receive_capped
-
-
 def route_class(svc: EmbedService) -> type[APIRoute]:
     """Routes that authenticate, cap the body, then run, answering every error in the OpenAI shape."""
 
@@ -89,11 +73,12 @@ def route_class(svc: EmbedService) -> type[APIRoute]:
                 try:
                     svc.auth.authenticate(request)
                     limit = svc.embed.max_request_bytes
-                    declared = request.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > limit:
+                    declared = declared_length(request)
+                    if declared is not None and declared > limit:
                         raise ApiError(413, "payload_too_large", f"the request body is {declared} bytes; the "
                                                                  f"limit is {limit}")
-                    return await handler(Request(request.scope, _capped(request.receive, limit)))
+                    too_big = f"the request body exceeds the limit of {limit} bytes"
+                    return await handler(Request(request.scope, capped_receive(request.receive, limit, too_big)))
                 except ApiError as exc:
                     return openai_error(exc.status, exc.message, exc.type, exc.field, exc.headers)
                 except RequestValidationError as exc:

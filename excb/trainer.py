@@ -254,7 +254,8 @@ def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
                           "over add overwrite=true, or choose a new out=")
     found = load_resumable(run_dir, map_location=ctx.device)
     assert found is not None
-    ckpt = found[0]
+    ckpt, path = found
+    log.info("resuming from %s", path)
     if isinstance(ckpt.get("config"), dict):
         check_resumable(ckpt["config"], json.loads(cfg.model_dump_json()), cfg.out, plan.get("length"))
     return ckpt
@@ -266,7 +267,7 @@ def _resume(run: Run, logger: RunLogger, ckpt: dict[str, Any] | None) -> bool:
         return False
     run.restore(ckpt)
     logger.rewind(run.step)
-    log.info("resumed at step %d (epoch %d, batch %d)", run.step, run.epoch, run.epoch_batch)
+    log.info("resumed from the checkpoint at step %d (epoch %d, batch %d)", run.step, run.epoch, run.epoch_batch)
     return True
 
 

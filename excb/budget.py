@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -46,23 +46,25 @@ def time_steps(run: Any, steps: int = MEASURED_STEPS, warmup: int = WARMUP_STEPS
     The mean (not the median) keeps the per-epoch loader restarts of small data sets in the figure.
     """
     saved = copy.deepcopy(run.state())
-    done, started = 0, 0.0
-    for epoch in itertools.count():
-        for index, batch in enumerate(run.batches(epoch, 0)):
-            g, l, _ = run.device_views(batch, epoch, index)
-            run.train_step(g, l, want_metrics=True)  # the loop logs every step by default: time that too
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)
-            done += 1
-            if done == warmup:
-                started = time.perf_counter()
-            if done == warmup + steps:
-                break
-        if done >= warmup + steps:
-            break
+    started = time.perf_counter()
+    batches = itertools.islice(_batches_across_epochs(run), warmup + steps)
+    for done, (epoch, index, batch) in enumerate(batches, start=1):
+        g, l, _ = run.device_views(batch, epoch, index)
+        run.train_step(g, l, want_metrics=True)  # the loop logs every step by default: time that too
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        if done == warmup:
+            started = time.perf_counter()
     per_step = (time.perf_counter() - started) / steps
     run.restore(saved)
     return per_step
+
+
+def _batches_across_epochs(run: Any) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, index in epoch, batch) from epoch 0 on, without end: small sets cross epoch boundaries."""
+    for epoch in itertools.count():
+        for index, batch in enumerate(run.batches(epoch, 0)):
+            yield epoch, index, batch
 
 
 def steps_within(budget: float, per_step: float, spent: float) -> int:

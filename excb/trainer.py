@@ -206,8 +206,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     if not resumed and not warm.get("centroids_loaded") and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **run.init_centroids()})
     if not resumed and cfg.budget and "length" not in plan:
-        run.set_length(_fit_to_budget(run, plan, started, logger))
-        _write_plan(run_dir, ctx, run.cfg, plan)
+        _fit_to_budget(run, plan, started, logger)
     log.info("run %s: %d steps (%d per epoch), device %s, world %d, precision %s", run_dir, run.total_steps,
              run.steps_per_epoch, ctx.device, ctx.world_size, run.learner.amp_dtype or "fp32")
     if not resumed:
@@ -285,7 +284,6 @@ def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[Tra
     """The recipe of this run: the one stored with its checkpoint (a resume trains the same recipe and step
     count), or one fitted now to the data and device (``recipe=auto``; excb/recipe.py)."""
     from excb.recipe import apply, fit_config
-
     from excb.rerun import without_keys
 
     stored = run_dir / PLAN_FILE
@@ -303,18 +301,27 @@ def _write_plan(run_dir: Path, ctx: DistContext, cfg: TrainConfig, plan: dict[st
         atomic_write(run_dir / PLAN_FILE, json.dumps(plan, indent=2))
 
 
-def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLogger) -> TrainConfig:
-    """Time real steps, then set max_steps (and a fitted recipe's warm-up) so the schedules end with the budget."""
-    from excb.budget import calibrate, length_overrides
+def _set_length(run: Run, plan: dict[str, Any], steps: int) -> None:
+    """End the run after ``steps`` (max_steps, epochs and a fitted recipe's warm-up follow) and record that
+    length in recipe.json and config.yaml, where a resume finds it."""
+    from excb.budget import length_overrides
     from excb.recipe import apply
 
+    plan["length"] = length_overrides(run.cfg, steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
+    run.set_length(apply(run.cfg, {}, plan["length"]))
+    _write_plan(run.run_dir, run.ctx, run.cfg, plan)
+
+
+def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLogger) -> None:
+    """Time real steps, then set max_steps (and a fitted recipe's warm-up) so the schedules end with the budget."""
+    from excb.budget import calibrate
+
     cal = calibrate(run.cfg, run, started)
-    length = length_overrides(run.cfg, cal.steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
-    plan["length"], plan["calibration"] = length, cal.to_json()
+    plan["calibration"] = cal.to_json()
     log.info("budget %s: %.3f s/step measured, %.0f s of set-up -> %d steps", run.cfg.budget, cal.seconds_per_step,
              cal.seconds_before_training, cal.steps)
     logger.emit({"type": "budget", "step": 0, "time": time.time(), **cal.to_json()})
-    return apply(run.cfg, {}, length)
+    _set_length(run, plan, cal.steps)
 
 
 def _budget_check(run: Run, plan: dict[str, Any], started: float) -> Any:
@@ -326,16 +333,10 @@ def _budget_check(run: Run, plan: dict[str, Any], started: float) -> Any:
 
 def _correct_length(run: Run, check: Any, logger: RunLogger, progress: Any) -> None:
     """Move the end of a budgeted run once, from the loop's measured pace (excb.budget.BudgetCheck)."""
-    from excb.budget import length_overrides
-    from excb.recipe import apply
-
     steps = check.corrected_steps(run.step)
-    length = length_overrides(run.cfg, steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
     log.info("budget check at step %d: %d -> %d steps at the loop's pace", run.step, run.total_steps, steps)
-    check.plan["length"] = length
     check.plan["corrected_at_step"] = run.step
-    run.set_length(apply(run.cfg, {}, length))
-    _write_plan(run.run_dir, run.ctx, run.cfg, check.plan)
+    _set_length(run, check.plan, steps)
     logger.emit({"type": "budget", "step": run.step, "time": time.time(), "steps": steps})
     if progress is not None:
         progress.total = run.total_steps

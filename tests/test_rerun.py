@@ -15,21 +15,9 @@ from excb.checkpoint import load_checkpoint
 from excb.config import ConfigError, dump_yaml, load_file, resolve
 from excb.rerun import RunConfigMismatch, config_differences, may_change, warm_start, without_keys
 from excb.trainer import Run, TrainingInterrupted, train
+from test_trainer import TINY, tiny
 
 torch.set_num_threads(1)
-
-TINY = [
-    "data=digits", "batch_size=32", "model.width=8", "model.num_clusters=32",
-    "model.projector_hidden_dim=32", "model.bottleneck_dim=16", "model.predictor_hidden_dim=32",
-    "augment.global_size=16", "augment.local_size=8", "augment.num_local_crops=2",
-    "kmeans.samples=256", "kmeans.iterations=5", "progress=false", "data.num_workers=0",
-    "checkpoint_every_steps=100",
-]
-
-
-def tiny(out: Path, *extra: str):
-    return resolve(preset_name="cpu-small", overrides=[*TINY, f"out={out}", *extra])
-
 
 def stop_after(n: int):
     calls = {"n": 0}

@@ -54,6 +54,17 @@ class EmbedSettings(BaseModel):
     warmup: bool = Field(True, description="one forward pass per model before it is served")
 
 
+class IndexSettings(BaseModel):
+    """Image index knobs (``EXCB_INDEX__<NAME>``); owned by services/index."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_job: bool = Field(True, description="after a successful job, index a sample of its training images")
+    sample: int = Field(10_000, ge=1, le=200_000, description="at most this many images per index (seeded sample)")
+    seed: int = Field(0, description="seed of that sample")
+    timeout_seconds: float = Field(1800.0, gt=0, description="an index build running longer is stopped (failed)")
+
+
 class Settings(BaseSettings):
     """All settings; see README "Configuration" for the table."""
 
@@ -120,6 +131,7 @@ class Settings(BaseSettings):
     # --- embed service (owned by services/embed) ------------------------------------------------------
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
 
     @model_validator(mode="after")
     def _stall_from_heartbeat(self) -> "Settings":

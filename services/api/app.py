@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     for prefix, visible in (("/v1", True), ("", False)):
         app.include_router(routes_jobs.router, prefix=prefix, include_in_schema=visible)
         app.include_router(routes_models.router, prefix=prefix, include_in_schema=visible)
+    _include_index_build(app)
     _include_dashboard(app)
     if embed_app is not None:
         app.mount("/", embed_app)
@@ -123,6 +124,15 @@ def _merge_openapi(app: FastAPI, embed_app: FastAPI) -> None:
 def _shape(path: str) -> str:
     """A path template with its parameter names erased: /v1/models/{id} and /v1/models/{model_id} collide."""
     return re.sub(r"\{[^}]*\}", "{}", path)
+
+
+def _include_index_build(app: FastAPI) -> None:
+    """POST /v1/models/{id}/index (services/index): queue an image-index build on the workers."""
+    try:
+        from services.index.api import router as index_router
+    except ImportError:
+        return
+    app.include_router(index_router, prefix="/v1")
 
 
 def _include_dashboard(app: FastAPI) -> None:

@@ -518,8 +518,18 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     from services.embed.openapi_docs import install_openapi
 
     app.include_router(build_openai_router(svc))
+    _include_index_routes(app, svc)
     install_openapi(app)
     return app
+
+
+def _include_index_routes(app: FastAPI, svc: EmbedService) -> None:
+    """Search and the cluster gallery (services/index), when faiss is installed."""
+    try:
+        from services.index.routes import build_index_router
+    except ImportError:
+        return
+    app.include_router(build_index_router(svc))
 
 
 __all__ = ["create_app", "build_router", "EmbedService", "EmbedOptions", "EmbedRequest"]

@@ -244,7 +244,18 @@ class JobRunner:
             return "failed"
         done = self._commit_terminal(lease, "SUCCEEDED", None, artifacts, model_id=model_id)
         store.end_attempt(self.db, lease, "succeeded" if done else "lease_lost")
+        if done:  # the job has its outcome; its image index follows (services/index/jobs.py)
+            self._index_training_images(run_dir, model_id)
         return "succeeded" if done else "lease_lost"
+
+    def _index_training_images(self, run_dir: Path, model_id: str) -> None:
+        from services.index.jobs import index_after_job
+
+        job = store.get_job(self.db, self.job_id)
+        try:
+            index_after_job(self.settings, dict(job.config) if job else {}, model_id, run_dir)
+        except Exception:  # an index is a convenience: it must never turn a finished job into a worker error
+            log.exception("index of %s after job %s failed", model_id, self.job_id)
 
     def _commit_terminal(self, lease: Lease, status: str, error: dict[str, Any] | None, artifacts: dict[str, Any],
                          model_id: str | None = None) -> bool:

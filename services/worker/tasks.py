@@ -38,3 +38,8 @@ def run_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
         liveness.CURRENT_JOB = None
     log.info("job %s: %s", job_id, outcome)
     return outcome
+
+
+from services.index.jobs import register_task  # noqa: E402 - POST /v1/models/{id}/index builds run here too
+
+register_task(app)

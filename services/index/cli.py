@@ -1,0 +1,77 @@
+"""``excb index build SOURCE --model ID``: build (or atomically rebuild) a model's image index.
+
+SOURCE is a folder under the data roots (``EXCB_DATA_ROOTS``, or ``--data-root``), ``list:FILE`` or a built-in
+data set (``digits``, ``fashion-mnist``). The model is looked up by id in the models directory
+(``EXCB_MODELS_DIR`` / ``EXCB_HOME/models``), where the index is written too (``.indexes/ID/NAME``).
+The worker runs the same command as a child process after every successful job (services/index/jobs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from services.index.build import DEFAULT_SAMPLE, MAX_SAMPLE
+
+    p = subparsers.add_parser("index", help="image index of a model: cluster gallery and similar-image search",
+                              description="Build the image index that POST /v1/search and the dashboard's cluster "
+                                          "gallery read.")
+    sub = p.add_subparsers(dest="index_command", metavar="COMMAND")
+    sub.required = True
+    b = sub.add_parser("build", help="embed a sample of SOURCE with the model and index it",
+                       description=f"Embed up to --sample images of SOURCE (a uniform sample drawn with --seed; "
+                                   f"default {DEFAULT_SAMPLE}, at most {MAX_SAMPLE}) and write the index next to "
+                                   f"the model, replacing the previous one atomically.")
+    b.add_argument("source", metavar="SOURCE", help="folder under a data root, list:FILE, digits or fashion-mnist")
+    b.add_argument("--model", required=True, metavar="ID", help="model id (a directory of the models dir)")
+    b.add_argument("--name", default="default", help="index name (several indexes per model; default 'default')")
+    b.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, help="at most this many images")
+    b.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    b.add_argument("--split", default="all", choices=["train", "test", "all"])
+    b.add_argument("--limit", type=int, help="the first N images of the source only (as a job's data.limit)")
+    b.add_argument("--models-dir", help="default: EXCB_MODELS_DIR or EXCB_HOME/models")
+    b.add_argument("--data-root", action="append", default=[], help="allowed data root (default: EXCB_DATA_ROOTS)")
+    b.add_argument("--origin", default="folder", help=argparse.SUPPRESS)
+    b.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    b.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from excb.onnx_runtime import BundleError
+    from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
+    from services.index.build import build_index
+    from services.index.store import index_root, valid_name, write_status
+    from services.settings import Settings
+
+    settings = Settings()
+    models_dir = Path(args.models_dir) if args.models_dir else settings.resolved_models_dir
+    roots = [Path(r) for r in args.data_root] or list(settings.data_roots)
+    if not valid_name(args.name):
+        print("excb index: --name must be 1-64 characters of [A-Za-z0-9._-]", file=sys.stderr)
+        return 2
+    bundle = models_dir / args.model
+    if not (bundle / "model.json").is_file():
+        print(f"excb index: no model {args.model!r} in {models_dir}", file=sys.stderr)
+        return 2
+    if args.source not in BUILTIN_SOURCES:
+        try:
+            check_source_contained(args.source, roots, field="source")
+        except PathNotAllowed as exc:
+            print(f"excb index: {exc}", file=sys.stderr)
+            return 2
+    root = index_root(models_dir, args.model, args.name)
+    write_status(root, "running", source=args.source)
+    try:
+        meta = build_index(bundle, args.source, root, model_id=args.model, split=args.split, limit=args.limit,
+                           sample=args.sample, seed=args.seed, threads=args.threads, origin=args.origin)
+    except (BundleError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        write_status(root, "failed", source=args.source, error=str(exc))
+        print(f"excb index: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: meta[k] for k in ("model_id", "count", "skipped", "sample_cap", "seed", "index_type",
+                                           "seconds")}))
+    return 0

@@ -1,0 +1,87 @@
+"""Index builds run by workers: after every successful job (its training images), and on request
+(``POST /v1/models/{id}/index`` -> Celery task ``excb.build_index``).
+
+A build runs ``excb index build`` as a child process, like export: the worker holds no ONNX session or images
+between tasks, and a build that hangs is stopped at ``EXCB_INDEX__TIMEOUT_SECONDS``. Its state goes to the
+index's ``status.json`` (queued -> running -> succeeded / failed), which ``GET /v1/models/{id}/index`` shows.
+An index failure never changes the job's outcome: the job is already SUCCEEDED when its index is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from services.index.store import index_root, write_status
+from services.settings import Settings
+
+log = logging.getLogger("excb.index")
+
+TASK_BUILD_INDEX = "excb.build_index"
+
+
+def build_command(model_id: str, source: str, *, name: str, sample: int, seed: int, split: str = "all",
+                  limit: int | None = None, origin: str = "folder") -> list[str]:
+    argv = [sys.executable, "-m", "excb.cli", "index", "build", source, "--model", model_id, "--name", name,
+            "--sample", str(sample), "--seed", str(seed), "--split", split, "--origin", origin]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    return argv
+
+
+def run_build(settings: Settings, argv: list[str], root: Path, source: str, log_to: IO[bytes] | None) -> bool:
+    """Run one build child; True when it succeeded. Timeouts and crashes are recorded, never raised."""
+    try:
+        proc = subprocess.run(argv, stdout=log_to, stderr=subprocess.STDOUT if log_to else None,
+                              timeout=settings.index.timeout_seconds, check=False)
+    except subprocess.TimeoutExpired:
+        write_status(root, "failed", source=source, error=f"timed out after {settings.index.timeout_seconds:.0f} s")
+        return False
+    except OSError as exc:
+        write_status(root, "failed", source=source, error=f"could not start the build: {exc}")
+        return False
+    if proc.returncode != 0:
+        from services.index.store import read_status
+
+        status = read_status(root) or {}
+        if status.get("state") != "failed":  # the child died before it could say why
+            write_status(root, "failed", source=source, error=f"excb index build exited with {proc.returncode}")
+        return False
+    return True
+
+
+def index_after_job(settings: Settings, config: dict[str, Any], model_id: str, run_dir: Path) -> bool:
+    """Index (a sample of) the job's training images with its new model; appends to the job's log."""
+    if not settings.index.after_job:
+        return False
+    data = config.get("data") or {}
+    source = str(data.get("source") or "")
+    if not source or source.startswith("shards:"):
+        return False  # shard streams have no random access; index them with `excb index build` from a folder
+    root = index_root(settings.resolved_models_dir, model_id)
+    write_status(root, "queued", source=source, origin="job")
+    argv = build_command(model_id, source, name="default", sample=settings.index.sample, seed=settings.index.seed,
+                         split=str(data.get("split") or "train"), limit=data.get("limit"), origin="job")
+    with (run_dir / "job.log").open("ab") as logf:
+        logf.write(f"--- index of {model_id} (up to {settings.index.sample} images of {source})\n".encode())
+        logf.flush()
+        ok = run_build(settings, argv, root, source, logf)
+    log.info("index of %s after its job: %s", model_id, "built" if ok else "failed")
+    return ok
+
+
+def register_task(app: Any) -> None:
+    """The Celery task behind ``POST /v1/models/{id}/index`` (registered by services/worker/app.py)."""
+
+    @app.task(name=TASK_BUILD_INDEX, acks_late=False)
+    def build_index_task(model_id: str, source: str, name: str, sample: int, seed: int) -> str:
+        from services.settings import get_settings
+
+        settings = get_settings()
+        root = index_root(settings.resolved_models_dir, model_id, name)
+        ok = run_build(settings, build_command(model_id, source, name=name, sample=sample, seed=seed), root, source,
+                       None)
+        return "succeeded" if ok else "failed"

@@ -1,0 +1,350 @@
+"""Search and cluster-gallery routes, served by the embed service (it holds the models and their sessions).
+
+- ``POST /v1/search``: the top-k indexed images nearest to a query (an upload, a data URI / base64 string, or
+  the id of an indexed image), with scores and clusters.
+- ``GET /v1/models/{id}/index``: what is indexed (source, sample cap, seed, count, library) and the build state.
+- ``GET /v1/models/{id}/clusters``: every cluster's size in the index against uniform, its training and served
+  share, and a strip of its most typical images; ordered by size or by drift in served traffic.
+- ``GET /v1/models/{id}/clusters/{c}``: one cluster: size, members nearest the centroid and a few from its edge.
+- ``GET /v1/models/{id}/index/images/{i}`` and ``.../thumbnail``: one indexed image.
+
+Tenancy is the registry's (a key sees its own, shared and ownerless models; anything else is a 404, exactly like
+a model that does not exist), so an index is visible exactly when its model is. Thumbnails come from the index
+(never from the data folder) through these authenticated routes; the JSON routes can inline them as
+``data:`` URIs (``thumbs=true``), which is how the dashboard shows them with the API key it already sends.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any, Literal
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from excb.onnx_runtime import balance_paper, l2_normalize
+from services.common.errors import ApiError, field_from_loc
+from services.embed.registry import LoadedModel, ModelNotFound
+from services.index.store import DEFAULT_NAME, IndexCache, IndexNotFound, LoadedIndex, index_root, read_status, \
+    valid_name
+
+MAX_K = 100
+MAX_MEMBERS = 200
+MAX_PER_CLUSTER = 24
+MAX_CLUSTERS_PAGE = 1000
+OVERFULL_RELATIVE = 2.0  # a cluster holding >= 2x its uniform share of the index is flagged over-full
+
+
+class SearchRequest(BaseModel):
+    """JSON body of ``POST /v1/search``: exactly one of ``image`` and ``image_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=128, description="model id or 'latest' (default)")
+    index: str = Field(DEFAULT_NAME, max_length=64, description="which index of the model")
+    image: str | None = Field(None, description="the query image: a data URI or plain base64")
+    image_id: int | None = Field(None, ge=0, description="the query: an image already in the index")
+    k: int = Field(10, ge=1, le=MAX_K, description="how many neighbours")
+    exclude_self: bool = Field(True, description="with image_id: leave the query image out of the results")
+    thumbs: bool = Field(False, description="inline each result's thumbnail as a data: URI")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError("give exactly one of image and image_id")
+        return self
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def item_dict(idx: LoadedIndex, i: int, model_id: str, thumbs: bool) -> dict[str, Any]:
+    """One indexed image as the API shows it."""
+    out: dict[str, Any] = {
+        "id": int(i), "cluster": int(idx.cluster[i]), "similarity": round(float(idx.similarity[i]), 6),
+        "raw_cluster": int(idx.raw_cluster[i]), "raw_similarity": round(float(idx.raw_similarity[i]), 6),
+        "label": idx.label(i), "source": idx.source(i),
+        "thumbnail_url": f"/v1/models/{model_id}/index/images/{int(i)}/thumbnail?index={idx.meta.get('name', '')}",
+    }
+    if thumbs:
+        out["thumbnail"] = _data_uri(idx.thumbnail(i))
+    return out
+
+
+class IndexRoutes:
+    """The routes' shared state: the embed service (models, decoding, batching) and the loaded indexes."""
+
+    def __init__(self, svc: Any) -> None:
+        self.svc = svc
+        self.cache = IndexCache(svc.settings.resolved_models_dir)
+
+    def model(self, model_id: str | None) -> LoadedModel:
+        try:
+            return self.svc.registry.get(model_id)
+        except ModelNotFound as exc:
+            raise ApiError(404, "not_found", f"model {model_id or 'latest'!r} not found", "model") from exc
+
+    def index(self, model: LoadedModel, name: str) -> LoadedIndex:
+        if not valid_name(name):
+            raise ApiError(422, "validation_error", "index: 1-64 characters of [A-Za-z0-9._-]", "index")
+        try:
+            idx = self.cache.get(model.id, name)
+        except IndexNotFound as exc:
+            raise ApiError(404, "index_not_found",
+                           f"model {model.id!r} has no index {name!r}; build one with POST /v1/models/{model.id}/"
+                           f"index or `excb index build FOLDER --model {model.id}`", "index") from exc
+        if idx.meta.get("model_sha256") != model.bundle.sha256:
+            raise ApiError(409, "stale_index", f"index {name!r} was built with another version of {model.id}; "
+                                               "rebuild it", "index")
+        idx.meta.setdefault("name", name)
+        return idx
+
+    def image_row(self, idx: LoadedIndex, image_id: int, field: str) -> int:
+        if not 0 <= image_id < idx.count:
+            raise ApiError(404, "not_found", f"no image {image_id} in this index ({idx.count} images)", field)
+        return int(image_id)
+
+    # -- search ------------------------------------------------------------------------------------------
+
+    async def embed_query(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised embedding [1, D], centroid similarities [1, K]) of one image, through the service's own
+        decode budget, micro-batcher and session; every bad image is the service's 4xx."""
+        svc = self.svc
+        try:
+            lease = svc.registry.use(model.id)
+            leased = lease.__enter__()
+        except ModelNotFound as exc:  # unloaded between the lookup and the lease
+            raise ApiError(404, "not_found", f"model {model.id!r} not found", "model") from exc
+        try:
+            leased.batcher.announce()
+            try:
+                x = await anyio.to_thread.run_sync(svc.decode_all, [("image", data)], leased)
+            finally:
+                leased.batcher.withdraw()
+            emb, sims = await svc._wait(svc._submit(leased, x))  # noqa: SLF001 - the service's error mapping
+        finally:
+            lease.__exit__(None, None, None)
+        return l2_normalize(emb).astype(np.float32), sims
+
+    async def search(self, req: SearchRequest, data: bytes | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        model = self.model(req.model)
+        idx = await anyio.to_thread.run_sync(self.index, model, req.index)
+        query: dict[str, Any]
+        if req.image_id is not None:
+            row = self.image_row(idx, req.image_id, "image_id")
+            vec = idx.vector(row)
+            query = {"image_id": row, "cluster": int(idx.cluster[row]), "raw_cluster": int(idx.raw_cluster[row]),
+                     "label": idx.label(row)}
+        else:
+            assert data is not None
+            vec, sims = await self.embed_query(model, data)
+            raw = int(sims[0].argmax())
+            bal = int(balance_paper(sims, model.bundle.sizes)[0].argmax())
+            query = {"cluster": bal, "raw_cluster": raw, "similarity": float(sims[0, bal])}
+        extra = 1 if req.image_id is not None and req.exclude_self else 0
+        scores, ids = await anyio.to_thread.run_sync(idx.search, vec, req.k + extra)
+        results = []
+        for score, i in zip(scores[0], ids[0]):
+            if i < 0 or (extra and int(i) == req.image_id):
+                continue
+            results.append({**item_dict(idx, int(i), model.id, req.thumbs), "score": round(float(score), 6)})
+        return {"object": "list", "model": model.id, "model_version": model.version, "index": req.index,
+                "indexed": idx.count, "query": query, "data": results[:req.k],
+                "usage": {"latency_ms": round((time.perf_counter() - t0) * 1000, 3)}}
+
+    # -- clusters ----------------------------------------------------------------------------------------
+
+    def cluster_table(self, model: LoadedModel, idx: LoadedIndex, assignment: str) -> dict[str, np.ndarray]:
+        """Per cluster: size in the index, its share, the uniform-relative size, training and served share."""
+        k = model.bundle.num_clusters
+        labels = idx.cluster if assignment == "balanced" else idx.raw_cluster
+        size = np.bincount(labels, minlength=k)[:k]
+        n = max(1, idx.count)
+        balanced, _, filled = model.monitor.counts()
+        served = balanced / filled if filled else np.zeros(k)
+        training = model.bundle.sizes.astype(np.float64)
+        return {"size": size, "share": size / n, "relative": size * k / n, "training": training, "served": served,
+                "drift": (served - training) if filled else np.zeros(k), "served_n": np.array(filled)}
+
+    def members(self, idx: LoadedIndex, assignment: str, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows in cluster c, nearest the centroid first (and their similarities)."""
+        labels = idx.cluster if assignment == "balanced" else idx.raw_cluster
+        sims = idx.similarity if assignment == "balanced" else idx.raw_similarity
+        rows = np.flatnonzero(labels == c)
+        order = np.argsort(-sims[rows], kind="stable")
+        return rows[order], sims[rows[order]]
+
+    def cluster_entry(self, model: LoadedModel, idx: LoadedIndex, table: dict[str, np.ndarray], c: int,
+                      assignment: str, typical: int, thumbs: bool) -> dict[str, Any]:
+        size = int(table["size"][c])
+        status = "empty" if size == 0 else ("over-full" if table["relative"][c] >= OVERFULL_RELATIVE else "ok")
+        rows, _ = self.members(idx, assignment, c)
+        return {"id": c, "size": size, "share": float(table["share"][c]),
+                "relative_size": round(float(table["relative"][c]), 4), "uniform_share": 1.0 / len(table["size"]),
+                "training_share": float(table["training"][c]), "served_share": float(table["served"][c]),
+                "drift": float(table["drift"][c]), "status": status,
+                "typical": [item_dict(idx, int(r), model.id, thumbs) for r in rows[:typical]]}
+
+
+def _validation(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    field = field_from_loc(err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value"))
+    return ApiError(422, "validation_error", f"{field}: {msg}" if field else msg, field)
+
+
+async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, bytes | None]:
+    """JSON (``image`` as data URI/base64, or ``image_id``) or multipart (``file`` + the same fields)."""
+    from services.embed.app import decode_base64_item, read_capped
+
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    e = svc.embed
+    if ctype not in ("multipart/form-data", "application/json"):
+        raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data (file)")
+    body = await read_capped(request, e.max_image_bytes * 2 + 65536)
+    if ctype == "application/json":
+        try:
+            raw = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ApiError(422, "invalid_json", "the body is not valid JSON") from exc
+        if not isinstance(raw, dict):
+            raise ApiError(422, "validation_error", "the body must be a JSON object")
+        try:
+            req = SearchRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise _validation(exc) from exc
+        data = decode_base64_item(req.image, "image", e.max_image_bytes) if req.image is not None else None
+        return req, data
+    try:
+        form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
+    except Exception as exc:  # Starlette raises HTTPException(400) for malformed or oversized forms
+        raise ApiError(400, "bad_request", f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+    try:
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        files = [v for _, v in form.multi_items() if not isinstance(v, str)]
+        if len(files) > 1:
+            raise ApiError(413, "too_many_images", "one query image per search", "file")
+        data = await files[0].read() if files else None
+        if data is not None:
+            fields["image"] = "upload"
+        try:
+            req = SearchRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise _validation(exc) from exc
+    finally:
+        await form.close()
+    return req, data
+
+
+def build_index_router(svc: Any) -> APIRouter:
+    """The routes above, bound to one embed service."""
+    router = APIRouter(tags=["search"])
+    state = IndexRoutes(svc)
+
+    async def require_key(request: Request) -> None:
+        svc.auth.authenticate(request)  # async: the principal must reach the route's task (see embed app)
+
+    @router.post("/v1/search", dependencies=[Depends(require_key)])
+    async def search(request: Request) -> dict[str, Any]:
+        """Nearest indexed images to a query image (upload, data URI / base64) or to an indexed image's id."""
+        req, data = await _parse_search(request, svc)
+        return await state.search(req, data)
+
+    @router.get("/v1/models/{model_id}/index", dependencies=[Depends(require_key)])
+    async def index_info(model_id: str, index: str = Query(DEFAULT_NAME, max_length=64)) -> dict[str, Any]:
+        """What the index holds (source, sample cap and seed, count, library) and its last build's state."""
+        model = state.model(model_id)
+        if not valid_name(index):
+            raise ApiError(422, "validation_error", "index: 1-64 characters of [A-Za-z0-9._-]", "index")
+        status = read_status(index_root(state.cache.models_dir, model.id, index))
+        try:
+            idx = await anyio.to_thread.run_sync(state.index, model, index)
+        except ApiError as exc:
+            if exc.status != 404 or status is None:
+                raise
+            return {"model": model.id, "index": index, "ready": False, "status": status}
+        return {"model": model.id, "index": index, "ready": True, "status": status,
+                "meta": {k: v for k, v in idx.meta.items() if k not in ("source",) or not svc.auth.enabled}}
+
+    @router.get("/v1/models/{model_id}/clusters", dependencies=[Depends(require_key)])
+    async def clusters(model_id: str, index: str = Query(DEFAULT_NAME, max_length=64),
+                       order: Literal["size", "drift", "id"] = "size",
+                       assignment: Literal["balanced", "raw"] = "balanced",
+                       typical: int = Query(6, ge=0, le=MAX_PER_CLUSTER),
+                       offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=MAX_CLUSTERS_PAGE),
+                       thumbs: bool = False) -> dict[str, Any]:
+        """Every cluster (a page of them), largest first or furthest from training in served traffic first."""
+        model = state.model(model_id)
+        idx = await anyio.to_thread.run_sync(state.index, model, index)
+
+        def build() -> dict[str, Any]:
+            table = state.cluster_table(model, idx, assignment)
+            if order == "size":
+                ids = np.lexsort((np.arange(len(table["size"])), -table["size"]))
+            elif order == "drift":
+                ids = np.lexsort((np.arange(len(table["size"])), -np.abs(table["drift"])))
+            else:
+                ids = np.arange(len(table["size"]))
+            page = ids[offset:offset + limit]
+            return {"object": "list", "model": model.id, "index": index, "assignment": assignment, "order": order,
+                    "num_clusters": model.bundle.num_clusters, "indexed": idx.count,
+                    "served_assignments": int(table["served_n"]),
+                    "empty": int((table["size"] == 0).sum()),
+                    "over_full": int((table["relative"] >= OVERFULL_RELATIVE).sum()),
+                    "offset": offset, "limit": limit,
+                    "data": [state.cluster_entry(model, idx, table, int(c), assignment, typical, thumbs)
+                             for c in page]}
+
+        return await anyio.to_thread.run_sync(build)
+
+    @router.get("/v1/models/{model_id}/clusters/{cluster}", dependencies=[Depends(require_key)])
+    async def cluster(model_id: str, cluster: int, index: str = Query(DEFAULT_NAME, max_length=64),
+                      assignment: Literal["balanced", "raw"] = "balanced",
+                      nearest: int = Query(24, ge=0, le=MAX_MEMBERS), edge: int = Query(6, ge=0, le=MAX_MEMBERS),
+                      thumbs: bool = False) -> dict[str, Any]:
+        """One cluster: its size against uniform, the members nearest its centroid and a few from its edge."""
+        model = state.model(model_id)
+        if not 0 <= cluster < model.bundle.num_clusters:
+            raise ApiError(404, "not_found", f"model {model.id} has clusters 0..{model.bundle.num_clusters - 1}",
+                           "cluster")
+        idx = await anyio.to_thread.run_sync(state.index, model, index)
+
+        def build() -> dict[str, Any]:
+            table = state.cluster_table(model, idx, assignment)
+            entry = state.cluster_entry(model, idx, table, cluster, assignment, 0, False)
+            rows, _ = state.members(idx, assignment, cluster)
+            near = rows[:nearest]
+            far = rows[max(len(near), len(rows) - edge):][::-1] if edge else rows[:0]
+            entry.pop("typical")
+            return {**entry, "model": model.id, "index": index, "assignment": assignment, "indexed": idx.count,
+                    "nearest": [item_dict(idx, int(r), model.id, thumbs) for r in near],
+                    "edge": [item_dict(idx, int(r), model.id, thumbs) for r in far]}
+
+        return await anyio.to_thread.run_sync(build)
+
+    @router.get("/v1/models/{model_id}/index/images/{image_id}", dependencies=[Depends(require_key)])
+    async def image(model_id: str, image_id: int, index: str = Query(DEFAULT_NAME, max_length=64),
+                    thumbs: bool = False) -> dict[str, Any]:
+        model = state.model(model_id)
+        idx = await anyio.to_thread.run_sync(state.index, model, index)
+        return {**item_dict(idx, state.image_row(idx, image_id, "image_id"), model.id, thumbs),
+                "model": model.id, "index": index}
+
+    @router.get("/v1/models/{model_id}/index/images/{image_id}/thumbnail", dependencies=[Depends(require_key)],
+                response_class=Response)
+    async def thumbnail(model_id: str, image_id: int, index: str = Query(DEFAULT_NAME, max_length=64)) -> Response:
+        """The stored JPEG thumbnail (from the index, never from the data folder)."""
+        model = state.model(model_id)
+        idx = await anyio.to_thread.run_sync(state.index, model, index)
+        jpeg = idx.thumbnail(state.image_row(idx, image_id, "image_id"))
+        return Response(jpeg, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
+
+    return router

@@ -1,4 +1,4 @@
-"""Routes of the dashboard: four HTML pages and the static files they load.
+"""Routes of the dashboard: its HTML pages (jobs, job, compare, model, cluster gallery) and the static files they load.
 
 The pages are static documents; each reads the ids it needs from its own URL and talks to the JSON API
 from the browser. Ids are checked here only for shape (so a malformed link gets a clear 422 instead of a
@@ -76,6 +76,24 @@ def compare_page(request: Request) -> Response:
 def model_page(model_id: str) -> Response:
     """One served model: served-traffic balance and its drift from the training distribution."""
     return _bad_id("model_id", model_id) or _page("model")
+
+
+@router.get("/models/{model_id}/clusters")
+def gallery_page(model_id: str) -> Response:
+    """The model's cluster gallery: every cluster's size against uniform, shares and most typical images."""
+    return _bad_id("model_id", model_id) or _page("gallery")
+
+
+@router.get("/models/{model_id}/clusters/{cluster}")
+def cluster_page(model_id: str, cluster: int) -> Response:
+    """One cluster's members: nearest the centroid, then its edge."""
+    return _bad_id("model_id", model_id) or _page("gallery")
+
+
+@router.get("/models/{model_id}/similar/{image_id}")
+def similar_page(model_id: str, image_id: int) -> Response:
+    """"More like this": the indexed images nearest to one indexed image."""
+    return _bad_id("model_id", model_id) or _page("gallery")
 
 
 def resolve_static(rel_path: str) -> Path | None:

@@ -25,7 +25,9 @@
       ["sha256", el("code", { text: (m.sha256 || "").slice(0, 16) || "\u2013" })], ["created", Excb.fmtTime(m.created_at)]];
     const dl = el("dl", { class: "facts" });
     for (const [k, v] of facts) dl.append(el("dt", { text: k }), el("dd", {}, [v]));
-    clear(document.getElementById("model-header")).append(el("h1", {}, ["Model ", el("code", { text: m.id })]), dl);
+    const gallery = el("p", {}, [el("a", { id: "gallery-link", href: "/dashboard/models/" + encodeURIComponent(m.id) + "/clusters" },
+      ["Cluster gallery and similar-image search"])]);
+    clear(document.getElementById("model-header")).append(el("h1", {}, ["Model ", el("code", { text: m.id })]), dl, gallery);
   }
 
   function stat(label, value, help) {

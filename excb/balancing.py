@@ -24,6 +24,16 @@ def relative_sizes(s: Tensor) -> Tensor:
     return s.numel() * s / s.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def balance_factors(s: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-cluster factors of B(z; s): ``lo = min(K s_k, 1)`` scales the cosine distance of under-sized
+    clusters, ``hi = min(1 / (K s_k), 1)`` the ``1 + z`` of over-sized ones (1 where a factor does not apply).
+    Serving computes them once per model (``excb.assign``)."""
+    c = relative_sizes(s)
+    lo = c.clamp(max=1.0)  # < 1 only for under-sized clusters
+    hi = torch.where(c > 0, 1.0 / c, torch.ones_like(c)).clamp(max=1.0)  # < 1 only for over-sized ones
+    return lo, hi
+
+
 def balance(z: Tensor, s: Tensor, mode: Mode = "paper", generator: torch.Generator | None = None) -> Tensor:
     """Apply B(z; s) to cosine similarities ``z`` [N, K] given relative sizes ``s`` [K] (summing to 1).
 
@@ -37,9 +47,7 @@ def balance(z: Tensor, s: Tensor, mode: Mode = "paper", generator: torch.Generat
     if z.dim() != 2 or s.dim() != 1 or z.shape[1] != s.shape[0]:
         raise ValueError(f"expected z [N, K] and s [K], got {tuple(z.shape)} and {tuple(s.shape)}")
     z = z.float()
-    c = relative_sizes(s)
-    lo = c.clamp(max=1.0)  # < 1 only for under-sized clusters
-    hi = torch.where(c > 0, 1.0 / c, torch.ones_like(c)).clamp(max=1.0)  # < 1 only for over-sized ones
+    lo, hi = balance_factors(s)
     if mode == "reference":
         lo = _guard_zero(lo, generator)
         hi = _guard_zero(hi, generator)

@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from excb.onnx_runtime import BundleError, OrtEmbedder, balance_paper, l2_normalize, load_bundle
+from excb.assign import Assigner
+from excb.onnx_runtime import BundleError, OrtEmbedder, load_bundle
 
 FORMATS = ("npy", "parquet")
 
@@ -69,6 +70,7 @@ def embed_folder(folder: str | os.PathLike[str], bundle_dir: str | os.PathLike[s
         raise ValueError("batch_size: must be >= 1")
     bundle = load_bundle(bundle_dir)
     embedder = OrtEmbedder(bundle, providers, threads)
+    assign = Assigner(bundle.sizes)
     paths = list_images(folder)
     kept: list[str] = []
     skipped: list[dict[str, str]] = []
@@ -80,12 +82,11 @@ def embed_folder(folder: str | os.PathLike[str], bundle_dir: str | os.PathLike[s
             good = [(p, x) for p, x in zip(chunk, loaded) if isinstance(x, np.ndarray)]
             skipped += [{"path": str(p), "reason": x} for p, x in zip(chunk, loaded) if isinstance(x, str)]
             if good:
-                emb, sims = embedder.run(np.stack([x for _, x in good]))
-                ids = sims.argmax(1)
-                embs.append(l2_normalize(emb) if normalize else emb)
-                raw_ids.append(ids)
-                raw_sims.append(sims[np.arange(len(ids)), ids])
-                bal_ids.append(balance_paper(sims, bundle.sizes).argmax(1))
+                a = assign(*embedder.run(np.stack([x for _, x in good])), normalize=normalize)
+                embs.append(a.embeddings)
+                raw_ids.append(a.cluster)
+                raw_sims.append(a.similarity)
+                bal_ids.append(a.balanced_cluster)
                 kept += [str(p) for p, _ in good]
             bar.update(len(chunk))
     bar.close()

@@ -15,11 +15,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from excb.assign import l2_normalize, nearest as top_k  # noqa: F401 - re-exported: callers import them from here
 from excb.fileio import sha256_bytes
+
+if TYPE_CHECKING:
+    from excb.eval_pixels import EvalPixels
 
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
@@ -230,7 +234,7 @@ class OrtEmbedder:
                                             sess_options=session_options(self.intra_op_threads, inter_op_threads),
                                             providers=self.requested_providers)
         self.active_providers: list[str] = list(self.session.get_providers())
-        self._preprocess: Callable[[Any], Any] | None = None
+        self._preprocess: EvalPixels | None = None
 
     @property
     def missing_providers(self) -> list[str]:
@@ -246,42 +250,40 @@ class OrtEmbedder:
         emb, sims = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return emb, sims
 
-    def preprocess(self, image: Any) -> np.ndarray:
-        """PIL RGB image -> float32 [3, S, S] with the training eval transform (same code as export parity)."""
+    def preprocess(self, image: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """PIL RGB image -> float32 [3, S, S] with the training eval transform (the pixels export parity saw),
+        written into ``out`` (e.g. one slot of a batch) when given."""
         if self._preprocess is None:
             self._preprocess = preprocessor(self.bundle.meta)
-        return self._preprocess(image)
+        return self._preprocess(image, out)
 
     def warmup(self) -> None:
         """Preprocess one image and run one forward pass, so the first request pays no lazy initialisation
-        (torchvision import, ORT kernel setup)."""
+        (torch's resize kernel, ORT kernel setup)."""
         from PIL import Image
 
         x = self.preprocess(Image.new("RGB", (self.bundle.input_size + 3, self.bundle.input_size + 5)))
         self.run(x[None])
 
 
-def preprocessor(meta: dict[str, Any]) -> Callable[[Any], np.ndarray]:
-    """The eval transform recorded in the bundle, returning NumPy (the model sees exactly what parity saw)."""
-    from excb.data.augment import eval_transform
+def preprocessor(meta: dict[str, Any]) -> "EvalPixels":
+    """The eval transform recorded in the bundle, returning NumPy: ``excb.eval_pixels`` gives the pixels of
+    torchvision's ``EvalTransform`` bit for bit (the model sees exactly what parity saw) without its per-image
+    dispatch cost; ``fn(image, out=batch[i])`` writes straight into a batch."""
+    from excb.eval_pixels import EvalPixels
 
     inp = meta["input"]
-    transform = eval_transform(int(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
-
-    def apply(image: Any) -> np.ndarray:
-        return transform(image).numpy().astype(np.float32, copy=False)
-
-    return apply
+    return EvalPixels(int(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# post-processing shared by the service and `excb embed`
+# post-processing (the service and `excb embed` use excb.assign; this torch form serves export parity)
 
 
 def balance_paper(z: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``excb.balancing.balance(z, s, mode="paper")`` on NumPy arrays: serving assigns with the training formula.
 
-    torch is already loaded where this runs (the eval transform is torchvision's); the views share memory.
+    The views share memory. ``excb.assign.Assigner`` gives the same values in NumPy (per-request path).
     """
     import torch
 
@@ -290,20 +292,3 @@ def balance_paper(z: np.ndarray, s: np.ndarray) -> np.ndarray:
     z_t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))
     return balance(z_t, s_t, mode="paper").numpy()
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
-
-
-def top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the ``k`` largest entries per row, sorted descending."""
-    k = max(1, min(int(k), sims.shape[1]))
-    if k == sims.shape[1]:
-        idx = np.argsort(-sims, axis=1, kind="stable")
-    else:
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
-        idx = np.take_along_axis(part, order, axis=1)
-    return idx, np.take_along_axis(sims, idx, axis=1)

@@ -52,6 +52,9 @@ class EmbedSettings(BaseModel):
     max_top_k: int = Field(100, ge=1)
     rescan_seconds: float = Field(0.0, ge=0.0, description="poll models_dir for new bundles; 0 = only at start")
     warmup: bool = Field(True, description="one forward pass per model before it is served")
+    decode_workers: int | None = Field(
+        None, ge=1, le=256, description="threads that decode + preprocess images (first come, first served); "
+                                        "None: the cores this process may use")
 
 
 class IndexSettings(BaseModel):

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.common.metrics import NAMESPACE
 
 if TYPE_CHECKING:
     from services.embed.registry import ModelRegistry
+
+# The request path, in order (services/embed/app.py): body read, parse (JSON + base64 / multipart / raw),
+# wait for a decode worker, decode, preprocess, micro-batch (queue + the ORT run of its batch), assignment,
+# response encoding, and the whole handler. HTTP parsing and the framework are the client's latency minus
+# "handler"; the ORT run per batch is excb_embed_batch_seconds.
+STAGES = ("read", "parse", "decode_wait", "decode", "preprocess", "batch", "assign", "encode", "handler")
 
 _BALANCE_GAUGES = {
     "normalized_entropy": "normalized entropy of served (balanced) cluster assignments in the window",
@@ -76,7 +82,15 @@ class EmbedMetrics:
         self.request_seconds = Histogram(f"{NAMESPACE}_embed_request_duration_seconds",
                                          "embedding request latency (decode to response)", ["route"],
                                          registry=self.registry)
+        self.stage_seconds = Summary(f"{NAMESPACE}_embed_stage_seconds",
+                                     "time per request in each stage of the embed pipeline (sum/count)", ["stage"],
+                                     registry=self.registry)
+        self.stages = {s: self.stage_seconds.labels(s) for s in STAGES}
         self._collector: _ModelCollector | None = None
+
+    def stage(self, name: str, seconds: float) -> None:
+        """Record one request's time in a stage (STAGES); where the time goes, under real load."""
+        self.stages[name].observe(seconds)
 
     def batch_hook(self, model_id: str) -> Callable[[int, float], None]:
         size = self.batch_size.labels(model_id)

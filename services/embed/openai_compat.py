@@ -182,7 +182,7 @@ def build_openai_router(svc: EmbedService) -> APIRouter:
         items = [(f"input[{i}]", await load_input(s, t, f"input[{i}]")) for i, t in enumerate(inputs)]
         opts = EmbedOptions(model=req.model, top_k=req.top_k, encoding_format=req.encoding_format)
         body, version = await s.run(items, opts, "/v1/embeddings")
-        return JSONResponse(to_openai(body), headers={"X-Model-Version": version})
+        return s.respond(to_openai(body), version)
 
     @router.get("/v1/models", response_model=OpenAIModelList, summary="Served models (OpenAI list shape)")
     async def list_models(s: Svc) -> dict[str, Any]:

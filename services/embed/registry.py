@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from excb.assign import Assigner
 from excb.onnx_runtime import META_FILE, Bundle, BundleError, OrtEmbedder, load_bundle
 from services.common.auth import CURRENT_PRINCIPAL
 from services.embed.batcher import MicroBatcher
@@ -68,6 +69,7 @@ class LoadedModel:
     embedder: OrtEmbedder
     batcher: MicroBatcher
     monitor: BalanceMonitor
+    assigner: Assigner
     record: ModelRecord | None = None  # the control plane's record (owner, sharing); None = operator-loaded
     loaded_at: float = field(default_factory=time.time)
     leases: int = 0
@@ -153,7 +155,7 @@ class ModelRegistry:
                                queue_size=s.queue_size, enabled=s.batching, timeout_s=s.request_timeout_seconds,
                                retry_after=s.retry_after_seconds, name=model_id, on_batch=hook)
         monitor = BalanceMonitor(bundle.num_clusters, bundle.sizes, s.balance_window)
-        return LoadedModel(model_id, bundle, embedder, batcher, monitor, record)
+        return LoadedModel(model_id, bundle, embedder, batcher, monitor, Assigner(bundle.sizes), record)
 
     def register(self, bundle_dir: str | Path, model_id: str | None = None, activate: bool = True,
                  record: ModelRecord | None = None) -> LoadedModel:

@@ -10,6 +10,7 @@ An index failure never changes the job's outcome: the job is already SUCCEEDED w
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def run_build(settings: Settings, argv: list[str], root: Path, source: str, log_
     """Run one build child; True when it succeeded. Timeouts and crashes are recorded, never raised."""
     try:
         proc = subprocess.run(argv, stdout=log_to, stderr=subprocess.STDOUT if log_to else None,
-                              timeout=settings.index.timeout_seconds, check=False)
+                              timeout=settings.index.timeout_seconds, check=False, preexec_fn=_background)
     except subprocess.TimeoutExpired:
         write_status(root, "failed", source=source, error=f"timed out after {settings.index.timeout_seconds:.0f} s")
         return False
@@ -51,6 +52,11 @@ def run_build(settings: Settings, argv: list[str], root: Path, source: str, log_
             write_status(root, "failed", source=source, error=f"excb index build exited with {proc.returncode}")
         return False
     return True
+
+
+def _background() -> None:
+    """A build is background work: on a shared CPU (`excb up`) it yields to serving and training."""
+    os.nice(10)
 
 
 def index_after_job(settings: Settings, config: dict[str, Any], model_id: str, run_dir: Path) -> bool:

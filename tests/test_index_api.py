@@ -200,3 +200,47 @@ def test_one_key_never_sees_another_keys_index(models: Path, tmp_path: Path) -> 
             assert r.status_code == 404 and r.json()["error"]["type"] == "index_not_found"
     finally:
         (models / "manifest.json").unlink()
+
+
+def test_control_plane_serves_the_index_without_an_embed_service(models: Path, tmp_path: Path) -> None:
+    """The compose shape: the API (dashboard origin) is not embedded, embed replicas run elsewhere, all share the
+    models volume. The API answers the gallery's routes from the index and its DB rows (ownership as for models),
+    refuses upload searches with a 503 that names the embed service, and queues folder builds."""
+    from services.api.app import create_app as create_plane
+    from services.db import jobs as store
+    from services.db.models import ModelRow
+    from services.db.session import Database
+
+    keys = tmp_path / "keys"
+    keys.write_text("alpha-secret\nbeta-secret\n")
+    data = tmp_path / "data"
+    (data / "sevens").mkdir(parents=True)
+    s = Settings(home=tmp_path / "home", models_dir=models, api_keys_file=keys, data_roots=[data], embed=FAST)
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    meta = json.loads((models / "m-a" / "model.json").read_text())
+    store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(models / "m-a"),
+                                 sha256=meta["sha256"], model_json=meta), activate=True)
+    with TestClient(create_plane(s, db=db, reaper=False)) as c:
+        listing = c.get("/v1/models/m-a/clusters", params={"typical": 2, "thumbs": True}, headers=A)
+        assert listing.status_code == 200 and listing.json()["indexed"] == 1797
+        assert listing.json()["served_assignments"] == 0
+        assert c.get("/v1/models/m-a/clusters/0", headers=A).status_code == 200
+        hits = c.post("/v1/search", json={"model": "m-a", "image_id": 4, "k": 3}, headers=A)
+        assert hits.status_code == 200 and len(hits.json()["data"]) == 3
+        assert c.get("/v1/models/m-a/index/images/4/thumbnail", headers=A).content[:3] == b"\xff\xd8\xff"
+        upload = c.post("/v1/search", json={"model": "m-a", "image": _b64(es.digit_png())}, headers=A)
+        assert upload.status_code == 503 and "embed service" in upload.json()["error"]["message"]
+        for path in ("/v1/models/m-a/clusters", "/v1/models/m-a/index/images/4/thumbnail"):
+            assert c.get(path, headers=B).status_code == 404
+        assert c.post("/v1/search", json={"model": "m-a", "image_id": 4}, headers=B).status_code == 404
+        # POST /v1/models/{id}/index: the owner queues a folder under the data roots; nothing else is accepted
+        build = c.post("/v1/models/m-a/index", json={"source": "sevens", "name": "sevens", "sample": 50}, headers=A)
+        assert build.status_code == 202, build.text
+        assert c.get("/v1/models/m-a/index", params={"index": "sevens"}, headers=A).json()["status"]["state"] == "queued"
+        again = c.post("/v1/models/m-a/index", json={"source": "sevens", "name": "sevens"}, headers=A)
+        assert again.status_code == 409
+        for body, status in [({"source": "../../etc"}, 422), ({"source": "/etc"}, 422),
+                             ({"source": "sevens", "sample": 10**7}, 422), ({"source": "sevens", "name": "../x"}, 422)]:
+            assert c.post("/v1/models/m-a/index", json=body, headers=A).status_code == status, body
+        assert c.post("/v1/models/m-a/index", json={"source": "sevens"}, headers=B).status_code == 404
+        assert c.post("/v1/models/nope/index", json={"source": "sevens"}, headers=A).status_code == 404

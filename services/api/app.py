@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     for prefix, visible in (("/v1", True), ("", False)):
         app.include_router(routes_jobs.router, prefix=prefix, include_in_schema=visible)
         app.include_router(routes_models.router, prefix=prefix, include_in_schema=visible)
-    _include_index_build(app)
+    _include_index_build(app, cp if embed_app is None else None)
     _include_dashboard(app)
     if embed_app is not None:
         app.mount("/", embed_app)
@@ -126,13 +126,17 @@ def _shape(path: str) -> str:
     return re.sub(r"\{[^}]*\}", "{}", path)
 
 
-def _include_index_build(app: FastAPI) -> None:
-    """POST /v1/models/{id}/index (services/index): queue an image-index build on the workers."""
+def _include_index_build(app: FastAPI, reader: ControlPlane | None) -> None:
+    """POST /v1/models/{id}/index (services/index): queue an image-index build on the workers. ``reader``: without
+    an embedded embed service, also serve the index's read routes here (the dashboard's gallery, compose shape)."""
     try:
         from services.index.api import router as index_router
+        from services.index.plane import build_plane_index_router
     except ImportError:
         return
     app.include_router(index_router, prefix="/v1")
+    if reader is not None:
+        app.include_router(build_plane_index_router(reader))
 
 
 def _include_dashboard(app: FastAPI) -> None:

@@ -116,6 +116,10 @@ class IndexRoutes:
         """(normalised embedding [1, D], centroid similarities [1, K]) of one image, through the service's own
         decode budget, micro-batcher and session; every bad image is the service's 4xx."""
         svc = self.svc
+        if not hasattr(svc, "decode_all"):  # the control plane's read-only view (services/index/plane.py)
+            raise ApiError(503, "unavailable", "search by an uploaded image runs on the embed service (POST /v1/search "
+                                               "there); here, search by image_id", "image",
+                           {"Retry-After": "1"})
         try:
             lease = svc.registry.use(model.id)
             leased = lease.__enter__()

@@ -429,3 +429,16 @@ def test_cluster_gallery_cluster_page_and_more_like_this(stack: LiveStack, jobs:
     assert width <= VIEWPORTS["phone"]["width"], f"the gallery scrolls sideways on a phone ({width}px)"
     phone.shot("gallery")
     phone.close()
+
+
+def test_index_build_route_runs_on_a_worker(stack: LiveStack, jobs: dict[str, str]) -> None:
+    """POST /v1/models/{id}/index -> Celery task -> a supervised worker builds it -> the read routes serve it."""
+    model_id = stack.job_when(jobs["b"], lambda j: bool(j["model_id"]), "a registered model", 300)["model_id"]
+    status, body = stack.request("POST", f"/v1/models/{model_id}/index",
+                                 {"source": "digits", "name": "sample300", "sample": 300, "seed": 7})
+    assert status == 202, body
+    info = stack.wait("the requested index", lambda: (stack.get(body["status_url"]) if stack.request(
+        "GET", body["status_url"])[1].get("ready") else None), 240, every=1)
+    assert info["meta"]["count"] == 300 and info["meta"]["seed"] == 7 and info["meta"]["available"] == 1797
+    hits = stack.request("POST", "/v1/search", {"model": model_id, "index": "sample300", "image_id": 0, "k": 5})
+    assert hits[0] == 200 and len(hits[1]["data"]) == 5

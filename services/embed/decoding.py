@@ -96,8 +96,10 @@ class ImageDecoder:
             return 1
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers; an app that is started again (tests, mounted apps) gets a new pool on first use."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = ["ImageDecoder"]

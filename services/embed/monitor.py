@@ -18,6 +18,8 @@ import numpy as np
 
 from excb.stats import balance_stats, drift, sorted_curve
 
+_SCALAR_MAX = 16  # up to this many ids per update, a Python loop beats the array operations
+
 
 class _Window:
     """Counts of the last ``capacity`` ids over ``num_clusters`` bins."""
@@ -31,6 +33,9 @@ class _Window:
     def add(self, ids: np.ndarray) -> None:
         cap = self.ring.size
         ids = ids[-cap:]  # more ids than the window: only the newest survive anyway
+        if ids.size <= _SCALAR_MAX:
+            self._add_few(ids.tolist())
+            return
         for start in range(0, ids.size, cap):
             part = ids[start:start + cap]
             slots = (self.pos + np.arange(part.size)) % cap
@@ -41,6 +46,30 @@ class _Window:
             np.add.at(self.counts, part, 1)
             self.pos = int((self.pos + part.size) % cap)
             self.filled = min(cap, self.filled + part.size)
+
+
+    def _add_few(self, ids: list[int]) -> None:
+        """The same update one id at a time: for a request's few ids, ~20x cheaper than the ten array
+        operations (``ufunc.at`` and friends) of the vectorised path (issue 19: 0.13 ms per request)."""
+        ring, counts, cap = self.ring, self.counts, self.ring.size
+        pos = self.pos
+        for v in ids:
+            old = int(ring[pos])
+            if old >= 0:
+                counts[old] -= 1
+            ring[pos] = v
+            counts[v] += 1
+            pos = (pos + 1) % cap
+        self.pos = pos
+        self.filled = min(cap, self.filled + len(ids))
+
+
+def _in_range(ids: np.ndarray, n: int) -> bool:
+    """All ids in [0, n); for a few ids in Python (four array reductions cost ~40 us per request)."""
+    if ids.size <= _SCALAR_MAX:
+        values = ids.tolist()
+        return min(values) >= 0 and max(values) < n
+    return bool(ids.min() >= 0 and ids.max() < n)
 
 
 class BalanceMonitor:
@@ -65,7 +94,7 @@ class BalanceMonitor:
         r = np.asarray(raw_ids, dtype=np.int64).reshape(-1)
         if b.size != r.size:
             raise ValueError("balanced and raw assignments must have the same length")
-        if b.size and (b.min() < 0 or b.max() >= self.num_clusters or r.min() < 0 or r.max() >= self.num_clusters):
+        if b.size and not _in_range(b, self.num_clusters) or r.size and not _in_range(r, self.num_clusters):
             raise ValueError("cluster id out of range")
         with self._lock:
             self._balanced.add(b)

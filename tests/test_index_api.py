@@ -244,3 +244,26 @@ def test_control_plane_serves_the_index_without_an_embed_service(models: Path, t
             assert c.post("/v1/models/m-a/index", json=body, headers=A).status_code == status, body
         assert c.post("/v1/models/m-a/index", json={"source": "sevens"}, headers=B).status_code == 404
         assert c.post("/v1/models/nope/index", json={"source": "sevens"}, headers=A).status_code == 404
+
+
+def test_worker_indexes_a_jobs_training_images(models: Path, tmp_path: Path) -> None:
+    """After a job: the data section of job.yaml (split, limit) decides what is indexed, capped by
+    EXCB_INDEX__SAMPLE; the build runs as `excb index build` in a child and logs into the job's log."""
+    import yaml
+
+    from services.index.jobs import index_after_job
+    from services.settings import IndexSettings
+
+    d = tmp_path / "models"
+    shutil.copytree(models / "m-a", d / "m-a")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.yaml").write_text(yaml.safe_dump({"data": {"source": "digits", "split": "test", "limit": 60}}))
+    s = Settings(home=tmp_path, models_dir=d, index=IndexSettings(sample=40, seed=5))
+    assert index_after_job(s, "m-a", run_dir)
+    idx = IndexCache(d).get("m-a")
+    assert idx.count == 40 and idx.meta["origin"] == "job" and idx.meta["available"] == 60
+    assert idx.meta["split"] == "test" and idx.meta["seed"] == 5
+    assert "--- index of m-a (up to 40 images of digits)" in (run_dir / "job.log").read_text()
+    off = Settings(home=tmp_path, models_dir=d, index=IndexSettings(after_job=False))
+    assert not index_after_job(off, "m-a", run_dir)

@@ -24,10 +24,11 @@ log = logging.getLogger("excb.index")
 TASK_BUILD_INDEX = "excb.build_index"
 
 
-def build_command(model_id: str, source: str, *, name: str, sample: int, seed: int, split: str = "all",
-                  limit: int | None = None, origin: str = "folder") -> list[str]:
+def build_command(models_dir: Path, model_id: str, source: str, *, name: str, sample: int, seed: int,
+                  split: str = "all", limit: int | None = None, origin: str = "folder") -> list[str]:
     argv = [sys.executable, "-m", "excb.cli", "index", "build", source, "--model", model_id, "--name", name,
-            "--sample", str(sample), "--seed", str(seed), "--split", split, "--origin", origin]
+            "--sample", str(sample), "--seed", str(seed), "--split", split, "--origin", origin,
+            "--models-dir", str(models_dir)]
     if limit is not None:
         argv += ["--limit", str(limit)]
     return argv
@@ -59,17 +60,28 @@ def _background() -> None:
     os.nice(10)
 
 
-def index_after_job(settings: Settings, config: dict[str, Any], model_id: str, run_dir: Path) -> bool:
+def _job_data(run_dir: Path) -> dict[str, Any]:
+    """The ``data`` section of the validated config the worker gave the trainer (``job.yaml``; a job body may use
+    short keys such as ``data: digits``, this file never does)."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "job.yaml").read_text()) or {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def index_after_job(settings: Settings, model_id: str, run_dir: Path) -> bool:
     """Index (a sample of) the job's training images with its new model; appends to the job's log."""
     if not settings.index.after_job:
         return False
-    data = config.get("data") or {}
+    data = _job_data(run_dir)
     source = str(data.get("source") or "")
     if not source or source.startswith("shards:"):
         return False  # shard streams have no random access; index them with `excb index build` from a folder
     root = index_root(settings.resolved_models_dir, model_id)
     write_status(root, "queued", source=source, origin="job")
-    argv = build_command(model_id, source, name="default", sample=settings.index.sample, seed=settings.index.seed,
+    argv = build_command(settings.resolved_models_dir, model_id, source, name="default",
+                         sample=settings.index.sample, seed=settings.index.seed,
                          split=str(data.get("split") or "train"), limit=data.get("limit"), origin="job")
     with (run_dir / "job.log").open("ab") as logf:
         logf.write(f"--- index of {model_id} (up to {settings.index.sample} images of {source})\n".encode())
@@ -88,6 +100,6 @@ def register_task(app: Any) -> None:
 
         settings = get_settings()
         root = index_root(settings.resolved_models_dir, model_id, name)
-        ok = run_build(settings, build_command(model_id, source, name=name, sample=sample, seed=seed), root, source,
-                       None)
+        argv = build_command(settings.resolved_models_dir, model_id, source, name=name, sample=sample, seed=seed)
+        ok = run_build(settings, argv, root, source, None)
         return "succeeded" if ok else "failed"

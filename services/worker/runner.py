@@ -251,9 +251,8 @@ class JobRunner:
     def _index_training_images(self, run_dir: Path, model_id: str) -> None:
         from services.index.jobs import index_after_job
 
-        job = store.get_job(self.db, self.job_id)
         try:
-            index_after_job(self.settings, dict(job.config) if job else {}, model_id, run_dir)
+            index_after_job(self.settings, model_id, run_dir)
         except Exception:  # an index is a convenience: it must never turn a finished job into a worker error
             log.exception("index of %s after job %s failed", model_id, self.job_id)
 

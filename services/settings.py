@@ -23,6 +23,9 @@ class EmbedSettings(BaseModel):
     batching: bool = Field(True, description="merge concurrent requests into micro-batches (off: one run per request)")
     max_batch: int = Field(32, ge=1, le=4096, description="images per ONNX Runtime run")
     max_delay_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long the first queued image waits for company")
+    batch_budget_ms: float = Field(
+        100.0, gt=0.0, description="one ONNX Runtime run's expected time may not exceed this: caps the adaptive "
+                                   "batch size (services/embed/batch_policy.py)")
     queue_size: int = Field(256, ge=1, description="images waiting or running per model; beyond it 503 + Retry-After")
     retry_after_seconds: int = Field(1, ge=1)
     request_timeout_seconds: float = Field(30.0, gt=0.0, description="queued work older than this is dropped (503)")

@@ -132,7 +132,7 @@ class EmbedService:
             "threads": {"intra_op": e.intra_op_threads or default_intra_op_threads(),
                         "inter_op": e.inter_op_threads, "cores": default_intra_op_threads()},
             "batching": {"enabled": e.batching, "max_batch": e.max_batch, "max_delay_ms": e.max_delay_ms,
-                         "queue_size": e.queue_size},
+                         "budget_ms": e.batch_budget_ms, "queue_size": e.queue_size},
             "decode_workers": self.decoder.workers,
             "limits": {"max_images_per_request": e.max_images_per_request, "max_image_bytes": e.max_image_bytes,
                        "max_request_bytes": e.max_request_bytes, "max_pixels": e.max_pixels,

@@ -10,7 +10,9 @@ beyond ``queue_size`` a submit fails at once with :class:`QueueFull` (the servic
 Retry-After). A request larger than ``max_batch`` is split into chunks, so no run exceeds ``max_batch``.
 A failing run fails only the requests in that batch; the consumer keeps going. A batch is held open
 for at most ``max_delay_ms`` and only while more requests are announced (being decoded), so a lone
-request never waits for company that is not coming. Work that waited longer
+request never waits for company that is not coming. How many images one run may merge is adaptive
+(``services.embed.batch_policy``): the size that was cheapest per image in this process's own runs, within
+a latency budget, so batching only merges where it pays (issue 19). Work that waited longer
 than ``timeout_s`` is dropped with :class:`QueueTimeout` instead of being computed for nobody.
 """
 
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from services.embed.batch_policy import BatchPolicy
 
 log = logging.getLogger("excb.embed.batcher")
 
@@ -66,7 +70,7 @@ class MicroBatcher:
 
     def __init__(self, run_fn: RunFn, *, max_batch: int = 32, max_delay_ms: float = 5.0, queue_size: int = 256,
                  enabled: bool = True, timeout_s: float = 30.0, retry_after: int = 1, name: str = "model",
-                 on_batch: BatchHook | None = None) -> None:
+                 on_batch: BatchHook | None = None, latency_budget_ms: float | None = None) -> None:
         if max_batch < 1 or queue_size < 1:
             raise ValueError("max_batch and queue_size must be >= 1")
         self.run_fn = run_fn
@@ -78,6 +82,8 @@ class MicroBatcher:
         self.retry_after = retry_after
         self.name = name
         self.on_batch = on_batch
+        budget = float("inf") if latency_budget_ms is None else latency_budget_ms / 1000.0
+        self.policy = BatchPolicy(max_batch, budget)
         self._queue: collections.deque[_Chunk] = collections.deque()
         self._cv = threading.Condition()
         self._pending = 0  # images queued or running
@@ -161,10 +167,11 @@ class MicroBatcher:
             batch = [self._queue.popleft()]
             size = len(batch[0].x)
             if self.enabled:
+                limit = self.policy.limit()
                 until = time.monotonic() + self.max_delay
-                while size < self.max_batch:
+                while size < limit:
                     if self._queue:
-                        if size + len(self._queue[0].x) > self.max_batch:
+                        if size + len(self._queue[0].x) > limit:
                             break
                         nxt = self._queue.popleft()
                         batch.append(nxt)
@@ -193,6 +200,7 @@ class MicroBatcher:
         try:
             x = batch[0].x if len(batch) == 1 else np.concatenate([c.x for c in batch])
             emb, sims = self.run_fn(x)
+            self.policy.observe(n, time.perf_counter() - start)
         except Exception as exc:  # isolate: this batch fails, the service keeps serving
             log.warning("batch of %d images failed on model %s: %s", n, self.name, exc)
             for chunk in batch:

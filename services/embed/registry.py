@@ -102,7 +102,8 @@ class LoadedModel:
                           "missing_required": self.embedder.missing_providers},
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "queue": {"pending_images": self.batcher.pending, "batches": self.batcher.batches,
-                      "images": self.batcher.images},
+                      "images": self.batcher.images, "batch_limit": self.batcher.policy.limit(),
+                      **self.batcher.policy.snapshot()},
         }
 
     def close(self) -> None:
@@ -153,7 +154,8 @@ class ModelRegistry:
         hook = self.batch_hook(model_id) if self.batch_hook else None
         batcher = MicroBatcher(embedder.run, max_batch=s.max_batch, max_delay_ms=s.max_delay_ms,
                                queue_size=s.queue_size, enabled=s.batching, timeout_s=s.request_timeout_seconds,
-                               retry_after=s.retry_after_seconds, name=model_id, on_batch=hook)
+                               retry_after=s.retry_after_seconds, name=model_id, on_batch=hook,
+                               latency_budget_ms=s.batch_budget_ms)
         monitor = BalanceMonitor(bundle.num_clusters, bundle.sizes, s.balance_window)
         return LoadedModel(model_id, bundle, embedder, batcher, monitor, Assigner(bundle.sizes), record)
 

@@ -255,7 +255,13 @@ def build_index_router(svc: Any) -> APIRouter:
     async def require_key(request: Request) -> None:
         svc.auth.authenticate(request)  # async: the principal must reach the route's task (see embed app)
 
-    @router.post("/v1/search", dependencies=[Depends(require_key)])
+    upload = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"},
+                                               "model": {"type": "string"}, "index": {"type": "string"},
+                                               "k": {"type": "integer", "minimum": 1, "maximum": MAX_K}}}
+    search_body = {"required": True, "content": {"application/json": {"schema": SearchRequest.model_json_schema()},
+                                                 "multipart/form-data": {"schema": upload}}}
+
+    @router.post("/v1/search", dependencies=[Depends(require_key)], openapi_extra={"requestBody": search_body})
     async def search(request: Request) -> dict[str, Any]:
         """Nearest indexed images to a query image (upload, data URI / base64) or to an indexed image's id."""
         req, data = await _parse_search(request, svc)

@@ -23,7 +23,7 @@ from typing import Any
 # What the GPU machine may lack (KINDS.md): each is probed, none is required by the training stages.
 OPTIONAL_MODULES = ("pydantic", "pydantic_settings", "yaml", "tqdm", "sklearn", "onnx", "onnxscript", "onnxruntime",
                     "fastapi", "starlette", "uvicorn", "celery", "kombu", "sqlalchemy", "alembic", "redis",
-                    "multipart", "httpx", "prometheus_client", "pyarrow", "pytest", "pytest_timeout")
+                    "multipart", "httpx", "orjson", "prometheus_client", "pyarrow", "pytest", "pytest_timeout")
 # performance.md: the reference ExCB step on an H200 (img/s), and the bar the tuned step must clear.
 ANCHORS = {("resnet50", 64): 576.0, ("resnet50", 128): 643.0, ("vit_small", 64): 614.0, ("vit_small", 128): 792.0}
 ANCHOR_TARGET = 1.6

@@ -123,7 +123,7 @@ if [ "$CHECK" = 1 ]; then
   stage serving 120 --result "$WORK/serving.json" -- \
     "$PY" benchmarks/serving_gpu.py --device "$DEV" --check --threads 1 --json-out "$WORK/serving.json"
   stage service 150 --result "$WORK/service.md" -- bash -c \
-    "$(declare -f needs_modules); PY=$PY; needs_modules fastapi uvicorn httpx pydantic_settings || exit 77; \
+    "$(declare -f needs_modules); PY=$PY; needs_modules fastapi uvicorn httpx pydantic_settings orjson || exit 77; \
      $PY benchmarks/embed_load.py --width 8 --size 32 --clusters 64 --threads 1 --max-batch 4 --levels 1,4 \
        --rounds 1 --seconds 0.3 | tee $WORK/service.md"
 else
@@ -147,7 +147,7 @@ else
       --bundle-dir "$WORK/r50" --json-out "$WORK/serving.json"
   # the embed service (ORT CPU) on that bundle at concurrency 1/8/32, micro-batching on vs off
   stage service 60 --result "$WORK/service.md" -- bash -c \
-    "$(declare -f needs_modules); PY=$PY; needs_modules fastapi uvicorn httpx pydantic_settings || exit 77; \
+    "$(declare -f needs_modules); PY=$PY; needs_modules fastapi uvicorn httpx pydantic_settings orjson || exit 77; \
      test -f $WORK/r50/bundle/model.json || { echo 'skipped: no bundle from the serving stage'; exit 77; }; \
      $PY benchmarks/embed_load.py --bundle $WORK/r50/bundle --threads $THREADS --max-batch 32 --levels 1,8,32 \
        --rounds 1 --seconds 3 | tee $WORK/service.md"

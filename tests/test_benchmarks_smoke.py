@@ -68,3 +68,26 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     assert row["raw_pixels"]["knn"] > 0.9  # saturated smoke set
     text = results.read_text()
     assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text
+
+
+def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Path) -> None:
+    """benchmarks/embed_load.py at CI size: real servers (batching on/off), raw and JSON bodies, the engine on the
+    servers' cores, per-stage means scraped from the servers, and the ratios computed per round."""
+    out = tmp_path / "embed.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "embed_load.py"), "--width", "8", "--size", "32", "--clusters", "64",
+         "--max-batch", "4", "--levels", "1,4", "--rounds", "1", "--seconds", "0.3", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {(r["engine"], r["batch"]) for r in res["engine"]} == {("ort", 1), ("ort", 4), ("torch", 1), ("torch", 4)}
+    rows = {(r["inputs"], r["server"], r["concurrency"]): r for r in res["service"]}
+    assert set(rows) == {(k, s, c) for k in ("raw", "json") for s in ("on", "off") for c in (1, 4)}
+    for row in rows.values():
+        assert row["img_s"] > 0 and row["errors"] == 0 and row["p50"] <= row["p99"]
+        assert {"decode", "preprocess", "batch", "handler", "outside_handler", "ort_run_per_batch"} <= set(row["stages"])
+    assert "raw c=1 on / off img/s" in res["ratios"] and "json c=4 on / engine b4 img/s" in res["ratios"]
+    assert "json c=1 off / engine b1 CPU-time efficiency" in res["ratios"]
+    assert "| engine | batch | img/s | CPU ms/img |" in proc.stdout and "outside_handler" in proc.stdout

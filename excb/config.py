@@ -175,7 +175,8 @@ class TrainConfig(_Section):
     batch_size: int = Field(1024, ge=2, description="global batch size (split across ranks)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="channels-last (NHWC) convolutions: the same arithmetic, "
+                                "faster on CUDA and on oneDNN CPUs (1.2-1.5x the cpu-small step on 2 cores)")
     compile: Literal["auto", "on", "off"] = Field(
         "off", description="torch.compile the student and the teacher's forward (1.2x the train-step speed of "
         "cpu-small on 2 CPU cores, after about a minute of compiling; on CPU it needs a C++ compiler). auto = on "
@@ -244,7 +245,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "device": "cpu",
         "precision": "fp32",
-        "channels_last": False,
+        "channels_last": True,
         "checkpoint_every_steps": 200,
         "histogram_every_steps": 20,
         "model": {

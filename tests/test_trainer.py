@@ -240,3 +240,15 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_damaged(tmp_p
         assert torch.equal(a["teacher"][key], b["teacher"][key]), key
     rows = [r["step"] for r in read_rows(run) if r["type"] == "step"]
     assert rows == list(range(1, 7))
+
+
+def test_channels_last_on_cpu_trains_the_same_model(tmp_path: Path) -> None:
+    """``channels_last=true`` on a CPU runs NHWC convolutions (weights stored channels-last) and gives the same
+    losses as contiguous weights: a memory layout, not a different model."""
+    nchw = train(tiny(tmp_path / "nchw", "max_steps=3", "channels_last=false"))
+    nhwc = train(tiny(tmp_path / "nhwc", "max_steps=3", "channels_last=true"))
+    assert nchw.steps == nhwc.steps == 3
+    losses = {n: [r["loss"] for r in read_rows(tmp_path / n) if r["type"] == "step"] for n in ("nchw", "nhwc")}
+    assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-4)
+    convs = [w for k, w in _state(tmp_path / "nhwc")["student"].items() if w.dim() == 4 and k.endswith("weight")]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def build_index(model_id: str, body: IndexBuildRequest, cp: Plane, who: Caller) 
     source = safe_source(body.source, cp.settings)
     root = index_root(Path(cp.settings.resolved_models_dir).expanduser().resolve(), row.id, body.name)
     current = read_status(root) or {}
-    if current.get("state") in ("queued", "running"):
+    age = time.time() - float(current.get("updated_at") or 0)
+    if current.get("state") in ("queued", "running") and age < cp.settings.index.timeout_seconds:
         raise ApiError(409, "conflict", f"an index build of {model_id}/{body.name} is already {current['state']}")
     write_status(root, "queued", source=body.source, sample=body.sample, seed=body.seed)
     cp.celery.send_task(TASK_BUILD_INDEX, args=[row.id, source, body.name, body.sample, body.seed],

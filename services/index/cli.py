@@ -72,6 +72,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         write_status(root, "failed", source=args.source, error=str(exc))
         print(f"excb index: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:  # a crash or Ctrl-C: never leave "running" behind (it blocks new builds)
+        write_status(root, "failed", source=args.source, error=f"{type(exc).__name__}: {exc}")
+        raise
     print(json.dumps({k: meta[k] for k in ("model_id", "count", "skipped", "sample_cap", "seed", "index_type",
                                            "seconds")}))
     return 0

@@ -274,6 +274,8 @@ def build_index_router(svc: Any) -> APIRouter:
         if not valid_name(index):
             raise ApiError(422, "validation_error", "index: 1-64 characters of [A-Za-z0-9._-]", "index")
         status = read_status(index_root(state.cache.models_dir, model.id, index))
+        if status is not None and svc.auth.enabled:  # server paths stay hidden with API keys (as job responses)
+            status.pop("source", None)
         try:
             idx = await anyio.to_thread.run_sync(state.index, model, index)
         except ApiError as exc:

@@ -33,6 +33,7 @@ CURRENT_FILE = "CURRENT"
 STATUS_FILE = "status.json"
 DEFAULT_NAME = "default"
 FORMAT = "excb-index/1"
+STALE_TMP_SECONDS = 86400.0  # a temp dir this old belongs to a build that died; a younger one may be writing
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -107,7 +108,8 @@ def write_index(root: Path, data: IndexData, faiss_index: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in root.iterdir():  # older versions: readers hold their arrays in memory, the files can go
-        if old.is_dir() and old.name != version and old.name.startswith(("v-", ".v-")):
+        stale_tmp = old.name.startswith(".v-") and time.time() - old.stat().st_mtime > STALE_TMP_SECONDS
+        if old.is_dir() and old.name != version and (old.name.startswith("v-") or stale_tmp):
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -150,12 +151,16 @@ class MicroBatcher:
     # -- consumer side ---------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if batch:
-                self._execute(batch)
+        self._runqueue = RunQueueClock()  # of this (the consumer) thread
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self._execute(batch)
+        finally:
+            self._runqueue.close()
 
     def _next_batch(self) -> list[_Chunk] | None:
         """Block for the first chunk, then gather more until full or ``max_delay`` passed (None = stop)."""
@@ -197,10 +202,14 @@ class MicroBatcher:
     def _execute(self, batch: list[_Chunk]) -> None:
         n = sum(len(c.x) for c in batch)
         start = time.perf_counter()
+        waited = self._runqueue()
         try:
             x = batch[0].x if len(batch) == 1 else np.concatenate([c.x for c in batch])
             emb, sims = self.run_fn(x)
-            self.policy.observe(n, time.perf_counter() - start)
+            # the run's own time: wall time less the time this thread sat runnable while other threads (decode,
+            # HTTP, other jobs) had the core, which grows with the run's length and would make merged runs look
+            # dearer than they are (measured: the policy then never batched on a busy 1-core server)
+            self.policy.observe(n, time.perf_counter() - start - (self._runqueue() - waited))
         except Exception as exc:  # isolate: this batch fails, the service keeps serving
             log.warning("batch of %d images failed on model %s: %s", n, self.name, exc)
             for chunk in batch:
@@ -222,6 +231,30 @@ class MicroBatcher:
                 self.on_batch(n, time.perf_counter() - start)
             except Exception:  # metrics must never break inference
                 log.exception("on_batch hook failed")
+
+
+class RunQueueClock:
+    """Seconds the thread that made it has spent runnable but waiting for a CPU (Linux schedstat; 0 elsewhere).
+    The file is opened once, in that thread, and re-read in place (~5 us instead of ~50 us per open)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _fail(fut: Future, exc: BaseException) -> None:

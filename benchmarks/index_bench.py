@@ -9,6 +9,7 @@ Data: L2-normalised vectors drawn around 1000 random centres (a mixture, like em
 clusters exist; uniform random vectors are the worst case for graph indexes and unlike our data); queries are
 held-out vectors of the same mixture. Inner product = cosine, as in the service.
 
+    pip install usearch   # the compared library only; faiss-cpu comes with excb[services]
     python benchmarks/index_bench.py [--sizes 10000 100000] [--dim 128] [--queries 1000] [--json out.json]
 """
 

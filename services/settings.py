@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".excb"), description="state directory: sqlite db, runs, models, broker files")
     data_roots: list[Path] = Field(default_factory=list, description="dataset/image paths must resolve inside one of these")
     api_keys_file: Path | None = Field(None, description="file with one API key per line (hashed in memory); unset = no auth")
-    log_level: str = "INFO"
-    log_json: bool = True
+    log_level: str = Field("INFO", description="root log level (third-party set-up chatter stays at WARNING)")
+    log_json: bool | None = Field(None, description="JSON log lines; unset = JSON unless stderr is a terminal")
 
     # --- control plane / workers (owned by services/api, services/worker) ----------------------------
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite under home")

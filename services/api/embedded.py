@@ -21,8 +21,9 @@ log = logging.getLogger("excb.up")
 
 
 def worker_command(queue: str, name: str) -> list[str]:
-    """A Celery worker that runs one job at a time in its main process (solo pool, prefetch 1)."""
-    return [sys.executable, "-m", "celery", "-A", "services.worker.app", "worker", "--pool=solo",
+    """A Celery worker that runs one job at a time in its main process (solo pool, prefetch 1); ``--quiet``
+    drops the start-up banner (``excb up`` prints its own summary line)."""
+    return [sys.executable, "-m", "celery", "-A", "services.worker.app", "--quiet", "worker", "--pool=solo",
             "--concurrency=1", "--prefetch-multiplier=1", "-Q", queue, "-n", name, "--loglevel=INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
@@ -42,17 +43,19 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 
 def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path], workers: int = 1) -> int:
     """Start the supervised workers, then serve HTTP until interrupted; returns the exit status."""
-    import uvicorn
-
-    from services.api.app import create_app
     from services.common.logging import configure_logging
     from services.settings import get_settings
-    from services.worker.supervisor import WorkerSupervisor
 
     _configure_env(home, data_roots)
     get_settings.cache_clear()
     settings = get_settings()
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json)  # before the imports below log anything
+
+    import uvicorn
+
+    from services.api.app import create_app
+    from services.worker.supervisor import WorkerSupervisor
+
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     app = create_app(settings, embedded=True)  # migrates the DB before any worker opens it
     cp = app.state.plane

@@ -44,15 +44,17 @@ def build_settings(args: argparse.Namespace):  # -> Settings (import kept lazy f
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from services.common.logging import configure_logging
+
+    settings = build_settings(args)
+    configure_logging(settings.log_level, settings.log_json)  # before the imports below log anything
+
     import uvicorn
 
     from excb.onnx_runtime import BundleError
-    from services.common.logging import configure_logging
     from services.embed.app import create_app
     from services.embed.registry import ModelRegistry
 
-    settings = build_settings(args)
-    configure_logging(settings.log_level, settings.log_json)
     registry = ModelRegistry(settings.embed, settings.resolved_models_dir)
     registry.rescan()
     try:

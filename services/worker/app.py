@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from celery import Celery
+from typing import Any
 
+from celery import Celery
+from celery.signals import setup_logging
+
+from services.common.logging import configure_if_unset, configure_logging
 from services.settings import Settings, get_settings
 
 TASK_RUN_JOB = "excb.run_job"
@@ -66,4 +70,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+@setup_logging.connect
+def _one_log_format(**_: Any) -> None:
+    """Workers log like the API and the embed service (services.common.logging), not in Celery's own format:
+    connecting this signal is how Celery is told to leave logging alone."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+
+configure_if_unset(get_settings().log_level, get_settings().log_json)  # the worker's start-up warnings too
 app = make_celery(get_settings())

@@ -42,14 +42,14 @@ class Reaper(threading.Thread):
     def __init__(self, db: Database, celery: Celery, settings: Settings) -> None:
         super().__init__(name="excb-reaper", daemon=True)
         self.db, self.celery, self.settings = db, celery, settings
-        self._stop = threading.Event()
+        self._stopping = threading.Event()  # not ``_stop``: that is Thread's own method (called after fork)
 
     def run(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval_seconds):
+        while not self._stopping.wait(self.settings.reaper_interval_seconds):
             try:
                 sweep(self.db, self.celery, self.settings)
             except Exception:  # the DB or broker is down: try again next period
                 log.exception("reaper pass failed")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()

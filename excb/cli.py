@@ -30,9 +30,24 @@ class UsageError(Exception):
     """A mistake in how a verb was called: reported as one ``excb: ...`` line with exit status 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every flag's default in its help line unless the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS) and not action.required
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one ``excb: ...`` line (exit 2) instead of a usage block;
-    sub-parsers inherit it, so every verb and sub-verb does the same."""
+    """argparse that reports a usage mistake as one ``excb: ...`` line (exit 2) instead of a usage block and
+    shows defaults in help; sub-parsers inherit it, so every verb and sub-verb does the same."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         verb = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
@@ -63,7 +78,6 @@ def _add_train(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
             "a new out); checkpoint=PATH starts a new run from another run's weights. --help-config lists every "
             "field."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  excb train --preset cpu-small data=digits max_steps=200 out=runs/digits\n"
         "  torchrun --nproc-per-node 4 -m excb.cli train --preset resnet50-ep400 data=/data/imagenet/train",
     )
@@ -165,7 +179,7 @@ def _dry_run(cfg: Any) -> str:
 
 def _add_presets(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("presets", help="list presets, or print one resolved")
-    p.add_argument("name", nargs="?", choices=PRESET_NAMES)
+    p.add_argument("name", nargs="?", choices=PRESET_NAMES, help="a preset to print resolved (omit to list them)")
     p.set_defaults(func=lambda a: _print_presets(a.name))
 
 

@@ -160,14 +160,14 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     p = subparsers.add_parser("embed", help="embed a folder of images offline (npy/parquet)",
                               description="Embed every image under FOLDER with an exported bundle. Writes FILE.npy "
                                           "(+ FILE.npy.meta.json) or FILE.parquet; unreadable images are skipped.")
-    p.add_argument("folder", metavar="FOLDER")
+    p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
     p.add_argument("--model", required=True, metavar="BUNDLE", help="bundle directory (model.onnx + model.json)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file ending in .npy or .parquet")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per ONNX Runtime run")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not L2-normalised) embeddings")
     p.add_argument("--providers", help="comma-separated ONNX Runtime providers, e.g. cuda,cpu (default: auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the cores available)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
 
 

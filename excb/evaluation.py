@@ -449,10 +449,10 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
         description="Extract teacher backbone features (eval transform of the run) for the train and test "
                     "splits of a labelled data set and report kNN accuracy (DINO exp(sim/T) weighting and "
                     "majority vote), optionally a linear probe and the raw-pixel / random-init baselines.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a .pt file")
     p.add_argument("--data", metavar="SOURCE", help="labelled data set (default: the run's data.source)")
     p.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k, 20)")
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(cos/T), as DINO")
     p.add_argument("--linear", action="store_true", help="also train a linear probe (100 epochs)")
     p.add_argument("--protocol", choices=("fast", "reference"), default="fast",
                    help="linear probe: fast = one head on pre-extracted standardised features (seconds; the "
@@ -461,9 +461,9 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                         "§8.2); baselines are only probed with the fast protocol")
     p.add_argument("--linear-epochs", type=int, default=100, help="epochs of the reference protocol")
     p.add_argument("--baselines", action="store_true", help="also evaluate raw pixels and a random-init network")
-    p.add_argument("--train-limit", type=int, default=None, metavar="N")
-    p.add_argument("--test-limit", type=int, default=None, metavar="N")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N train images")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test images")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_eval)

@@ -259,11 +259,12 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                                              "or its backbone weights (--format torch)",
                               description="Write BUNDLE_DIR/model.onnx + model.json and verify ONNX Runtime "
                                           "against PyTorch on real images; exits 1 when parity fails.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="BUNDLE_DIR")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a .pt file")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="directory to write the bundle to (created)")
     p.add_argument("--parity-data", metavar="SOURCE", help="images for the parity check (default: the run's data)")
-    p.add_argument("--parity-images", type=int, default=DEFAULT_PARITY_IMAGES, metavar="N")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--parity-images", type=int, default=DEFAULT_PARITY_IMAGES, metavar="N",
+                   help="images checked for PyTorch vs ONNX Runtime parity")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     p.add_argument("--format", choices=("onnx", "torch"), default="onnx",
                    help="onnx: the servable bundle (default); torch: backbone.safetensors + backbone.json of the "
                         "teacher backbone, for fine-tuning (excb.models.load_backbone)")

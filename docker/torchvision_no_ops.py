@@ -12,8 +12,10 @@ kernels for ``torchvision::nms`` and ``torchvision::qnms`` without checking ``_h
 kernel for an operator that was never defined raises "operator torchvision::nms does not exist" at import.
 
 What it does: just before torchvision is first imported, it defines those two operator schemas (no kernel).
-Calling ``torchvision.ops.nms`` then fails with torchvision's own "Couldn't load custom C++ ops" error, as any
-other op does. excb calls torchvision ops (``roi_align``, ``decode_jpeg``) only on CUDA (excb/data/gpu_augment.py).
+Calling ``torchvision.ops.nms`` then fails with torchvision's own "Couldn't load custom C++ ops" error.
+``roi_align``, which excb's batched multi-crop calls on the CPU too (excb/data/gpu_augment.py), has a pure-Python
+version that torchvision runs under torch.compile when its ops are absent: that needs a C++ compiler, which the
+CPU worker image has (docker/Dockerfile.slim, worker-base).
 """
 
 from __future__ import annotations

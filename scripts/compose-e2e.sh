@@ -3,7 +3,8 @@
 # docker-compose.yml, run a real job through the published ports, inject faults, and take it all down again.
 #
 #   scripts/compose-e2e.sh                 the whole run (engine -> base image -> build -> up -> checks -> down -v)
-#   scripts/compose-e2e.sh --cache-check   only: are the base images and the CPU images built and current? (exit 0/1)
+#   scripts/compose-e2e.sh --cache-check   only: are the caches warm (exit 0) or cold (exit 1)? Seconds, builds nothing
+#   scripts/compose-e2e.sh --if-warm       the whole run when the caches are warm, else say so and exit 0 (CI)
 #   scripts/compose-e2e.sh --gpu-image     also build the GPU worker image (docker/Dockerfile.cuda; ~6 GB)
 #   KEEP=1 scripts/compose-e2e.sh          leave the stack (and an engine this script started) running
 #
@@ -27,12 +28,16 @@ DATA_ROOT=${EXCB_E2E_DOCKER_DATA_ROOT:-/var/lib/docker}
 PUBLIC_BASE=python:3.12-slim-bookworm
 LOCAL_BASE=local/debian:bookworm
 DEBIAN_MIRROR=${EXCB_E2E_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# "Warm" = the base images and the dependency layers of the CPU images are in the engine, built from the inputs
+# they would be built from now (their hash is kept here after each build); code changes rebuild small layers.
+STATE_DIR=${EXCB_E2E_STATE_DIR:-/var/lib/excb-compose-e2e}
 MODE=run GPU_IMAGE=0
 for arg in "$@"; do
   case "$arg" in
     --cache-check) MODE=cache-check ;;
+    --if-warm) MODE=if-warm ;;
     --gpu-image) GPU_IMAGE=1 ;;
-    *) echo "usage: $0 [--cache-check] [--gpu-image]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--cache-check | --if-warm] [--gpu-image]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -182,16 +187,35 @@ make_local_base() {  # a Debian bookworm root from the Debian mirror, trusting w
 }
 
 cpu_torch_wheel() {  # a CPU torch wheel for Debian bookworm's Python (3.11) on this machine's disk, if any
-  local d
+  local d f
   for d in ${PIP_FIND_LINKS:-} /opt/wheels; do
-    [ -d "$d" ] || continue
-    ls "$d"/torch-*+cpu-cp311-cp311-manylinux*_x86_64.whl 2>/dev/null | sort -V | tail -1
-  done | head -1
+    for f in "$d"/torch-*+cpu-cp311-cp311-manylinux*_x86_64.whl; do
+      [ -f "$f" ] && { echo "$f"; return; }
+    done
+  done
+  return 0
 }
 
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml ${OVERRIDE:+-f "$OVERRIDE"} --profile cpu "$@"; }
 
+deps_hash() {  # what the base images and the dependency layers are built from (not excb/, services/, README)
+  { cat docker/Dockerfile.slim docker/torchvision_no_ops.py docker/compat/* pyproject.toml
+    [ -z "$OVERRIDE" ] || cat "$OVERRIDE"
+    docker image inspect -f '{{.Id}}' "$LOCAL_BASE" local/redis:compat local/postgres:compat 2>/dev/null || true
+  } | sha256sum | cut -c1-64
+}
+
+cold() {  # $1 = why: --cache-check exits 1, --if-warm exits 0 without running, a plain run goes on
+  case "$MODE" in
+    cache-check) log "cache check: cold ($1)"; exit 1 ;;
+    if-warm) log "skipped: caches cold ($1); run scripts/compose-e2e.sh by hand (README, Deployment)"; exit 0 ;;
+  esac
+}
+
 # --- main -----------------------------------------------------------------------------------------------------
+if [ "$MODE" != run ] && ! docker info >/dev/null 2>&1; then
+  { [ "$(id -u)" = 0 ] && command -v dockerd >/dev/null && [ -d "$DATA_ROOT" ]; } || cold "no Docker engine here"
+fi
 ensure_packages
 start_engine
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
@@ -200,11 +224,12 @@ log "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || tr
 OVERRIDE=""
 if ! docker image inspect "$PUBLIC_BASE" >/dev/null 2>&1 && ! can_pull "$PUBLIC_BASE"; then
   log "$PUBLIC_BASE cannot be pulled: local base images"
+  docker image inspect "$LOCAL_BASE" >/dev/null 2>&1 || cold "no $LOCAL_BASE"
   make_local_base
   for svc in redis postgres; do  # built from the local base; cached like any image (same layers -> no work)
     t0=$(now)
     docker build -q --network host -f "docker/compat/$svc.Dockerfile" --build-arg "BASE_IMAGE=$LOCAL_BASE" \
-      -t "local/$svc:compat" . > /dev/null
+      -t "local/$svc:compat" . > "$OUT/compat-$svc.log" 2>&1 || { tail -20 "$OUT/compat-$svc.log" >&2; exit 1; }
     record "compat_$svc" "$t0" "$(now)"
   done
   TORCH_ARGS=""
@@ -244,14 +269,13 @@ services:
 EOF
 fi
 
-if [ "$MODE" = cache-check ]; then
-  # Current = building now would reuse every layer: compose's build with the cache only prints "Using cache".
-  t0=$(now)
-  if compose build 2>&1 | tee "$OUT/cache-check.log" | grep -E '^ ---> Running in' >/dev/null; then
-    log "cache check: something had to be rebuilt (see $OUT/cache-check.log)"; exit 1
-  fi
-  record cache_check "$t0" "$(now)"
-  log "cache check: every layer came from the cache"; exit 0
+if [ "$MODE" != run ]; then
+  for img in excb/api:local excb/embed:local excb/worker-cpu:local; do
+    docker image inspect "$img" >/dev/null 2>&1 || cold "no $img"
+  done
+  [ "$(cat "$STATE_DIR/deps.sha256" 2>/dev/null)" = "$(deps_hash)" ] || cold "the dependency layers' inputs changed"
+  log "caches warm: base images and dependency layers current"
+  [ "$MODE" = cache-check ] && exit 0
 fi
 
 t0=$(now)
@@ -259,6 +283,7 @@ log "building the CPU profile's images (log: $OUT/build.log)"
 nice -n 10 "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml ${OVERRIDE:+-f "$OVERRIDE"} --profile cpu build \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log" >&2; exit 1; }
 record build_cpu_images "$t0" "$(now)"
+mkdir -p "$STATE_DIR" && deps_hash > "$STATE_DIR/deps.sha256"
 
 if [ "$GPU_IMAGE" = 1 ]; then
   t0=$(now)

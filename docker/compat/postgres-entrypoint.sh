@@ -2,6 +2,8 @@
 # Entrypoint of docker/compat/postgres.Dockerfile: on first start (empty PGDATA) create the cluster with
 # POSTGRES_USER as superuser, the password from POSTGRES_PASSWORD_FILE (read here as root: the file is private
 # to the services' uid), scram-sha-256 for TCP clients and POSTGRES_DB; then run the server as `postgres`.
+# UTF8, as the official image (its LANG is en_US.utf8): with initdb's default in a bare root, SQL_ASCII,
+# psycopg returns text as bytes and SQLAlchemy's server-version check fails.
 set -eu
 : "${PGDATA:=/var/lib/postgresql/data}" "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}"
 as_pg() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
@@ -13,7 +15,7 @@ if [ "$(id -u)" = 0 ]; then
     pwfile=$(mktemp)
     cat "${POSTGRES_PASSWORD_FILE:?POSTGRES_PASSWORD_FILE is required}" > "$pwfile"
     chown postgres "$pwfile"
-    as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth-local=trust \
+    as_pg initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --encoding=UTF8 --locale=C.UTF-8 --auth-local=trust \
       --auth-host=scram-sha-256 >/dev/null
     rm -f "$pwfile"
     echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"

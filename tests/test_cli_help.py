@@ -22,10 +22,10 @@ def _parsers(parser: argparse.ArgumentParser, path: str = "excb") -> Iterator[tu
 
 
 def _env_names() -> set[str]:
-    """EXCB_* variables pydantic-settings reads (nested with ``__``), plus the CLI client's own two."""
+    """EXCB_* variables pydantic-settings reads (nested with ``__``)."""
     names = {f"EXCB_{f.upper()}" for f in Settings.model_fields}
     names |= {f"EXCB_EMBED__{f.upper()}" for f in EmbedSettings.model_fields}
-    return names | {"EXCB_API_URL", "EXCB_API_TOKEN"}
+    return names
 
 
 def test_every_flag_has_help_with_its_default() -> None:

@@ -189,6 +189,9 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(1, ge=1)
     histogram_every_steps: int = Field(50, ge=1, description="how often the sorted K*s curve is logged")
     progress: bool = True
+    logger: Literal["jsonl", "tensorboard"] = Field(
+        "jsonl", description="metrics.jsonl always; tensorboard: also TensorBoard scalars in out/tb "
+        "(pip install 'excb[tensorboard]')")
     resume: Literal["auto", "never", "must"] = Field(
         "auto", description="auto: continue the run in out if its checkpoint's config matches (fields that may "
         "differ: excb.rerun.MAY_CHANGE_ON_RESUME); never: refuse an out that already holds a run; must: fail "

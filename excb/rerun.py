@@ -25,7 +25,7 @@ log = logging.getLogger("excb.rerun")
 # bookkeeping of the command itself. A prefix ending in "." covers a whole section.
 MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "epochs", "max_steps", "budget", "progress", "resume", "overwrite", "out", "preset", "recipe", "pinned",
-    "log_every_steps", "histogram_every_steps", "checkpoint_every_steps", "keep_epoch_checkpoints", "compile",
+    "log_every_steps", "histogram_every_steps", "checkpoint_every_steps", "keep_epoch_checkpoints", "compile", "logger",
     "data.num_workers", "eval.",
 )
 # What a run writes into its directory; ``overwrite=true`` moves these aside (job.yaml/job.log stay: the

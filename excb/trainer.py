@@ -54,10 +54,12 @@ class TrainResult:
 
 
 class RunLogger:
-    """Writes metrics.jsonl/train.log on rank 0 and forwards every event to the callback."""
+    """Writes metrics.jsonl/train.log on rank 0 and forwards every event to the callbacks (the caller's hook,
+    ``logger=tensorboard``'s writer)."""
 
     def __init__(self, run_dir: Path, ctx: DistContext, callback: Callback | None) -> None:
-        self.run_dir, self.ctx, self.callback = run_dir, ctx, callback
+        self.run_dir, self.ctx = run_dir, ctx
+        self.callbacks: list[Callback] = [callback] if callback is not None else []
         self.metrics_path = run_dir / "metrics.jsonl"
 
     def rewind(self, step: int) -> None:
@@ -78,8 +80,8 @@ class RunLogger:
         if persist:
             with self.metrics_path.open("a") as fh:
                 fh.write(json.dumps(event) + "\n")
-        if self.callback is not None:
-            self.callback(event)
+        for callback in self.callbacks:
+            callback(event)
 
 
 class Run:
@@ -202,6 +204,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     run = Run(cfg, ctx)
     logger = RunLogger(run_dir, ctx, callback)
     resumed = _resume(run, logger, ckpt)
+    tb = _tensorboard(cfg, ctx, run_dir, run.step if resumed else None)
+    if tb is not None:
+        logger.callbacks.append(tb)
     warm = _warm_start(run, logger) if not resumed and cfg.checkpoint else {}
     if not resumed and not warm.get("centroids_loaded") and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **run.init_centroids()})
@@ -225,6 +230,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
     finally:
         if progress is not None:
             progress.close()
+        if tb is not None:
+            tb.flush()  # an interrupted run keeps its curves; "done" closes the writer
         summary = _summary(run, status)
         if ctx.is_main and status != "superseded":
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -234,6 +241,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback
         save_run_backbone(run.learner.teacher, run.cfg, run_dir, run.step)
     logger.emit({"type": "done", "step": run.step, "time": time.time(), "summary": summary})
     return TrainResult(run_dir, run.step, run.epoch, status, summary)
+
+
+def _tensorboard(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resumed_at: int | None) -> Any:
+    """``logger=tensorboard`` on rank 0: a TensorBoardLogger that purges events a crashed start wrote past the
+    checkpoint it resumes from."""
+    if cfg.logger != "tensorboard" or not ctx.is_main:
+        return None
+    from excb.tb_logger import TensorBoardLogger
+
+    return TensorBoardLogger(run_dir / "tb", purge_step=resumed_at + 1 if resumed_at is not None else None)
 
 
 def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,

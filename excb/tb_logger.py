@@ -1,0 +1,50 @@
+"""``logger=tensorboard``: the run's metric rows as TensorBoard scalars in ``out/tb``, beside metrics.jsonl.
+
+It is one more consumer of the events the trainer already emits (the same rows a ``train(callback=)`` hook
+and metrics.jsonl get), so it never changes what is logged. Step rows go under ``train/``, epoch rows
+(online kNN, balance) under ``epoch/``, the budget's calibration under ``budget/``. On a resume TensorBoard is
+told to purge events after the checkpoint's step, as metrics.jsonl is rewound, so no step appears twice.
+Needs the ``tensorboard`` package (``pip install excb[tensorboard]``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+SECTIONS = {"step": "train", "epoch": "epoch", "budget": "budget", "kmeans": "kmeans"}
+SKIP_KEYS = {"step", "time", "epoch", "type"}
+
+
+class TensorBoardLogger:
+    """A trainer callback writing numeric fields of metric rows as scalars at their step."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard not installed: a config error the user can fix
+            from excb.config import ConfigError
+
+            raise ConfigError("logger", "tensorboard needs the tensorboard package: pip install 'excb[tensorboard]'") from exc
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        section = SECTIONS.get(str(event.get("type")))
+        if section is None:
+            if event.get("type") == "done":
+                self.close()
+            return
+        step = int(event.get("step", 0))
+        for key, value in event.items():
+            if key in SKIP_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{section}/{key}", value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

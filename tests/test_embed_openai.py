@@ -183,7 +183,7 @@ def test_excb_up_shape_models_list_coexists_with_control_plane(make_stack, tmp_p
     beside them, so the official client lists models and embeds through the mounted embed app."""
     from services.api.app import create_app as create_plane
     from services.db import jobs as store
-    from services.db.models import ModelRow
+    from services.db.tables import ModelRow
 
     stack = make_stack(f"sqlite:///{tmp_path / 'up.sqlite'}", None)
     bundle_dir = stack.home / "models" / "digits-a"

@@ -78,7 +78,7 @@ def test_row8_two_workers_four_jobs_both_busy_at_once(redis_url: str, make_stack
     work and both train at once. (The solo pool blocks the consumer while a job runs, so this holds even with a
     prefetch multiplier of 4 - checked by hand; prefetch 1 keeps it true if the pool ever changes.)"""
     from fixtures_services import tiny_job
-    from services.db.models import Job
+    from services.db.tables import Job
     from sqlalchemy import select
 
     stack = make_stack(f"sqlite:///{tmp_path / 'r8.sqlite'}", redis_url, max_running_jobs_per_key=10,

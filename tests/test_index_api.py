@@ -208,7 +208,7 @@ def test_control_plane_serves_the_index_without_an_embed_service(models: Path, t
     refuses upload searches with a 503 that names the embed service, and queues folder builds."""
     from services.api.app import create_app as create_plane
     from services.db import jobs as store
-    from services.db.models import ModelRow
+    from services.db.tables import ModelRow
     from services.db.session import Database
 
     keys = tmp_path / "keys"

@@ -28,7 +28,7 @@ def _line(i: int) -> str:
 
 def _grow_log(run_dir: Path, db: Any, job_id: str, seconds: float) -> None:
     """Append LINES lines over ``seconds`` (partial lines included), then mark the job SUCCEEDED."""
-    from services.db.models import Job
+    from services.db.tables import Job
 
     run_dir.mkdir(parents=True, exist_ok=True)
     per_tick = LINES // 40
@@ -123,7 +123,7 @@ def test_pull_a_model_bundle(make_stack: Any, tmp_path: Path) -> None:
     from services.api.app import create_app
     from services.common.auth import hash_key
     from services.db import jobs as store
-    from services.db.models import Job, ModelRow
+    from services.db.tables import Job, ModelRow
 
     (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
     stack = make_stack(f"sqlite:///{tmp_path / 'pull.sqlite'}", None, api_keys_file=tmp_path / "keys")

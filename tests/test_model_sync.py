@@ -10,7 +10,7 @@ from typing import Any
 
 from services.api import model_sync
 from services.db import jobs as store
-from services.db.models import ModelRow
+from services.db.tables import ModelRow
 from services.db.session import Database
 
 

@@ -165,7 +165,7 @@ def test_default_memory_limit_per_job(make_stack: Any, tmp_path: Path) -> None:
 def test_server_paths_stay_out_of_responses_with_keys(make_stack: Any, tmp_path: Path) -> None:
     """Item 11: with API keys, job and model responses show ids and relative paths, not the server's layout."""
     from services.db import jobs as store
-    from services.db.models import ModelRow
+    from services.db.tables import ModelRow
 
     (tmp_path / "keys").write_text("alpha-secret\n")
     stack = make_stack(f"sqlite:///{tmp_path / 'paths.sqlite'}", None, api_keys_file=tmp_path / "keys")

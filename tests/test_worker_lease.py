@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import update
 
 from services.db import jobs as store
-from services.db.models import Job
+from services.db.tables import Job
 from services.db.session import Database
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from services.api.state import ControlPlane
 from services.db import workers as worker_store
-from services.db.models import WorkerRow, utcnow
+from services.db.tables import WorkerRow, utcnow
 
 # Rows older than this are not listed (each `excb up` restart leaves one behind).
 LIST_HORIZON_SECONDS = 3600.0

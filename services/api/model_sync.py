@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from services.common.auth import CURRENT_PRINCIPAL
-from services.db.models import ModelRow
+from services.db.tables import ModelRow
 from services.db.session import Database
 from services.embed.manifest import ModelRecord
 from services.embed.registry import ACTIVE_FILE

@@ -15,7 +15,7 @@ from services.api.state import ControlPlane, OpsCaller, plane, principal
 from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
 from services.common.metrics import metrics_response
-from services.db.models import JOB_STATUSES, Job
+from services.db.tables import JOB_STATUSES, Job
 
 router = APIRouter(tags=["infra"])
 

@@ -23,7 +23,7 @@ from services.common.auth import Principal
 from services.common.errors import ERROR_SCHEMA, ApiError
 from services.db import jobs as store
 from services.db.jobs import Conflict, LimitReached
-from services.db.models import TERMINAL, Job
+from services.db.tables import TERMINAL, Job
 from services.worker.publish import publish
 
 _ERR = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}

@@ -22,7 +22,7 @@ from services.common.auth import Principal
 from services.common.errors import ApiError
 from services.common.openai_shapes import model_entry
 from services.db import jobs as store
-from services.db.models import ModelRow
+from services.db.tables import ModelRow
 from services.embed.manifest import record_model
 from services.worker.pipeline import write_active_pointer
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from services.common.errors import ApiError
 from services.db.jobs import public_id
-from services.db.models import Job, JobAttempt, ModelRow
+from services.db.tables import Job, JobAttempt, ModelRow
 from services.settings import Settings
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.db.models import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
+from services.db.tables import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
 from services.db.session import Database
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, or_, select, update
 
-from services.db.models import ACTIVE, Job, JobAttempt, WorkerRow, utcnow
+from services.db.tables import ACTIVE, Job, JobAttempt, WorkerRow, utcnow
 from services.db.session import Database
 
 ALIVE = "alive"

@@ -17,7 +17,7 @@ from typing import Any
 
 from excb.fileio import sha256_file
 from services.db import jobs as store
-from services.db.models import ModelRow
+from services.db.tables import ModelRow
 from services.db.session import Database
 from services.embed.manifest import record_model
 from services.embed.registry import ACTIVE_FILE

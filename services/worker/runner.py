@@ -26,7 +26,7 @@ from excb.config import validate
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.db import jobs as store
 from services.db.jobs import Lease
-from services.db.models import utcnow
+from services.db.tables import utcnow
 from services.db.session import Database
 from services.settings import Settings
 from services.worker import child, pipeline

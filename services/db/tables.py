@@ -1,4 +1,5 @@
-"""Tables of the job store. The database is the source of truth for jobs, attempts, leases and models."""
+"""Tables of the job store (the ORM rows; this module was ``models.py``, a word that here means networks and
+served bundles). The database is the source of truth for jobs, attempts, leases and registered models."""
 
 from __future__ import annotations
 

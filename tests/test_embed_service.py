@@ -26,7 +26,8 @@ from excb.onnx_runtime import OrtEmbedder, available_providers, load_bundle
 from excb.stats import balance_stats
 from services.embed.app import create_app
 from services.embed.manifest import record_model
-from services.embed.registry import ACTIVE_FILE, ModelRegistry
+from services.common.active_model import ACTIVE_FILE
+from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]

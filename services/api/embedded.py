@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.worker.child import _die_with_parent
+from services.common.process import die_with_parent
 
 log = logging.getLogger("excb.up")
 
@@ -38,7 +38,7 @@ def _configure_env(home: Path | None, data_roots: list[Path]) -> None:
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     """A worker in its own process group that dies with `excb up` (no orphan keeps consuming)."""
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent)
+    return subprocess.Popen(argv, preexec_fn=die_with_parent)
 
 
 def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path], workers: int = 1) -> int:

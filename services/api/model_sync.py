@@ -10,7 +10,6 @@ model, so a request that arrives before the notification still sees the new mode
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 
 from sqlalchemy import select
 
+from services.common.active_model import active_path, pointer_signature
 from services.common.auth import CURRENT_PRINCIPAL
 from services.db.tables import ModelRow
 from services.db.session import Database
 from services.embed.manifest import ModelRecord
-from services.embed.registry import ACTIVE_FILE
 
 log = logging.getLogger("excb.model_sync")
 logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
@@ -50,15 +49,6 @@ def sync_once(db: Database, registry: Any) -> str | None:
     return row.id
 
 
-def pointer_signature(path: Path) -> Signature:
-    """Identity of ``active.json``: it is replaced by rename, so a new inode (or mtime) means a new model."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 def _import_preprocessing() -> None:
     """Import the bundles' eval transform (torch, torchvision) now: a model's warm-up otherwise pays these
     imports (3.5 s measured on a busy 2-core box) between SUCCEEDED and its first answer."""
@@ -74,7 +64,7 @@ class ModelSync(threading.Thread):
     def __init__(self, db: Database, registry: Any, models_dir: Path) -> None:
         super().__init__(name="excb-model-sync", daemon=True)
         self.db, self.registry, self.models_dir = db, registry, Path(models_dir)
-        self.pointer = self.models_dir / ACTIVE_FILE
+        self.pointer = active_path(self.models_dir)
         self._seen: Signature = None
         self._tried = False
         self._failed_at: float | None = None

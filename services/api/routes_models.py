@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from services.api.routes_jobs import ERRORS
+from services.common.active_model import write_active
 from services.api.model_sync import sync_once
 from services.api.schemas import ModelList, ModelOut
 from services.api.serialize import model_dict, path_hider
@@ -24,7 +25,6 @@ from services.common.openai_shapes import model_entry
 from services.db import jobs as store
 from services.db.tables import ModelRow
 from services.embed.manifest import record_model
-from services.worker.pipeline import write_active_pointer
 
 router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
 
@@ -57,7 +57,7 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     store.activate_model(cp.db, model_id)
     models_dir = Path(cp.settings.resolved_models_dir).expanduser().resolve()
     record_model(models_dir, row.id, row.sha256 or "", row.owner)  # the owner's default model from now on
-    write_active_pointer(models_dir, row.id, Path(row.bundle_dir), row.sha256 or "")
+    write_active(models_dir, row.id, Path(row.bundle_dir), row.sha256 or "")
     embed_app = getattr(request.app.state, "embed_app", None)
     if embed_app is not None:  # embedded mode: switch the in-process embed service now
         sync_once(cp.db, embed_app.state.embed.registry)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from excb.assign import Assigner
 from excb.onnx_runtime import META_FILE, Bundle, BundleError, OrtEmbedder, load_bundle
+from services.common.active_model import read_active_id
 from services.common.auth import CURRENT_PRINCIPAL
 from services.embed.batcher import MicroBatcher
 from services.embed.manifest import ModelRecord, read_manifest
@@ -33,7 +34,6 @@ from services.settings import EmbedSettings
 log = logging.getLogger("excb.embed.registry")
 
 LATEST = "latest"
-ACTIVE_FILE = "active.json"  # {"model_id", "bundle_dir", "sha256"}: which bundle every replica should serve
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 BatchHookFactory = Callable[[str], Callable[[int, float], None]]
@@ -268,16 +268,11 @@ class ModelRegistry:
 
     def _follow_active_pointer(self) -> None:
         """Point ``latest`` at the model named by ``active.json`` so separate embed replicas switch too."""
-        pointer = self.models_dir / ACTIVE_FILE if self.models_dir is not None else None
-        if pointer is None or not pointer.is_file():
-            return
-        try:
-            model_id = json.loads(pointer.read_text()).get("model_id")
-        except (OSError, ValueError, AttributeError):
-            log.warning("ignoring unreadable %s", pointer)
+        model_id = read_active_id(self.models_dir) if self.models_dir is not None else None
+        if model_id is None:
             return
         with self._lock:
-            if isinstance(model_id, str) and model_id in self._models and self._latest != model_id:
+            if model_id in self._models and self._latest != model_id:
                 log.info("active.json names %s: it is now 'latest'", model_id)
                 self._latest = model_id
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -11,18 +10,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: get SIGKILL when the worker dies (kill -9 must not leave a zombie run)."""
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
+from services.common.process import die_with_parent
 
 def trainer_command(config_path: Path, gpus: int) -> list[str]:
     """The argv of the trainer: one process, or torchrun with one process per GPU."""
@@ -35,7 +23,7 @@ def trainer_command(config_path: Path, gpus: int) -> list[str]:
 def start(argv: list[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Spawn in its own session (signals go to the whole trainer group), output appended to the job log."""
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, preexec_fn=_die_with_parent, close_fds=True)
+                            env=env, preexec_fn=die_with_parent, close_fds=True)
 
 
 def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from excb.fileio import sha256_file
+from services.common.active_model import write_active
 from services.db import jobs as store
 from services.db.tables import ModelRow
 from services.db.session import Database
 from services.embed.manifest import record_model
-from services.embed.registry import ACTIVE_FILE
 from services.settings import Settings
 
 
@@ -71,7 +71,7 @@ def register_bundle(db: Database, settings: Settings, job_id: str, run_dir: Path
     os.replace(staging, final)
     store.add_model(db, ModelRow(id=model_id, job_id=job_id, owner=job.owner if job else None, status="READY",
                                  bundle_dir=str(final), sha256=digest, model_json=meta), activate=True)
-    write_active_pointer(final.parent, model_id, final, digest)
+    write_active(final.parent, model_id, final, digest)
     artifacts = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
                  "metrics": str(run_dir / "metrics.jsonl"), "bundle_dir": str(final),
                  "onnx": str(final / "model.onnx"), "onnx_sha256": digest, "parity": parity}
@@ -84,14 +84,3 @@ def _read_meta(staging: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
-
-
-def write_active_pointer(models_dir: Path, model_id: str, bundle_dir: Path, sha256: str) -> None:
-    """Atomically point the embed service at ``bundle_dir`` (write temp, fsync, rename)."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / f".active.{os.getpid()}.json"
-    with tmp.open("w") as fh:
-        json.dump({"model_id": model_id, "bundle_dir": str(bundle_dir), "sha256": sha256}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, models_dir / ACTIVE_FILE)

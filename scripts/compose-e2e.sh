@@ -77,7 +77,7 @@ restore_tables() {  # $1 = iptables | ip6tables; every table that exists now goe
       echo "COMMIT" >> "$restore"
     fi
   done
-  [ -s "$restore" ] && "$fam-restore" < "$restore"
+  if [ -s "$restore" ]; then "$fam-restore" < "$restore"; fi
 }
 
 restore_host() {

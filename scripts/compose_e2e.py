@@ -218,7 +218,7 @@ class Stack:
         job = {**DIGITS_JOB, "max_steps": 40, "checkpoint_every_steps": ckpt}
         job_id = self.submit(job, "e2e-sigkill")
         self.wait(f"job {job_id} past two checkpoints",
-                  lambda: (self.job(job_id)["progress"] or {}).get("step", 0) >= 2 * ckpt + 2, 1800, 1)
+                  lambda: ((self.job(job_id)["progress"] or {}).get("step") or 0) >= 2 * ckpt + 2, 1800, 1)
         step = self.job(job_id)["progress"]["step"]
         (cid,) = self.containers("worker-cpu")
         info = json.loads(subprocess.run(["docker", "inspect", cid], capture_output=True, text=True,
@@ -343,8 +343,8 @@ def main() -> int:
         st.down_up(jobs)
         st.save_logs("stack.log")
         st.down_v(args.project)
-    except Failed as exc:
-        log(f"FAILED: {exc}")
+    except Exception as exc:  # noqa: BLE001 (a bug here fails the run the same way, with the logs kept)
+        log(f"FAILED: {type(exc).__name__}: {exc}")
         try:
             st.save_logs("stack.log")
             log(f"compose logs: {args.out / 'stack.log'}")

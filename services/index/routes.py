@@ -353,7 +353,9 @@ def build_index_router(svc: Any) -> APIRouter:
                 "model": model.id, "index": index}
 
     @router.get("/v1/models/{model_id}/index/images/{image_id}/thumbnail", dependencies=[Depends(require_key)],
-                response_class=Response)
+                response_class=Response,
+                responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                                 "description": "the stored JPEG thumbnail"}})
     async def thumbnail(model_id: str, image_id: int, index: str = Query(DEFAULT_NAME, max_length=64)) -> Response:
         """The stored JPEG thumbnail (from the index, never from the data folder)."""
         model = state.model(model_id)

@@ -91,3 +91,16 @@ def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Pat
     assert "raw c=1 on / off img/s" in res["ratios"] and "json c=4 on / engine b4 img/s" in res["ratios"]
     assert "json c=1 off / engine b1 CPU-time efficiency" in res["ratios"]
     assert "| engine | batch | img/s | CPU ms/img |" in proc.stdout and "outside_handler" in proc.stdout
+
+
+def test_step_variants_times_each_variant_against_the_first(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--threads", "1", "--blocks", "2",
+         "--steps", "1", "--batch", "8", "nchw:channels_last=false", "nhwc:channels_last=true"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {ln.split("|")[1].strip(): ln for ln in proc.stdout.splitlines() if ln.startswith("| nchw") or ln.startswith("| nhwc")}
+    assert set(rows) == {"nchw", "nhwc"}
+    assert "| 1.00x | 1.00 1.00 |" in rows["nchw"]
+    assert float(rows["nhwc"].split("|")[2]) > 0

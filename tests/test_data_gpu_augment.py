@@ -114,6 +114,27 @@ def test_jitter_ops_equal_torchvision(op, ref) -> None:
         torch.testing.assert_close(out[i], ref(x[i], float(f[i])), atol=1e-5, rtol=0)
 
 
+def test_colour_jitter_skips_only_what_is_the_identity_on_grey_images() -> None:
+    """Saturation and hue are skipped for grey samples (they change nothing there, < 1e-4 from torchvision's
+    0.9999 luma sum), never for colour ones; a mixed batch gives each sample what the full jitter gives it."""
+    gen = torch.Generator().manual_seed(3)
+    grey = torch.rand(5, 1, 9, 9, generator=gen).expand(5, 3, 9, 9).clone()
+    colour = torch.rand(5, 3, 9, 9, generator=gen)
+    x = torch.cat([grey, colour])
+    assert G.grey_samples(x).tolist() == [True] * 5 + [False] * 5
+    apply = torch.ones(10, dtype=torch.bool)
+    factors = torch.tensor([[1.3, 0.7, 1.6, 0.3]] * 10)
+    order = torch.stack([torch.randperm(4, generator=gen) for _ in range(10)])
+    out = G.color_jitter(x, apply, factors, order)
+    full = x.clone()
+    for i in range(10):
+        for op in order[i].tolist():
+            full[i:i + 1] = G._JITTER_OPS[op](full[i:i + 1], factors[i:i + 1, op])
+    torch.testing.assert_close(out[5:], full[5:], atol=1e-6, rtol=0)  # colour: every op, exactly as before
+    torch.testing.assert_close(out[:5], full[:5], atol=1e-4, rtol=0)  # grey: the same image
+    assert G.grey_samples(out[:5]).all()
+
+
 def test_hue_grayscale_blur_solarize_equal_torchvision() -> None:
     x = torch.rand(6, 3, 15, 17, generator=torch.Generator().manual_seed(1))
     hue = torch.linspace(-0.5, 0.5, 6)

@@ -278,15 +278,14 @@ def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    idx = i.unsqueeze(1).unsqueeze(0).expand(1, -1, 3, -1, -1)
-    return table.gather(0, idx)[0]
+    """HSV -> RGB in closed form: channel n (r, g, b = 5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6h) mod 6; the same values as the six-sector table, without building and gathering it."""
+    h6 = (h * 6.0).unsqueeze(1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h6, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    vs = v.unsqueeze(1)
+    return (vs - vs * s.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:

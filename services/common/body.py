@@ -1,4 +1,5 @@
-"""Request-body limits that hold before a byte is parsed: the declared length, and a counting ``receive``.
+"""Request bodies: limits that hold before a byte is parsed (the declared length, a counting ``receive``), and
+one way to turn a JSON or form body into a validated model with a 422 (never a 500) for anything else.
 
 Used by every route class that authenticates and caps a body before FastAPI reads it (the control plane's
 ``AuthFirstRoute``, the embed service's OpenAI routes): a client never makes the server buffer more than
@@ -7,9 +8,17 @@ the limit, whether it declares a length or streams a chunked body.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
+import orjson
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
+
+from services.common.errors import ApiError, field_from_loc
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def declared_length(request: Request) -> int | None:
@@ -38,3 +47,32 @@ def capped_receive(receive: Receive, limit: int, message: str) -> Receive:
         return received
 
     return receive_capped
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """A pydantic error as the API's 422: the first problem, with the field it names."""
+    err = exc.errors()[0]
+    field = field_from_loc(err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value"))
+    return ApiError(422, "validation_error", f"{field}: {msg}" if field else msg, field)
+
+
+def validate_as(model: type[M], data: Any) -> M:
+    """``model.model_validate(data)``, failing as a 422 ApiError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def parse_json_object(body: bytes, model: type[M], expected: str = "a JSON object") -> M:
+    """A JSON object body validated as ``model``; bad JSON, deep nesting, a non-object -> 422, never a 500."""
+    try:
+        raw = orjson.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # arrays nested thousands deep (issue 13 item 9)
+        raise ApiError(422, "invalid_json", "the body is nested too deeply") from exc
+    if not isinstance(raw, dict):
+        raise ApiError(422, "validation_error", f"the body must be {expected}")
+    return validate_as(model, raw)

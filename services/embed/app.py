@@ -29,16 +29,16 @@ from typing import Any, AsyncIterator, Literal
 
 import anyio
 import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from excb.onnx_runtime import PROVIDER_ORDER, available_providers, default_intra_op_threads
 from services.common.auth import ApiKeyAuth
-from services.common.errors import ApiError, field_from_loc, install_error_handlers
+from services.common.body import parse_json_object, validate_as
+from services.common.errors import ApiError, install_error_handlers
 from services.common.metrics import install_http_metrics, metrics_response
 from services.common.paths import PathNotAllowed, resolve_in_roots
 from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
@@ -297,13 +297,6 @@ def decode_base64_item(text: str, field: str, max_bytes: int) -> bytes:
     return data
 
 
-def _validation(exc: ValidationError) -> ApiError:
-    err = exc.errors()[0]
-    field = field_from_loc(err.get("loc", ()))
-    msg = str(err.get("msg", "invalid value"))
-    return ApiError(422, "validation_error", f"{field}: {msg}" if field else msg, field)
-
-
 async def read_capped(request: Request, cap: int) -> bytes:
     """Read the body, counting bytes as they stream (Content-Length is not trusted); 413 past ``cap``.
 
@@ -344,10 +337,7 @@ async def _parse_multipart(request: Request, svc: EmbedService) -> tuple[list[tu
             else:
                 fields[key] = value
         svc.check_count(len(files), "files")
-        try:
-            opts = EmbedOptions.model_validate(fields)
-        except ValidationError as exc:
-            raise _validation(exc) from exc
+        opts = validate_as(EmbedOptions, fields)
         items = [(f"files[{i}]", await f.read()) for i, (_, f) in enumerate(files)]
     finally:
         await form.close()
@@ -355,18 +345,7 @@ async def _parse_multipart(request: Request, svc: EmbedService) -> tuple[list[tu
 
 
 def _parse_json(body: bytes, svc: EmbedService) -> tuple[list[tuple[str, bytes]], EmbedOptions]:
-    try:
-        raw = orjson.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:  # arrays nested thousands deep: bad input, not a 500 (issue 13 item 9)
-        raise ApiError(422, "invalid_json", "the body is nested too deeply") from exc
-    if not isinstance(raw, dict):
-        raise ApiError(422, "validation_error", "the body must be a JSON object with an 'input' field")
-    try:
-        req = EmbedRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise _validation(exc) from exc
+    req = parse_json_object(body, EmbedRequest, "a JSON object with an 'input' field")
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     svc.check_count(len(inputs), "input")
     max_bytes = svc.embed.max_image_bytes
@@ -378,10 +357,7 @@ def _parse_raw(body: bytes, request: Request, svc: EmbedService) -> tuple[list[t
     """``Content-Type: image/*`` or ``application/octet-stream``: the body is one encoded image, the options
     are query parameters. No base64 (a third more bytes to send and to decode), no JSON, no multipart parser."""
     svc.check_count(1 if body else 0, "body")
-    try:
-        opts = EmbedOptions.model_validate(dict(request.query_params))
-    except ValidationError as exc:
-        raise _validation(exc) from exc
+    opts = validate_as(EmbedOptions, dict(request.query_params))
     return [("body", body)], opts
 
 

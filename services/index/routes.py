@@ -17,7 +17,6 @@ a model that does not exist), so an index is visible exactly when its model is. 
 from __future__ import annotations
 
 import base64
-import json
 import time
 from typing import Any, Literal
 
@@ -25,10 +24,11 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from excb.onnx_runtime import balance_paper, l2_normalize
-from services.common.errors import ApiError, field_from_loc
+from services.common.body import parse_json_object, validate_as
+from services.common.errors import ApiError
 from services.embed.registry import LoadedModel, ModelNotFound
 from services.index.store import DEFAULT_NAME, IndexCache, IndexNotFound, LoadedIndex, index_root, read_status, \
     valid_name
@@ -200,13 +200,6 @@ class IndexRoutes:
                 "typical": [item_dict(idx, int(r), model.id, thumbs) for r in rows[:typical]]}
 
 
-def _validation(exc: ValidationError) -> ApiError:
-    err = exc.errors()[0]
-    field = field_from_loc(err.get("loc", ()))
-    msg = str(err.get("msg", "invalid value"))
-    return ApiError(422, "validation_error", f"{field}: {msg}" if field else msg, field)
-
-
 async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, bytes | None]:
     """JSON (``image`` as data URI/base64, or ``image_id``) or multipart (``file`` + the same fields)."""
     from services.embed.app import decode_base64_item, read_capped
@@ -217,16 +210,7 @@ async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, byte
         raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data (file)")
     body = await read_capped(request, e.max_image_bytes * 2 + 65536)
     if ctype == "application/json":
-        try:
-            raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ApiError(422, "invalid_json", "the body is not valid JSON") from exc
-        if not isinstance(raw, dict):
-            raise ApiError(422, "validation_error", "the body must be a JSON object")
-        try:
-            req = SearchRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise _validation(exc) from exc
+        req = parse_json_object(body, SearchRequest)
         data = decode_base64_item(req.image, "image", e.max_image_bytes) if req.image is not None else None
         return req, data
     try:
@@ -241,10 +225,7 @@ async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, byte
         data = await files[0].read() if files else None
         if data is not None:
             fields["image"] = "upload"
-        try:
-            req = SearchRequest.model_validate(fields)
-        except ValidationError as exc:
-            raise _validation(exc) from exc
+        req = validate_as(SearchRequest, fields)
     finally:
         await form.close()
     return req, data

@@ -7,4 +7,4 @@ scripts/system-deps.sh
 scripts/setup.sh
 scripts/services-up.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-exec .venv/bin/python -m pytest -q -ra "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

@@ -249,6 +249,6 @@ def test_channels_last_on_cpu_trains_the_same_model(tmp_path: Path) -> None:
     nhwc = train(tiny(tmp_path / "nhwc", "max_steps=3", "channels_last=true"))
     assert nchw.steps == nhwc.steps == 3
     losses = {n: [r["loss"] for r in read_rows(tmp_path / n) if r["type"] == "step"] for n in ("nchw", "nhwc")}
-    assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-4)
+    assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=2e-3)  # summation order differs after a few steps
     convs = [w for k, w in _state(tmp_path / "nhwc")["student"].items() if w.dim() == 4 and k.endswith("weight")]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -41,8 +41,6 @@ def test_every_flag_has_help_with_its_default() -> None:
             elif action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
                     and not action.required and "default" not in action.help:
                 no_default.append(f"{path} {name}")  # the formatter adds it; the rendered text must carry it
-            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
-                    and not action.required and "default" not in action.help:
                 assert f"(default: {action.default})" in " ".join(text.split()), (path, name)
     assert not missing, f"flags without help: {missing}"
     assert len(no_default) > 10  # the formatter, not each module, writes most defaults

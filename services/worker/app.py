@@ -78,5 +78,6 @@ def _one_log_format(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
 
 
-configure_if_unset(get_settings().log_level, get_settings().log_json)  # the worker's start-up warnings too
-app = make_celery(get_settings())
+_settings = get_settings()
+configure_if_unset(_settings.log_level, _settings.log_json)  # the worker's start-up warnings too
+app = make_celery(_settings)

@@ -79,6 +79,7 @@ class AugmentConfig(_Section):
     global_scale_min_start: float = Field(0.26, gt=0.0, le=1.0)
     global_scale_min_end: float = Field(0.14, gt=0.0, le=1.0)
     local_scale_min: float = Field(0.05, gt=0.0, le=1.0)
+    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="horizontal flip probability per view")
     jitter_strength: float = Field(0.5, ge=0.0, le=2.0)
     solarize_p: float = Field(0.2, ge=0.0, le=1.0)
     blur_p: tuple[float, float, float] = Field(

@@ -179,3 +179,38 @@ def test_a_folder_of_any_sizes_and_modes_trains_within_its_budget(tmp_path: Path
     assert plan["choices"]["batch_size"] == 16 and plan["choices"]["augment"]["global_size"] == 32
     assert result.status == "completed" and result.steps == plan["length"]["max_steps"]
     assert result.summary["skipped_files"] >= 1
+
+
+def _glyphs(n: int, mirrored_half: bool) -> torch.Tensor:
+    """``n`` noisy, slightly shifted copies of 10 random blocky glyphs; optionally every other one mirrored."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = (torch.rand(10, 1, 4, 4, generator=gen) > 0.5).float().repeat_interleave(3, 2).repeat_interleave(3, 3)
+    out = torch.zeros(n, 1, 16, 16)
+    for i in range(n):
+        glyph = shapes[i % 10]
+        if mirrored_half and (i // 10) % 2:
+            glyph = glyph.flip(-1)
+        top, left = (int(v) for v in torch.randint(0, 5, (2,), generator=gen))  # shifts symmetric under a flip
+        out[i, :, top:top + 12, left:left + 12] = glyph
+    return out + 0.6 * torch.rand(out.shape, generator=gen)
+
+
+def test_mirror_ratio_tells_handed_data_from_data_seen_both_ways() -> None:
+    from excb.mirror import MIRROR_RATIO_MAX, mirror_ratio
+
+    handed, both = mirror_ratio(_glyphs(200, False)), mirror_ratio(_glyphs(200, True))
+    assert handed is not None and both is not None
+    assert handed > 1.5 * MIRROR_RATIO_MAX and both < MIRROR_RATIO_MAX, (handed, both)
+    assert mirror_ratio(_glyphs(5, False)) is None  # too few images to say
+    assert inspect_data(resolve(overrides=["data=digits"])).mirror_ratio > MIRROR_RATIO_MAX  # real digits
+
+
+def test_flips_follow_the_mirror_test_and_yield_to_the_user() -> None:
+    cfg = resolve(overrides=["data=digits"])
+    profile = lambda ratio: DataProfile(images=4000, short_side=20, long_side=20, grey=True,  # noqa: E731
+                                        mirror_ratio=ratio)
+    assert fit(cfg, profile(2.0), CPU).choices["augment"]["flip_p"] == 0.0
+    assert fit(cfg, profile(1.0), CPU).choices["augment"]["flip_p"] == 0.5
+    assert "flip_p" not in fit(cfg, profile(None), CPU).choices["augment"]
+    pinned = resolve(overrides=["data=digits", "augment.flip_p=0.5"])
+    assert "flip_p" not in fit(pinned, profile(2.0), CPU).choices["augment"]

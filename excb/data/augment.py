@@ -1,6 +1,6 @@
 """Multi-crop augmentation with the crop-scale schedule, and the deterministic eval transform (method.md §5, §4.6).
 
-Per view: RandomResizedCrop (bicubic, antialias) -> hflip 0.5 -> colour jitter (p 0.8) -> grayscale (p 0.2)
+Per view: RandomResizedCrop (bicubic, antialias) -> hflip (p `flip_p`) -> colour jitter (p 0.8) -> grayscale (p 0.2)
 -> Gaussian blur (p per view) -> solarize (global view 2 only) -> float + normalise -> 3 channels.
 
 The blur probabilities in ``AugmentConfig.blur_p`` are applied as configured. ``blur_reference_parity``
@@ -148,11 +148,11 @@ class _View:
     """
 
     def __init__(self, size: int, scale: tuple[float, float], jitter: float, blur_p: float, solarize_p: float,
-                 mean: Sequence[float], std: Sequence[float], blur_sigma: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], blur_sigma: Sequence[float], flip_p: float) -> None:
         self.crop = v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
         self.pil_ops = v2.Compose([
             self.crop,
-            v2.RandomHorizontalFlip(0.5),
+            v2.RandomHorizontalFlip(flip_p),
             _jitter(jitter) if jitter > 0 else v2.Identity(),
             RandomGrayscale(GRAYSCALE_P),
         ])
@@ -202,7 +202,8 @@ class MultiCropTransform:
         self.aug = aug
         self.blur_probs = effective_blur_probs(aug)
         self.scale_min = aug.global_scale_min_start
-        common = dict(jitter=aug.jitter_strength, mean=aug.mean, std=aug.std, blur_sigma=blur_sigma)
+        common = dict(jitter=aug.jitter_strength, mean=aug.mean, std=aug.std, blur_sigma=blur_sigma,
+                      flip_p=aug.flip_p)
         g_scale = (self.scale_min, 1.0)
         self.global_views = [
             _View(aug.global_size, g_scale, blur_p=self.blur_probs[0], solarize_p=0.0, **common),

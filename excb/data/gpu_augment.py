@@ -9,7 +9,7 @@ draws every view of every image at once:
   vectorised over ``[views x images]``; crop + resize is one ``roi_align`` per view size over the padded
   batch, with adaptive sampling (``ceil(crop / output)`` bilinear samples averaged per output pixel), i.e.
   an area-style antialias like the CPU path's antialiased bicubic resize.
-* flip p 0.5; ColorJitter with p 0.8 (brightness, contrast, saturation, hue factors and a random order per
+* flip p ``flip_p`` (0.5); ColorJitter with p 0.8 (brightness, contrast, saturation, hue factors and a random order per
   sample, the ranges and formulas of torchvision's ``ColorJitter``); grayscale p 0.2; Gaussian blur with the
   per-view probabilities of :func:`excb.data.augment.effective_blur_probs`, the kernel-size rule of
   :func:`excb.data.augment.blur_kernel_size` and sigma ~ U(0.1, 2); solarize (global view 2); normalise.
@@ -210,13 +210,13 @@ def jitter_ranges(strength: float) -> tuple[tuple[float, float], ...]:
 
 def sample_view_params(sizes: Tensor, views: int, scale: tuple[float, float], jitter_strength: float,
                        blur_p: Sequence[float], solarize_p: Sequence[float], gen: torch.Generator,
-                       blur_sigma: Sequence[float] = BLUR_SIGMA) -> ViewParams:
+                       blur_sigma: Sequence[float] = BLUR_SIGMA, flip_p: float = 0.5) -> ViewParams:
     """Parameters for ``views`` views of each image (``sizes`` [B, 2]); ``blur_p``/``solarize_p`` per view."""
     b = sizes.shape[0]
     n = views * b
     per_view = lambda p: torch.tensor([float(p[v]) for v in range(views)]).repeat_interleave(b)  # noqa: E731
     boxes = sample_crop_boxes(sizes.repeat(views, 1), scale, gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = torch.rand(n, generator=gen) < flip_p
     jitter = (torch.rand(n, generator=gen) < JITTER_P) & (jitter_strength > 0)
     lo = torch.tensor([r[0] for r in jitter_ranges(jitter_strength)])
     hi = torch.tensor([r[1] for r in jitter_ranges(jitter_strength)])
@@ -383,12 +383,13 @@ class GpuMultiCrop:
 
     def global_params(self, sizes: Tensor, gen: torch.Generator) -> ViewParams:
         return sample_view_params(sizes, 2, self.global_scale, self.aug.jitter_strength,
-                                  self.blur_probs[:2], (0.0, self.aug.solarize_p), gen, self.blur_sigma)
+                                  self.blur_probs[:2], (0.0, self.aug.solarize_p), gen, self.blur_sigma,
+                                  self.aug.flip_p)
 
     def local_params(self, sizes: Tensor, gen: torch.Generator) -> ViewParams:
         n = self.aug.num_local_crops
         return sample_view_params(sizes, n, self.local_scale, self.aug.jitter_strength, (self.blur_probs[2],) * n,
-                                  (0.0,) * n, gen, self.blur_sigma)
+                                  (0.0,) * n, gen, self.blur_sigma, self.aug.flip_p)
 
     def _finish(self, crops: Tensor, params: ViewParams, views: int, size: int) -> Tensor:
         out = apply_view_ops(crops, params, blur_kernel_size(size), self.aug.mean, self.aug.std)

@@ -51,6 +51,9 @@ class ModelConfig(_Section):
     mlp_bn: bool = True
     activation: Literal["relu", "gelu"] = "relu"
     sync_bn: bool = Field(True, description="convert BatchNorm to SyncBatchNorm under torchrun")
+    embedding: Literal["final", "multiscale"] = Field(
+        "final", description="the embedding served and evaluated: 'final' = the pooled last stage (the reference's "
+        "feature); 'multiscale' = the last 3 stages (ViT: blocks) pooled, each L2-normalised, concatenated")
 
 
 class DataConfig(_Section):

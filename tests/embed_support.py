@@ -59,7 +59,8 @@ def bundle() -> Path:
     return out
 
 
-def handmade_checkpoint(path: Path, backbone: str = "resnet18", seed: int = 1, size: int = 16) -> Path:
+def handmade_checkpoint(path: Path, backbone: str = "resnet18", seed: int = 1, size: int = 16,
+                        overrides: tuple[str, ...] = ()) -> Path:
     """A checkpoint in the trainer's format for an untrained teacher (other weights, same contract)."""
     from excb.balancing import Balancer
     from excb.checkpoint import save_checkpoint
@@ -68,7 +69,7 @@ def handmade_checkpoint(path: Path, backbone: str = "resnet18", seed: int = 1, s
 
     extra = ["model.patch_size=4", "model.mlp_bn=false"] if backbone.startswith("vit") else []
     cfg = resolve(preset_name="cpu-small", overrides=[*TINY, f"model.backbone={backbone}",
-                                                      f"augment.global_size={size}", *extra])
+                                                      f"augment.global_size={size}", *extra, *overrides])
     torch.manual_seed(seed)
     model = build_model(cfg, teacher=True)
     bal = Balancer(cfg.model.num_clusters)

@@ -75,6 +75,20 @@ def test_vit_exports_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert e.shape == (3, 192) and s.shape == (3, 32)
 
 
+def test_multiscale_embedding_exports_with_parity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = es.handmade_checkpoint(tmp_path / "ms.pt", overrides=("model.embedding=multiscale",))
+    rc = excb_main(["export", str(ckpt), "--out", str(tmp_path / "ms"), "--parity-data", "digits",
+                    "--parity-images", "32"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    width = json.loads((tmp_path / "ms" / "model.json").read_text())["arch"]["width"]
+    assert out["parity"]["passed"] is True and out["embed_dim"] == width * (2 + 4 + 8)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    e, s = OrtEmbedder(load_bundle(tmp_path / "ms"), intra_op_threads=1).run(x)
+    assert e.shape == (2, width * 14) and s.shape == (2, 32)
+    assert np.allclose(np.linalg.norm(e, axis=1), 3 ** 0.5, atol=1e-4)  # three unit-length stage blocks
+
+
 def test_failed_parity_exits_nonzero_and_bundle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from services.embed.registry import ModelRegistry

@@ -308,3 +308,24 @@ def test_export_wrapper_matches_model(backbone: str) -> None:
         torch.testing.assert_close(emb, teacher.features(x))
         torch.testing.assert_close(z, teacher.cluster_similarities(x))
     assert emb.shape == (3, teacher.embed_dim) and z.shape == (3, K) and z.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "vit_tiny"])
+def test_multiscale_embedding_is_the_normalised_last_stages_and_exports(backbone: str) -> None:
+    """embedding=multiscale: served/evaluated features change; the training path (projector input) does not."""
+    final = build_model(tiny_cfg(backbone), teacher=True).eval()
+    multi = build_model(tiny_cfg(backbone, embedding="multiscale"), teacher=True).eval()
+    multi.load_state_dict(final.state_dict())
+    x = images(3, 16)
+    with torch.no_grad():
+        stages = multi.backbone.stage_features(x)
+        torch.testing.assert_close(stages[-1], final.features(x))  # the last stage is the backbone's feature
+        emb = multi.features(x)
+        assert emb.shape == (3, sum(multi.backbone.stage_dims[-3:])) and multi.embed_dim == emb.shape[1]
+        parts = emb.split(multi.backbone.stage_dims[-3:], dim=1)
+        for part, stage in zip(parts, stages[-3:]):
+            torch.testing.assert_close(part, F.normalize(stage, dim=1))
+        torch.testing.assert_close(multi.cluster_similarities(x), final.cluster_similarities(x))
+        w_emb, w_z = ExportWrapper(multi)(x)
+        torch.testing.assert_close(w_emb, emb)
+        torch.testing.assert_close(w_z, final.cluster_similarities(x))

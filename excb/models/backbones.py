@@ -1,7 +1,9 @@
 """Backbones: width-configurable ResNets and DINO-style ViTs (method.md §1.1).
 
-Every backbone maps images to one feature vector per image and exposes ``embed_dim``. ResNets keep
-torchvision's module names, so a torchvision state dict (minus ``fc``) loads into ``width=64`` as is.
+Every backbone maps images to one feature vector per image and exposes ``embed_dim``; ``stage_features``
+returns one pooled vector per stage (ViT: per block), the last being ``forward``'s, and ``stage_dims`` their
+sizes. ResNets keep torchvision's module names, so a torchvision state dict (minus ``fc``) loads into
+``width=64`` as is.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.embed_dim = width * 8 * block.expansion  # type: ignore[attr-defined]
+        self.stage_dims = [width * m * block.expansion for m in (1, 2, 4, 8)]  # type: ignore[attr-defined]
+        self.embed_dim = self.stage_dims[-1]
         self._init_weights()
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -85,6 +88,15 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
+
+    def stage_features(self, x: Tensor) -> list[Tensor]:
+        """Global-average-pooled output of each of the four stages, in order (the last = ``forward(x)``)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out: list[Tensor] = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            out.append(torch.flatten(self.avgpool(x), 1))
+        return out
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -154,6 +166,7 @@ class VisionTransformer(nn.Module):
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.embed_dim = embed_dim
+        self.stage_dims = [embed_dim] * depth
         self.patch_size = patch_size
         self.grid = img_size // patch_size
         self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -200,16 +213,18 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)[:, 0]
 
-    def features_last4(self, x: Tensor) -> Tensor:
-        """Concat of the last 4 blocks' CLS, each through the final norm: [N, 4*D] (linear-probe parity)."""
+    def stage_features(self, x: Tensor) -> list[Tensor]:
+        """Each block's CLS token through the final norm, in order (the last = ``forward(x)``)."""
         x = self.tokens(x)
         outs: list[Tensor] = []
-        first = len(self.blocks) - 4
-        for i, blk in enumerate(self.blocks):
+        for blk in self.blocks:
             x = blk(x)
-            if i >= first:
-                outs.append(self.norm(x[:, 0]))
-        return torch.cat(outs, dim=-1)
+            outs.append(self.norm(x[:, 0]))
+        return outs
+
+    def features_last4(self, x: Tensor) -> Tensor:
+        """Concat of the last 4 blocks' CLS, each through the final norm: [N, 4*D] (linear-probe parity)."""
+        return torch.cat(self.stage_features(x)[-4:], dim=-1)
 
 
 def resolve_small_images(cfg: ModelConfig, global_size: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from excb.config import TrainConfig
@@ -12,6 +13,22 @@ from excb.models.backbones import build_backbone
 from excb.models.heads import MLP, CentroidLayer, Predictor
 
 GROUP_NAMES: tuple[str, ...] = ("backbone", "backbone_noreg", "projector", "projector_noreg", "centroids")
+MULTISCALE_STAGES = 3  # stages (ViT: blocks) whose pooled features make a multiscale embedding
+
+
+def embedding_dim(backbone: nn.Module, kind: str) -> int:
+    """Size of the embedding ``kind`` ('final' or 'multiscale') of ``backbone``."""
+    dims: list[int] = backbone.stage_dims  # type: ignore[assignment]
+    return sum(dims[-MULTISCALE_STAGES:]) if kind == "multiscale" else dims[-1]
+
+
+def multiscale(stages: list[Tensor]) -> Tensor:
+    """The last stages' pooled features, each L2-normalised (so each counts equally in a cosine), concatenated.
+
+    Why: after a short run the last stage alone is not the best feature; on the quality suite the
+    concatenation ranked neighbours better (benchmarks/RESULTS.md, "multiscale embedding").
+    """
+    return torch.cat([F.normalize(s.float(), dim=-1) for s in stages[-MULTISCALE_STAGES:]], dim=-1)
 
 
 class ExCBModel(nn.Module):
@@ -22,21 +39,24 @@ class ExCBModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
-                 centroids: CentroidLayer, is_teacher: bool = False) -> None:
+                 centroids: CentroidLayer, is_teacher: bool = False, embedding: str = "final") -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
         self.predictor = predictor
         self.centroids = centroids
         self.is_teacher = is_teacher
-        self.embed_dim: int = int(backbone.embed_dim)  # type: ignore[arg-type]
+        self.embedding = embedding
+        self.embed_dim: int = embedding_dim(backbone, embedding)
 
     @property
     def num_clusters(self) -> int:
         return self.centroids.num_clusters
 
     def features(self, x: Tensor) -> Tensor:
-        """Backbone features [N, embed_dim]."""
+        """The embedding [N, embed_dim]: the backbone's feature, or its multiscale concatenation."""
+        if self.embedding == "multiscale":
+            return multiscale(self.backbone.stage_features(x))
         return self.backbone(x)
 
     def project(self, x: Tensor) -> Tensor:
@@ -105,7 +125,7 @@ def build_model(cfg: TrainConfig, teacher: bool = False) -> ExCBModel:
                     m.bottleneck_dim, m.mlp_bn, m.activation)
     predictor = Predictor(m.bottleneck_dim, m.predictor_hidden_dim, m.mlp_bn, m.activation) if m.predictor else None
     centroids = CentroidLayer(m.bottleneck_dim, m.num_clusters)
-    return ExCBModel(backbone, projector, predictor, centroids, is_teacher=teacher)
+    return ExCBModel(backbone, projector, predictor, centroids, is_teacher=teacher, embedding=m.embedding)
 
 
 class ExportWrapper(nn.Module):
@@ -121,16 +141,21 @@ class ExportWrapper(nn.Module):
         self.backbone = copy.deepcopy(model.backbone)
         self.projector = copy.deepcopy(model.projector)
         self.register_buffer("centroids", model.centroids.normalized().clone())
+        self.embedding = model.embedding
         self.embed_dim = model.embed_dim
         self.num_clusters = model.num_clusters
         self.requires_grad_(False)
         self.train(False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        emb = self.backbone(x)
-        h = self.projector(emb).float()
+        if self.embedding == "multiscale":
+            stages = self.backbone.stage_features(x)
+            feat, emb = stages[-1], multiscale(stages)
+        else:
+            feat = emb = self.backbone(x)
+        h = self.projector(feat).float()
         h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return emb, h @ self.centroids.t()
 
 
-__all__ = ["ExCBModel", "ExportWrapper", "build_model", "GROUP_NAMES"]
+__all__ = ["ExCBModel", "ExportWrapper", "build_model", "embedding_dim", "multiscale", "GROUP_NAMES"]

@@ -43,11 +43,12 @@ def _transforms(cfg: Any) -> tuple[Any, Any]:
 
 
 def encoder(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """ViT: last-4 CLS concatenation (1536-d for ViT-S); ResNet: the pooled features."""
+    """ViT: last-4 CLS concatenation (1536-d for ViT-S); ResNet: the pooled last stage, as the reference (whatever
+    ``model.embedding`` serves)."""
     backbone = getattr(model, "backbone", model)
     if hasattr(backbone, "features_last4"):
         return backbone.features_last4
-    return model.features
+    return backbone
 
 
 def default_lr(model: nn.Module, batch_size: int) -> float:

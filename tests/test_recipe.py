@@ -47,7 +47,7 @@ def test_fit_small_grey_digits_on_cpu() -> None:
     assert any(line.startswith("model.num_clusters=64:") for line in r.reasons)
     # 20x20 px: crops keep >= 16x16 / 8x8 of the image's own pixels (the usual 0.3 / 0.1 would be 6x6 / 4x4 px)
     a = c["augment"]
-    assert (a["global_scale_min_end"], a["global_scale_min_start"], a["local_scale_min"]) == (0.64, 0.74, 0.16)
+    assert (a["global_scale_min_end"], a["global_scale_min_start"], a["local_scale_min"]) == (0.6, 0.7, 0.16)
     assert c["model"]["embedding"] == "multiscale"
 
 
@@ -57,7 +57,7 @@ def test_crop_scales_follow_the_images_own_pixels() -> None:
                           grey=True), CPU).choices["augment"].items() if "scale" in k}
     assert crops(64) == crops(480) == {"global_scale_min_start": 0.4, "global_scale_min_end": 0.3,
                                         "local_scale_min": 0.1}  # enough pixels: the tuned cpu-small scales
-    assert crops(8) == {"global_scale_min_start": 0.9, "global_scale_min_end": 0.8, "local_scale_min": 0.4}
+    assert crops(8) == {"global_scale_min_start": 0.7, "global_scale_min_end": 0.6, "local_scale_min": 0.3}
     unknown = fit(cfg, DataProfile(images=4000, short_side=None, long_side=None, grey=None), CPU).choices
     assert unknown["augment"]["global_scale_min_end"] == 0.3
     gpu = fit(cfg, DataProfile(images=4000, short_side=64, long_side=64, grey=False), CUDA).choices

@@ -6,6 +6,11 @@ Three studies, each printing a markdown table and a JSON line:
               benchmarks/suite_data.py (Fashion-MNIST, two digit sets, two colour sets), then kNN (k=20) and
               the fast linear probe on ExCB features, raw pixels and a random-init network.
 
+  screen      the default recipe on one suite set for a fixed number of steps (``--steps``), with extra
+              overrides: kNN and the fast linear probe on the served embedding, and kNN of the two embeddings
+              (``final``: the pooled last stage; ``multiscale``) of the same teacher. For comparing recipe
+              choices side by side at equal steps; it does not evaluate baselines.
+
   main        one `cpu-small` run with a time (or step) budget, then kNN (k=20, T=0.07; exp-weighted and
               majority vote) on teacher features, raw pixels and a random-init network, evaluated identically.
   robustness  batch 32 vs 256 x balancing excb / dino-centering / none, same budget each: kNN accuracy,
@@ -16,6 +21,7 @@ A time budget is turned into a step budget by timing a short calibration run fir
 schedules still complete; the steps actually used and the wall time are reported.
 
   python benchmarks/quality.py suite --budget 10m
+  python benchmarks/quality.py screen --sets opencv-digits --steps 800 augment.flip_p=0.5
   python benchmarks/quality.py main --minutes 25
   python benchmarks/quality.py robustness --images 40000   # same number of training images per run
 """
@@ -230,6 +236,36 @@ def cmd_suite(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
+    """Fitted recipe + overrides for ``--steps`` steps on each of ``--sets``; one JSON row per set."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import suite_data
+
+    from excb.models.model import multiscale
+
+    rows = []
+    for name in args.sets or ["opencv-digits"]:
+        suite_data.prepare(name, args.root)
+        source = suite_data.data_source(name, args.root)
+        out = Path(args.out) / f"screen-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        result = train(resolve(overrides=[f"data={source}", f"out={out}", f"max_steps={args.steps or 800}",
+                                          "progress=false", *args.overrides]))
+        wall = time.time() - t0
+        run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
+        splits = labelled_splits(source, model_transform(run_cfg))
+        served = evaluate(model.features, *splits, k=20, linear=True, batch_size=512)
+        bb = model.backbone
+        kinds = {"final": bb, "multiscale": lambda x: multiscale(bb.stage_features(x))}
+        knn = {kind: evaluate(fn, *splits, k=20, batch_size=512)["knn_acc"] for kind, fn in kinds.items()}
+        rows.append({"name": name, "steps": result.steps, "overrides": list(args.overrides),
+                     "embedding": run_cfg.model.embedding, "knn": served["knn_acc"], "linear": served["linear"]["acc"],
+                     "knn_by_embedding": knn, "train_minutes": wall / 60})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"study": "screen", "machine": machine(), "rows": rows}
+
+
 def argv_text() -> str:
     return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
@@ -249,13 +285,14 @@ def append_results(path: Path, res: dict[str, Any], command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=("main", "robustness", "suite"))
+    p.add_argument("study", choices=("main", "robustness", "suite", "screen"))
     p.add_argument("--budget", default="10m", help="suite: training budget per data set (600s, 10m, 2h)")
-    p.add_argument("--sets", nargs="+", help="suite: only these data sets (default: all of benchmarks/suite_data.py)")
+    p.add_argument("--sets", nargs="+", help="suite/screen: only these data sets (suite default: all of "
+                   "benchmarks/suite_data.py; screen default: opencv-digits)")
     p.add_argument("--root", default=None, help="suite: where the data sets are prepared (~/.cache/excb/suite)")
     p.add_argument("--write-results", metavar="RESULTS_MD", help="suite: append the table to this file")
     p.add_argument("--minutes", type=float, default=25.0, help="training budget per run (calibrated to steps)")
-    p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes")
+    p.add_argument("--steps", type=int, help="fixed step budget instead of --minutes (screen: default 800)")
     p.add_argument("--images", type=int, help="fixed budget in training images (steps = images // batch)")
     p.add_argument("--batch", type=int, help="main: batch size (default: the preset's)")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 256])
@@ -264,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="main: skip the raw-pixel/random-init rows")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_intermixed_args(argv)
-    studies = {"main": cmd_main, "robustness": cmd_robustness, "suite": cmd_suite}
+    studies = {"main": cmd_main, "robustness": cmd_robustness, "suite": cmd_suite, "screen": cmd_screen}
     res = studies[args.study](args)
     print(json.dumps(res))
     return 0

@@ -280,7 +280,8 @@ def _flip(f: _Fitter, p: DataProfile) -> None:
         return
     if p.mirror_ratio > MIRROR_RATIO_MAX:
         f.set("augment.flip_p", 0.0, f"mirrored images lie {p.mirror_ratio:.2f}x farther from the data than the "
-              f"images do (> {MIRROR_RATIO_MAX}): the data has a handedness (digits, text), so no flips")
+              f"images do (> {MIRROR_RATIO_MAX}): the data has a handedness (as digits, text, or objects always shown "
+              "facing one way), so no flips")
     else:
         f.set("augment.flip_p", 0.5, f"mirrored images lie {p.mirror_ratio:.2f}x as far from the data as the "
               f"images do (<= {MIRROR_RATIO_MAX}): both orientations occur, so flips")

@@ -70,6 +70,23 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text
 
 
+def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -> None:
+    """`quality.py screen`: the fitted recipe for a fixed number of steps, with overrides; the served embedding's
+    kNN equals the kNN of that embedding computed directly (multiscale on a CPU recipe)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "screen", "--sets", "uci-digits", "--steps", "6",
+         "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "model.width=8",
+         "augment.num_local_crops=2", "kmeans.samples=256", "augment.flip_p=0.5"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert row["steps"] == 6 and row["overrides"][-1] == "augment.flip_p=0.5" and row["embedding"] == "multiscale"
+    assert row["knn"] == row["knn_by_embedding"]["multiscale"] and 0.0 <= row["knn_by_embedding"]["final"] <= 1.0
+    assert (tmp_path / "runs" / "screen-uci-digits" / "config.yaml").read_text().count("flip_p: 0.5") == 1
+
+
 def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Path) -> None:
     """benchmarks/embed_load.py at CI size: real servers (batching on/off), raw and JSON bodies, the engine on the
     servers' cores, per-stage means scraped from the servers, and the ratios computed per round."""

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from services.dashboard import STATIC_DIR, router
+from services.dashboard.pages import render
 from services.dashboard.routes import resolve_static
 
 PAGES = ["/dashboard", "/dashboard/jobs/j-abc123", "/dashboard/compare", "/dashboard/compare?a=j-1&b=j-2",
@@ -38,9 +39,12 @@ def test_pages_are_html_with_a_strict_policy(client: TestClient, path: str) -> N
 
 
 def test_each_page_loads_its_own_script_and_every_asset_exists(client: TestClient) -> None:
-    for page in ("jobs", "job", "compare", "model"):
-        html = (STATIC_DIR / "pages" / f"{page}.html").read_text()
-        assert f"/dashboard/static/js/{page}.js" in html
+    for page in ("jobs", "job", "compare", "model", "gallery"):
+        html = render(page)
+        assert f"/dashboard/static/js/{page}.js" in html and html.count('<main id="main">') == 1
+        assert "<!--" not in html  # every marker of the shell was filled
+        current = re.findall(r'<a href="([^"]+)" aria-current="page">', html)
+        assert current == {"jobs": ["/dashboard"], "compare": ["/dashboard/compare"]}.get(page, []), page
         for ref in re.findall(r'(?:src|href)="(/dashboard/static/[^"]+)"', html):
             resp = client.get(ref)
             assert resp.status_code == 200, ref
@@ -49,7 +53,7 @@ def test_each_page_loads_its_own_script_and_every_asset_exists(client: TestClien
 
 def test_no_asset_references_another_origin() -> None:
     """Offline: no CDN and no absolute URL to load anything from (links in comments/text are fine in JS)."""
-    for path in list(STATIC_DIR.glob("pages/*.html")) + list(STATIC_DIR.glob("css/*.css")):
+    for path in [STATIC_DIR / "layout.html", *STATIC_DIR.glob("pages/*.html"), *STATIC_DIR.glob("css/*.css")]:
         text = path.read_text()
         assert not re.search(r'(?:src|href)\s*=\s*"(?:https?:)?//', text), path
         assert "@import" not in text and "url(http" not in text, path

@@ -1,6 +1,6 @@
 """Routes of the dashboard: its HTML pages (jobs, job, compare, model, cluster gallery) and the static files they load.
 
-The pages are static documents; each reads the ids it needs from its own URL and talks to the JSON API
+The pages are static documents (``pages.py`` puts each page's ``<main>`` in the shared shell); each reads the ids it needs from its own URL and talks to the JSON API
 from the browser. Ids are checked here only for shape (so a malformed link gets a clear 422 instead of a
 page that can never load); whether the job or model exists is the API's answer, shown by the page.
 """
@@ -15,9 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
 from services.common.errors import error_response
-
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-PAGES_DIR = STATIC_DIR / "pages"
+from services.dashboard.pages import STATIC_DIR, render
 
 # Same alphabet the API uses for job and model ids (uuid hex, slugs); anything else cannot be an id.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -37,8 +35,8 @@ _STATIC_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cac
 router = APIRouter(prefix="/dashboard", tags=["dashboard"], include_in_schema=False)
 
 
-def _page(name: str) -> FileResponse:
-    return FileResponse(PAGES_DIR / f"{name}.html", media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+def _page(name: str) -> Response:
+    return Response(render(name), media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
 
 def _bad_id(field: str, value: str) -> Response | None:

@@ -26,6 +26,7 @@ from excb.assign import Assigner
 from excb.onnx_runtime import META_FILE, Bundle, BundleError, OrtEmbedder, load_bundle
 from services.common.active_model import read_active_id
 from services.common.auth import CURRENT_PRINCIPAL
+from services.common.periodic import Periodic
 from services.embed.batcher import MicroBatcher
 from services.embed.manifest import ModelRecord, read_manifest
 from services.embed.monitor import BalanceMonitor
@@ -127,8 +128,7 @@ class ModelRegistry:
         self.errors: dict[str, str] = {}
         self._failed_sha: dict[str, str | None] = {}
         self._unrecorded: set[str] = set()
-        self._rescan_stop = threading.Event()
-        self._rescan_thread: threading.Thread | None = None
+        self._rescan_thread: Periodic | None = None
 
     def set_batch_hook(self, factory: BatchHookFactory) -> None:
         """Install the per-batch metrics hook, also on models loaded before the app existed."""
@@ -298,15 +298,7 @@ class ModelRegistry:
         """Poll ``models_dir`` in a daemon thread (new bundles written by the worker appear by themselves)."""
         if every_s <= 0 or self._rescan_thread is not None:
             return
-
-        def loop() -> None:
-            while not self._rescan_stop.wait(every_s):
-                try:
-                    self.rescan()
-                except Exception:
-                    log.exception("rescan failed")
-
-        self._rescan_thread = threading.Thread(target=loop, name="registry-rescan", daemon=True)
+        self._rescan_thread = Periodic("registry-rescan", self.rescan, every_s)
         self._rescan_thread.start()
 
     # -- serving ---------------------------------------------------------------------------------------
@@ -394,7 +386,8 @@ class ModelRegistry:
         return not problems, problems
 
     def close(self) -> None:
-        self._rescan_stop.set()
+        if self._rescan_thread is not None:
+            self._rescan_thread.stop()
         with self._lock:
             models = list(self._models.values())
             self._models.clear()

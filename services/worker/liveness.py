@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from celery import bootsteps
 
+from services.common.periodic import Periodic
 from services.db import workers as worker_store
 from services.settings import Settings, get_settings
 
@@ -56,33 +56,29 @@ def check_health(path: Path | None, max_age: float, now: float | None = None) ->
     return True, f"consumer heartbeat {age:.1f}s ago"
 
 
-class HeartbeatThread(threading.Thread):
-    """Beats into the DB and the health file until stopped; a DB error is logged and retried next beat."""
+class HeartbeatThread(Periodic):
+    """Beats into the DB and the health file at once and then every ``heartbeat_seconds`` until stopped."""
 
     def __init__(self, who: worker_store.Identity, settings: Settings) -> None:
-        super().__init__(name="excb-worker-heartbeat", daemon=True)
+        super().__init__("excb-worker-heartbeat", self.beat, settings.heartbeat_seconds, first_now=True)
         self.who, self.settings = who, settings
-        self._halt = threading.Event()
 
-    def run(self) -> None:
+    def beat(self) -> None:
+        """The health file and the DB row, each tried on its own; a failure is a warning, retried next beat."""
         from services.worker.tasks import database
 
-        while True:
-            if self.settings.worker_health_file is not None:
-                try:
-                    touch(self.settings.worker_health_file)
-                except OSError as exc:
-                    log.warning("cannot touch %s: %s", self.settings.worker_health_file, exc)
+        if self.settings.worker_health_file is not None:
             try:
-                worker_store.beat(database(), self.who, CURRENT_JOB)
-            except Exception as exc:  # the DB is down: the jobs' own heartbeats decide what happens to them
-                log.warning("worker heartbeat failed: %s", exc)
-            if self._halt.wait(self.settings.heartbeat_seconds):
-                return
+                touch(self.settings.worker_health_file)
+            except OSError as exc:
+                log.warning("cannot touch %s: %s", self.settings.worker_health_file, exc)
+        try:
+            worker_store.beat(database(), self.who, CURRENT_JOB)
+        except Exception as exc:  # the DB is down: the jobs' own heartbeats decide what happens to them
+            log.warning("worker heartbeat failed: %s", exc)
 
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=5)
+    def stop(self, join_timeout: float | None = 5) -> None:
+        super().stop(join_timeout)
 
 
 class ConsumerHeartbeat(bootsteps.StartStopStep):

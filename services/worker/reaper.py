@@ -9,10 +9,10 @@ sweeping at once cannot double-requeue. Duplicate messages it may create are dro
 from __future__ import annotations
 
 import logging
-import threading
 
 from celery import Celery
 
+from services.common.periodic import Periodic
 from services.db import jobs as store
 from services.db.session import Database
 from services.settings import Settings
@@ -36,20 +36,8 @@ def sweep(db: Database, celery: Celery, settings: Settings) -> dict[str, int]:
     return counts
 
 
-class Reaper(threading.Thread):
+class Reaper(Periodic):
     """Calls :func:`sweep` every ``reaper_interval_seconds`` until stopped."""
 
     def __init__(self, db: Database, celery: Celery, settings: Settings) -> None:
-        super().__init__(name="excb-reaper", daemon=True)
-        self.db, self.celery, self.settings = db, celery, settings
-        self._stopping = threading.Event()  # not ``_stop``: that is Thread's own method (called after fork)
-
-    def run(self) -> None:
-        while not self._stopping.wait(self.settings.reaper_interval_seconds):
-            try:
-                sweep(self.db, self.celery, self.settings)
-            except Exception:  # the DB or broker is down: try again next period
-                log.exception("reaper pass failed")
-
-    def stop(self) -> None:
-        self._stopping.set()
+        super().__init__("excb-reaper", lambda: sweep(db, celery, settings), settings.reaper_interval_seconds)

@@ -47,7 +47,7 @@ def test_row7_enqueue_failure_leaves_a_queued_row_the_outbox_delivers(private_re
 
     from services.db import jobs as store
     from services.db.session import Database
-    from services.worker.reaper import sweep
+    from services.queue.reaper import sweep
 
     stack = make_stack(f"sqlite:///{tmp_path / 'r7.sqlite'}", private_redis.url)
     c = stack.start_api()
@@ -229,7 +229,7 @@ def test_row3_duplicate_delivery_of_a_running_job_gets_no_second_lease(redis_url
     checkpoint *file* writes are fenced too: see test_row3_a_stale_trainer_cannot_overwrite_the_new_checkpoint."""
     from fixtures_services import tiny_job
     from services.db import jobs as store
-    from services.worker.publish import publish
+    from services.queue.publish import publish
 
     stack = make_stack(f"sqlite:///{tmp_path / 'r3.sqlite'}", redis_url, export_parity_images=16)
     c = stack.start_api()

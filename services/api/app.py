@@ -24,8 +24,8 @@ from services.common.errors import install_error_handlers
 from services.common.metrics import install_http_metrics
 from services.db.session import Database, default_url
 from services.settings import Settings, get_settings
-from services.worker.app import make_celery
-from services.worker.reaper import Reaper
+from services.queue.broker import make_celery
+from services.queue.reaper import Reaper
 
 log = logging.getLogger("excb.api")
 

@@ -24,7 +24,7 @@ from services.common.errors import ERROR_SCHEMA, ApiError
 from services.db import jobs as store
 from services.db.jobs import Conflict, LimitReached
 from services.db.tables import TERMINAL, Job
-from services.worker.publish import publish
+from services.queue.publish import publish
 
 _ERR = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"description": d, **_ERR} for c, d in

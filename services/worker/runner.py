@@ -282,7 +282,7 @@ class JobRunner:
         if status != "QUEUED":
             return
         from services.worker.app import app as celery_app
-        from services.worker.publish import publish
+        from services.queue.publish import publish
 
         publish(celery_app, self.db, self.job_id, self.settings.celery_queue)
 

@@ -31,7 +31,7 @@ from services.db import jobs as store
 from services.db import workers as worker_store
 from services.db.session import Database
 from services.settings import Settings
-from services.worker.publish import publish
+from services.queue.publish import publish
 
 log = logging.getLogger("excb.supervisor")
 

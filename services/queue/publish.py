@@ -8,7 +8,7 @@ from celery import Celery
 
 from services.db import jobs as store
 from services.db.session import Database
-from services.worker.app import TASK_RUN_JOB
+from services.queue.broker import TASK_RUN_JOB
 
 log = logging.getLogger("excb.publish")
 

@@ -16,7 +16,7 @@ from services.common.periodic import Periodic
 from services.db import jobs as store
 from services.db.session import Database
 from services.settings import Settings
-from services.worker.publish import publish
+from services.queue.publish import publish
 
 log = logging.getLogger("excb.reaper")
 

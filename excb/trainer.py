@@ -22,7 +22,7 @@ from torch import Tensor
 from excb import stats
 from excb.checkpoint import (LAST, FencedOut, check_fence, checkpoint_dir, has_checkpoint, load_resumable,
                              save_checkpoint)
-from excb.config import ConfigError, TrainConfig, dump_yaml, validate
+from excb.config import ConfigError, TrainConfig, dump_yaml
 from excb.data.loader import TrainData
 from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup
 from excb.fileio import atomic_write
@@ -156,7 +156,7 @@ class Run:
 
 def train(cfg: TrainConfig, callback: Callback | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train (or resume) a run described by ``cfg``; see docs/internals.md for the run-directory layout."""
-    cfg = validate(json.loads(cfg.model_dump_json()))  # private, validated copy
+    cfg = cfg.model_copy(deep=True)  # private copy: the caller's config is never changed (validated once, by resolve)
     if cfg.checkpoint:
         from excb.rerun import warm_source
 

@@ -19,8 +19,6 @@ errors all map to the one JSON error shape.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import os
 import time
@@ -32,12 +30,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
 
 from excb.onnx_runtime import PROVIDER_ORDER, available_providers, default_intra_op_threads
 from services.common.auth import ApiKeyAuth
-from services.common.body import parse_json_object, validate_as
 from services.common.errors import ApiError, install_error_handlers
 from services.common.metrics import install_http_metrics, metrics_response
 from services.common.paths import PathNotAllowed, resolve_in_roots
@@ -45,32 +40,12 @@ from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
 from services.embed.decode_budget import PixelBudget, return_large_buffers_to_the_os
 from services.embed.decoding import ImageDecoder
 from services.embed.fetch import FetchError, FetchPolicy, fetch_url
+from services.embed.inputs import EmbedOptions, is_raw, parse_json, parse_multipart, parse_raw, read_capped
 from services.embed.metrics import EmbedMetrics
 from services.embed.registry import LoadedModel, ModelNotFound, ModelRegistry
 from services.embed.respond import FastJSONResponse, items as response_items
 from services.settings import Settings, get_settings
 
-MAX_FORM_PARTS = 1000
-MAX_FORM_FIELD_BYTES = 64 * 1024
-
-
-class EmbedOptions(BaseModel):
-    """Per-request options (JSON body fields, multipart form fields, or query parameters)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, max_length=128, description="model id or 'latest' (default)")
-    normalize: bool = Field(True, description="L2-normalise the embeddings")
-    return_clusters: bool = Field(True, description="include cluster assignments")
-    top_k: int | None = Field(None, ge=1, description="how many nearest clusters to list")
-    encoding_format: Literal["float", "base64"] = Field("float", description="base64 = little-endian float32")
-
-
-class EmbedRequest(EmbedOptions):
-    """JSON body of ``POST /v1/embed``: ``input`` is one or more base64 strings or data URIs."""
-
-    input: str | list[str]
-    user: str | None = Field(None, max_length=256, description="accepted for OpenAI-client compatibility")
 
 
 class EmbedService:
@@ -275,96 +250,6 @@ class EmbedService:
             raise ApiError(exc.status, exc.code, exc.message, "uri") from exc
 
 
-def decode_base64_item(text: str, field: str, max_bytes: int) -> bytes:
-    """A data URI (``data:image/png;base64,...``) or bare base64 -> bytes; the media type is ignored
-    (the decoder sniffs the real format from the bytes)."""
-    if not isinstance(text, str):
-        raise ApiError(422, "validation_error", "each input must be a string", field)
-    payload = text
-    if text.startswith("data:"):
-        header, sep, payload = text.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ApiError(422, "invalid_input", "data URIs must be base64-encoded (data:<type>;base64,...)", field)
-    elif text.startswith(("http://", "https://")):
-        raise ApiError(422, "invalid_input", "URLs are accepted by GET /embed?uri=..., not in the JSON body", field)
-    payload = "".join(payload.split())
-    if len(payload) > (max_bytes // 3 + 1) * 4:
-        raise ApiError(413, "too_large", f"the image exceeds the limit of {max_bytes} bytes", field)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(422, "invalid_input", "not valid base64", field) from exc
-    return data
-
-
-async def read_capped(request: Request, cap: int) -> bytes:
-    """Read the body, counting bytes as they stream (Content-Length is not trusted); 413 past ``cap``.
-
-    The body is cached on the request so ``request.form()`` parses it from memory afterwards.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise ApiError(413, "payload_too_large", f"the request body is {declared} bytes; the limit is {cap}")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > cap:
-            raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {cap} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # noqa: SLF001 - Starlette's documented cache for stream()/form()
-    return body
-
-
-async def _parse_multipart(request: Request, svc: EmbedService) -> tuple[list[tuple[str, bytes]], EmbedOptions]:
-    try:
-        form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS,
-                                  max_part_size=MAX_FORM_FIELD_BYTES)
-    except ApiError:
-        raise
-    except Exception as exc:  # Starlette raises HTTPException(400) for malformed or oversized forms
-        detail = getattr(exc, "detail", None) or str(exc)
-        raise ApiError(400, "bad_request", f"malformed multipart body: {detail}") from exc
-    try:
-        files: list[tuple[str, UploadFile]] = []
-        fields: dict[str, str] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                files.append((key, value))
-            elif key in fields:
-                raise ApiError(422, "validation_error", f"{key}: given more than once", key)
-            else:
-                fields[key] = value
-        svc.check_count(len(files), "files")
-        opts = validate_as(EmbedOptions, fields)
-        items = [(f"files[{i}]", await f.read()) for i, (_, f) in enumerate(files)]
-    finally:
-        await form.close()
-    return items, opts
-
-
-def _parse_json(body: bytes, svc: EmbedService) -> tuple[list[tuple[str, bytes]], EmbedOptions]:
-    req = parse_json_object(body, EmbedRequest, "a JSON object with an 'input' field")
-    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
-    svc.check_count(len(inputs), "input")
-    max_bytes = svc.embed.max_image_bytes
-    items = [(f"input[{i}]", decode_base64_item(t, f"input[{i}]", max_bytes)) for i, t in enumerate(inputs)]
-    return items, req  # an EmbedRequest is an EmbedOptions: no second validation
-
-
-def _parse_raw(body: bytes, request: Request, svc: EmbedService) -> tuple[list[tuple[str, bytes]], EmbedOptions]:
-    """``Content-Type: image/*`` or ``application/octet-stream``: the body is one encoded image, the options
-    are query parameters. No base64 (a third more bytes to send and to decode), no JSON, no multipart parser."""
-    svc.check_count(1 if body else 0, "body")
-    opts = validate_as(EmbedOptions, dict(request.query_params))
-    return [("body", body)], opts
-
-
-def _is_raw(ctype: str) -> bool:
-    return ctype.startswith("image/") or ctype == "application/octet-stream"
-
-
 def build_router(svc: EmbedService) -> APIRouter:
     """All embed routes; the control plane may include this router (or mount the whole app)."""
     router = APIRouter()
@@ -401,7 +286,7 @@ def build_router(svc: EmbedService) -> APIRouter:
         options as query parameters)."""
         t0 = time.perf_counter()
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        raw = _is_raw(ctype)
+        raw = is_raw(ctype)
         if not raw and ctype not in ("multipart/form-data", "application/json") and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type",
                            "send multipart/form-data (files), application/json ({\"input\": [...]}) or one image "
@@ -409,11 +294,11 @@ def build_router(svc: EmbedService) -> APIRouter:
         body = await read_capped(request, e.max_request_bytes)
         t1 = time.perf_counter()
         if raw:
-            items, opts = _parse_raw(body, request, svc)
+            items, opts = parse_raw(body, request, svc)
         elif ctype == "multipart/form-data":
-            items, opts = await _parse_multipart(request, svc)
+            items, opts = await parse_multipart(request, svc)
         else:
-            items, opts = _parse_json(body, svc)
+            items, opts = parse_json(body, svc)
         svc.metrics.stage("read", t1 - t0)
         svc.metrics.stage("parse", time.perf_counter() - t1)
         response = await svc.serve(items, opts, "/v1/embed")

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException
 from services.common.body import capped_receive, declared_length
 from services.common.errors import ApiError, field_from_loc
 from services.common.openai_shapes import OpenAIModel, OpenAIModelList, model_entry
-from services.embed.app import EmbedOptions, EmbedService, decode_base64_item
+from services.embed.app import EmbedService
+from services.embed.inputs import EmbedOptions, decode_base64_item
 from services.embed.registry import LoadedModel, ModelNotFound
 from services.embed.schemas import EmbeddingsRequest, EmbeddingsResponse, OpenAIError
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from services.common.errors import ERROR_SCHEMA
-from services.embed.app import EmbedRequest
+from services.embed.inputs import EmbedRequest
 from services.embed.schemas import EmbedMultipart, EmbedResponse, Health
 
 SECURITY_SCHEME = "bearerAuth"

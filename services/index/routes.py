@@ -202,7 +202,7 @@ class IndexRoutes:
 
 async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, bytes | None]:
     """JSON (``image`` as data URI/base64, or ``image_id``) or multipart (``file`` + the same fields)."""
-    from services.embed.app import decode_base64_item, read_capped
+    from services.embed.inputs import decode_base64_item, read_capped
 
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     e = svc.embed

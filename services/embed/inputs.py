@@ -1,0 +1,131 @@
+"""What a client sends to the embed service, read and bounded: the request options, the JSON / multipart / raw
+image bodies, base64 and data URIs, and the streamed body cap. Every malformed input becomes a 4xx here, before a
+model is touched (the routes in ``app.py`` only choose the parser)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+
+from services.common.body import parse_json_object, validate_as
+from services.common.errors import ApiError
+
+if TYPE_CHECKING:
+    from services.embed.app import EmbedService
+
+MAX_FORM_PARTS = 1000
+MAX_FORM_FIELD_BYTES = 64 * 1024
+
+
+class EmbedOptions(BaseModel):
+    """Per-request options (JSON body fields, multipart form fields, or query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=128, description="model id or 'latest' (default)")
+    normalize: bool = Field(True, description="L2-normalise the embeddings")
+    return_clusters: bool = Field(True, description="include cluster assignments")
+    top_k: int | None = Field(None, ge=1, description="how many nearest clusters to list")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64 = little-endian float32")
+
+
+class EmbedRequest(EmbedOptions):
+    """JSON body of ``POST /v1/embed``: ``input`` is one or more base64 strings or data URIs."""
+
+    input: str | list[str]
+    user: str | None = Field(None, max_length=256, description="accepted for OpenAI-client compatibility")
+
+
+def decode_base64_item(text: str, field: str, max_bytes: int) -> bytes:
+    """A data URI (``data:image/png;base64,...``) or bare base64 -> bytes; the media type is ignored
+    (the decoder sniffs the real format from the bytes)."""
+    if not isinstance(text, str):
+        raise ApiError(422, "validation_error", "each input must be a string", field)
+    payload = text
+    if text.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ApiError(422, "invalid_input", "data URIs must be base64-encoded (data:<type>;base64,...)", field)
+    elif text.startswith(("http://", "https://")):
+        raise ApiError(422, "invalid_input", "URLs are accepted by GET /embed?uri=..., not in the JSON body", field)
+    payload = "".join(payload.split())
+    if len(payload) > (max_bytes // 3 + 1) * 4:
+        raise ApiError(413, "too_large", f"the image exceeds the limit of {max_bytes} bytes", field)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, "invalid_input", "not valid base64", field) from exc
+    return data
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """Read the body, counting bytes as they stream (Content-Length is not trusted); 413 past ``cap``.
+
+    The body is cached on the request so ``request.form()`` parses it from memory afterwards.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, "payload_too_large", f"the request body is {declared} bytes; the limit is {cap}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {cap} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 - Starlette's documented cache for stream()/form()
+    return body
+
+
+async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+    try:
+        form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS,
+                                  max_part_size=MAX_FORM_FIELD_BYTES)
+    except ApiError:
+        raise
+    except Exception as exc:  # Starlette raises HTTPException(400) for malformed or oversized forms
+        detail = getattr(exc, "detail", None) or str(exc)
+        raise ApiError(400, "bad_request", f"malformed multipart body: {detail}") from exc
+    try:
+        files: list[tuple[str, UploadFile]] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((key, value))
+            elif key in fields:
+                raise ApiError(422, "validation_error", f"{key}: given more than once", key)
+            else:
+                fields[key] = value
+        svc.check_count(len(files), "files")
+        opts = validate_as(EmbedOptions, fields)
+        items = [(f"files[{i}]", await f.read()) for i, (_, f) in enumerate(files)]
+    finally:
+        await form.close()
+    return items, opts
+
+
+def parse_json(body: bytes, svc: "EmbedService") -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+    req = parse_json_object(body, EmbedRequest, "a JSON object with an 'input' field")
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    svc.check_count(len(inputs), "input")
+    max_bytes = svc.embed.max_image_bytes
+    items = [(f"input[{i}]", decode_base64_item(t, f"input[{i}]", max_bytes)) for i, t in enumerate(inputs)]
+    return items, req  # an EmbedRequest is an EmbedOptions: no second validation
+
+
+def parse_raw(body: bytes, request: Request, svc: "EmbedService") -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+    """``Content-Type: image/*`` or ``application/octet-stream``: the body is one encoded image, the options
+    are query parameters. No base64 (a third more bytes to send and to decode), no JSON, no multipart parser."""
+    svc.check_count(1 if body else 0, "body")
+    opts = validate_as(EmbedOptions, dict(request.query_params))
+    return [("body", body)], opts
+
+
+def is_raw(ctype: str) -> bool:
+    return ctype.startswith("image/") or ctype == "application/octet-stream"

@@ -21,6 +21,7 @@ from services.api.state import Caller, ControlPlane, Plane
 from services.api.streams import StreamSlots, held
 from services.common.auth import Principal
 from services.common.errors import ERROR_SCHEMA, ApiError
+from services.common.tail import FileTail
 from services.db import jobs as store
 from services.db.jobs import Conflict, LimitReached
 from services.db.tables import TERMINAL, Job
@@ -235,14 +236,14 @@ async def job_logs_stream(job_id: str, request: Request, cp: Plane, who: Caller,
     start = _resume_offset(last_event_id, offset)
 
     async def lines() -> AsyncIterator[ServerSentEvent]:
-        follower = _LogFollower(path, start)
+        follower = FileTail(path, start, chunk=1 << 20)
         deadline = time.monotonic() + max_seconds
         while time.monotonic() < deadline:
-            for line, end in follower.read_with_offsets():
+            for line, end in follower.text_lines():
                 yield _sse("log", {"line": line, "offset": end}, str(end))
             current = await run_in_threadpool(store.get_job, cp.db, job.id)
             if current is None or current.status in TERMINAL:
-                for line, end in follower.read_with_offsets(final=True):
+                for line, end in follower.text_lines(final=True):
                     yield _sse("log", {"line": line, "offset": end}, str(end))
                 yield _sse("end", {"status": current.status if current else "DELETED"}, str(follower.offset))
                 return
@@ -273,31 +274,6 @@ def _slots(request: Request, cp: ControlPlane) -> StreamSlots:
     if slots is None:
         slots = request.app.state.stream_slots = StreamSlots(cp.settings.max_streams_per_key)
     return slots
-
-
-class _LogFollower:
-    """Yields complete new lines of a growing text file."""
-
-    def __init__(self, path: Path, offset: int = 0) -> None:
-        self.path, self.offset = path, offset  # offset: just after the last complete line returned
-
-    def read(self, final: bool = False) -> list[str]:
-        return [line for line, _ in self.read_with_offsets(final)]
-
-    def read_with_offsets(self, final: bool = False) -> list[tuple[str, int]]:
-        """New complete lines with the byte offset after each (a partial last line waits unless ``final``)."""
-        data, _ = _read_log(self.path, self.offset, 1 << 20)
-        out: list[tuple[str, int]] = []
-        pos = 0
-        while (nl := data.find(b"\n", pos)) >= 0:
-            if nl > pos:
-                out.append((data[pos:nl].decode("utf-8", errors="replace"), self.offset + nl + 1))
-            pos = nl + 1
-        if final and pos < len(data):
-            out.append((data[pos:].decode("utf-8", errors="replace"), self.offset + len(data)))
-            pos = len(data)
-        self.offset += pos
-        return out
 
 
 @router.get("/jobs/{job_id}/events", summary="Live job events for the dashboard (SSE)",
@@ -334,14 +310,14 @@ def _events_cursor(last_event_id: str | None) -> tuple[int, int]:
 async def _events(cp: ControlPlane, job_id: str, max_seconds: float, last_step: int,
                   offset: int) -> AsyncIterator[ServerSentEvent]:
     last_update, last_curve = None, None
-    follower: _LogFollower | None = None
+    follower: FileTail | None = None
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline:
         job = await run_in_threadpool(store.get_job, cp.db, job_id)
         if job is None:
             yield _sse("end", {"status": "DELETED"})
             return
-        follower = follower or _LogFollower(Path(job.run_dir) / "job.log", offset)
+        follower = follower or FileTail(Path(job.run_dir) / "job.log", offset, chunk=1 << 20)
         if job.updated_at != last_update:
             last_update = job.updated_at
             idle = await run_in_threadpool(no_worker_reason, cp) if job.status == "QUEUED" else None
@@ -354,7 +330,7 @@ async def _events(cp: ControlPlane, job_id: str, max_seconds: float, last_step: 
         if curve and curve.get("step") != last_curve:
             last_curve = curve.get("step")
             yield _sse("cluster_sizes", curve, _event_id(last_step, follower.offset))
-        for line, end in follower.read_with_offsets(final=job.status in TERMINAL):
+        for line, end in follower.text_lines(final=job.status in TERMINAL):
             yield _sse("log", {"line": line}, _event_id(last_step, end))
         if job.status in TERMINAL:
             yield _sse("end", {"status": job.status}, _event_id(last_step, follower.offset))

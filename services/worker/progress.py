@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,44 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from excb.stats import balance_stats
+from services.common.tail import FileTail
 
 _META_KEYS = {"type", "step", "epoch", "time", "total_steps", "steps_per_epoch", "epochs"}
 
 
-class MetricsTail:
-    """Reads complete new lines of a JSONL file written by another process (survives truncation)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self._partial = b""
+class MetricsTail(FileTail):
+    """The trainer's ``metrics.jsonl`` as rows: ``read()`` returns the JSON objects appended since last time."""
 
     def read(self) -> list[dict[str, Any]]:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size < self.offset:  # rewritten from scratch
-            self.offset, self._partial = 0, b""
-        with self.path.open("rb") as fh:
-            fh.seek(self.offset)
-            chunk = fh.read()
-        self.offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        rows: list[dict[str, Any]] = []
-        for line in lines:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
+        return self.json_rows()
 
 
 @dataclass

@@ -110,7 +110,7 @@ stage correctness 150 --junit "$WORK/cuda.xml" -- \
   "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --junitxml "$WORK/cuda.xml"
 
 if [ "$CHECK" = 1 ]; then
-  TRAIN=(--device "$DEV" --quick --batch 4 --set model.num_clusters=64 --threads 1)
+  TRAIN=(--device "$DEV" --quick --batch 4 --set model.num_clusters=64 --set augment.num_local_crops=2 --threads 1)
   stage train_r50 120 --result "$WORK/train_r50.json" -- \
     "$PY" benchmarks/train_throughput.py "${TRAIN[@]}" --presets resnet50-ep400 --json-out "$WORK/train_r50.json"
   stage train_vits 120 --result "$WORK/train_vits.json" -- \

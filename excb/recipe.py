@@ -218,7 +218,8 @@ def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
         f.set("model.width", 16, "ResNet-18 at width 16: the model cpu-small was tuned with on a 2-core CPU")
         head = {"projector_hidden_dim": 512, "bottleneck_dim": 128, "predictor_hidden_dim": 512}
         f.set("model.embedding", "multiscale", "a CPU budget stops early, where the last 3 stages together rank "
-              "neighbours better than the last alone (kNN +2.6 to +3.5 points at 800 steps, +0.8 to -0.1 at 2400)")
+              "neighbours better than the last alone (kNN +2.6 to +3.9 points at 800 steps; within a point "
+              "at 2400-2900)")
     else:
         f.set("model.backbone", "resnet18" if p.images < 200_000 else "resnet50",
               f"{'ResNet-18' if p.images < 200_000 else 'ResNet-50'} for {p.images} images on a GPU")

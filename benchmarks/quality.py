@@ -241,7 +241,7 @@ def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import suite_data
 
-    from excb.models.model import multiscale
+    from excb.models.model import feature_and_embedding
 
     rows = []
     for name in args.sets or ["opencv-digits"]:
@@ -255,13 +255,14 @@ def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.time() - t0
         run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
         splits = labelled_splits(source, model_transform(run_cfg))
-        served = evaluate(model.features, *splits, k=20, linear=True, batch_size=512)
-        bb = model.backbone
-        kinds = {"final": bb, "multiscale": lambda x: multiscale(bb.stage_features(x))}
-        knn = {kind: evaluate(fn, *splits, k=20, batch_size=512)["knn_acc"] for kind, fn in kinds.items()}
-        rows.append({"name": name, "steps": result.steps, "overrides": list(args.overrides),
-                     "embedding": run_cfg.model.embedding, "knn": served["knn_acc"], "linear": served["linear"]["acc"],
-                     "knn_by_embedding": knn, "train_minutes": wall / 60})
+        served = run_cfg.model.embedding
+        res = {kind: evaluate(lambda x, kind=kind: feature_and_embedding(model.backbone, kind, x)[1], *splits, k=20,
+                              linear=kind == served, batch_size=512)
+               for kind in ("final", "multiscale")}  # the linear probe only on the embedding the bundle serves
+        rows.append({"name": name, "steps": result.steps, "overrides": list(args.overrides), "embedding": served,
+                     "knn": res[served]["knn_acc"], "linear": res[served]["linear"]["acc"],
+                     "knn_by_embedding": {kind: r["knn_acc"] for kind, r in res.items()},
+                     "train_minutes": wall / 60})
         print(json.dumps(rows[-1]), flush=True)
     return {"study": "screen", "machine": machine(), "rows": rows}
 

@@ -26,9 +26,19 @@ def multiscale(stages: list[Tensor]) -> Tensor:
     """The last stages' pooled features, each L2-normalised (so each counts equally in a cosine), concatenated.
 
     Why: after a short run the last stage alone is not the best feature; on the quality suite the
-    concatenation ranked neighbours better (benchmarks/RESULTS.md, "multiscale embedding").
+    concatenation ranked neighbours better (benchmarks/RESULTS.md, "the recipe fits its augmentations and its
+    embedding to the data").
     """
     return torch.cat([F.normalize(s.float(), dim=-1) for s in stages[-MULTISCALE_STAGES:]], dim=-1)
+
+
+def feature_and_embedding(backbone: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    """One backbone pass -> (the projector's input: the pooled last stage, the embedding ``kind`` serves)."""
+    if kind == "multiscale":
+        stages = backbone.stage_features(x)
+        return stages[-1], multiscale(stages)
+    feat = backbone(x)
+    return feat, feat
 
 
 class ExCBModel(nn.Module):
@@ -55,9 +65,7 @@ class ExCBModel(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The embedding [N, embed_dim]: the backbone's feature, or its multiscale concatenation."""
-        if self.embedding == "multiscale":
-            return multiscale(self.backbone.stage_features(x))
-        return self.backbone(x)
+        return feature_and_embedding(self.backbone, self.embedding, x)[1]
 
     def project(self, x: Tensor) -> Tensor:
         """L2-normalised projector output [N, bottleneck] (the k-means feature space)."""
@@ -148,14 +156,11 @@ class ExportWrapper(nn.Module):
         self.train(False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.embedding == "multiscale":
-            stages = self.backbone.stage_features(x)
-            feat, emb = stages[-1], multiscale(stages)
-        else:
-            feat = emb = self.backbone(x)
+        feat, emb = feature_and_embedding(self.backbone, self.embedding, x)
         h = self.projector(feat).float()
         h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return emb, h @ self.centroids.t()
 
 
-__all__ = ["ExCBModel", "ExportWrapper", "build_model", "embedding_dim", "multiscale", "GROUP_NAMES"]
+__all__ = ["ExCBModel", "ExportWrapper", "build_model", "embedding_dim", "feature_and_embedding", "multiscale",
+           "GROUP_NAMES"]

@@ -1,8 +1,9 @@
 """Routes of the dashboard: its HTML pages (jobs, job, compare, model, cluster gallery) and the static files they load.
 
-The pages are static documents (``pages.py`` puts each page's ``<main>`` in the shared shell); each reads the ids it needs from its own URL and talks to the JSON API
-from the browser. Ids are checked here only for shape (so a malformed link gets a clear 422 instead of a
-page that can never load); whether the job or model exists is the API's answer, shown by the page.
+The pages are static documents (``pages.py`` puts each page's ``<main>`` in the shared shell); each reads
+the ids it needs from its own URL and talks to the JSON API from the browser. Ids are checked here only for
+shape (so a malformed link gets a clear 422 instead of a page that can never load); whether the job or model
+exists is the API's answer, shown by the page.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def stages(bundle_dir: Path, png: bytes) -> dict[str, tuple[Callable[[], Any] | 
     from excb.data.decode import decode_image, header_pixels
     from excb.eval_pixels import EvalPixels
     from excb.onnx_runtime import OrtEmbedder, balance_paper, l2_normalize, load_bundle, top_k
-    from services.embed.app import EmbedOptions, EmbedRequest
+    from services.embed.inputs import EmbedOptions, EmbedRequest
     from services.embed.monitor import BalanceMonitor
     from services.embed.respond import FastJSONResponse, items
 

@@ -107,7 +107,7 @@ print('skipped: missing ' + ', '.join(m)) if m else None; sys.exit(77 if m else 
 stage env 60 -- "$PY" benchmarks/gpu_suite.py env --work "$WORK"
 
 stage correctness 150 --junit "$WORK/cuda.xml" -- \
-  "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --junitxml "$WORK/cuda.xml"
+  "$PY" -m pytest -m cuda tests/excb/test_cuda.py -q -rs -p no:cacheprovider --junitxml "$WORK/cuda.xml"
 
 if [ "$CHECK" = 1 ]; then
   TRAIN=(--device "$DEV" --quick --batch 4 --set model.num_clusters=64 --set augment.num_local_crops=2 --threads 1)

@@ -8,7 +8,7 @@ nearest clusters.
 Why NumPy and not a call to the torch operator: on the serving path the torch call cost ~50-150 us per
 request for a handful of float operations. The per-cluster factors come from the training code
 (``balance_factors``, computed once per model), and the two lines that apply them repeat the operator's
-float32 operations in the same order, so the result is bit-identical (tests/test_assign.py checks it).
+float32 operations in the same order, so the result is bit-identical (tests/excb/test_assign.py checks it).
 """
 
 from __future__ import annotations

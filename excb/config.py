@@ -459,6 +459,9 @@ def validate(tree: Mapping[str, Any]) -> TrainConfig:
         raise ConfigError(field, err.get("msg", "invalid value")) from exc
 
 
+RUN_CONFIG = "config.yaml"  # RUN_DIR/config.yaml: the worker writes the job's config, the trainer the recipe it fitted
+
+
 def dump_yaml(cfg: TrainConfig) -> str:
     """Serialise a resolved config (round-trips through :func:`resolve`)."""
     return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

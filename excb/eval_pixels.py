@@ -13,7 +13,7 @@ Why a second implementation of one transform: torchvision's version runs ~10 ten
   (``to_dtype(scale=True)`` then ``normalize``), written by one table lookup straight into the caller's
   batch slot: one copy of the pixels from the decoded image to the ORT input.
 
-tests/test_eval_pixels.py checks bit-identity with ``EvalTransform`` over sizes and aspect ratios.
+tests/excb/test_eval_pixels.py checks bit-identity with ``EvalTransform`` over sizes and aspect ratios.
 """
 
 from __future__ import annotations

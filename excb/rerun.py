@@ -28,8 +28,8 @@ MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "log_every_steps", "histogram_every_steps", "checkpoint_every_steps", "keep_epoch_checkpoints", "compile", "logger",
     "data.num_workers", "eval.",
 )
-# What a run writes into its directory; ``overwrite=true`` moves these aside (job.yaml/job.log stay: the
-# worker owns them).
+# What a run writes into its directory; ``overwrite=true`` moves these aside (job.log stays: the worker owns it;
+# config.yaml goes with the old run, after this run has read it, and is written again with this run's recipe).
 RUN_OUTPUTS: tuple[str, ...] = (
     "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "recipe.json", "train.log",
     "backbone.safetensors", "backbone.json", "tb",

@@ -22,7 +22,7 @@ from torch import Tensor
 from excb import stats
 from excb.checkpoint import (LAST, FencedOut, check_fence, checkpoint_dir, has_checkpoint, load_resumable,
                              save_checkpoint)
-from excb.config import ConfigError, TrainConfig, dump_yaml
+from excb.config import RUN_CONFIG, ConfigError, TrainConfig, dump_yaml
 from excb.data.loader import TrainData
 from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup
 from excb.fileio import atomic_write
@@ -314,7 +314,7 @@ def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[Tra
 
 def _write_plan(run_dir: Path, ctx: DistContext, cfg: TrainConfig, plan: dict[str, Any]) -> None:
     if ctx.is_main:
-        atomic_write(run_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write(run_dir / RUN_CONFIG, dump_yaml(cfg))
         atomic_write(run_dir / PLAN_FILE, json.dumps(plan, indent=2))
 
 

@@ -387,4 +387,4 @@ def _include_index_routes(app: FastAPI, svc: EmbedService) -> None:
     app.include_router(build_index_router(svc))
 
 
-__all__ = ["create_app", "build_router", "EmbedService", "EmbedOptions", "EmbedRequest"]
+__all__ = ["create_app", "build_router", "EmbedService"]

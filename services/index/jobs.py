@@ -61,11 +61,13 @@ def _background() -> None:
 
 
 def _job_data(run_dir: Path) -> dict[str, Any]:
-    """The ``data`` section of the validated config the worker gave the trainer (``job.yaml``; a job body may use
-    short keys such as ``data: digits``, this file never does)."""
+    """The ``data`` section of the run's resolved config (``config.yaml``; a job body may use short keys such as
+    ``data: digits``, this file never does)."""
     import yaml
 
-    config = yaml.safe_load((run_dir / "job.yaml").read_text()) or {}
+    from excb.config import RUN_CONFIG
+
+    config = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
     data = config.get("data") if isinstance(config, dict) else None
     return data if isinstance(data, dict) else {}
 

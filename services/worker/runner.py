@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from excb.checkpoint import FENCE_ENV, write_fence
-from excb.config import validate
+from excb.config import RUN_CONFIG, dump_yaml, validate
+from excb.fileio import atomic_write
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.db import jobs as store
 from services.db.jobs import Lease
@@ -102,8 +101,8 @@ class JobRunner:
         refused = self._outside_roots(cfg.data.source)
         if refused:
             return self._commit_failure(lease, "path_not_allowed", refused, count=False)
-        cfg_path = run_dir / "job.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        cfg_path = run_dir / RUN_CONFIG  # the trainer reads it and writes back the recipe it fitted (excb/trainer.py)
+        atomic_write(cfg_path, dump_yaml(cfg))
         request = job.request or {}
         argv = child.trainer_command(cfg_path, int(request.get("gpus") or 0))
         tracker = ProgressTracker(total_steps=cfg.max_steps, epochs=cfg.epochs)

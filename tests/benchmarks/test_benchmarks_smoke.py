@@ -1,0 +1,123 @@
+"""Smoke test for benchmarks/train_throughput.py: the real CLI, tiny settings, both figures and a ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import REPO_ROOT as ROOT
+
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+def test_train_throughput_quick_reports_both_steps_and_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--presets", "cpu-small", "--batch", "4",
+         "--set", "model.num_clusters=64", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| cpu-small |")]
+    assert len(table) == 1, proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["preset"], row["batch"], row["num_clusters"]) == ("cpu-small", 4, 64)
+    assert row["tuned_img_s"] > 0 and row["naive_img_s"] > 0
+    assert row["ratio"] == pytest.approx(row["tuned_img_s"] / row["naive_img_s"])
+    assert len(row["tuned_block_img_s"]) == len(row["naive_block_img_s"]) == 2
+    assert row["paired_ratio_min"] <= row["paired_ratio_max"]
+    assert row["tuned_peak_mib"] is not None and row["naive_peak_mib"] is not None
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert float(cells[5]) == pytest.approx(row["tuned_img_s"], rel=0.01, abs=0.001)
+    assert float(cells[6]) == pytest.approx(row["naive_img_s"], rel=0.01, abs=0.001)
+    assert cells[7].startswith(f"{row['ratio']:.2f}x")
+
+
+def test_train_throughput_rejects_unknown_preset(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--presets", "resnet9000", "--quick"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--presets" in proc.stderr and "resnet9000" in proc.stderr
+
+
+def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Path) -> None:
+    """`quality.py suite` on the smallest set with a tiny budget: trains the fitted recipe, evaluates ExCB, raw
+    pixels and random init the same way, prints one table and appends it to a results file."""
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "suite", "--sets", "uci-digits", "--budget", "15s",
+         "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--write-results", str(results),
+         "model.width=8", "augment.num_local_crops=2", "kmeans.samples=256"],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    (row,) = res["rows"]
+    assert row["name"] == "uci-digits" and row["images"] == 1438 and row["test_images"] == 359
+    assert row["global_size"] == 28 and row["num_clusters"] == 64 and row["steps"] > 10
+    for kind in ("excb", "raw_pixels", "random_init"):
+        assert 0.0 <= row[kind]["knn"] <= 1.0 and 0.0 <= row[kind]["linear"] <= 1.0
+    assert row["raw_pixels"]["knn"] > 0.9  # saturated smoke set
+    text = results.read_text()
+    assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text
+
+
+def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -> None:
+    """`quality.py screen`: the fitted recipe for a fixed number of steps, with overrides; the served embedding's
+    kNN equals the kNN of that embedding computed directly (multiscale on a CPU recipe)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "screen", "--sets", "uci-digits", "--steps", "6",
+         "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "model.width=8",
+         "augment.num_local_crops=2", "kmeans.samples=256", "augment.flip_p=0.5"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert row["steps"] == 6 and row["overrides"][-1] == "augment.flip_p=0.5" and row["embedding"] == "multiscale"
+    assert row["knn"] == row["knn_by_embedding"]["multiscale"] and 0.0 <= row["knn_by_embedding"]["final"] <= 1.0
+    assert (tmp_path / "runs" / "screen-uci-digits" / "config.yaml").read_text().count("flip_p: 0.5") == 1
+
+
+def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Path) -> None:
+    """benchmarks/embed_load.py at CI size: real servers (batching on/off), raw and JSON bodies, the engine on the
+    servers' cores, per-stage means scraped from the servers, and the ratios computed per round."""
+    out = tmp_path / "embed.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "embed_load.py"), "--width", "8", "--size", "32", "--clusters", "64",
+         "--max-batch", "4", "--levels", "1,4", "--rounds", "1", "--seconds", "0.3", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {(r["engine"], r["batch"]) for r in res["engine"]} == {("ort", 1), ("ort", 4), ("torch", 1), ("torch", 4)}
+    rows = {(r["inputs"], r["server"], r["concurrency"]): r for r in res["service"]}
+    assert set(rows) == {(k, s, c) for k in ("raw", "json") for s in ("on", "off") for c in (1, 4)}
+    for row in rows.values():
+        assert row["img_s"] > 0 and row["errors"] == 0 and row["p50"] <= row["p99"]
+        assert {"decode", "preprocess", "batch", "handler", "outside_handler", "ort_run_per_batch"} <= set(row["stages"])
+    assert "raw c=1 on / off img/s" in res["ratios"] and "json c=4 on / engine b4 img/s" in res["ratios"]
+    assert "json c=1 off / engine b1 CPU-time efficiency" in res["ratios"]
+    assert "| engine | batch | img/s | CPU ms/img |" in proc.stdout and "outside_handler" in proc.stdout
+
+
+def test_step_variants_times_each_variant_against_the_first(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--threads", "1", "--blocks", "2",
+         "--steps", "1", "--batch", "8", "nchw:channels_last=false", "nhwc:channels_last=true"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {ln.split("|")[1].strip(): ln for ln in proc.stdout.splitlines() if ln.startswith("| nchw") or ln.startswith("| nhwc")}
+    assert set(rows) == {"nchw", "nhwc"}
+    assert "| 1.00x | 1.00 1.00 |" in rows["nchw"]
+    assert float(rows["nhwc"].split("|")[2]) > 0

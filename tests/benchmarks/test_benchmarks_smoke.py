@@ -14,6 +14,7 @@ from support import REPO_ROOT as ROOT
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 
 
+@pytest.mark.slow
 def test_train_throughput_quick_reports_both_steps_and_ratio(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,6 +48,7 @@ def test_train_throughput_rejects_unknown_preset(tmp_path: Path) -> None:
     assert "--presets" in proc.stderr and "resnet9000" in proc.stderr
 
 
+@pytest.mark.slow
 def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Path) -> None:
     """`quality.py suite` on the smallest set with a tiny budget: trains the fitted recipe, evaluates ExCB, raw
     pixels and random init the same way, prints one table and appends it to a results file."""
@@ -70,6 +72,7 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text
 
 
+@pytest.mark.slow
 def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -> None:
     """`quality.py screen`: the fitted recipe for a fixed number of steps, with overrides; the served embedding's
     kNN equals the kNN of that embedding computed directly (multiscale on a CPU recipe)."""
@@ -87,6 +90,7 @@ def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -
     assert (tmp_path / "runs" / "screen-uci-digits" / "config.yaml").read_text().count("flip_p: 0.5") == 1
 
 
+@pytest.mark.slow
 def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Path) -> None:
     """benchmarks/embed_load.py at CI size: real servers (batching on/off), raw and JSON bodies, the engine on the
     servers' cores, per-stage means scraped from the servers, and the ratios computed per round."""
@@ -110,6 +114,7 @@ def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Pat
     assert "| engine | batch | img/s | CPU ms/img |" in proc.stdout and "outside_handler" in proc.stdout
 
 
+@pytest.mark.slow
 def test_step_variants_times_each_variant_against_the_first(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -21,6 +21,7 @@ def _excb(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_invocations_are_one_clean_line(tmp_path: Path) -> None:
     """One subprocess per verb family would cost a torch import each; a handful covers the paths that differ."""
     (tmp_path / "bad.yaml").write_text("a: [1\n")

@@ -61,6 +61,7 @@ def test_ort_session_matches_torch_teacher_for_any_batch_size() -> None:
         assert np.allclose(o_emb, t_emb[:n], atol=1e-4) and np.allclose(o_sim, t_sim[:n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vit_exports_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = es.handmade_checkpoint(tmp_path / "vit.pt", backbone="vit_tiny")
     rc = excb_main(["export", str(ckpt), "--out", str(tmp_path / "vit"), "--parity-data", "digits",

@@ -149,6 +149,7 @@ def test_timing_steps_leaves_the_run_untouched(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before) and run.step == 0
 
 
+@pytest.mark.slow
 def test_budgeted_run_plans_once_and_resume_keeps_the_step_count(tmp_path: Path) -> None:
     out = tmp_path / "run"
     over = ["data=digits", f"out={out}", "budget=25s", *SMALL]
@@ -179,6 +180,7 @@ def test_cli_dry_run_shows_the_fitted_recipe(tmp_path: Path) -> None:
     assert "recipe: fitted" in out and "budget: 3m" in out
 
 
+@pytest.mark.slow
 def test_a_folder_of_any_sizes_and_modes_trains_within_its_budget(tmp_path: Path) -> None:
     """Grey, RGBA, palette and RGB files of different sizes plus one corrupt file: fitted, trained, counted."""
     rng = np.random.default_rng(1)

@@ -68,6 +68,7 @@ def test_fitted_recipe_same_command_resumes_and_other_lr_is_refused(tmp_path: Pa
     assert result.steps == 4 and step_rows(out) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_cli_rerun_with_other_lr_is_one_clean_line(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     base = [sys.executable, "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "max_steps=1"]

@@ -74,6 +74,7 @@ def test_exact_resume(tmp_path: Path) -> None:
     assert rows == list(range(1, 9)), "metrics.jsonl must have each step exactly once after a resume"
 
 
+@pytest.mark.slow
 def test_compile_matches_eager(tmp_path: Path) -> None:
     """``compile=on`` trains the same model: same losses (to float tolerance), same checkpoint keys; ``auto``
     leaves a run too short to pay for compiling eager."""
@@ -144,6 +145,7 @@ def test_vit_and_sgd_run(tmp_path: Path) -> None:
     assert result.steps == 2
 
 
+@pytest.mark.slow
 def test_cli_sigterm_checkpoints_and_exits_retryable(tmp_path: Path) -> None:
     out = tmp_path / "sig"
     cmd = [sys.executable, "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "max_steps=100000",
@@ -176,6 +178,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training(tmp_path: Path) -> None:
     """The same trainer under torchrun (gloo, CPU): ranks agree on the size estimate and the teacher."""
     out = tmp_path / "ddp"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import httpx
 from sqlalchemy import update
 
@@ -43,6 +44,7 @@ def _grow_log(run_dir: Path, db: Any, job_id: str, seconds: float) -> None:
         s.execute(update(Job).where(Job.id == job_id).values(status="SUCCEEDED"))
 
 
+@pytest.mark.slow
 def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Path, monkeypatch: Any) -> None:
     from services.api import routes_jobs
     from services.api.app import create_app

@@ -60,6 +60,7 @@ def test_json_lines_carry_no_colour_codes() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_excb_up_prints_each_line_once_as_json(tmp_path: Path) -> None:
     """`excb up` with stderr on a pipe: API, supervisor and worker lines are all JSON, none printed twice,
     no ANSI codes, no alembic INFO, no Celery banner on stdout."""

@@ -111,6 +111,7 @@ def budget_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
     yield from _server(tmp_path, decode_pixel_budget="40000000", decode_wait_seconds="60")
 
 
+@pytest.mark.slow
 def test_concurrent_big_uploads_keep_peak_rss_bounded(budget_server: tuple[subprocess.Popen[bytes], str],
                                                       big_png: bytes) -> None:
     """Before: four concurrent uploads took the server from 1.1 to 2.5 GB (~370 MB per decode at once)."""

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import httpx
 import numpy as np
 
@@ -34,6 +35,7 @@ async def _load(url: str, body: dict, stop: threading.Event, out: list[httpx.Res
         await asyncio.gather(*(worker() for _ in range(workers)))
 
 
+@pytest.mark.slow
 def test_hot_swap_under_load_has_no_failures_and_one_version_per_response(tmp_path: Path) -> None:
     png = es.digit_png(3)
     a_dir, b_dir = es.bundle(), es.second_bundle()

@@ -264,6 +264,7 @@ def test_excb_serve_runs_the_service_alone(tmp_path: Path) -> None:
         proc.wait(20)
 
 
+@pytest.mark.slow
 def test_excb_serve_starts_empty_and_waits_for_first_bundle(tmp_path: Path) -> None:
     """With rescanning on, an empty models dir means not-ready (503), not a crash loop; a bundle makes it ready."""
     import shutil

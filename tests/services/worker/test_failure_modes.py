@@ -144,6 +144,7 @@ def _requests_total(text: str, route: str) -> float:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_row31_metrics_totals_monotonic_across_processes(make_stack: Any, tmp_path: Path) -> None:
     """Row 31: `uvicorn --workers 3` with PROMETHEUS_MULTIPROC_DIR: every scrape, whichever process answers,
     reports the same growing total (per-process registries made totals jump between scrapes)."""

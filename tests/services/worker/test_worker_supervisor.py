@@ -192,6 +192,7 @@ def test_three_deaths_in_a_row_are_a_reported_crash_loop_and_the_job_fails_on_it
         sup.stop(5)
 
 
+@pytest.mark.slow
 def test_worker_health_file_check(tmp_path: Path) -> None:
     from services.worker.liveness import check_health, touch
 

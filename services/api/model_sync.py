@@ -1,10 +1,11 @@
 """Embedded mode: keep the in-process embed registry serving the model the job store marks active.
 
-The worker (another process) moves each new bundle into the models dir, marks its model row active in the DB,
+The worker (another process) moves each new bundle into the models dir, records its model row in the DB,
 replaces ``<models_dir>/active.json`` and only then commits the job SUCCEEDED. Activation follows that file on
 the event, never on a timer: a thread blocks on file-system notifications for ``active.json`` (watchfiles:
 inotify on Linux), and the embed request path checks the pointer's identity (one ``stat``) before leasing a
-model, so a request that arrives before the notification still sees the new model. The DB stays the truth.
+model, so a request that arrives before the notification still sees the new model. The pointer says which model
+is active; the DB row gives its bundle, hash and owner.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from services.common.active_model import active_path, pointer_signature
+from services.common.active_model import active_path, pointer_signature, read_active_id
 from services.common.auth import CURRENT_PRINCIPAL
 from services.db.tables import ModelRow
 from services.db.session import Database
@@ -30,13 +29,18 @@ Signature = tuple[int, int, int] | None
 RETRY_FAILED_S = 5.0
 
 
-def sync_once(db: Database, registry: Any) -> str | None:
-    """Activate the DB's active model in ``registry``; returns the id it activated (None if nothing to do)."""
+def sync_once(db: Database, registry: Any, models_dir: Path) -> str | None:
+    """Activate the model ``active.json`` names in ``registry``, with the hash and owner its DB row records;
+    returns the id it activated (None if nothing to do)."""
+    active = read_active_id(models_dir)
     token = CURRENT_PRINCIPAL.set(None)  # compare with the global latest, not the requesting key's
     try:
+        if active is None or registry.latest_id == active:
+            return None
         with db.session() as s:
-            row = s.scalar(select(ModelRow).where(ModelRow.active.is_(True)).order_by(ModelRow.created_at.desc()))
-        if row is None or registry.latest_id == row.id:
+            row = s.get(ModelRow, active)
+        if row is None:
+            log.warning("active.json names %s, which is not a registered model: not served", active)
             return None
         if row.id in {m.id for m in registry.models()}:
             registry.activate(row.id)
@@ -85,7 +89,7 @@ class ModelSync(threading.Thread):
                 return
             sig = pointer_signature(self.pointer)  # read first: a change during the sync is seen next time
             try:
-                sync_once(self.db, self.registry)
+                sync_once(self.db, self.registry, self.models_dir)
                 self._failed_at = None
             except Exception:
                 log.exception("model sync failed; retrying in %.0f s or on the next change", RETRY_FAILED_S)

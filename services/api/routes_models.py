@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from services.api.routes_jobs import ERRORS
-from services.common.active_model import write_active
+from services.common.active_model import read_active_id, write_active
 from services.api.model_sync import sync_once
 from services.api.schemas import ModelList, ModelOut
 from services.api.serialize import model_dict, path_hider
@@ -29,6 +29,10 @@ from services.embed.manifest import record_model
 router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
 
 
+def _models_dir(cp: ControlPlane) -> Path:
+    return Path(cp.settings.resolved_models_dir).expanduser().resolve()
+
+
 def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
     row = store.get_model(cp.db, model_id)
     if row is None or (who.id is not None and row.owner != who.id):
@@ -40,13 +44,15 @@ def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
 def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
     rows = store.list_models(cp.db, who.id)
     hide = path_hider(cp.settings, cp.auth.enabled)
-    return {"items": [model_dict(m, hide) for m in rows], "object": "list",
-            "data": [model_entry(m.id, m.created_at, m.active, owned_by=m.owner or "excb") for m in rows]}
+    active = read_active_id(_models_dir(cp))
+    return {"items": [model_dict(m, hide, active) for m in rows], "object": "list",
+            "data": [model_entry(m.id, m.created_at, m.id == active, owned_by=m.owner or "excb") for m in rows]}
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")
 def show_model(model_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
-    return model_dict(_owned_model(cp, who, model_id), path_hider(cp.settings, cp.auth.enabled))
+    return model_dict(_owned_model(cp, who, model_id), path_hider(cp.settings, cp.auth.enabled),
+                      read_active_id(_models_dir(cp)))
 
 
 @router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
@@ -54,14 +60,13 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     row = _owned_model(cp, who, model_id)
     if not (Path(row.bundle_dir) / "model.onnx").exists():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
-    store.activate_model(cp.db, model_id)
-    models_dir = Path(cp.settings.resolved_models_dir).expanduser().resolve()
+    models_dir = _models_dir(cp)
     record_model(models_dir, row.id, row.sha256 or "", row.owner)  # the owner's default model from now on
     write_active(models_dir, row.id, Path(row.bundle_dir), row.sha256 or "")
     embed_app = getattr(request.app.state, "embed_app", None)
     if embed_app is not None:  # embedded mode: switch the in-process embed service now
-        sync_once(cp.db, embed_app.state.embed.registry)
-    return model_dict(store.get_model(cp.db, model_id) or row, path_hider(cp.settings, cp.auth.enabled))
+        sync_once(cp.db, embed_app.state.embed.registry, models_dir)
+    return model_dict(row, path_hider(cp.settings, cp.auth.enabled), row.id)
 
 
 @router.get("/models/{model_id}/bundle", summary="Download the model's bundle (a tar of its directory)",

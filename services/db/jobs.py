@@ -331,22 +331,11 @@ def replace_metrics(db: Database, job_id: str, rows: list[dict[str, Any]]) -> No
         s.add_all([JobMetric(job_id=job_id, step=step, data=row) for step, row in sorted(latest.items())])
 
 
-def add_model(db: Database, row: ModelRow, activate: bool) -> None:
+def add_model(db: Database, row: ModelRow) -> None:
+    """Register a bundle. Which model is active is not stored here: ``<models_dir>/active.json`` alone says it
+    (services/common/active_model.py), written after this row by the worker and by the activate route."""
     with db.session() as s:
-        if activate:
-            s.execute(update(ModelRow).where(ModelRow.active.is_(True)).values(active=False))
-        row.active = activate
         s.add(row)
-
-
-def activate_model(db: Database, model_id: str) -> ModelRow | None:
-    with db.session() as s:
-        row = s.get(ModelRow, model_id)
-        if row is None:
-            return None
-        s.execute(update(ModelRow).where(ModelRow.id != model_id, ModelRow.active.is_(True)).values(active=False))
-        row.active = True
-        return row
 
 
 def list_models(db: Database, owner: str | None) -> list[ModelRow]:

@@ -128,7 +128,6 @@ class ModelRow(Base):
     job_id: Mapped[str | None] = mapped_column(String(64), index=True)
     owner: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
-    active: Mapped[bool] = mapped_column(Boolean, default=False)
     bundle_dir: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(String(64))
     model_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -11,11 +11,13 @@ are the embed replicas' (in their memory), so this view shows none.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
 
+from services.common.active_model import read_active_id
 from services.common.auth import CURRENT_PRINCIPAL
 from services.db import jobs as store
 
@@ -52,8 +54,8 @@ class PlaneModel:
 class PlaneModels:
     """``registry.get`` for the index routes: the caller's own model rows (or any row when auth is off)."""
 
-    def __init__(self, db: Any) -> None:
-        self.db = db
+    def __init__(self, db: Any, models_dir: Path) -> None:
+        self.db, self.models_dir = db, models_dir
 
     def get(self, model_id: str | None) -> PlaneModel:
         from services.embed.registry import ModelNotFound
@@ -61,7 +63,9 @@ class PlaneModels:
         principal = CURRENT_PRINCIPAL.get()
         caller = principal.id if principal is not None else None
         if model_id in (None, "", "latest"):
-            rows = [r for r in store.list_models(self.db, caller) if r.active] or store.list_models(self.db, caller)
+            active = read_active_id(self.models_dir)
+            rows = store.list_models(self.db, caller)
+            rows = [r for r in rows if r.id == active] or rows
             if not rows:
                 raise ModelNotFound("latest")
             return PlaneModel(rows[0])
@@ -78,7 +82,7 @@ class PlaneIndexService:
         self.settings = cp.settings
         self.embed = cp.settings.embed
         self.auth = cp.auth
-        self.registry = PlaneModels(cp.db)
+        self.registry = PlaneModels(cp.db, Path(cp.settings.resolved_models_dir).expanduser().resolve())
 
 
 def build_plane_index_router(cp: Any) -> APIRouter:

@@ -70,7 +70,7 @@ def register_bundle(db: Database, settings: Settings, job_id: str, run_dir: Path
     record_model(final.parent, model_id, digest, job.owner if job else None)
     os.replace(staging, final)
     store.add_model(db, ModelRow(id=model_id, job_id=job_id, owner=job.owner if job else None, status="READY",
-                                 bundle_dir=str(final), sha256=digest, model_json=meta), activate=True)
+                                 bundle_dir=str(final), sha256=digest, model_json=meta))
     write_active(final.parent, model_id, final, digest)
     artifacts = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
                  "metrics": str(run_dir / "metrics.jsonl"), "bundle_dir": str(final),

@@ -140,7 +140,7 @@ def test_pull_a_model_bundle(make_stack: Any, tmp_path: Path) -> None:
     with es.UvicornThread(app) as srv:
         job = httpx.post(f"{srv.url}/v1/jobs", json={"data": "digits", "max_steps": 5}, headers=a, timeout=30).json()
         store.add_model(db, ModelRow(id="m-pull", owner=owner, status="READY", bundle_dir=str(bundle), sha256=sha,
-                                     model_json={}), activate=True)
+                                     model_json={}))
         row = store.find_owned(db, owner, job["id"])
         assert row is not None
         with db.session() as s, s.begin():

@@ -45,7 +45,7 @@ def test_sync_follows_the_pointer_and_backs_off_after_a_failure(tmp_path: Path, 
     registry = FlakyRegistry()
     sync = model_sync.ModelSync(db, registry, models)
     store.add_model(db, ModelRow(id="m-a", status="READY", bundle_dir=str(models / "m-a"), sha256="0" * 64,
-                                 model_json={}), activate=True)
+                                 model_json={}))
     _point(models, "m-a")
     assert sync.stale()
     sync.sync_if_changed()  # refused
@@ -57,7 +57,7 @@ def test_sync_follows_the_pointer_and_backs_off_after_a_failure(tmp_path: Path, 
     sync.sync_if_changed()
     assert registry.calls == ["m-a", "m-a"] and registry.latest_id == "m-a" and not sync.stale()
     store.add_model(db, ModelRow(id="m-b", status="READY", bundle_dir=str(models / "m-b"), sha256="0" * 64,
-                                 model_json={}), activate=True)
+                                 model_json={}))
     assert not sync.stale()  # the DB alone is not the event: the worker replaces active.json last
     _point(models, "m-b")
     assert sync.stale()
@@ -80,7 +80,7 @@ def test_the_watcher_activates_on_the_file_event(tmp_path: Path) -> None:
             time.sleep(0.05)
         time.sleep(0.3)
         store.add_model(db, ModelRow(id="m-c", status="READY", bundle_dir=str(models / "m-c"), sha256="0" * 64,
-                                     model_json={}), activate=True)
+                                     model_json={}))
         t0 = time.monotonic()
         _point(models, "m-c")
         while registry.latest_id != "m-c" and time.monotonic() - t0 < 10:
@@ -91,3 +91,31 @@ def test_the_watcher_activates_on_the_file_event(tmp_path: Path) -> None:
         sync.stop()
         sync.join(10)
     db.dispose()
+
+
+def test_migration_drops_the_active_copy_and_keeps_the_models(tmp_path: Path) -> None:
+    """0004: a database that still has ``models.active`` upgrades with every model row intact; which model is
+    active is the pointer's to say from then on."""
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from services.db.session import _migration_lock, alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    db = Database(url, run_migrations=False)
+    cfg = alembic_config()
+    with _migration_lock(db.engine) as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.commit()
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO models (id, status, active, bundle_dir, model_json, created_at) VALUES "
+                          "('m-old', 'READY', 1, '/m/m-old', '{}', '2026-01-01 00:00:00')"))
+    db.dispose()
+    db = Database(url)
+    try:
+        assert "active" not in {c["name"] for c in inspect(db.engine).get_columns("models")}
+        row = store.get_model(db, "m-old")
+        assert row is not None and row.bundle_dir == "/m/m-old" and row.status == "READY"
+    finally:
+        db.dispose()

@@ -179,8 +179,7 @@ def test_server_paths_stay_out_of_responses_with_keys(make_stack: Any, tmp_path:
     db = stack.app.state.plane.db
     bundle = stack.home / "models" / "m-1"
     store.add_model(db, ModelRow(id="m-1", job_id=server_id, owner="key-" + hash_key("alpha-secret")[:16],
-                                 status="READY", bundle_dir=str(bundle), sha256="0" * 64, model_json={}),
-                    activate=False)
+                                 status="READY", bundle_dir=str(bundle), sha256="0" * 64, model_json={}))
     texts = [c.get(f"/v1/jobs/{job['id']}", headers=a).text, c.get("/v1/jobs", headers=a).text,
              c.get("/v1/models/m-1", headers=a).text, c.get("/v1/models", headers=a).text]
     assert c.get("/v1/models/m-1", headers=a).json()["bundle_dir"] == "models/m-1"

@@ -190,7 +190,7 @@ def test_excb_up_shape_models_list_coexists_with_control_plane(make_stack, tmp_p
     shutil.copytree(es.bundle(), bundle_dir)
     app = create_plane(stack.settings(), embedded=True, reaper=False)
     store.add_model(app.state.plane.db, ModelRow(id="digits-a", status="READY", bundle_dir=str(bundle_dir),
-                                                 model_json={}), activate=True)
+                                                 model_json={}))
     with es.UvicornThread(app) as srv:
         raw = httpx.get(srv.url + "/v1/models", timeout=30).json()
         assert [m["id"] for m in raw["items"]] == ["digits-a"] and raw["object"] == "list"

@@ -219,7 +219,7 @@ def test_control_plane_serves_the_index_without_an_embed_service(models: Path, t
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     meta = json.loads((models / "m-a" / "model.json").read_text())
     store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(models / "m-a"),
-                                 sha256=meta["sha256"], model_json=meta), activate=True)
+                                 sha256=meta["sha256"], model_json=meta))
     with TestClient(create_plane(s, db=db, reaper=False)) as c:
         listing = c.get("/v1/models/m-a/clusters", params={"typical": 2, "thumbs": True}, headers=A)
         assert listing.status_code == 200 and listing.json()["indexed"] == 1797

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -92,23 +91,13 @@ def backbone_meta(cfg: Any, embed_dim: int, source: dict[str, Any] | None = None
     }
 
 
-def _atomic(path: Path, write: Any) -> None:
-    """Write through a temp file + rename so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_backbone(backbone: nn.Module, cfg: Any, out_dir: str | os.PathLike[str],
                   source: dict[str, Any] | None = None) -> Path:
     """Write ``backbone.safetensors`` + ``backbone.json`` for ``backbone`` (a teacher's, usually); returns the
     weights path. Tensors are copied to CPU and made contiguous (safetensors refuses shared storage)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from excb.fileio import atomic_write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +106,8 @@ def save_backbone(backbone: nn.Module, cfg: Any, out_dir: str | os.PathLike[str]
     tensors = to_ecosystem_keys(state, arch)
     meta = backbone_meta(cfg, int(getattr(backbone, "embed_dim")), source)
     weights = out / WEIGHTS_FILE
-    _atomic(weights, lambda p: save_file(tensors, p, metadata={"format": FORMAT, "architecture": arch}))
-    _atomic(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write(weights, save(tensors, metadata={"format": FORMAT, "architecture": arch}))
+    atomic_write(out / META_FILE, json.dumps(meta, indent=1))
     return weights
 
 

@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from excb.fileio import atomic_write
+
 ACTIVE_FILE = "active.json"
 
 log = logging.getLogger("excb.models")
@@ -22,14 +24,9 @@ def active_path(models_dir: Path) -> Path:
 
 
 def write_active(models_dir: Path, model_id: str, bundle_dir: Path, sha256: str) -> None:
-    """Atomically point every reader at ``bundle_dir`` (write a temp file, fsync, rename)."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / f".active.{os.getpid()}.json"
-    with tmp.open("w") as fh:
-        json.dump({"model_id": model_id, "bundle_dir": str(bundle_dir), "sha256": sha256}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, active_path(models_dir))
+    """Atomically point every reader at ``bundle_dir`` (excb.fileio.atomic_write: temp file, fsync, rename)."""
+    atomic_write(active_path(models_dir), json.dumps({"model_id": model_id, "bundle_dir": str(bundle_dir),
+                                                      "sha256": sha256}))
 
 
 def read_active_id(models_dir: Path) -> str | None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from excb.fileio import atomic_write
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "excb-models/1"
@@ -82,10 +83,5 @@ def record_model(models_dir: Path, model_id: str, sha256: str, owner: str | None
 
 
 def _write(models_dir: Path, records: dict[str, ModelRecord]) -> None:
-    tmp = models_dir / f".manifest.{os.getpid()}.json"
-    with tmp.open("w") as fh:
-        json.dump({"format": MANIFEST_FORMAT, "models": {k: asdict(v) for k, v in sorted(records.items())}}, fh,
-                  indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, models_dir / MANIFEST_FILE)
+    atomic_write(models_dir / MANIFEST_FILE, json.dumps(
+        {"format": MANIFEST_FORMAT, "models": {k: asdict(v) for k, v in sorted(records.items())}}, indent=1))

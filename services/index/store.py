@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from excb.fileio import atomic_write
+
 INDEXES_DIR = ".indexes"
 CURRENT_FILE = "CURRENT"
 STATUS_FILE = "status.json"
@@ -121,12 +123,7 @@ def _fsync_dir_files(d: Path) -> None:
 
 
 def _atomic_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-    with open(tmp, "w") as fh:
-        json.dump(value, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value))
 
 
 def write_status(root: Path, state: str, **extra: Any) -> None:

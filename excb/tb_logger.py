@@ -1,7 +1,6 @@
 """``logger=tensorboard``: the run's metric rows as TensorBoard scalars in ``out/tb``, beside metrics.jsonl.
 
-It is one more consumer of the events the trainer already emits (the same rows a ``train(callback=)`` hook
-and metrics.jsonl get), so it never changes what is logged. Step rows go under ``train/``, epoch rows
+It receives exactly the rows the trainer writes to metrics.jsonl, so it never changes what is logged. Step rows go under ``train/``, epoch rows
 (online kNN, balance) under ``epoch/``, the budget's calibration under ``budget/``. On a resume TensorBoard is
 told to purge events after the checkpoint's step, as metrics.jsonl is rewound, so no step appears twice.
 Needs the ``tensorboard`` package (``pip install excb[tensorboard]``).
@@ -18,7 +17,7 @@ SKIP_KEYS = {"step", "time", "epoch", "type"}
 
 
 class TensorBoardLogger:
-    """A trainer callback writing numeric fields of metric rows as scalars at their step."""
+    """A trainer sink writing numeric fields of metric rows as scalars at their step."""
 
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         try:

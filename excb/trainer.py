@@ -31,7 +31,7 @@ from excb.step import ExCBStep
 
 log = logging.getLogger("excb.trainer")
 
-Callback = Callable[[dict[str, Any]], None]
+Sink = Callable[[dict[str, Any]], None]
 PLAN_FILE = "recipe.json"  # the fitted choices and the budget's step count: a resume reuses them
 COUNTERS = ("step", "epoch", "epoch_batch", "images_seen", "skipped", "wall_time")
 
@@ -54,12 +54,12 @@ class TrainResult:
 
 
 class RunLogger:
-    """Writes metrics.jsonl/train.log on rank 0 and forwards every event to the callbacks (the caller's hook,
-    ``logger=tensorboard``'s writer)."""
+    """Writes metrics.jsonl on rank 0, the one stream of a run's events (the worker tails it; ``excb eval`` and the
+    dashboard read it), and hands each row to ``sinks`` (``logger=tensorboard``'s writer)."""
 
-    def __init__(self, run_dir: Path, ctx: DistContext, callback: Callback | None) -> None:
+    def __init__(self, run_dir: Path, ctx: DistContext) -> None:
         self.run_dir, self.ctx = run_dir, ctx
-        self.callbacks: list[Callback] = [callback] if callback is not None else []
+        self.sinks: list[Sink] = []
         self.metrics_path = run_dir / "metrics.jsonl"
 
     def rewind(self, step: int) -> None:
@@ -74,14 +74,13 @@ class RunLogger:
         if self.ctx.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()
 
-    def emit(self, event: dict[str, Any], persist: bool = True) -> None:
+    def emit(self, event: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
-        if persist:
-            with self.metrics_path.open("a") as fh:
-                fh.write(json.dumps(event) + "\n")
-        for callback in self.callbacks:
-            callback(event)
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(event) + "\n")
+        for sink in self.sinks:
+            sink(event)
 
 
 class Run:
@@ -154,7 +153,7 @@ class Run:
         return {"type": kind, "step": self.step, "epoch": self.epoch, "time": time.time(), **fields}
 
 
-def train(cfg: TrainConfig, callback: Callback | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train (or resume) a run described by ``cfg``; see docs/internals.md for the run-directory layout."""
     cfg = cfg.model_copy(deep=True)  # private copy: the caller's config is never changed (validated once, by resolve)
     if cfg.checkpoint:
@@ -168,7 +167,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, should_stop: Calla
         _start_over(run_dir, ctx)
     handler = _setup_file_log(run_dir, ctx)
     try:
-        return _train(cfg, ctx, run_dir, callback, should_stop)
+        return _train(cfg, ctx, run_dir, should_stop)
     finally:
         if handler is not None:
             logging.getLogger("excb").removeHandler(handler)
@@ -194,19 +193,18 @@ def _setup_file_log(run_dir: Path, ctx: DistContext) -> logging.Handler | None:
     return handler
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, callback: Callback | None,
-           should_stop: Callable[[], bool] | None) -> TrainResult:
+def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Callable[[], bool] | None) -> TrainResult:
     started = time.time()
     seed_everything(cfg.seed + ctx.rank)  # per-rank seeds (the reference seeds every rank alike, §10.5)
     cfg, plan = _plan_config(cfg, ctx, run_dir)
     ckpt = _checkpoint_to_resume(cfg, ctx, run_dir, plan)  # before anything in run_dir is rewritten
     _write_plan(run_dir, ctx, cfg, plan)
     run = Run(cfg, ctx)
-    logger = RunLogger(run_dir, ctx, callback)
+    logger = RunLogger(run_dir, ctx)
     resumed = _resume(run, logger, ckpt)
     tb = _tensorboard(cfg, ctx, run_dir, run.step if resumed else None)
     if tb is not None:
-        logger.callbacks.append(tb)
+        logger.sinks.append(tb)
     warm = _warm_start(run, logger) if not resumed and cfg.checkpoint else {}
     if not resumed and not warm.get("centroids_loaded") and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **run.init_centroids()})
@@ -392,12 +390,12 @@ def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, p
                 progress.set_postfix(loss=f"{float(tensors['loss']):.3f}", refresh=False)
             stop = bool(should_stop()) if should_stop is not None else False
             if run.step % cfg.checkpoint_every_steps == 0 or stop:
-                _checkpoint(run, logger)
+                run.save()
             if stop:
                 raise TrainingInterrupted(f"stopped at step {run.step}; checkpoint written")
         if run.epoch_batch >= run.steps_per_epoch:
             _end_epoch(run, logger)
-    _checkpoint(run, logger)
+    run.save()
 
 
 def _step(run: Run, batch: Any, want: bool) -> tuple[dict[str, Tensor], int]:
@@ -442,11 +440,6 @@ def _end_epoch(run: Run, logger: RunLogger) -> None:
         barrier()
     if run.cfg.keep_epoch_checkpoints:
         run.save(f"epoch{run.epoch:04d}.pt")
-
-
-def _checkpoint(run: Run, logger: RunLogger) -> None:
-    path = run.save()
-    logger.emit({"type": "checkpoint", "step": run.step, "time": time.time(), "path": str(path)}, persist=False)
 
 
 def _summary(run: Run, status: str) -> dict[str, Any]:

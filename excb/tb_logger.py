@@ -1,8 +1,9 @@
 """``logger=tensorboard``: the run's metric rows as TensorBoard scalars in ``out/tb``, beside metrics.jsonl.
 
-It receives exactly the rows the trainer writes to metrics.jsonl, so it never changes what is logged. Step rows go under ``train/``, epoch rows
-(online kNN, balance) under ``epoch/``, the budget's calibration under ``budget/``. On a resume TensorBoard is
-told to purge events after the checkpoint's step, as metrics.jsonl is rewound, so no step appears twice.
+It receives exactly the rows the trainer writes to metrics.jsonl, so it never changes what is logged. Step
+rows go under ``train/``, epoch rows (online kNN, balance) under ``epoch/``, the budget's calibration under
+``budget/``. On a resume TensorBoard is told to purge events after the checkpoint's step, as metrics.jsonl is
+rewound, so no step appears twice.
 Needs the ``tensorboard`` package (``pip install excb[tensorboard]``).
 """
 

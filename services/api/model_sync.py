@@ -1,4 +1,4 @@
-"""Embedded mode: keep the in-process embed registry serving the model the job store marks active.
+"""Embedded mode: keep the in-process embed registry serving the model ``active.json`` names.
 
 The worker (another process) moves each new bundle into the models dir, records its model row in the DB,
 replaces ``<models_dir>/active.json`` and only then commits the job SUCCEEDED. Activation follows that file on

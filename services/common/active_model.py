@@ -24,9 +24,10 @@ def active_path(models_dir: Path) -> Path:
 
 
 def write_active(models_dir: Path, model_id: str, bundle_dir: Path, sha256: str) -> None:
-    """Atomically point every reader at ``bundle_dir`` (excb.fileio.atomic_write: temp file, fsync, rename)."""
+    """Atomically point every reader at ``bundle_dir`` (temp file, fsync, rename); world-readable like the
+    bundles, since embed replicas may run as another user on the shared volume."""
     atomic_write(active_path(models_dir), json.dumps({"model_id": model_id, "bundle_dir": str(bundle_dir),
-                                                      "sha256": sha256}))
+                                                      "sha256": sha256}), mode=0o644)
 
 
 def read_active_id(models_dir: Path) -> str | None:

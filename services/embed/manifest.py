@@ -84,4 +84,5 @@ def record_model(models_dir: Path, model_id: str, sha256: str, owner: str | None
 
 def _write(models_dir: Path, records: dict[str, ModelRecord]) -> None:
     atomic_write(models_dir / MANIFEST_FILE, json.dumps(
-        {"format": MANIFEST_FORMAT, "models": {k: asdict(v) for k, v in sorted(records.items())}}, indent=1))
+        {"format": MANIFEST_FORMAT, "models": {k: asdict(v) for k, v in sorted(records.items())}}, indent=1),
+        mode=0o644)  # read by every embed replica, which may run as another user

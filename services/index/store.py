@@ -123,7 +123,7 @@ def _fsync_dir_files(d: Path) -> None:
 
 
 def _atomic_json(path: Path, value: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(value))
+    atomic_write(path, json.dumps(value), mode=0o644)  # as the version directory's other files
 
 
 def write_status(root: Path, state: str, **extra: Any) -> None:

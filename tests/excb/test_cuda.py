@@ -222,41 +222,20 @@ def test_excb_up_digits_job_on_cuda_embeds(tmp_path: Path) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("celery")
     pytest.importorskip("pydantic_settings")
-    import signal
-
     import httpx
     import yaml
 
-    from support.services import free_port, tiny_job
-    from support.live import digit_png as _digit_png, tail as _tail, wait_embed as _wait_embed, wait_ready as _wait_ready
+    from support.live import excb_up, tail, wait_embed
+    from support.services import tiny_job
 
-    home, data = tmp_path / "home", tmp_path / "data"
-    data.mkdir()
-    _digit_png(data / "seven.png")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
-    env.update({"EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "false", "EXCB_EMBED__RESCAN_SECONDS": "1",
-                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
-                           "--data-root", str(data)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base, up, tmp_path / "up.log")
+    with excb_up(tmp_path, EXCB_EMBED__RESCAN_SECONDS="1") as up:
+        base, env = up.base, up.env
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump(tiny_job(max_steps=8, device="cuda")))
         sub = subprocess.run([sys.executable, "-m", "excb.cli", "jobs", "--url", base, "submit", str(job_file),
                               "--follow"], env=env, capture_output=True, text=True, timeout=300)
-        assert sub.returncode == 0 and "SUCCEEDED" in sub.stdout, sub.stdout[-3000:] + _tail(tmp_path / "up.log")
+        assert sub.returncode == 0 and "SUCCEEDED" in sub.stdout, sub.stdout[-3000:] + tail(up.log)
         job = httpx.get(f"{base}/v1/jobs/{sub.stdout.split()[1]}").json()
         assert job["config"]["device"] == "cuda"
-        body = _wait_embed(base, job["model_id"]).json()
+        body = wait_embed(base, job["model_id"]).json()
         assert len(body["data"]) == 1 and len(body["data"][0]["embedding"]) > 0
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from support import REPO_ROOT
 
 
 def digit_png(path: Path) -> None:
@@ -47,3 +55,44 @@ def wait_embed(base: str, model_id: str) -> httpx.Response:
 
 def tail(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@dataclass
+class LiveUp:
+    """A running `excb up`: its URL, the environment its clients should use, and its log."""
+
+    base: str
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def excb_up(tmp_path: Path, **env: str) -> Iterator[LiveUp]:
+    """`excb up` on a free port with HOME/DATA under ``tmp_path`` (DATA holds ``seven.png``), embedded SQLite
+    broker and store (Redis/PostgreSQL variables dropped), ready when yielded; stopped with SIGTERM, then SIGKILL."""
+    from support.services import free_port
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    data.mkdir()
+    digit_png(data / "seven.png")
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
+    full.update({"EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "false", **env,
+                 "PYTHONPATH": str(REPO_ROOT) + os.pathsep + full.get("PYTHONPATH", "")})
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
+                                 "--data-root", str(data)], env=full, cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    up = LiveUp(f"http://127.0.0.1:{port}", full, log, proc)
+    try:
+        wait_ready(up.base, proc, log)
+        yield up
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -244,3 +244,18 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     yield factory
     for stack in stacks:
         stack.stop()
+
+
+def database_at_revision(url: str, revision: str) -> None:
+    """Create the job store at ``url`` migrated only up to ``revision`` (an older schema to upgrade from)."""
+    from alembic import command
+
+    from services.db.session import Database, _migration_lock, alembic_config
+
+    db = Database(url, run_migrations=False)
+    cfg = alembic_config()
+    with _migration_lock(db.engine) as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        conn.commit()
+    db.dispose()

@@ -89,19 +89,15 @@ def test_delete_removes_the_run_dir_and_a_reused_id_starts_fresh(two_keys: Any) 
 
 def test_migration_keeps_old_job_ids_reachable(tmp_path: Path) -> None:
     """Rows written before client ids were scoped keep answering under their old id, for their owner only."""
-    from alembic import command
     from sqlalchemy import text
 
     from services.db import jobs as store
-    from services.db.session import Database, _migration_lock, alembic_config
+    from services.db.session import Database
+    from support.services import database_at_revision
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    database_at_revision(url, "0002")
     db = Database(url, run_migrations=False)
-    cfg = alembic_config()
-    with _migration_lock(db.engine) as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
-        conn.commit()
     with db.engine.begin() as conn:
         conn.execute(text(
             "INSERT INTO jobs (id, owner, status, config, request, run_dir, attempt, failures, max_attempts, "

@@ -3,8 +3,6 @@ dashboard on one port), driven by the `excb jobs` CLI: submit -> SUCCEEDED -> th
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,34 +12,22 @@ import httpx
 import pytest
 import yaml
 
-from support.live import digit_png, tail, wait_embed, wait_ready
-from support.services import REPO, free_port, tiny_job
+from support.live import excb_up, tail, wait_embed
+from support.services import tiny_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_excb_up_end_to_end(tmp_path: Path) -> None:
-    home, data = tmp_path / "home", tmp_path / "data"
-    data.mkdir()
-    digit_png(data / "seven.png")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
-    env.update({"OMP_NUM_THREADS": "1", "EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "false",
-                "EXCB_REAPER_INTERVAL_SECONDS": "1", "EXCB_EMBED__RESCAN_SECONDS": "1",
-                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
-                           "--data-root", str(data)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, up, tmp_path / "up.log")
+    with excb_up(tmp_path, OMP_NUM_THREADS="1", EXCB_REAPER_INTERVAL_SECONDS="1",
+                 EXCB_EMBED__RESCAN_SECONDS="1") as up:
+        base, env = up.base, up.env
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump(tiny_job(max_steps=8)))
         cli = [sys.executable, "-m", "excb.cli", "jobs", "--url", base]
         sub = subprocess.run(cli + ["submit", str(job_file), "optim.lr=0.001", "--follow"], env=env,
                              capture_output=True, text=True, timeout=300)
-        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:] + tail(tmp_path / "up.log")
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:] + tail(up.log)
         assert "excb jobs status" in sub.stdout and "SUCCEEDED" in sub.stdout  # prints what to run next
         job_id = sub.stdout.split()[1]
         job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
@@ -57,13 +43,6 @@ def test_excb_up_end_to_end(tmp_path: Path) -> None:
         assert httpx.get(f"{base}/v1/info").json()["broker"] == "sqlalchemy (embedded)"
         _fitted_job_runs(cli, env, tmp_path)
         assert httpx.get(f"{base}/embed", params={"uri": "../../etc/passwd"}).status_code in (403, 404, 422)
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
 
 
 def _fitted_job_runs(cli: list[str], env: dict[str, str], tmp_path: Path) -> None:
@@ -88,27 +67,15 @@ def test_excb_up_is_one_service(tmp_path: Path) -> None:
     """Issue 15 §2 on the real `excb up`: one /metrics with the embed series, one OpenAPI with the embed routes,
     one /v1/info; and a SUCCEEDED job's model answers GET /embed within 2 s with every polling timer off
     (no rescan; activation follows active.json's file-system event and the request path's check)."""
-    home, data = tmp_path / "home", tmp_path / "data"
-    data.mkdir()
-    digit_png(data / "seven.png")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
-    env.update({"OMP_NUM_THREADS": "1", "EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "false",
-                "EXCB_EMBED__RESCAN_SECONDS": "0", "EXCB_REAPER_INTERVAL_SECONDS": "30",
-                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
-                           "--data-root", str(data)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, up, tmp_path / "up.log")
+    with excb_up(tmp_path, OMP_NUM_THREADS="1", EXCB_EMBED__RESCAN_SECONDS="0",
+                 EXCB_REAPER_INTERVAL_SECONDS="30") as up:
+        base = up.base
         labels = {"team": "vision", "ticket": 42, "tags": ["nightly"]}
         r = httpx.post(f"{base}/v1/jobs", json=tiny_job(max_steps=8) | {"metadata": labels}, timeout=30)
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
         job, succeeded_at = _poll_until_terminal(base, job_id)
-        assert job["status"] == "SUCCEEDED", str(job) + tail(tmp_path / "up.log")
+        assert job["status"] == "SUCCEEDED", str(job) + tail(up.log)
         assert job["metadata"] == labels  # §5: metadata set at submit, attempts with worker and outcome
         [attempt] = job["attempts"]
         assert attempt["number"] == 1 and attempt["outcome"] == "succeeded" and attempt["worker"]
@@ -132,13 +99,6 @@ def test_excb_up_is_one_service(tmp_path: Path) -> None:
         assert info["service"] == "excb-control-plane" and info["broker"] == "sqlalchemy (embedded)"
         assert info["embed"]["latest"] == job["model_id"]
         assert [m["id"] for m in info["embed"]["models"]] == [job["model_id"]]
-    finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
 
 
 def _poll_until_terminal(base: str, job_id: str) -> tuple[dict, float]:

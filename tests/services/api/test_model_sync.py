@@ -96,18 +96,13 @@ def test_the_watcher_activates_on_the_file_event(tmp_path: Path) -> None:
 def test_migration_drops_the_active_copy_and_keeps_the_models(tmp_path: Path) -> None:
     """0004: a database that still has ``models.active`` upgrades with every model row intact; which model is
     active is the pointer's to say from then on."""
-    from alembic import command
     from sqlalchemy import inspect, text
 
-    from services.db.session import _migration_lock, alembic_config
+    from support.services import database_at_revision
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    database_at_revision(url, "0003")
     db = Database(url, run_migrations=False)
-    cfg = alembic_config()
-    with _migration_lock(db.engine) as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
-        conn.commit()
     with db.engine.begin() as conn:
         conn.execute(text("INSERT INTO models (id, status, active, bundle_dir, model_json, created_at) VALUES "
                           "('m-old', 'READY', 1, '/m/m-old', '{}', '2026-01-01 00:00:00')"))

@@ -167,7 +167,9 @@ class Settings(BaseSettings):
 
     @property
     def resolved_models_dir(self) -> Path:
-        return self.models_dir or (self.home / "models")
+        """Where bundles live, absolute (``~`` expanded, symlinks resolved): the worker, the API and the embed
+        service must name the same directory the same way (bundle paths in the DB and active.json)."""
+        return Path(self.models_dir or (self.home / "models")).expanduser().resolve()
 
 
 @lru_cache(maxsize=1)

@@ -29,10 +29,6 @@ from services.embed.manifest import record_model
 router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
 
 
-def _models_dir(cp: ControlPlane) -> Path:
-    return Path(cp.settings.resolved_models_dir).expanduser().resolve()
-
-
 def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
     row = store.get_model(cp.db, model_id)
     if row is None or (who.id is not None and row.owner != who.id):
@@ -44,7 +40,7 @@ def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
 def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
     rows = store.list_models(cp.db, who.id)
     hide = path_hider(cp.settings, cp.auth.enabled)
-    active = read_active_id(_models_dir(cp))
+    active = read_active_id(cp.settings.resolved_models_dir)
     return {"items": [model_dict(m, hide, active) for m in rows], "object": "list",
             "data": [model_entry(m.id, m.created_at, m.id == active, owned_by=m.owner or "excb") for m in rows]}
 
@@ -52,7 +48,7 @@ def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")
 def show_model(model_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     return model_dict(_owned_model(cp, who, model_id), path_hider(cp.settings, cp.auth.enabled),
-                      read_active_id(_models_dir(cp)))
+                      read_active_id(cp.settings.resolved_models_dir))
 
 
 @router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
@@ -60,7 +56,7 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     row = _owned_model(cp, who, model_id)
     if not (Path(row.bundle_dir) / "model.onnx").exists():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
-    models_dir = _models_dir(cp)
+    models_dir = cp.settings.resolved_models_dir
     record_model(models_dir, row.id, row.sha256 or "", row.owner)  # the owner's default model from now on
     write_active(models_dir, row.id, Path(row.bundle_dir), row.sha256 or "")
     embed_app = getattr(request.app.state, "embed_app", None)

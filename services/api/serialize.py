@@ -20,7 +20,7 @@ class PathHider:
 
     def __init__(self, settings: Settings) -> None:
         home = Path(settings.home).expanduser().resolve()
-        self.bases = [(home / "runs", "runs/"), (Path(settings.resolved_models_dir).expanduser().resolve(), "models/")]
+        self.bases = [(home / "runs", "runs/"), (settings.resolved_models_dir, "models/")]
         self.bases += [(Path(r).expanduser().resolve(), "") for r in settings.data_roots]
 
     def path(self, text: str) -> str:

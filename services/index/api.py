@@ -43,7 +43,7 @@ def build_index(model_id: str, body: IndexBuildRequest, cp: Plane, who: Caller) 
     if not (Path(row.bundle_dir) / "model.onnx").is_file():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
     source = safe_source(body.source, cp.settings)
-    root = index_root(Path(cp.settings.resolved_models_dir).expanduser().resolve(), row.id, body.name)
+    root = index_root(cp.settings.resolved_models_dir, row.id, body.name)
     current = read_status(root) or {}
     age = time.time() - float(current.get("updated_at") or 0)
     if current.get("state") in ("queued", "running") and age < cp.settings.index.timeout_seconds:

@@ -82,7 +82,7 @@ class PlaneIndexService:
         self.settings = cp.settings
         self.embed = cp.settings.embed
         self.auth = cp.auth
-        self.registry = PlaneModels(cp.db, Path(cp.settings.resolved_models_dir).expanduser().resolve())
+        self.registry = PlaneModels(cp.db, cp.settings.resolved_models_dir)
 
 
 def build_plane_index_router(cp: Any) -> APIRouter:

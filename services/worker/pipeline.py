@@ -39,7 +39,7 @@ def new_model_id() -> str:
 
 def staging_dir(settings: Settings, model_id: str) -> Path:
     """Where the export child writes; hidden (leading dot) so the embed registry's rescan ignores it."""
-    return Path(settings.resolved_models_dir).expanduser().resolve() / f".{model_id}.tmp"
+    return settings.resolved_models_dir / f".{model_id}.tmp"
 
 
 def export_command(run_dir: Path, staging: Path, parity_images: int) -> list[str]:

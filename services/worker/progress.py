@@ -8,16 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from excb.stats import balance_stats
-from services.common.tail import FileTail
 
 _META_KEYS = {"type", "step", "epoch", "time", "total_steps", "steps_per_epoch", "epochs"}
-
-
-class MetricsTail(FileTail):
-    """The trainer's ``metrics.jsonl`` as rows: ``read()`` returns the JSON objects appended since last time."""
-
-    def read(self) -> list[dict[str, Any]]:
-        return self.json_rows()
 
 
 @dataclass

@@ -23,13 +23,14 @@ from excb.checkpoint import FENCE_ENV, write_fence
 from excb.config import RUN_CONFIG, dump_yaml, validate
 from excb.fileio import atomic_write
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
+from services.common.tail import FileTail
 from services.db import jobs as store
 from services.db.jobs import Lease
 from services.db.tables import utcnow
 from services.db.session import Database
 from services.settings import Settings
 from services.worker import child, pipeline
-from services.worker.progress import MetricsTail, ProgressTracker
+from services.worker.progress import ProgressTracker
 
 log = logging.getLogger("excb.worker")
 
@@ -106,7 +107,7 @@ class JobRunner:
         request = job.request or {}
         argv = child.trainer_command(cfg_path, int(request.get("gpus") or 0))
         tracker = ProgressTracker(total_steps=cfg.max_steps, epochs=cfg.epochs)
-        tail = MetricsTail(run_dir / "metrics.jsonl")
+        tail = FileTail(run_dir / "metrics.jsonl")  # read as JSON rows by _sync_progress
         with (run_dir / "job.log").open("ab") as logf:
             logf.write(f"--- attempt {lease.attempt} on {self.worker} (token {lease.token})\n".encode())
             logf.flush()
@@ -133,7 +134,7 @@ class JobRunner:
             return str(exc)
         return None
 
-    def _supervise(self, lease: Lease, proc: subprocess.Popen[bytes], tail: MetricsTail,
+    def _supervise(self, lease: Lease, proc: subprocess.Popen[bytes], tail: FileTail,
                    tracker: ProgressTracker, request: dict[str, Any]) -> Outcome:
         """Poll the child; heartbeat + progress every interval; react to cancel, shutdown, lost lease, memory."""
         interval = min(self.settings.heartbeat_seconds, self.settings.progress_interval_seconds)
@@ -172,9 +173,9 @@ class JobRunner:
                     return Outcome(child.stop(proc, self.settings.cancel_grace_seconds), cancelled=True)
             time.sleep(0.2)
 
-    def _sync_progress(self, lease: Lease, tail: MetricsTail, tracker: ProgressTracker) -> tuple[bool, bool]:
+    def _sync_progress(self, lease: Lease, tail: FileTail, tracker: ProgressTracker) -> tuple[bool, bool]:
         """Copy new metrics rows into the DB (fenced) and heartbeat; returns ``(still_ours, cancel_requested)``."""
-        tracker.feed(tail.read())
+        tracker.feed(tail.json_rows())
         steps = tracker.take_steps()
         values: dict[str, Any] = {"progress": tracker.progress(), "latest_metrics": tracker.latest}
         if tracker.curve is not None:
@@ -187,7 +188,7 @@ class JobRunner:
 
     # --- after the trainer ---------------------------------------------------------------------------------
     def _settle(self, lease: Lease, out: Outcome, run_dir: Path, tracker: ProgressTracker,
-                tail: MetricsTail) -> str:
+                tail: FileTail) -> str:
         ckpt = run_dir / "checkpoints" / "last.pt"
         if out.lease_lost:
             store.end_attempt(self.db, lease, "lease_lost", f"rc={out.rc}")
@@ -213,7 +214,7 @@ class JobRunner:
             return self._commit_failure(lease, "crashed", f"trainer exited with {out.rc}: {detail}", count=True)
         return self._commit_failure(lease, "trainer_error", f"trainer exited with {out.rc}: {detail}", count=False)
 
-    def _export(self, lease: Lease, run_dir: Path, tail: MetricsTail, tracker: ProgressTracker) -> str:
+    def _export(self, lease: Lease, run_dir: Path, tail: FileTail, tracker: ProgressTracker) -> str:
         """Export + parity check in a supervised child; then settle like the trainer."""
         model_id = pipeline.new_model_id()
         staging = pipeline.staging_dir(self.settings, model_id)

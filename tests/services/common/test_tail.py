@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.common.tail import FileTail
-from services.worker.progress import MetricsTail
 
 
 def test_complete_lines_with_offsets_partial_last_line_waits(tmp_path: Path) -> None:
@@ -35,8 +34,8 @@ def test_chunked_reads_and_a_rewritten_file(tmp_path: Path) -> None:
 def test_metrics_rows_skip_torn_and_foreign_lines(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"type": "step", "step": 1}\n[1, 2]\nnot json\n{"type": "step", "st')
-    tail = MetricsTail(path)
-    assert tail.read() == [{"type": "step", "step": 1}]
+    tail = FileTail(path)
+    assert tail.json_rows() == [{"type": "step", "step": 1}]
     with path.open("a") as fh:
         fh.write('ep": 2}\n')
-    assert tail.read() == [{"type": "step", "step": 2}]
+    assert tail.json_rows() == [{"type": "step", "step": 2}]

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -27,18 +27,26 @@ def digit_png(path: Path) -> None:
     Image.fromarray(arr).resize((32, 32)).convert("RGB").save(path)
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"excb up exited with {proc.returncode}\n{tail(log)}")
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str,
+                 detail: Callable[[], str] = lambda: "", every: float = 0.2) -> None:
+    """Poll ``url`` until it answers 200; fail if ``proc`` exits first or ``timeout`` passes (``detail()`` is
+    appended to the failure: a log tail, the server's stderr)."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise AssertionError("excb up did not become ready\n" + tail(log))
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}\n{detail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not become ready in {timeout:.0f} s\n{detail()}")
+        time.sleep(every)
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    wait_http_ok(f"{base}/readyz", proc, 90, "excb up", lambda: tail(log), every=0.5)
 
 
 def wait_embed(base: str, model_id: str) -> httpx.Response:

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from support import embed as es
+from support.live import wait_http_ok
 from support.services import REPO, free_port
 from services.embed.decode_budget import BudgetExhausted, PixelBudget
 
@@ -80,16 +81,8 @@ def _server(tmp: Path, **embed: str) -> Iterator[tuple[subprocess.Popen[bytes], 
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"embed server did not start: {proc.stderr.read() if proc.stderr else ''!r}")
-            time.sleep(0.2)
+        wait_http_ok(url + "/readyz", proc, 60, "embed server",
+                     lambda: repr(proc.stderr.read() if proc.stderr else ""))
         yield proc, url
     finally:
         proc.terminate()

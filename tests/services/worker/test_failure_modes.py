@@ -153,6 +153,7 @@ def test_row31_metrics_totals_monotonic_across_processes(make_stack: Any, tmp_pa
 
     import httpx
 
+    from support.live import wait_http_ok
     from support.services import REPO, free_port
 
     mp = tmp_path / "prom"
@@ -166,15 +167,7 @@ def test_row31_metrics_totals_monotonic_across_processes(make_stack: Any, tmp_pa
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.3)
+        wait_http_ok(url + "/livez", proc, 90, "server", every=0.3)
         time.sleep(3.0)  # let every worker process finish starting
         seen: list[float] = []
         hits = 1

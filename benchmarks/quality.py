@@ -1,15 +1,20 @@
 """Representation quality: ExCB vs raw pixels vs the same network randomly initialised.
 
-Three studies, each printing a markdown table and a JSON line:
+Studies, each printing a markdown table and a JSON line:
 
   suite       the default recipe (no preset, fitted to each data set) with a compute budget on every set of
               benchmarks/suite_data.py (Fashion-MNIST, two digit sets, two colour sets), then kNN (k=20) and
-              the fast linear probe on ExCB features, raw pixels and a random-init network.
+              the fast linear probe on ExCB features, raw pixels and a random-init network, plus kNN on the raw
+              pixels under the same PCA whitening the served embedding gets (excb.whitening).
 
   screen      the default recipe on one suite set for a fixed number of steps (``--steps``), with extra
-              overrides: kNN and the fast linear probe on the served embedding, and kNN of the two embeddings
-              (``final``: the pooled last stage; ``multiscale``) of the same teacher. For comparing recipe
+              overrides: kNN and the fast linear probe on the served embedding, and kNN of the two unwhitened
+              embeddings (``final``: the pooled last stage; ``multiscale``) of the same teacher. For comparing recipe
               choices side by side at equal steps; it does not evaluate baselines.
+
+  whiten      trained run directories (``--runs``): kNN and the fast linear probe of the same teacher's served
+              embedding without and with the PCA whitening the trainer fits at the end of a run, next to raw
+              pixels with and without the same whitening.
 
   main        one `cpu-small` run with a time (or step) budget, then kNN (k=20, T=0.07; exp-weighted and
               majority vote) on teacher features, raw pixels and a random-init network, evaluated identically.
@@ -22,6 +27,7 @@ schedules still complete; the steps actually used and the wall time are reported
 
   python benchmarks/quality.py suite --budget 10m
   python benchmarks/quality.py screen --sets opencv-digits --steps 800 augment.flip_p=0.5
+  python benchmarks/quality.py whiten --runs /tmp/suite/runs/suite-icons /tmp/suite/runs/suite-openclipart
   python benchmarks/quality.py main --minutes 25
   python benchmarks/quality.py robustness --images 40000   # same number of training images per run
 """
@@ -194,7 +200,15 @@ def suite_row(name: str, source: str, out: Path, budget: str, extra: list[str]) 
             "global_size": run_cfg.augment.global_size, "num_clusters": run_cfg.model.num_clusters,
             "batch_size": run_cfg.batch_size, "excb": _scores(excb), "raw_pixels": _scores(base["raw_pixels"]),
             "random_init": _scores(base["random_init"]),
+            "raw_pixels_whitened_knn": base.get("raw_pixels_whitened", {}).get("knn_acc"),
+            "whitening": _whitening_row(out),
             "final_size_effective_clusters": result.summary["balance"]["effective_clusters"]}
+
+
+def _whitening_row(out: Path) -> dict[str, Any] | None:
+    """The run's ``whitening`` row of metrics.jsonl (images, seconds), or None when it was not fitted."""
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"whitening"' in ln]
+    return rows[-1] if rows else None
 
 
 def _scores(r: dict[str, Any]) -> dict[str, float]:
@@ -203,14 +217,15 @@ def _scores(r: dict[str, Any]) -> dict[str, float]:
 
 def suite_table(rows: list[dict[str, Any]]) -> str:
     """One markdown table: per set, raw pixels / random init / ExCB (kNN k=20 and the fast linear probe)."""
-    lines = ["| data set | train / test images | input px, K, batch | raw pixels kNN / linear | random init kNN / "
-             "linear | **ExCB kNN** / linear | ExCB - raw (kNN) | steps | train min |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    pct = lambda v: f"{100 * v:.1f}%"
+    lines = ["| data set | train / test images | input px, K, batch | raw pixels kNN / linear | raw pixels whitened "
+             "kNN | random init kNN / linear | **ExCB kNN** / linear | ExCB - raw (kNN) | steps | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     for r in rows:
         e, raw, rnd = r["excb"], r["raw_pixels"], r["random_init"]
         lines.append(f"| {r['name']} | {r['images']} / {r['test_images']} | {r['global_size']}, {r['num_clusters']}, "
-                     f"{r['batch_size']} | {pct(raw['knn'])} / {pct(raw['linear'])} | {pct(rnd['knn'])} / "
+                     f"{r['batch_size']} | {pct(raw['knn'])} / {pct(raw['linear'])} | "
+                     f"{pct(r.get('raw_pixels_whitened_knn'))} | {pct(rnd['knn'])} / "
                      f"{pct(rnd['linear'])} | **{pct(e['knn'])}** / {pct(e['linear'])} | "
                      f"{100 * (e['knn'] - raw['knn']):+.1f} | {r['steps']} | {r['train_minutes']:.1f} |")
     return "\n".join(lines)
@@ -255,16 +270,63 @@ def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.time() - t0
         run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
         splits = labelled_splits(source, model_transform(run_cfg))
-        served = run_cfg.model.embedding
-        res = {kind: evaluate(lambda x, kind=kind: feature_and_embedding(model.backbone, kind, x)[1], *splits, k=20,
-                              linear=kind == served, batch_size=512)
-               for kind in ("final", "multiscale")}  # the linear probe only on the embedding the bundle serves
-        rows.append({"name": name, "steps": result.steps, "overrides": list(args.overrides), "embedding": served,
-                     "knn": res[served]["knn_acc"], "linear": res[served]["linear"]["acc"],
-                     "knn_by_embedding": {kind: r["knn_acc"] for kind, r in res.items()},
-                     "train_minutes": wall / 60})
+        served = evaluate(model.features, *splits, k=20, linear=True, batch_size=512)  # what the bundle serves
+        unwhitened = {kind: evaluate(lambda x, kind=kind: feature_and_embedding(model.backbone, kind, x)[1], *splits,
+                                     k=20, batch_size=512)["knn_acc"] for kind in ("final", "multiscale")}
+        rows.append({"name": name, "steps": result.steps, "overrides": list(args.overrides),
+                     "embedding": run_cfg.model.embedding, "whitening": run_cfg.model.whitening,
+                     "knn": served["knn_acc"], "linear": served["linear"]["acc"],
+                     "knn_unwhitened_by_embedding": unwhitened, "train_minutes": wall / 60})
         print(json.dumps(rows[-1]), flush=True)
     return {"study": "screen", "machine": machine(), "rows": rows}
+
+
+def _teacher_with_whitening(run: Path) -> tuple[Any, torch.nn.Module]:
+    """A run's teacher with ``model.whitening=pca`` (a run trained without it gets identity buffers to fit)."""
+    from excb.models import build_model
+
+    teacher = load_teacher(run, torch.device("cpu"))
+    if teacher.cfg.model.whitening == "pca":
+        return teacher.cfg, teacher.model
+    cfg = teacher.cfg.model_copy(deep=True)
+    cfg.model.whitening = "pca"
+    model = build_model(cfg, teacher=True)
+    keys = model.load_state_dict(teacher.checkpoint["teacher"], strict=False)
+    assert not keys.unexpected_keys and all(k.startswith("whiten.") for k in keys.missing_keys), keys
+    return cfg, model.eval()
+
+
+def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
+    """The same trained teachers, served embedding unwhitened vs PCA-whitened as the trainer fits it at the end
+    of a run (``excb.whitening.fit_model`` on the run's own training images), with the baselines whitened too."""
+    from excb.whitening import fit_images, fit_model
+
+    rows = []
+    for run in map(Path, args.runs):
+        cfg, model = _teacher_with_whitening(run)
+        if not model.whiten.fitted:
+            fit_model(model, fit_images(cfg), torch.device("cpu"))
+        splits = labelled_splits(cfg.data.source, model_transform(cfg))
+        plain = evaluate(model.unwhitened_features, *splits, k=20, linear=True, batch_size=512)
+        white = evaluate(model.features, *splits, k=20, linear=True, batch_size=512)
+        base = baselines(cfg, cfg.data.source, torch.device("cpu"), k=20, batch_size=512)
+        step = int(load_checkpoint(latest_checkpoint(run)).get("step", 0))
+        rows.append({"run": str(run), "steps": step, "whitened_on": int(model.whiten.images),
+                     "unwhitened": _scores(plain), "whitened": _scores(white),
+                     "raw_pixels_knn": base["raw_pixels"]["knn_acc"],
+                     "raw_pixels_whitened_knn": base["raw_pixels_whitened"]["knn_acc"],
+                     "random_init_whitened_knn": base["random_init"]["knn_acc"]})
+        print(json.dumps(rows[-1]), flush=True)
+    pct = lambda v: f"{100 * v:.1f}%"
+    lines = ["| run | steps | kNN unwhitened -> **whitened** | linear unwhitened -> whitened | raw pixels kNN / "
+             "whitened | random init (whitened) kNN |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        u, w = r["unwhitened"], r["whitened"]
+        lines.append(f"| {Path(r['run']).name} | {r['steps']} | {pct(u['knn'])} -> **{pct(w['knn'])}** | "
+                     f"{pct(u['linear'])} -> {pct(w['linear'])} | {pct(r['raw_pixels_knn'])} / "
+                     f"{pct(r['raw_pixels_whitened_knn'])} | {pct(r['random_init_whitened_knn'])} |")
+    print("\n".join(lines))
+    return {"study": "whiten", "machine": machine(), "rows": rows, "table": "\n".join(lines)}
 
 
 def argv_text() -> str:
@@ -286,7 +348,8 @@ def append_results(path: Path, res: dict[str, Any], command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=("main", "robustness", "suite", "screen"))
+    p.add_argument("study", choices=("main", "robustness", "suite", "screen", "whiten"))
+    p.add_argument("--runs", nargs="+", default=[], help="whiten: run directories of trained teachers")
     p.add_argument("--budget", default="10m", help="suite: training budget per data set (600s, 10m, 2h)")
     p.add_argument("--sets", nargs="+", help="suite/screen: only these data sets (suite default: all of "
                    "benchmarks/suite_data.py; screen default: opencv-digits)")
@@ -302,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="main: skip the raw-pixel/random-init rows")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_intermixed_args(argv)
-    studies = {"main": cmd_main, "robustness": cmd_robustness, "suite": cmd_suite, "screen": cmd_screen}
+    studies = {"main": cmd_main, "robustness": cmd_robustness, "suite": cmd_suite, "screen": cmd_screen,
+               "whiten": cmd_whiten}
     res = studies[args.study](args)
     print(json.dumps(res))
     return 0

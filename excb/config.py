@@ -54,6 +54,9 @@ class ModelConfig(_Section):
     embedding: Literal["final", "multiscale"] = Field(
         "final", description="the embedding served and evaluated: 'final' = the pooled last stage (the reference's "
         "feature); 'multiscale' = the last 3 stages (ViT: blocks) pooled, each L2-normalised, concatenated")
+    whitening: Literal["off", "pca"] = Field(
+        "off", description="'pca': when training ends, PCA-whiten the embedding on the run's own training images "
+        "(excb.whitening; part of the checkpoint and the ONNX bundle); 'off': serve it as the backbone gives it")
 
 
 class DataConfig(_Section):

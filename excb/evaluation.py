@@ -372,22 +372,34 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
               linear: bool = False, train_limit: int | None = None, test_limit: int | None = None,
               batch_size: int = 256) -> dict[str, Any]:
     """Raw pixels at the model's input size and the same network randomly initialised, evaluated exactly like
-    the trained teacher: a representation is only learned if it beats both (data.md)."""
+    the trained teacher: a representation is only learned if it beats both (data.md).
+
+    With ``model.whitening=pca`` the random network's whitening is fitted on the training split as the
+    trainer fits the teacher's, and ``raw_pixels_whitened`` adds the pixels under the same PCA whitening
+    (kNN only): whitening alone is not a learned representation.
+    """
     from torchvision import transforms
 
     from excb.models import build_model
 
+    from excb.whitening import fit_model, fit_pca
+
     size = cfg.augment.global_size
     pixels = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
     raw_train, raw_test = labelled_splits(data, pixels, train_limit, test_limit)
-    raw = evaluate_features(*raw_pixel_features(raw_train), *raw_pixel_features(raw_test), k=k,
-                            temperature=temperature, linear=linear)
+    (tr, ytr), (te, yte) = raw_pixel_features(raw_train), raw_pixel_features(raw_test)
+    out = {"raw_pixels": evaluate_features(tr, ytr, te, yte, k=k, temperature=temperature, linear=linear)}
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, teacher=True).to(device).eval()
     train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
-    rand = evaluate(random_model.features, train_ds, test_ds, k=k, temperature=temperature,
-                    linear=linear, batch_size=batch_size, device=device)
-    return {"raw_pixels": raw, "random_init": rand}
+    if cfg.model.whitening == "pca":  # whitened as the trained model is, so the comparison is like for like
+        fit_model(random_model, train_ds, device)
+        mean, proj = fit_pca(tr.float())
+        out["raw_pixels_whitened"] = evaluate_features((tr.float() - mean) @ proj, ytr, (te.float() - mean) @ proj,
+                                                       yte, k=k, temperature=temperature)
+    out["random_init"] = evaluate(random_model.features, train_ds, test_ds, k=k, temperature=temperature,
+                                  linear=linear, batch_size=batch_size, device=device)
+    return out
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

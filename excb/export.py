@@ -183,6 +183,14 @@ def _batch_sizes(total: int, batch_size: int) -> list[int]:
 # the bundle
 
 
+def _whitening_meta(wrapper: Any) -> dict[str, Any]:
+    """Whether the ``embedding`` output is PCA-whitened, and on how many training images (excb.whitening)."""
+    whiten = wrapper.whiten
+    if whiten is None:
+        return {"kind": "off"}
+    return {"kind": "pca", "fitted": whiten.fitted, "images": int(whiten.images)}
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -229,6 +237,7 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
                   "transform": "excb.data.augment.eval_transform"},
         "outputs": list(OUTPUT_NAMES),
         "embed_dim": int(wrapper.embed_dim),
+        "whitening": _whitening_meta(wrapper),
         "num_clusters": int(wrapper.num_clusters),
         "sizes": [float(v) for v in sizes],
         "balancing": {"method": cfg.balancing.method, "inference_mode": "paper"},

@@ -20,7 +20,9 @@ Why these rules (benchmarks/RESULTS.md has the runs behind them):
 - on a CPU, the multiscale embedding (``model.embedding``): a budgeted run stops early, where the last stage
   alone is not yet the best feature;
 - horizontal flips only where the data holds both orientations (``excb.mirror``): off for digits and text,
-  +1.8 kNN points on OpenCV's digits at 800 steps, measured side by side.
+  +1.8 kNN points on OpenCV's digits at 800 steps, measured side by side;
+- the served embedding PCA-whitened on the run's own images at the end (``excb.whitening``): measured on the
+  same ten-minute teachers, kNN rose on all five suite sets (Fashion-MNIST 85.8 -> 89.6 %).
 """
 
 from __future__ import annotations
@@ -228,6 +230,8 @@ def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
     for key, value in head.items():
         f.set(f"model.{key}", value)
     f.set("model.sync_bn", on_gpu)
+    f.set("model.whitening", "pca", "the served embedding is PCA-whitened on the run's own images when training "
+          "ends, so no few directions dominate its cosines (suite, same teachers: kNN +0.3 to +6 points)")
 
 
 def _clusters(f: _Fitter, p: DataProfile) -> None:

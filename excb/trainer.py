@@ -219,6 +219,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
     status = "completed"
     try:
         _loop(run, logger, should_stop, progress, check)
+        _fit_whitening(run, logger)
     except TrainingInterrupted:
         status = "interrupted"
         raise
@@ -395,6 +396,18 @@ def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, p
                 raise TrainingInterrupted(f"stopped at step {run.step}; checkpoint written")
         if run.epoch_batch >= run.steps_per_epoch:
             _end_epoch(run, logger)
+    run.save()
+
+
+def _fit_whitening(run: Run, logger: RunLogger) -> None:
+    """The served embedding's PCA whitening, fitted by the finished teacher on the run's own images
+    (``model.whitening=pca``, excb.whitening), then written into the last checkpoint."""
+    if getattr(run.learner.teacher, "whiten", None) is None:
+        return
+    if run.ctx.is_main:
+        from excb.whitening import fit_images, fit_model
+
+        logger.emit(run.row("whitening", **fit_model(run.learner.teacher, fit_images(run.cfg), run.device)))
     run.save()
 
 

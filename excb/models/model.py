@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from excb.config import TrainConfig
 from excb.models.backbones import build_backbone
 from excb.models.heads import MLP, CentroidLayer, Predictor
+from excb.whitening import Whitening
 
 GROUP_NAMES: tuple[str, ...] = ("backbone", "backbone_noreg", "projector", "projector_noreg", "centroids")
 MULTISCALE_STAGES = 3  # stages (ViT: blocks) whose pooled features make a multiscale embedding
@@ -49,7 +50,8 @@ class ExCBModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
-                 centroids: CentroidLayer, is_teacher: bool = False, embedding: str = "final") -> None:
+                 centroids: CentroidLayer, is_teacher: bool = False, embedding: str = "final",
+                 whitening: str = "off") -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
@@ -58,14 +60,21 @@ class ExCBModel(nn.Module):
         self.is_teacher = is_teacher
         self.embedding = embedding
         self.embed_dim: int = embedding_dim(backbone, embedding)
+        # the identity until the trainer fits it at the end of the run (excb.whitening)
+        self.whiten: Whitening | None = Whitening(self.embed_dim) if whitening == "pca" else None
 
     @property
     def num_clusters(self) -> int:
         return self.centroids.num_clusters
 
-    def features(self, x: Tensor) -> Tensor:
-        """The embedding [N, embed_dim]: the backbone's feature, or its multiscale concatenation."""
+    def unwhitened_features(self, x: Tensor) -> Tensor:
+        """The embedding before whitening: the backbone's feature, or its multiscale concatenation."""
         return feature_and_embedding(self.backbone, self.embedding, x)[1]
+
+    def features(self, x: Tensor) -> Tensor:
+        """The embedding [N, embed_dim] that is served and evaluated (whitened when the model has a fit)."""
+        emb = self.unwhitened_features(x)
+        return self.whiten(emb) if self.whiten is not None else emb
 
     def project(self, x: Tensor) -> Tensor:
         """L2-normalised projector output [N, bottleneck] (the k-means feature space)."""
@@ -133,7 +142,8 @@ def build_model(cfg: TrainConfig, teacher: bool = False) -> ExCBModel:
                     m.bottleneck_dim, m.mlp_bn, m.activation)
     predictor = Predictor(m.bottleneck_dim, m.predictor_hidden_dim, m.mlp_bn, m.activation) if m.predictor else None
     centroids = CentroidLayer(m.bottleneck_dim, m.num_clusters)
-    return ExCBModel(backbone, projector, predictor, centroids, is_teacher=teacher, embedding=m.embedding)
+    return ExCBModel(backbone, projector, predictor, centroids, is_teacher=teacher, embedding=m.embedding,
+                     whitening=m.whitening)
 
 
 class ExportWrapper(nn.Module):
@@ -149,6 +159,7 @@ class ExportWrapper(nn.Module):
         self.backbone = copy.deepcopy(model.backbone)
         self.projector = copy.deepcopy(model.projector)
         self.register_buffer("centroids", model.centroids.normalized().clone())
+        self.whiten = copy.deepcopy(model.whiten)
         self.embedding = model.embedding
         self.embed_dim = model.embed_dim
         self.num_clusters = model.num_clusters
@@ -157,6 +168,8 @@ class ExportWrapper(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         feat, emb = feature_and_embedding(self.backbone, self.embedding, x)
+        if self.whiten is not None:
+            emb = self.whiten(emb)
         h = self.projector(feat).float()
         h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return emb, h @ self.centroids.t()

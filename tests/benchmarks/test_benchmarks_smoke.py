@@ -68,14 +68,25 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     for kind in ("excb", "raw_pixels", "random_init"):
         assert 0.0 <= row[kind]["knn"] <= 1.0 and 0.0 <= row[kind]["linear"] <= 1.0
     assert row["raw_pixels"]["knn"] > 0.9  # saturated smoke set
+    assert 0.9 < row["raw_pixels_whitened_knn"] <= 1.0
+    assert row["whitening"]["fitted"] and row["whitening"]["images"] == 1438  # fitted by the trainer at the end
     text = results.read_text()
     assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text
+    # the whiten study on the same run: the teacher with and without the fit the trainer made
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "whiten", "--runs",
+         str(tmp_path / "runs" / "suite-uci-digits")], capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (w,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert w["whitened_on"] == 1438 and abs(w["whitened"]["knn"] - row["excb"]["knn"]) < 1e-9
+    assert w["raw_pixels_whitened_knn"] == row["raw_pixels_whitened_knn"]
 
 
 @pytest.mark.slow
 def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -> None:
-    """`quality.py screen`: the fitted recipe for a fixed number of steps, with overrides; the served embedding's
-    kNN equals the kNN of that embedding computed directly (multiscale on a CPU recipe)."""
+    """`quality.py screen`: the fitted recipe for a fixed number of steps, with overrides; the served (whitened)
+    embedding's kNN and the unwhitened kNN of both embeddings of the same teacher."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "screen", "--sets", "uci-digits", "--steps", "6",
@@ -86,7 +97,8 @@ def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert row["steps"] == 6 and row["overrides"][-1] == "augment.flip_p=0.5" and row["embedding"] == "multiscale"
-    assert row["knn"] == row["knn_by_embedding"]["multiscale"] and 0.0 <= row["knn_by_embedding"]["final"] <= 1.0
+    assert row["whitening"] == "pca" and 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in row["knn_unwhitened_by_embedding"].values())
     assert (tmp_path / "runs" / "screen-uci-digits" / "config.yaml").read_text().count("flip_p: 0.5") == 1
 
 

@@ -1,0 +1,119 @@
+"""PCA whitening of the served embedding: the fit, the model's buffers, the trainer's end-of-run fit, the bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from support.training import read_rows, tiny
+from excb.checkpoint import load_teacher
+from excb.config import resolve
+from excb.models import build_model
+from excb.trainer import train
+from excb.whitening import Whitening, fit_images, fit_model, fit_pca
+
+torch.set_num_threads(1)
+
+
+def _anisotropic(n: int = 4000, dim: int = 12, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows whose variances span four orders of magnitude, rotated and shifted."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, dim)
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    return (torch.randn(n, dim, generator=g) * scales) @ rotation + 5.0
+
+
+def test_fit_without_shrinkage_whitens_the_training_features() -> None:
+    x = _anisotropic()
+    mean, proj = fit_pca(x, shrink=0.0)
+    y = (x - mean) @ proj
+    assert torch.allclose(y.mean(0), torch.zeros(12), atol=1e-4)
+    assert torch.allclose(torch.cov(y.T), torch.eye(12), atol=2e-3)  # 1e-6 x mean eigenvalue floor: 0.9985
+
+
+def test_shrinkage_keeps_low_variance_directions_small_and_orders_them() -> None:
+    x = _anisotropic()
+    mean, proj = fit_pca(x, shrink=0.1)
+    var = torch.cov(((x - mean) @ proj).T).diagonal()
+    assert torch.all(var[:-1] >= var[1:] - 1e-5)  # columns ordered by decreasing variance
+    assert 0.9 < var[0] < 1.0 and var[-1] < 0.05  # the largest direction nearly whitened, the smallest held down
+
+
+def test_fit_refuses_too_few_rows_and_survives_constant_features() -> None:
+    with pytest.raises(ValueError, match="N >= 2"):
+        fit_pca(torch.ones(1, 4))
+    mean, proj = fit_pca(torch.ones(10, 4))
+    assert torch.isfinite(proj).all() and torch.equal((torch.ones(3, 4) - mean) @ proj, torch.zeros(3, 4))
+
+
+def test_whitening_is_the_identity_until_fitted() -> None:
+    w = Whitening(5)
+    x = torch.randn(3, 5)
+    assert not w.fitted and torch.equal(w(x), x)
+    mean, proj = fit_pca(_anisotropic(dim=5))
+    w.load_fit(mean, proj, 4000)
+    assert w.fitted and torch.allclose(w(x), (x - mean) @ proj)
+
+
+def test_whitening_off_leaves_the_state_dict_as_before() -> None:
+    """Checkpoints written before whitening existed (or with it off) still load strictly."""
+    off = build_model(resolve(overrides=["data=digits"]), teacher=True)
+    on = build_model(resolve(overrides=["data=digits", "model.whitening=pca"]), teacher=True)
+    assert off.whiten is None and not any(k.startswith("whiten.") for k in off.state_dict())
+    assert {k for k in on.state_dict() if k.startswith("whiten.")} == {"whiten.mean", "whiten.proj", "whiten.images"}
+
+
+def test_fit_model_whitens_what_the_model_serves() -> None:
+    cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
+    model = build_model(cfg, teacher=True).eval()
+    result = fit_model(model, fit_images(cfg, max_images=600), torch.device("cpu"))
+    assert result["fitted"] and result["images"] == 600 and model.whiten.fitted
+    x = torch.stack([fit_images(cfg, max_images=600)[i] for i in range(600)])
+    with torch.no_grad():
+        served, raw = model.features(x), model.unwhitened_features(x)
+    assert torch.allclose(served, (raw - model.whiten.mean) @ model.whiten.proj, atol=1e-5)
+    assert served.mean(0).abs().max() < 1e-3  # centred on the images it was fitted on
+    assert model.training is False
+
+
+def test_a_run_fits_its_whitening_at_the_end_and_the_bundle_serves_it(tmp_path: Path) -> None:
+    from excb.export import export_bundle
+    from excb.onnx_runtime import OrtEmbedder, load_bundle
+
+    out = tmp_path / "run"
+    train(tiny(out, "max_steps=4", "model.whitening=pca", "data.limit=300"))
+    rows = [r for r in read_rows(out) if r["type"] == "whitening"]
+    assert len(rows) == 1 and rows[0]["fitted"] and rows[0]["images"] == 300 and rows[0]["step"] == 4
+    teacher = load_teacher(out)
+    assert teacher.model.whiten is not None and int(teacher.model.whiten.images) == 300
+    meta = export_bundle(out, tmp_path / "bundle", parity_data="digits", parity_count=32)
+    assert meta["whitening"] == {"kind": "pca", "fitted": True, "images": 300} and meta["parity"]["passed"]
+    x = torch.stack([fit_images(teacher.cfg)[i] for i in range(8)])
+    with torch.no_grad():
+        expected = teacher.model.features(x).numpy()
+    got, _ = OrtEmbedder(load_bundle(tmp_path / "bundle"), intra_op_threads=1).run(x.numpy())
+    assert np.allclose(got, expected, atol=1e-3 * float(np.abs(expected).max()))
+
+
+def test_an_interrupted_run_keeps_the_identity(tmp_path: Path) -> None:
+    from excb.trainer import TrainingInterrupted
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(out, "max_steps=6", "model.whitening=pca"), should_stop=lambda: True)
+    assert not any(r["type"] == "whitening" for r in read_rows(out))
+    assert not load_teacher(out).model.whiten.fitted
+
+
+def test_baselines_whiten_the_random_network_and_report_whitened_pixels() -> None:
+    from excb.evaluation import baselines
+
+    cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
+    out = baselines(cfg, "digits", torch.device("cpu"), train_limit=400, test_limit=100)
+    assert set(out) == {"raw_pixels", "raw_pixels_whitened", "random_init"}
+    assert 0.5 < out["raw_pixels_whitened"]["knn_acc"] <= 1.0 and out["raw_pixels_whitened"]["feature_dim"] == 256
+    assert json.dumps(out)  # plain numbers all through (excb eval --json)

@@ -49,7 +49,7 @@ import torch
 from excb import stats
 from excb.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
 from excb.config import resolve
-from excb.evaluation import (baselines, evaluate, evaluate_features, labelled_splits, model_transform,
+from excb.evaluation import (baselines, evaluate, evaluate_features, evaluate_model, labelled_splits, model_transform,
                              raw_pixel_features)
 from excb.trainer import train
 
@@ -191,8 +191,8 @@ def suite_row(name: str, source: str, out: Path, budget: str, extra: list[str]) 
     result = train(cfg)
     wall = time.time() - t0
     run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
-    excb = evaluate(model.features, *labelled_splits(source, model_transform(run_cfg)), k=20, linear=True,
-                    batch_size=512)
+    excb = evaluate_model(model, *labelled_splits(source, model_transform(run_cfg)), k=20, linear=True,
+                          batch_size=512)
     base = baselines(run_cfg, source, torch.device("cpu"), k=20, linear=True, batch_size=512)
     recipe = json.loads((out / "recipe.json").read_text())
     return {"name": name, "source": source, "images": recipe.get("profile", {}).get("images"),
@@ -244,7 +244,8 @@ def cmd_suite(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(rows[-1]), flush=True)
     table = suite_table(rows)
     print(f"\nQuality suite, default recipe (no preset), budget {args.budget} per set; kNN k=20 (T=0.07, exp "
-          f"weighting); linear = the fast probe (standardised pre-extracted features, 100 epochs)\n\n{table}")
+          f"weighting) on the served (whitened) embedding; linear = the fast probe (standardised pre-extracted "
+          f"features, 100 epochs) on the embedding before its whitening\n\n{table}")
     res = {"study": "suite", "machine": machine(), "budget": args.budget, "rows": rows, "table": table}
     if args.write_results:
         append_results(Path(args.write_results), res, argv_text())
@@ -270,7 +271,7 @@ def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.time() - t0
         run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
         splits = labelled_splits(source, model_transform(run_cfg))
-        served = evaluate(model.features, *splits, k=20, linear=True, batch_size=512)  # what the bundle serves
+        served = evaluate_model(model, *splits, k=20, linear=True, batch_size=512)  # kNN: what the bundle serves
         unwhitened = {kind: evaluate(lambda x, kind=kind: feature_and_embedding(model.backbone, kind, x)[1], *splits,
                                      k=20, batch_size=512)["knn_acc"] for kind in ("final", "multiscale")}
         rows.append({"name": name, "steps": result.steps, "overrides": list(args.overrides),
@@ -339,9 +340,10 @@ def append_results(path: Path, res: dict[str, Any], command: str) -> None:
     section = (f"\n### Quality suite, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: default recipe, budget "
                f"{res['budget']} per data set\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
                f"{m['threads']} threads, load average at start {m['load_avg_start']:.2f}. Command: `{command}`. "
-               f"kNN k=20 (T=0.07, exp-weighted), linear = the fast probe (pre-extracted standardised features, "
-               f"100 epochs); raw pixels at the model's input size; random init = the same fitted network, "
-               f"untrained.\n\n{res['table']}\n")
+               f"kNN k=20 (T=0.07, exp-weighted) on the served embedding, PCA-whitened as the trainer fits it; "
+               f"linear = the fast probe (pre-extracted standardised features, 100 epochs) on the embedding before "
+               f"its whitening; raw pixels at the model's input size, as they are and under the same whitening; "
+               f"random init = the same fitted network, untrained, its whitening fitted alike.\n\n{res['table']}\n")
     with path.open("a") as fh:
         fh.write(section)
 

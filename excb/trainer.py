@@ -405,9 +405,11 @@ def _fit_whitening(run: Run, logger: RunLogger) -> None:
     if getattr(run.learner.teacher, "whiten", None) is None:
         return
     if run.ctx.is_main:
+        from excb.data.loader import dataloader_settings
         from excb.whitening import fit_images, fit_model
 
-        logger.emit(run.row("whitening", **fit_model(run.learner.teacher, fit_images(run.cfg), run.device)))
+        workers = dataloader_settings(run.device)["num_workers"]
+        logger.emit(run.row("whitening", **fit_model(run.learner.teacher, fit_images(run.cfg), run.device, workers)))
     run.save()
 
 

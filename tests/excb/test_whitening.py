@@ -117,3 +117,16 @@ def test_baselines_whiten_the_random_network_and_report_whitened_pixels() -> Non
     assert set(out) == {"raw_pixels", "raw_pixels_whitened", "random_init"}
     assert 0.5 < out["raw_pixels_whitened"]["knn_acc"] <= 1.0 and out["raw_pixels_whitened"]["feature_dim"] == 256
     assert json.dumps(out)  # plain numbers all through (excb eval --json)
+
+
+def test_evaluate_model_ranks_on_the_served_embedding_and_probes_before_whitening() -> None:
+    from excb.evaluation import evaluate_features, evaluate_model, extract_features, labelled_splits, model_transform
+
+    cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
+    model = build_model(cfg, teacher=True).eval()
+    train_ds, test_ds = labelled_splits("digits", model_transform(cfg), 400, 100)
+    fit_model(model, train_ds, torch.device("cpu"))
+    res = evaluate_model(model, train_ds, test_ds, linear=True, linear_kwargs={"epochs": 5})
+    served = [extract_features(model.features, ds) for ds in (train_ds, test_ds)]
+    assert res["knn_acc"] == evaluate_features(*served[0], *served[1])["knn_acc"]
+    assert res["linear"]["features"] == "unwhitened" and res["feature_dim"] == model.embed_dim

@@ -37,7 +37,10 @@ DINO_KS = (10, 20, 100, 200)
 def extract_features(encode: Callable[[Tensor], Tensor], dataset: Dataset, batch_size: int = 256,
                      device: str | torch.device = "cpu", num_workers: int = 0,
                      progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Run ``encode`` over a labelled data set in order -> (features [N, D] float32 CPU, labels [N] long)."""
+    """Run ``encode`` over a data set in order -> (features [N, D] float32 CPU, labels [N] long).
+
+    An unlabelled set (items are images, not ``(image, label)``) gives an empty label tensor.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -54,15 +57,16 @@ def extract_features(encode: Callable[[Tensor], Tensor], dataset: Dataset, batch
         skipped += missing
         if batch is None:
             continue
-        x, y = batch
+        x, y = batch if isinstance(batch, (list, tuple)) else (batch, None)
         out = encode(x.to(device, non_blocking=True))
         feats.append(out.float().flatten(1).cpu())
-        labels.append(torch.as_tensor(y, dtype=torch.long).reshape(-1))
+        if y is not None:
+            labels.append(torch.as_tensor(y, dtype=torch.long).reshape(-1))
     if skipped:
         logger.warning("feature extraction skipped %d undecodable samples", skipped)
     if not feats:
         raise ValueError("dataset: no samples to extract features from")
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), (torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
 
 
 def _to_array(x: Any) -> Tensor:
@@ -412,7 +416,6 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     from torchvision import transforms
 
     from excb.models import build_model
-
     from excb.whitening import fit_model, fit_pca
 
     size = cfg.augment.global_size

@@ -233,3 +233,14 @@ def test_flips_follow_the_mirror_test_and_yield_to_the_user() -> None:
     assert "flip_p" not in fit(cfg, profile(None), CPU).choices["augment"]
     pinned = resolve(overrides=["data=digits", "augment.flip_p=0.5"])
     assert "flip_p" not in fit(pinned, profile(2.0), CPU).choices["augment"]
+
+
+def test_the_fitted_recipe_whitens_the_embedding_unless_told_not_to() -> None:
+    profile = DataProfile(images=4000, short_side=20, long_side=20, grey=True)
+    for device in (CPU, CUDA):
+        r = fit(resolve(overrides=["data=digits"]), profile, device)
+        assert r.choices["model"]["whitening"] == "pca"
+        assert any(line.startswith("model.whitening=pca:") for line in r.reasons)
+    kept = fit(resolve(overrides=["data=digits", "model.whitening=off"]), profile, CPU)
+    assert "whitening" not in kept.choices["model"]
+    assert resolve(preset_name="cpu-small", overrides=["data=digits"]).model.whitening == "off"  # presets: as tuned

@@ -130,3 +130,12 @@ def test_evaluate_model_ranks_on_the_served_embedding_and_probes_before_whitenin
     served = [extract_features(model.features, ds) for ds in (train_ds, test_ds)]
     assert res["knn_acc"] == evaluate_features(*served[0], *served[1])["knn_acc"]
     assert res["linear"]["features"] == "unwhitened" and res["feature_dim"] == model.embed_dim
+
+
+def test_too_few_decodable_images_leave_the_identity() -> None:
+    cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
+    model = build_model(cfg, teacher=True).eval()
+    images = [torch.rand(3, 16, 16) for _ in range(3)] + [None, None]  # None: an undecodable file, skipped
+    result = fit_model(model, images, torch.device("cpu"))  # type: ignore[arg-type]
+    assert result == {"fitted": False, "reason": "3 decodable images", "images": 3} and not model.whiten.fitted
+    assert fit_model(model, [None] * 4, torch.device("cpu"))["images"] == 0  # type: ignore[arg-type]

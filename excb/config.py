@@ -58,6 +58,8 @@ class ModelConfig(_Section):
         "off", description="'pca': when training ends, PCA-whiten the embedding on the run's own training images "
         "(excb.whitening; part of the checkpoint and the ONNX bundle); 'off': serve it as the backbone gives it")
 
+    _on_off = field_validator("whitening", mode="before")(_yaml_on_off)
+
 
 class DataConfig(_Section):
     """Where images come from. ``source`` is a folder, ``digits``, ``fashion-mnist[:ROOT]``, ``list:FILE`` or

@@ -208,6 +208,7 @@ def suite_row(name: str, source: str, out: Path, budget: str, extra: list[str]) 
 def _whitening_row(out: Path) -> dict[str, Any] | None:
     """The run's ``whitening`` row of metrics.jsonl (images, seconds), or None when it was not fitted."""
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"whitening"' in ln]
+    rows = [r for r in rows if r.get("type") == "whitening"]
     return rows[-1] if rows else None
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from excb.config import TrainConfig
+from excb.data.datasets import evenly_spaced
 from excb.mirror import MIRROR_RATIO_MAX, mirror_ratio, pil_thumbnail, thumbnails
 
 log = logging.getLogger("excb.recipe")
@@ -102,14 +103,9 @@ def _is_grey(image: Any) -> bool:
         int(np.abs(a[..., 1] - a[..., 2]).max()) <= GREY_TOLERANCE
 
 
-def _picks(n: int) -> list[int]:
-    """Evenly spaced sample indices (folders are sorted by class: a prefix would see one class)."""
-    return sorted({int(i * n / min(n, SAMPLE_IMAGES)) for i in range(min(n, SAMPLE_IMAGES))})
-
-
 def _profile_arrays(images: Any) -> DataProfile:
     n, h, w = images.shape[:3]
-    sample = torch.from_numpy(images[_picks(n)]).float().unsqueeze(1)
+    sample = torch.from_numpy(images[evenly_spaced(n, SAMPLE_IMAGES)]).float().unsqueeze(1)
     return DataProfile(images=n, short_side=min(h, w), long_side=max(h, w), grey=True, sampled=n,
                        mirror_ratio=mirror_ratio(thumbnails(sample)))
 
@@ -117,7 +113,7 @@ def _profile_arrays(images: Any) -> DataProfile:
 def _profile_files(ds: Any) -> DataProfile:
     """Decode an evenly spaced sample of files (the same safe decoder training uses)."""
     shorts, longs, greys, thumbs = [], [], 0, []
-    for i in _picks(len(ds)):
+    for i in evenly_spaced(len(ds), SAMPLE_IMAGES):
         image = ds[i]
         if image is None:  # undecodable: skipped and counted by the data set
             continue

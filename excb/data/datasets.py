@@ -312,6 +312,13 @@ def source_paths(source: str) -> list[Path]:
 
 
 # -------------------------------------------------------------------------------------------------- entry
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """At most ``k`` indices spread evenly over ``range(n)``, ascending (folders are sorted by class: a prefix
+    would see one class). All of them when ``n <= k``."""
+    take = min(n, k)
+    return [int(i * n / take) for i in range(take)]
+
+
 def _check_split(split: str) -> None:
     if split not in ("train", "test", "all"):
         raise ValueError(f"data.split: {split!r} is not one of train, test, all")

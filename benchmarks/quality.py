@@ -49,8 +49,8 @@ import torch
 from excb import stats
 from excb.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
 from excb.config import resolve
-from excb.evaluation import (baselines, evaluate, evaluate_features, evaluate_model, labelled_splits, model_transform,
-                             raw_pixel_features)
+from excb.evaluation import (baselines, evaluate, evaluate_features, evaluate_model, extract_features, labelled_splits,
+                             model_transform, raw_pixel_features)
 from excb.trainer import train
 
 
@@ -283,19 +283,21 @@ def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
     return {"study": "screen", "machine": machine(), "rows": rows}
 
 
-def _teacher_with_whitening(run: Path) -> tuple[Any, torch.nn.Module]:
-    """A run's teacher with ``model.whitening=pca`` (a run trained without it gets identity buffers to fit)."""
+def _teacher_with_whitening(run: Path) -> tuple[Any, torch.nn.Module, int]:
+    """A run's ``(cfg, teacher, step)`` with ``model.whitening=pca`` (a run trained without it gets identity
+    buffers to fit)."""
     from excb.models import build_model
 
     teacher = load_teacher(run, torch.device("cpu"))
+    step = int(teacher.checkpoint.get("step", 0))
     if teacher.cfg.model.whitening == "pca":
-        return teacher.cfg, teacher.model
+        return teacher.cfg, teacher.model, step
     cfg = teacher.cfg.model_copy(deep=True)
     cfg.model.whitening = "pca"
     model = build_model(cfg, teacher=True)
     keys = model.load_state_dict(teacher.checkpoint["teacher"], strict=False)
     assert not keys.unexpected_keys and all(k.startswith("whiten.") for k in keys.missing_keys), keys
-    return cfg, model.eval()
+    return cfg, model.eval(), step
 
 
 def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,14 +307,15 @@ def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for run in map(Path, args.runs):
-        cfg, model = _teacher_with_whitening(run)
+        cfg, model, step = _teacher_with_whitening(run)
         if not model.whiten.fitted:
             fit_model(model, fit_images(cfg), torch.device("cpu"))
-        splits = labelled_splits(cfg.data.source, model_transform(cfg))
-        plain = evaluate(model.unwhitened_features, *splits, k=20, linear=True, batch_size=512)
-        white = evaluate(model.features, *splits, k=20, linear=True, batch_size=512)
+        (tr, ytr), (te, yte) = (extract_features(model.unwhitened_features, ds, batch_size=512)
+                                for ds in labelled_splits(cfg.data.source, model_transform(cfg)))
+        plain = evaluate_features(tr, ytr, te, yte, k=20, linear=True)
+        with torch.no_grad():
+            white = evaluate_features(model.whiten(tr), ytr, model.whiten(te), yte, k=20, linear=True)
         base = baselines(cfg, cfg.data.source, torch.device("cpu"), k=20, batch_size=512)
-        step = int(load_checkpoint(latest_checkpoint(run)).get("step", 0))
         rows.append({"run": str(run), "steps": step, "whitened_on": int(model.whiten.images),
                      "unwhitened": _scores(plain), "whitened": _scores(white),
                      "raw_pixels_knn": base["raw_pixels"]["knn_acc"],

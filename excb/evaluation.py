@@ -350,9 +350,9 @@ def evaluate_model(model: nn.Module, train_ds: Dataset, test_ds: Dataset, k: int
     test_feats, test_labels = extract_features(model.unwhitened_features, test_ds, batch_size, device, num_workers,
                                                progress)
     extract_seconds = time.perf_counter() - t0
-    mean, proj = whiten.mean.detach().float().cpu(), whiten.proj.detach().float().cpu()
-    out = evaluate_features((train_feats - mean) @ proj, train_labels, (test_feats - mean) @ proj, test_labels, k,
-                            temperature)
+    with torch.no_grad():
+        served = [whiten(f.to(whiten.mean.device)).cpu() for f in (train_feats, test_feats)]
+    out = evaluate_features(served[0], train_labels, served[1], test_labels, k, temperature)
     if linear:
         out["linear"] = {**linear_probe(train_feats, train_labels, test_feats, test_labels, **(linear_kwargs or {})),
                          "features": "unwhitened"}
@@ -416,7 +416,7 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     from torchvision import transforms
 
     from excb.models import build_model
-    from excb.whitening import fit_model, fit_pca
+    from excb.whitening import Whitening, fit_model
 
     size = cfg.augment.global_size
     pixels = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
@@ -428,9 +428,8 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
     if cfg.model.whitening == "pca":  # whitened as the trained model is, so the comparison is like for like
         fit_model(random_model, train_ds, device)
-        mean, proj = fit_pca(tr.float())
-        out["raw_pixels_whitened"] = evaluate_features((tr.float() - mean) @ proj, ytr, (te.float() - mean) @ proj,
-                                                       yte, k=k, temperature=temperature)
+        white = Whitening.fitted_on(tr.float())
+        out["raw_pixels_whitened"] = evaluate_features(white(tr), ytr, white(te), yte, k=k, temperature=temperature)
     out["random_init"] = evaluate_model(random_model, train_ds, test_ds, k=k, temperature=temperature,
                                         linear=linear, batch_size=batch_size, device=device)
     return out

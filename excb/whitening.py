@@ -42,6 +42,13 @@ class Whitening(nn.Module):
         self.register_buffer("proj", torch.eye(dim))
         self.register_buffer("images", torch.zeros((), dtype=torch.long))  # 0: never fitted
 
+    @classmethod
+    def fitted_on(cls, features: Tensor, shrink: float = SHRINK) -> "Whitening":
+        """A whitening fitted on ``features`` [N, D] (the baselines whiten raw pixels with it)."""
+        whiten = cls(features.shape[1])
+        whiten.load_fit(*fit_pca(features, shrink), features.shape[0])
+        return whiten
+
     @property
     def fitted(self) -> bool:
         return int(self.images) > 0

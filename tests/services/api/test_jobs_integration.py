@@ -101,13 +101,17 @@ def test_cancel_mid_training_checkpoints_and_frees_the_cpu(make_stack: Any, tmp_
     elapsed = time.monotonic() - t0
     assert done["status"] == "CANCELLED"
     assert not _alive(pid)  # the trainer is gone: the CPU is free
-    assert done["progress"]["step"] - step_at_cancel <= 30, done["progress"]
+    # it stopped on SIGTERM at a step boundary, well before the grace period would have SIGKILLed it; how many
+    # steps that is depends on the machine's speed, so the bound is on time, not on steps
+    assert elapsed < stack.settings().cancel_grace_seconds / 2, elapsed
+    assert step_at_cancel <= done["progress"]["step"] < 5000, done["progress"]
     ckpt = Path(done["artifacts"]["checkpoint"])
     assert ckpt.is_file()
     from excb.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt)
     assert int(state.get("step", 0)) >= step_at_cancel
+    assert int(state["step"]) == done["progress"]["step"]  # saved where it stopped, not an older periodic one
     print(f"cancel -> CANCELLED in {elapsed:.1f}s, {done['progress']['step'] - step_at_cancel} steps after the request")
     # a cancelled job can be retried: it resumes from that checkpoint
     c.post(f"/v1/jobs/{job['id']}/cancel")

@@ -300,6 +300,23 @@ def _teacher_with_whitening(run: Path) -> tuple[Any, torch.nn.Module, int]:
     return cfg, model.eval(), step
 
 
+def _knn_by_fit_images(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yte: torch.Tensor,
+                       sizes: list[int]) -> dict[int, float]:
+    """kNN with the whitening fitted on only ``n`` evenly spaced training embeddings, for each ``n`` in ``sizes``:
+    how many images a user's data set needs before the whitening helps (the trainer fits on all, up to 10,000)."""
+    from excb.data.datasets import evenly_spaced
+    from excb.whitening import Whitening
+
+    out: dict[int, float] = {}
+    for n in sizes:
+        if n > tr.shape[0]:
+            continue
+        white = Whitening.fitted_on(tr[evenly_spaced(tr.shape[0], n)])
+        with torch.no_grad():
+            out[n] = evaluate_features(white(tr), ytr, white(te), yte, k=20)["knn_acc"]
+    return out
+
+
 def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
     """The same trained teachers, served embedding unwhitened vs PCA-whitened as the trainer fits it at the end
     of a run (``excb.whitening.fit_model`` on the run's own training images), with the baselines whitened too."""
@@ -316,8 +333,9 @@ def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             white = evaluate_features(model.whiten(tr), ytr, model.whiten(te), yte, k=20, linear=True)
         base = baselines(cfg, cfg.data.source, torch.device("cpu"), k=20, batch_size=512)
+        by_size = _knn_by_fit_images(tr, ytr, te, yte, args.fit_images)
         rows.append({"run": str(run), "steps": step, "whitened_on": int(model.whiten.images),
-                     "unwhitened": _scores(plain), "whitened": _scores(white),
+                     "unwhitened": _scores(plain), "whitened": _scores(white), "knn_by_fit_images": by_size,
                      "raw_pixels_knn": base["raw_pixels"]["knn_acc"],
                      "raw_pixels_whitened_knn": base["raw_pixels_whitened"]["knn_acc"],
                      "random_init_whitened_knn": base["random_init"]["knn_acc"]})
@@ -330,6 +348,13 @@ def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
         lines.append(f"| {Path(r['run']).name} | {r['steps']} | {pct(u['knn'])} -> **{pct(w['knn'])}** | "
                      f"{pct(u['linear'])} -> {pct(w['linear'])} | {pct(r['raw_pixels_knn'])} / "
                      f"{pct(r['raw_pixels_whitened_knn'])} | {pct(r['random_init_whitened_knn'])} |")
+    sizes = sorted({n for r in rows for n in r["knn_by_fit_images"]})
+    if sizes:
+        lines += ["", "kNN of the served embedding with the whitening fitted on only N training images "
+                  "(evenly spaced):", "", "| run | " + " | ".join(f"N={n}" for n in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        lines += [f"| {Path(r['run']).name} | " + " | ".join(
+            pct(r["knn_by_fit_images"][n]) if n in r["knn_by_fit_images"] else "" for n in sizes) + " |" for r in rows]
     print("\n".join(lines))
     return {"study": "whiten", "machine": machine(), "rows": rows, "table": "\n".join(lines)}
 
@@ -356,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=("main", "robustness", "suite", "screen", "whiten"))
     p.add_argument("--runs", nargs="+", default=[], help="whiten: run directories of trained teachers")
+    p.add_argument("--fit-images", nargs="*", type=int, default=[],
+                   help="whiten: also fit the whitening on only these many training images (e.g. 16 64 256 1024)")
     p.add_argument("--budget", default="10m", help="suite: training budget per data set (600s, 10m, 2h)")
     p.add_argument("--sets", nargs="+", help="suite/screen: only these data sets (suite default: all of "
                    "benchmarks/suite_data.py; screen default: opencv-digits)")

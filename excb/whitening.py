@@ -13,7 +13,9 @@ everything that serves or indexes it agree. Until it is fitted it is the identit
 
 Shrinkage: each eigenvalue gets ``SHRINK`` x the mean eigenvalue added before the inverse square root. Without
 it, directions of tiny variance are blown up to unit variance; with a few hundred images, those directions are
-mostly noise (icons: 51.0 % kNN unshrunk, 53.0 % at 0.1).
+mostly noise (icons: 51.0 % kNN unshrunk, 53.0 % at 0.1). With it, a fit on far fewer images than dimensions is
+still safe: fitted on 16 images, kNN was +2.6 (icons) and +1.0 (Fashion-MNIST) over no whitening, and 0.6 below
+on openclipart, inside that set's noise (RESULTS.md, "how many images the whitening needs").
 """
 
 from __future__ import annotations

@@ -75,12 +75,17 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     # the whiten study on the same run: the teacher with and without the fit the trainer made
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "whiten", "--runs",
-         str(tmp_path / "runs" / "suite-uci-digits")], capture_output=True, text=True, timeout=300, env=env,
+         str(tmp_path / "runs" / "suite-uci-digits"), "--fit-images", "64", "1438", "5000"],
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (w,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert w["whitened_on"] == 1438 and abs(w["whitened"]["knn"] - row["excb"]["knn"]) < 1e-9
     assert w["raw_pixels_whitened_knn"] == row["raw_pixels_whitened_knn"]
+    # fitted on fewer images; a size above the set's 1438 is skipped; all 1438 is the trainer's own fit
+    assert sorted(w["knn_by_fit_images"]) == ["1438", "64"]
+    assert abs(w["knn_by_fit_images"]["1438"] - w["whitened"]["knn"]) < 0.01
+    assert "N=64" in proc.stdout
 
 
 @pytest.mark.slow

@@ -409,14 +409,16 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     """Raw pixels at the model's input size and the same network randomly initialised, evaluated exactly like
     the trained teacher: a representation is only learned if it beats both (data.md).
 
-    With ``model.whitening=pca`` the random network's whitening is fitted on the training split as the
-    trainer fits the teacher's, and ``raw_pixels_whitened`` adds the pixels under the same PCA whitening
-    (kNN only): whitening alone is not a learned representation.
+    With ``model.whitening=pca`` the random network's whitening is fitted as the trainer fits the teacher's (on
+    at most ``FIT_IMAGES`` evenly spaced training images), and ``raw_pixels_whitened`` adds the pixels under a
+    whitening fitted on the same images (kNN only): whitening alone is not a learned representation.
     """
+    from torch.utils.data import Subset
     from torchvision import transforms
 
+    from excb.data.datasets import evenly_spaced
     from excb.models import build_model
-    from excb.whitening import Whitening, fit_model
+    from excb.whitening import FIT_IMAGES, Whitening, fit_model
 
     size = cfg.augment.global_size
     pixels = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
@@ -426,12 +428,16 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     torch.manual_seed(cfg.seed)
     random_model = build_model(cfg, teacher=True).to(device).eval()
     train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
+    fit: dict[str, Any] = {}
     if cfg.model.whitening == "pca":  # whitened as the trained model is, so the comparison is like for like
-        fit_model(random_model, train_ds, device)
-        white = Whitening.fitted_on(tr.float())
+        fit = fit_model(random_model, Subset(train_ds, evenly_spaced(len(train_ds), FIT_IMAGES)), device)
+        white = Whitening.fitted_on(tr[evenly_spaced(tr.shape[0], FIT_IMAGES)].float())
         out["raw_pixels_whitened"] = evaluate_features(white(tr), ytr, white(te), yte, k=k, temperature=temperature)
+        out["raw_pixels_whitened"]["whitened_on"] = int(white.images)
     out["random_init"] = evaluate_model(random_model, train_ds, test_ds, k=k, temperature=temperature,
                                         linear=linear, batch_size=batch_size, device=device)
+    if fit.get("fitted"):
+        out["random_init"]["whitened_on"] = fit["images"]
     return out
 
 

@@ -109,13 +109,16 @@ def test_an_interrupted_run_keeps_the_identity(tmp_path: Path) -> None:
     assert not load_teacher(out).model.whiten.fitted
 
 
-def test_baselines_whiten_the_random_network_and_report_whitened_pixels() -> None:
+def test_baselines_whiten_the_random_network_and_report_whitened_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import excb.whitening
     from excb.evaluation import baselines
 
+    monkeypatch.setattr(excb.whitening, "FIT_IMAGES", 150)  # fitted like the trainer: at most FIT_IMAGES images
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     out = baselines(cfg, "digits", torch.device("cpu"), train_limit=400, test_limit=100)
     assert set(out) == {"raw_pixels", "raw_pixels_whitened", "random_init"}
     assert 0.5 < out["raw_pixels_whitened"]["knn_acc"] <= 1.0 and out["raw_pixels_whitened"]["feature_dim"] == 256
+    assert out["raw_pixels_whitened"]["whitened_on"] == out["random_init"]["whitened_on"] == 150
     assert json.dumps(out)  # plain numbers all through (excb eval --json)
 
 

@@ -47,7 +47,8 @@ def _load(path: Path, embedder: OrtEmbedder, max_bytes: int, max_pixels: int) ->
     from excb.data.decode import ImageDecodeError, load_image
 
     try:
-        return embedder.preprocess(load_image(path, max_bytes=max_bytes, max_pixels=max_pixels))
+        image = load_image(path, max_bytes=max_bytes, max_pixels=max_pixels, min_side=embedder.decode_min_side)
+        return embedder.preprocess(image)
     except ImageDecodeError as exc:
         return f"{exc.code}: {exc.message}"
 

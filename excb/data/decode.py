@@ -168,6 +168,24 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise ImageDecodeError("unsupported_format", f"cannot convert image mode {mode!r} to RGB") from exc
 
 
+def _draft_jpeg(im: Image.Image, min_side: int) -> None:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT while the short side stays >= ``min_side``.
+
+    Why: a served model sees 28-224 px, and a phone photo is 12 MP. Decoding it whole and then resizing costs
+    most of a request's CPU and memory; decoding at 1/8 does the first factor of the resize inside the decoder
+    (RESULTS.md, "JPEG draft decoding"). Nothing happens for other formats or for images already small."""
+    if im.format != "JPEG" or min_side <= 0:
+        return
+    width, height = im.size
+    scale = min(width, height) // min_side
+    if scale < 2:
+        return
+    try:  # Pillow picks the largest of 8, 4, 2 with both sides >= the size asked for
+        im.draft(im.mode, (max(1, width // scale), max(1, height // scale)))
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError("corrupt", f"cannot set up the JPEG decoder: {exc}") from exc
+
+
 def header_pixels(data: bytes, allowed_formats: Iterable[str] = DEFAULT_FORMATS) -> int:
     """Width x height from the header alone (nothing decoded): what a decode of ``data`` is about to cost,
     so a service can budget concurrent decodes before starting one. Bad input raises ImageDecodeError."""
@@ -179,8 +197,11 @@ def header_pixels(data: bytes, allowed_formats: Iterable[str] = DEFAULT_FORMATS)
 
 
 def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 allowed_formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
-    """Decode untrusted bytes into an RGB image (frame 0 only) or raise :class:`ImageDecodeError`."""
+                 allowed_formats: Iterable[str] = DEFAULT_FORMATS, min_side: int = 0) -> Image.Image:
+    """Decode untrusted bytes into an RGB image (frame 0 only) or raise :class:`ImageDecodeError`.
+
+    ``min_side`` > 0 (inference, where the image is about to be shrunk): a JPEG may come back smaller, by a
+    power of two, with its short side still at least ``min_side``; see :func:`_draft_jpeg`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
     size = len(data)
@@ -191,6 +212,7 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels:
     formats = tuple(f.upper() for f in allowed_formats)
     im = _open_header(bytes(data), formats)
     _check_pixels(im, max_pixels)
+    _draft_jpeg(im, min_side)
     _load_frame0(im)
     _check_pixels(im, max_pixels)  # some decoders only learn the true size while loading
     rgb = to_rgb(_apply_exif_orientation(im))
@@ -199,7 +221,7 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels:
 
 def load_image(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS,
-               allowed_formats: Iterable[str] = DEFAULT_FORMATS) -> Image.Image:
+               allowed_formats: Iterable[str] = DEFAULT_FORMATS, min_side: int = 0) -> Image.Image:
     """Read a file and decode it with the same checks; the byte cap is checked before reading."""
     p = Path(path)
     try:
@@ -213,4 +235,5 @@ def load_image(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
             data = fh.read(max_bytes + 1)
     except OSError as exc:
         raise ImageDecodeError("unreadable", f"cannot read {p}: {exc.strerror or exc}") from exc
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, allowed_formats=allowed_formats)
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, allowed_formats=allowed_formats,
+                        min_side=min_side)

@@ -64,7 +64,8 @@ class ImageDecoder:
                 with self.budget.hold(self.cost(data)):  # bounded decode memory across requests
                     t0 = time.perf_counter()
                     image = decode_image(data, max_bytes=e.max_image_bytes, max_pixels=e.max_pixels,
-                                         allowed_formats=e.allowed_formats)
+                                         allowed_formats=e.allowed_formats,
+                                         min_side=model.embedder.decode_min_side if e.jpeg_draft else 0)
                     t1 = time.perf_counter()
                     model.embedder.preprocess(image, out=out[i])
                     prep_s += time.perf_counter() - t1

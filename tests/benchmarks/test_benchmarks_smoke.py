@@ -143,3 +143,34 @@ def test_step_variants_times_each_variant_against_the_first(tmp_path: Path) -> N
     assert set(rows) == {"nchw", "nhwc"}
     assert "| 1.00x | 1.00 1.00 |" in rows["nchw"]
     assert float(rows["nhwc"].split("|")[2]) > 0
+
+
+def test_jpeg_draft_reports_speed_and_fidelity_side_by_side(tmp_path: Path) -> None:
+    """`jpeg_draft.py`: a generated camera JPEG decoded full and drafted, and the served embedding of real-format
+    photos through a bundle at each margin; the JSON and the table agree."""
+    from PIL import Image
+
+    from support import embed as es
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        digit = es.digit_images()[i].convert("RGB").resize((320, 240), Image.BICUBIC)
+        digit.save(photos / f"p{i}.jpg", "JPEG", quality=90)
+    Image.new("RGB", (100, 100)).save(photos / "small.jpg", "JPEG")  # short side < 128: left out
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "jpeg_draft.py"), "--width", "1600", "--height", "1200",
+         "--rounds", "1", "--sizes", "32", "--bundle", str(es.bundle()), "--photos", str(photos)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    (speed,) = res["speed"]
+    assert speed["decoded_full"] == [1600, 1200] and speed["decoded_draft"] == [200, 150]  # 1/8: 150 >= 128
+    assert speed["full_ms"] > 0 and speed["draft_ms"] > 0
+    assert speed["speedup"] == pytest.approx(speed["full_ms"] / speed["draft_ms"], rel=0.02)
+    (fid,) = res["fidelity"]
+    assert fid["photos"] == 3 and fid["input_size"] == 16
+    for margin in ("2x", "4x", "8x"):
+        assert 0.9 < fid[margin]["mean_cosine"] <= 1.0 + 1e-6 and 0 <= fid[margin]["top1_cluster_agreement"] <= 1
+    assert f"| 32 | 1600x1200 -> 200x150 | {speed['full_ms']} |" in proc.stdout

@@ -240,3 +240,38 @@ def test_refuses_to_decode_when_someone_enabled_load_truncated_images():
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     assert err.code == "truncated" and "LOAD_TRUNCATED_IMAGES" in err.message
     assert decode_image(data).size == (64, 48)
+
+
+def _smooth(w: int, h: int) -> Image.Image:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 200], -1).astype(np.uint8))
+
+
+def test_min_side_drafts_a_large_jpeg_by_a_power_of_two_and_keeps_the_short_side():
+    src = _smooth(800, 600)
+    data = _encode(src, "JPEG", quality=95)
+    assert decode_image(data).size == (800, 600)
+    assert decode_image(data, min_side=64).size == (100, 75)     # 1/8: 75 >= 64
+    assert decode_image(data, min_side=100).size == (200, 150)   # 1/4: 1/8 would give 75 < 100
+    assert decode_image(data, min_side=300).size == (400, 300)   # 1/2
+    assert decode_image(data, min_side=301).size == (800, 600)   # no scale keeps 301: full decode
+    small = decode_image(data, min_side=64)
+    full = np.asarray(decode_image(data).resize(small.size, Image.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(small, dtype=np.float64) - full).mean() < 3  # the same picture, smaller
+    # other formats are decoded whole
+    assert decode_image(_encode(src, "PNG"), min_side=64).size == (800, 600)
+    # CMYK and greyscale JPEGs keep their colours
+    grey = decode_image(_encode(src.convert("L"), "JPEG"), min_side=64)
+    assert grey.mode == "RGB" and grey.size == (100, 75)
+    cmyk = decode_image(_encode(Image.new("CMYK", (640, 480), (0, 255, 255, 0)), "JPEG", quality=95), min_side=60)
+    assert cmyk.size == (80, 60) and np.asarray(cmyk).reshape(-1, 3).mean(0)[0] > 200
+
+
+def test_min_side_keeps_the_exif_orientation_and_the_pixel_cap():
+    src = _smooth(800, 600)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the upright image is 600 wide, 800 high
+    data = _encode(src, "JPEG", quality=95, exif=exif.tobytes())
+    assert decode_image(data).size == (600, 800)
+    assert decode_image(data, min_side=64).size == (75, 100)
+    assert _code(data, max_pixels=400_000, min_side=64).code == "too_many_pixels"  # checked before any draft

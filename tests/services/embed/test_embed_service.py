@@ -106,6 +106,41 @@ def test_json_data_uri_and_base64_encoding(client: TestClient, reference: OrtEmb
     assert single.status_code == 200 and len(single.json()["data"]) == 1
 
 
+def _photo_jpeg(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, ((xx // 40 + yy // 40) % 2) * 200], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_drafted_unless_jpeg_draft_is_off(home: Path, reference: OrtEmbedder) -> None:
+    """The service preprocesses a large JPEG from the drafted decode (an embedding close to the full decode's);
+    ``jpeg_draft=false`` preprocesses the full decode, pixel for pixel."""
+    jpeg = _photo_jpeg(1600, 1200)
+    side = reference.decode_min_side
+    assert side == 4 * reference.bundle.input_size and 1200 // side >= 2  # this photo is drafted
+    full = reference.preprocess(decode_image(jpeg))
+    drafted = reference.preprocess(decode_image(jpeg, min_side=side))
+    assert np.abs(full - drafted).max() > 1e-3  # the two ways are told apart
+    unit = lambda v: v / np.linalg.norm(v)
+    emb = reference.run(np.stack([full, drafted]))[0]
+    assert float(unit(emb[0]) @ unit(emb[1])) > 0.99
+    for draft, want in ((True, drafted), (False, full)):
+        with TestClient(create_app(settings_for(home, jpeg_draft=draft))) as c:
+            svc = c.app.state.embed
+            batch = svc.decoder.decode_all([("files", jpeg)], svc.registry.get())
+            assert np.array_equal(batch[0], want), draft
+            r = c.post("/v1/embed", files=[("files", ("photo.jpg", jpeg, "image/jpeg"))],
+                       data={"return_clusters": "false"})
+            assert r.status_code == 200, r.text
+            assert np.allclose(r.json()["data"][0]["embedding"], unit(reference.run(want[None])[0][0]), atol=1e-5)
+
+
 def test_get_embed_by_path_inside_data_roots_only(client: TestClient) -> None:
     assert client.get("/embed", params={"uri": "d1.png"}).status_code == 200
     assert client.get("/embed", params={"uri": "sub/d5.png", "top_k": 2}).json()["data"][0]["cluster"]["top_k"]

@@ -79,7 +79,10 @@ class _BaseDataset(Dataset):
 
 
 class ImageFileDataset(_BaseDataset):
-    """Image files on disk (folder or list); undecodable files are skipped (``None``) and counted."""
+    """Image files on disk (folder or list); undecodable files are skipped (``None``) and counted.
+
+    ``decode_min_side``: 0 (training) decodes every image whole; inference that is about to shrink the images
+    sets it to ``OrtEmbedder.decode_min_side`` so large JPEGs are decoded drafted, as the embed service does."""
 
     def __init__(self, source: str, paths: Sequence[str], labels: Sequence[int] | None, classes: Sequence[str],
                  transform: Transform | None, labelled: bool, max_pixels: int = TRAIN_MAX_PIXELS) -> None:
@@ -88,6 +91,7 @@ class ImageFileDataset(_BaseDataset):
         self.labels = np.asarray(labels if labels is not None else [-1] * len(paths), dtype=np.int64)
         self.classes = tuple(classes)
         self.max_pixels = max_pixels
+        self.decode_min_side = 0
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -100,7 +104,7 @@ class ImageFileDataset(_BaseDataset):
         path = self.paths[index]
         try:
             image = load_image(path, max_bytes=TRAIN_MAX_BYTES, max_pixels=self.max_pixels,
-                               allowed_formats=DEFAULT_FORMATS)
+                               allowed_formats=DEFAULT_FORMATS, min_side=self.decode_min_side)
         except ImageDecodeError as exc:
             self.skipped += 1
             logger.warning("skipping %s: %s", path, exc)

@@ -77,13 +77,15 @@ def thumbnail(image: Any, size: int = THUMB_SIZE) -> bytes:
 class _Source:
     """A data source opened as a dataset, with a name and an optional class label for each item."""
 
-    def __init__(self, source: str, split: str, limit: int | None) -> None:
+    def __init__(self, source: str, split: str, limit: int | None, decode_min_side: int = 0) -> None:
         from excb.data.datasets import ArrayDataset, ImageFileDataset, build_dataset
 
         self.source = source
         self.ds = build_dataset(source, split=split, limit=limit, labelled=False)
         self.kind = "array" if isinstance(self.ds, ArrayDataset) else "files"
         self._files = isinstance(self.ds, ImageFileDataset)
+        if self._files:  # large JPEGs decoded drafted, as the queries the embed service answers
+            self.ds.decode_min_side = decode_min_side
         self._root = Path(source).expanduser().resolve() if self._files and Path(source).is_dir() else None
         self._split = split
 
@@ -130,7 +132,7 @@ def build_index(bundle_dir: str | Path, source: str, root: Path, *, model_id: st
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_dir)
     embedder = OrtEmbedder(bundle, providers, threads)
-    src = _Source(source, split, limit)
+    src = _Source(source, split, limit, embedder.decode_min_side)
     chosen = sample_indices(len(src), sample, seed)
     vecs: list[np.ndarray] = []
     sims_all: list[np.ndarray] = []

@@ -267,3 +267,23 @@ def test_worker_indexes_a_jobs_training_images(models: Path, tmp_path: Path) -> 
     assert "--- index of m-a (up to 40 images of digits)" in (run_dir / "job.log").read_text()
     off = Settings(home=tmp_path, models_dir=d, index=IndexSettings(after_job=False))
     assert not index_after_job(off, "m-a", run_dir)
+
+
+def test_an_index_of_photos_decodes_large_jpegs_drafted_like_the_queries(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from excb.onnx_runtime import OrtEmbedder
+    from services.index.build import _Source
+
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    Image.new("RGB", (800, 600), (200, 30, 30)).save(folder / "cats" / "big.jpg", "JPEG")
+    Image.new("RGB", (800, 600), (30, 200, 30)).save(folder / "cats" / "big.png")
+    side = OrtEmbedder(load_bundle(es.bundle()), intra_op_threads=1).decode_min_side  # 4 x 16 px
+    drafted = _Source(str(folder), "all", None, side)
+    sizes = {drafted.name(i): drafted.image(i).size for i in range(len(drafted))}
+    assert sizes == {"cats/big.jpg": (100, 75), "cats/big.png": (800, 600)}  # 1/8 keeps 75 >= 64; PNG whole
+    whole = _Source(str(folder), "all", None)
+    assert {whole.image(i).size for i in range(len(whole))} == {(800, 600)}
+    meta = build_index(es.bundle(), str(folder), tmp_path / "ix", model_id="m-a")
+    assert meta["count"] == 2

@@ -186,11 +186,14 @@ def _draft_jpeg(im: Image.Image, min_side: int) -> None:
         raise ImageDecodeError("corrupt", f"cannot set up the JPEG decoder: {exc}") from exc
 
 
-def header_pixels(data: bytes, allowed_formats: Iterable[str] = DEFAULT_FORMATS) -> int:
+def header_pixels(data: bytes, allowed_formats: Iterable[str] = DEFAULT_FORMATS, min_side: int = 0) -> int:
     """Width x height from the header alone (nothing decoded): what a decode of ``data`` is about to cost,
-    so a service can budget concurrent decodes before starting one. Bad input raises ImageDecodeError."""
+    so a service can budget concurrent decodes before starting one. With ``min_side`` it is the size a drafted
+    JPEG decodes to (the same :func:`_draft_jpeg`, which only reconfigures the decoder). Bad input raises
+    ImageDecodeError."""
     im = _open_header(bytes(data), tuple(f.upper() for f in allowed_formats))
     try:
+        _draft_jpeg(im, min_side)
         return int(im.width) * int(im.height)
     finally:
         im.close()

@@ -275,3 +275,11 @@ def test_min_side_keeps_the_exif_orientation_and_the_pixel_cap():
     assert decode_image(data).size == (600, 800)
     assert decode_image(data, min_side=64).size == (75, 100)
     assert _code(data, max_pixels=400_000, min_side=64).code == "too_many_pixels"  # checked before any draft
+
+
+def test_header_pixels_with_min_side_is_the_drafted_size():
+    from excb.data.decode import header_pixels
+
+    jpeg, png = _encode(_smooth(800, 600), "JPEG"), _encode(_smooth(800, 600), "PNG")
+    assert header_pixels(jpeg) == header_pixels(png) == header_pixels(png, min_side=64) == 800 * 600
+    assert header_pixels(jpeg, min_side=64) == 100 * 75 == np.prod(decode_image(jpeg, min_side=64).size)

@@ -60,7 +60,7 @@ class EmbedSettings(BaseModel):
                                         "None: the cores this process may use")
     jpeg_draft: bool = Field(
         True, description="decode a large JPEG at 1/2, 1/4 or 1/8 scale, never below 4x the model's input size "
-                          "(a 12 MP photo: 3x less decode + preprocess time); off = full decode, bit-exact pixels")
+                          "(a 12 MP photo: 2.3-3x less decode + preprocess time); off = full decode, bit-exact pixels")
 
 
 class IndexSettings(BaseModel):

@@ -194,7 +194,10 @@ class JobRunner:
             store.end_attempt(self.db, lease, "lease_lost", f"rc={out.rc}")
             return "lease_lost"
         if out.cancelled:
-            self._sync_progress(lease, tail, tracker)  # the progress a cancelled job shows is where its checkpoint is
+            try:  # the progress a cancelled job shows is where its checkpoint is
+                self._sync_progress(lease, tail, tracker)
+            except Exception as exc:  # the terminal commit below still tries, and says what it finds
+                log.warning("last progress of cancelled %s not recorded: %s", self.job_id, exc)
             self._commit_terminal(lease, "CANCELLED", None, {"checkpoint": str(ckpt)} if ckpt.exists() else {})
             store.end_attempt(self.db, lease, "cancelled", f"rc={out.rc}")
             return "cancelled"

@@ -61,14 +61,19 @@ def _cfg(out: Path, extra: list[str]):
     return resolve(preset_name="cpu-small", overrides=[f"out={out}", "progress=false", *extra])
 
 
+def _metric_rows(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows of one ``type`` (step, epoch, whitening, ...), in order."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("type") == kind]
+
+
 def calibrate_steps(out: Path, extra: list[str], minutes: float, probe_steps: int = 12) -> tuple[int, float]:
     """Seconds per step measured on a short run of the same config (k-means excluded)."""
     probe = out.with_name(out.name + "-probe")
     shutil.rmtree(probe, ignore_errors=True)
     cfg = _cfg(probe, [*extra, f"max_steps={probe_steps}", "kmeans.samples=2000"])
     result = train(cfg)
-    rows = [json.loads(x) for x in (probe / "metrics.jsonl").read_text().splitlines()]
-    step_times = [cfg.batch_size / r["img_per_s"] for r in rows if r.get("type") == "step"][2:]
+    step_times = [cfg.batch_size / r["img_per_s"] for r in _metric_rows(probe, "step")][2:]
     per_step = sorted(step_times)[len(step_times) // 2]
     shutil.rmtree(probe, ignore_errors=True)
     del result
@@ -84,8 +89,7 @@ def run_one(out: Path, extra: list[str], minutes: float | None, steps: int | Non
     t0 = time.time()
     result = train(_cfg(out, [*extra, f"max_steps={steps}"]))
     wall = time.time() - t0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in rows if r.get("type") == "epoch"]
+    epochs = _metric_rows(out, "epoch")
     ckpt = load_checkpoint(latest_checkpoint(out))
     sizes = stats.balance_stats(ckpt["balancer"]["sizes"], kind="sizes")
     hard = assignment_stats(ckpt)
@@ -207,8 +211,7 @@ def suite_row(name: str, source: str, out: Path, budget: str, extra: list[str]) 
 
 def _whitening_row(out: Path) -> dict[str, Any] | None:
     """The run's ``whitening`` row of metrics.jsonl (images, seconds), or None when it was not fitted."""
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"whitening"' in ln]
-    rows = [r for r in rows if r.get("type") == "whitening"]
+    rows = _metric_rows(out, "whitening")
     return rows[-1] if rows else None
 
 

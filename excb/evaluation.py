@@ -413,10 +413,9 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     at most ``FIT_IMAGES`` evenly spaced training images), and ``raw_pixels_whitened`` adds the pixels under a
     whitening fitted on the same images (kNN only): whitening alone is not a learned representation.
     """
-    from torch.utils.data import Subset
     from torchvision import transforms
 
-    from excb.data.datasets import evenly_spaced
+    from excb.data.datasets import evenly_spaced, evenly_spaced_subset
     from excb.models import build_model
     from excb.whitening import FIT_IMAGES, Whitening, fit_model
 
@@ -430,7 +429,7 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
     train_ds, test_ds = labelled_splits(data, model_transform(cfg), train_limit, test_limit)
     fit: dict[str, Any] = {}
     if cfg.model.whitening == "pca":  # whitened as the trained model is, so the comparison is like for like
-        fit = fit_model(random_model, Subset(train_ds, evenly_spaced(len(train_ds), FIT_IMAGES)), device)
+        fit = fit_model(random_model, evenly_spaced_subset(train_ds, FIT_IMAGES), device)
         white = Whitening.fitted_on(tr[evenly_spaced(tr.shape[0], FIT_IMAGES)].float())
         out["raw_pixels_whitened"] = evaluate_features(white(tr), ytr, white(te), yte, k=k, temperature=temperature)
         out["raw_pixels_whitened"]["whitened_on"] = int(white.images)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 log = logging.getLogger("excb.whitening")
 
@@ -96,13 +96,11 @@ def fit_images(cfg: Any, max_images: int = FIT_IMAGES) -> Dataset:
 
         limit = min(max_images, cfg.data.limit) if cfg.data.limit else max_images
         return open_shards(source, transform=transform, limit=limit, max_pixels=cfg.data.max_image_pixels)
-    from excb.data.datasets import build_dataset, evenly_spaced
+    from excb.data.datasets import build_dataset, evenly_spaced_subset
 
     ds = build_dataset(source, split=cfg.data.split, limit=cfg.data.limit, transform=transform,
                        max_pixels=cfg.data.max_image_pixels)
-    if len(ds) <= max_images:
-        return ds
-    return Subset(ds, evenly_spaced(len(ds), max_images))
+    return evenly_spaced_subset(ds, max_images)
 
 
 def _embeddings(encode: Any, dataset: Dataset, device: torch.device, num_workers: int) -> Tensor:

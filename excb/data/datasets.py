@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from excb.config import ConfigError
 from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, load_image
@@ -321,6 +321,11 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     would see one class). All of them when ``n <= k``."""
     take = min(n, k)
     return [int(i * n / take) for i in range(take)]
+
+
+def evenly_spaced_subset(ds: Dataset, k: int) -> Dataset:
+    """At most ``k`` items of ``ds`` at :func:`evenly_spaced` indices; ``ds`` itself when it has no more."""
+    return ds if len(ds) <= k else Subset(ds, evenly_spaced(len(ds), k))  # type: ignore[arg-type]
 
 
 def _check_split(split: str) -> None:

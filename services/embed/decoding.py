@@ -58,14 +58,14 @@ class ImageDecoder:
         e = self.settings
         size = model.bundle.input_size
         out = np.empty((len(items), 3, size, size), dtype=np.float32)
+        min_side = self.min_side(model)
         decode_s = prep_s = 0.0
         for i, (field, data) in enumerate(items):
             try:
-                with self.budget.hold(self.cost(data, model)):  # bounded decode memory across requests
+                with self.budget.hold(self.cost(data, min_side)):  # bounded decode memory across requests
                     t0 = time.perf_counter()
                     image = decode_image(data, max_bytes=e.max_image_bytes, max_pixels=e.max_pixels,
-                                         allowed_formats=e.allowed_formats,
-                                         min_side=self.min_side(model))
+                                         allowed_formats=e.allowed_formats, min_side=min_side)
                     t1 = time.perf_counter()
                     model.embedder.preprocess(image, out=out[i])
                     prep_s += time.perf_counter() - t1
@@ -89,15 +89,15 @@ class ImageDecoder:
         """How small a JPEG may be decoded for ``model`` (0: whole; ``jpeg_draft`` off)."""
         return model.embedder.decode_min_side if self.settings.jpeg_draft else 0
 
-    def cost(self, data: bytes, model: LoadedModel) -> int:
+    def cost(self, data: bytes, min_side: int = 0) -> int:
         """Pixels to reserve for one image: the size it decodes to, from its header (capped at max_pixels, which
-        decode enforces; a drafted JPEG reserves its drafted size); unreadable input reserves 1 and
-        decode_image reports it with its own error."""
+        decode enforces; a JPEG drafted to ``min_side`` reserves its drafted size); unreadable input reserves 1
+        and decode_image reports it with its own error."""
         e = self.settings
         if not 0 < len(data) <= e.max_image_bytes:
             return 1
         try:
-            return min(header_pixels(data, e.allowed_formats, self.min_side(model)), e.max_pixels)
+            return min(header_pixels(data, e.allowed_formats, min_side), e.max_pixels)
         except (ImageDecodeError, ValueError, OSError, TypeError):
             return 1
 

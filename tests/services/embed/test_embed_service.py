@@ -136,7 +136,8 @@ def test_a_large_jpeg_is_decoded_drafted_unless_jpeg_draft_is_off(home: Path, re
             batch = svc.decoder.decode_all([("files", jpeg)], svc.registry.get())
             assert np.array_equal(batch[0], want), draft
             # the decode budget reserves what the decode allocates: 1/8 of each side when drafted
-            assert svc.decoder.cost(jpeg, svc.registry.get()) == (200 * 150 if draft else 1600 * 1200)
+            min_side = svc.decoder.min_side(svc.registry.get())
+            assert svc.decoder.cost(jpeg, min_side) == (200 * 150 if draft else 1600 * 1200)
             r = c.post("/v1/embed", files=[("files", ("photo.jpg", jpeg, "image/jpeg"))],
                        data={"return_clusters": "false"})
             assert r.status_code == 200, r.text

@@ -364,15 +364,37 @@ def evaluate_model(model: nn.Module, train_ds: Dataset, test_ds: Dataset, k: int
 # CLI: excb eval RUN_DIR_OR_CHECKPOINT
 
 
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_SEED = 0
+
+
 def labelled_splits(data: str, transform: Any, train_limit: int | None = None,
                     test_limit: int | None = None) -> tuple[Dataset, Dataset]:
     """The labelled (train, test) pair every kNN/linear evaluation uses: the trainer's online kNN, ``excb
-    eval`` and the benchmarks must build it the same way for their figures to be comparable."""
-    from excb.data.datasets import build_dataset
+    eval`` and the benchmarks must build it the same way for their figures to be comparable.
 
-    train_ds = build_dataset(data, split="train", limit=train_limit, transform=transform, labelled=True)
-    test_ds = build_dataset(data, split="test", limit=test_limit, transform=transform, labelled=True)
+    A source whose two splits are the same files (a labelled folder without ``train/``/``test/``) would score
+    each image against itself; it is split instead, ``HOLDOUT_FRACTION`` of each class held out with a fixed
+    seed, and both parts carry ``holdout`` (see :func:`holdout_note`) so callers can say so."""
+    from excb.data.datasets import apply_limit, build_dataset, holdout_split, same_files
+
+    train_ds = build_dataset(data, split="train", transform=transform, labelled=True)
+    test_ds = build_dataset(data, split="test", transform=transform, labelled=True)
+    if same_files(train_ds, test_ds):
+        total = len(train_ds)
+        train_ds, test_ds = holdout_split(train_ds, test_ds, HOLDOUT_FRACTION, HOLDOUT_SEED)  # type: ignore[arg-type]
+        note = {"of": total, "fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED, "test": len(test_ds)}
+        train_ds.holdout = test_ds.holdout = note  # type: ignore[attr-defined]
+        logger.warning("%s has no train/test split: holding out %d of %d images (%.0f%% per class, seed %d) "
+                       "as the test split", data, note["test"], total, 100 * HOLDOUT_FRACTION, HOLDOUT_SEED)
+    apply_limit(train_ds, train_limit)
+    apply_limit(test_ds, test_limit)
     return train_ds, test_ds
+
+
+def holdout_note(ds: Dataset) -> dict[str, Any] | None:
+    """The held-out split ``labelled_splits`` made for ``ds`` (None when the source has its own test split)."""
+    return getattr(ds, "holdout", None)
 
 
 def model_transform(cfg: Any) -> Any:
@@ -464,7 +486,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
             result["linear"] = reference_linear_probe(model, cfg, data, device, epochs=args.linear_epochs,
                                                       train_limit=train_limit, test_limit=test_limit)
-        result.update(info, data=data, backbone=cfg.model.backbone)
+        result.update(info, data=data, backbone=cfg.model.backbone, holdout=holdout_note(test_ds))
         if args.baselines:
             result["baselines"] = baselines(cfg, data, device, k, args.temperature, fast_linear, train_limit,
                                             test_limit, args.batch_size)
@@ -487,6 +509,10 @@ def _format(result: dict[str, Any]) -> str:
     lines = [f"checkpoint {result['checkpoint']} (step {result['step']}), data {result['data']}: "
              f"{result['num_train']} train / {result['num_test']} test, {result['feature_dim']}-d features",
              _format_one("teacher", result)]
+    held = result.get("holdout")
+    if held:
+        lines.insert(1, f"no train/test split in the data: {held['test']} of {held['of']} images "
+                        f"({100 * held['fraction']:.0f}% per class, seed {held['seed']}) held out as the test split")
     for name, r in result.get("baselines", {}).items():
         lines.append(_format_one(name, r))
     return "\n".join(lines)

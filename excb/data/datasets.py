@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
@@ -333,17 +335,52 @@ def _check_split(split: str) -> None:
         raise ValueError(f"data.split: {split!r} is not one of train, test, all")
 
 
-def _apply_limit(ds: _BaseDataset, limit: int | None) -> None:
+def apply_limit(ds: Dataset, limit: int | None) -> None:
+    """Keep only the first ``limit`` items (None: all)."""
     if limit is None:
         return
     if limit < 1:
         raise ValueError(f"data.limit: must be >= 1, got {limit}")
     if isinstance(ds, ImageFileDataset):
-        n = min(limit, len(ds))
-        ds.paths = _PathTable([ds.paths[i] for i in range(n)])
-        ds.labels = ds.labels[:n]
+        _keep(ds, np.arange(min(limit, len(ds))))
     elif isinstance(ds, ArrayDataset):
         ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
+
+
+def same_files(a: Dataset, b: Dataset) -> bool:
+    """Whether two file data sets hold the same images (a labelled folder without ``train/``/``test/``, or one
+    list for both splits): scoring one against the other would find every image as its own neighbour."""
+    if not isinstance(a, ImageFileDataset) or not isinstance(b, ImageFileDataset) or len(a) != len(b):
+        return False
+    return all(a.paths[i] == b.paths[i] for i in range(len(a)))
+
+
+def holdout_split(train: ImageFileDataset, test: ImageFileDataset, fraction: float,
+                  seed: int) -> tuple[ImageFileDataset, ImageFileDataset]:
+    """Split one labelled file set into disjoint (train, test) parts, stratified per class and seeded.
+
+    Each class with at least two images gives ``ceil(fraction * n)`` of them (at most ``n - 1``) to the test
+    part, so every class the test part scores also has neighbours to find in the train part."""
+    gen = torch.Generator().manual_seed(seed)
+    test_idx: list[int] = []
+    for c in np.unique(train.labels):
+        members = np.flatnonzero(train.labels == c)
+        if len(members) < 2:
+            continue
+        take = min(len(members) - 1, math.ceil(fraction * len(members)))
+        order = torch.randperm(len(members), generator=gen).numpy()
+        test_idx.extend(int(i) for i in members[order[:take]])
+    held = np.zeros(len(train), dtype=bool)
+    held[test_idx] = True
+    _keep(train, np.flatnonzero(~held))
+    _keep(test, np.flatnonzero(held))
+    return train, test
+
+
+def _keep(ds: ImageFileDataset, indices: np.ndarray) -> None:
+    """Narrow a file data set to ``indices`` (in order)."""
+    ds.paths = _PathTable([ds.paths[int(i)] for i in indices])
+    ds.labels = ds.labels[indices]
 
 
 def build_dataset(source: str, split: str = "train", limit: int | None = None, transform: Transform | None = None,
@@ -365,7 +402,7 @@ def build_dataset(source: str, split: str = "train", limit: int | None = None, t
         ds = _list_dataset(source, source[len("list:"):], transform, labelled, max_pixels)
     else:
         ds = _folder_dataset(source, split, transform, labelled, max_pixels)
-    _apply_limit(ds, limit)
+    apply_limit(ds, limit)
     if len(ds) == 0:
         raise EmptyDatasetError(f"data source {source!r} (split {split!r}) yields no images"
                                 + ("; labelled use needs class sub-folders" if labelled else "")

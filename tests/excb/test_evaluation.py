@@ -259,6 +259,47 @@ def test_eval_cli_on_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert 0.0 <= out["linear"]["acc"] <= 1.0 and out["linear"]["epochs"] == 100
 
 
+def _labelled_folder(root: Path, per_class: int = 10) -> Path:
+    """A labelled folder (class sub-folders, no train/ or test/) of sklearn digits as PNGs."""
+    from excb.data.datasets import load_digits_split
+
+    images, labels = load_digits_split("train")
+    counts: dict[int, int] = {}
+    for img, y in zip(images, labels):
+        if counts.get(int(y), 0) >= per_class:
+            continue
+        counts[int(y)] = counts.get(int(y), 0) + 1
+        (root / f"c{int(y)}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(img)).save(root / f"c{int(y)}" / f"{counts[int(y)]}.png")
+    return root
+
+
+def test_eval_on_a_folder_without_split_holds_out_a_disjoint_seeded_test_set(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Scoring a folder against itself finds each image as its own neighbour (100 % for any network); the
+    evaluation holds out 20 % per class instead, the same images every time, and says so."""
+    import json
+
+    from excb.cli import main
+    from excb.evaluation import holdout_note, labelled_splits
+
+    folder = _labelled_folder(tmp_path / "digits10")
+    train_ds, test_ds = labelled_splits(str(folder), None)
+    train_paths = {train_ds.path(i) for i in range(len(train_ds))}
+    test_paths = [test_ds.path(i) for i in range(len(test_ds))]
+    assert len(train_ds) == 80 and len(test_ds) == 20 and not train_paths & set(test_paths)
+    assert sorted(int(test_ds.labels[i]) for i in range(20)) == sorted(list(range(10)) * 2)  # stratified
+    assert holdout_note(test_ds) == {"of": 100, "fraction": 0.2, "seed": 0, "test": 20}
+    assert [labelled_splits(str(folder), None)[1].path(i) for i in range(20)] == test_paths  # seeded
+
+    run_dir, _ = _tiny_run(tmp_path)
+    assert main(["eval", str(run_dir), "--data", str(folder), "--k", "5", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["num_train"] == 80 and out["num_test"] == 20 and out["holdout"]["test"] == 20
+    assert main(["eval", str(run_dir), "--data", str(folder), "--k", "5", "--device", "cpu"]) == 0
+    assert "20 of 100 images (20% per class, seed 0) held out as the test split" in capsys.readouterr().out
+
+
 def test_eval_cli_reports_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from excb.cli import main
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tarfile
 import tempfile
 import time
-from pathlib import Path
-from typing import Any, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Iterator
 
 import httpx
 from httpx_sse import SSEError, connect_sse
@@ -130,13 +132,73 @@ def pull_bundle(client: ApiClient, job_id: str, out: Path) -> Path:
             for chunk in resp.iter_bytes():
                 fh.write(chunk)
         fh.seek(0)
-        with tarfile.open(fileobj=fh, mode="r") as tar:
-            tar.extractall(out, filter="data")  # refuses absolute paths, "..", links out of ``out``
+        extract_bundle(fh, out, model_id)
     target = out / model_id
     digest = hashlib.sha256((target / "model.onnx").read_bytes()).hexdigest()
     if expected and digest != expected:
         raise ApiClientError(502, {"error": {"type": "corrupt_download",
                                              "message": f"model.onnx is {digest}, the server recorded {expected}"}})
+    return target
+
+
+class UnsafeArchive(ApiClientError):
+    """A downloaded bundle tar that would write outside ``--out`` (or anything but plain files and folders)."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(502, {"error": {"type": "unsafe_bundle",
+                                         "message": f"refusing the bundle: member {member[:120]!r} {reason}"}})
+
+
+MAX_MEMBER_NAME = 1024  # bytes of a member's path; a bundle's files are a few short names
+
+
+def extract_bundle(fileobj: IO[bytes], out: Path, top: str) -> None:
+    """Extract a bundle tar into ``out/<top>/`` by this client's own rules, on every Python (issue 33 item 3):
+    ``filter="data"`` alone is bypassed on builds with the CVE-2025-4517 realpath flaw (3.11.7 among them).
+    Every member is checked before anything is written: only regular files and folders (no symlinks, hard
+    links, devices, FIFOs), relative names under ``top/`` without ``..``, and a target path whose existing
+    components are real folders inside ``out`` (no symlink is followed on the way). Files are written by this
+    function, never by tarfile's extractor."""
+    root = Path(os.path.realpath(out))
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        members = tar.getmembers()
+        for member in members:
+            _check_member(member, root, top)
+        for member in members:
+            target = _check_member(member, root, top)  # again: an earlier member may not change the answer
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)  # the checked components: real folders or new
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file always has a body
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with source, os.fdopen(fd, "wb") as dest:
+                shutil.copyfileobj(source, dest)
+
+
+def _check_member(member: tarfile.TarInfo, root: Path, top: str) -> Path:
+    """Where ``member`` goes under ``root``; raises :class:`UnsafeArchive` for anything else."""
+    name = member.name
+    if not (member.isreg() or member.isdir()):
+        raise UnsafeArchive(name, "is not a regular file or folder (links and devices are refused)")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_MEMBER_NAME or "\x00" in name or "\\" in name:
+        raise UnsafeArchive(name, "has an overlong or malformed name")
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or parts[0] != top or any(p in ("..", "") for p in parts):
+        raise UnsafeArchive(name, f"is not a relative path under {top}/")
+    target = root
+    for i, part in enumerate(parts):
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise UnsafeArchive(name, "has an overlong name")
+        target = target / part
+        last = i == len(parts) - 1
+        if os.path.islink(target):
+            raise UnsafeArchive(name, "goes through a link already in the output folder")
+        if os.path.lexists(target) and (target.is_dir() != (member.isdir() or not last)):
+            raise UnsafeArchive(name, "clashes with a file or folder already in the output folder")
+    if not Path(os.path.realpath(target)).is_relative_to(root):
+        raise UnsafeArchive(name, "resolves outside the output folder")
     return target
 
 

@@ -1,0 +1,159 @@
+"""Issue 33 (security round 3), items 1, 3, 4 and 5: what one API key must not get from another, and what
+crafted input must not do. Real job store, real apps (in process and on a real socket), real tar archives."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from support import embed as es
+
+A = {"Authorization": "Bearer alpha-secret"}
+B = {"Authorization": "Bearer beta-secret"}
+OPS = {"Authorization": "Bearer ops-secret"}
+SHORT = {"data": "digits", "max_steps": 5}
+
+
+def _principal(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# --- item 3: `excb jobs pull` never writes outside --out ---------------------------------------------------
+
+def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def _tar(build: Callable[[tarfile.TarFile], None]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        build(tar)
+    return buf.getvalue()
+
+
+def _realpath_bypass(dest: Path) -> Callable[[tarfile.TarFile], None]:
+    """The CVE-2025-4517 chain (CPython's test_realpath_limit_attack): folders with long names and short
+    symlinks to them, so that the expanded path passes PATH_MAX and ``os.path.realpath`` stops resolving;
+    ``filter="data"`` then accepts a symlink that leaves ``dest`` and a file written through it."""
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf(dest, "PC_PATH_MAX") - len(str(dest)) - 1) // (len(steps) + 1))
+
+    def build(tar: tarfile.TarFile) -> None:
+        path = ""
+        for step in steps:
+            _add(tar, os.path.join(path, component), tarfile.DIRTYPE)
+            _add(tar, os.path.join(path, step), tarfile.SYMTYPE, link=component)
+            path = os.path.join(path, component)
+        long_link = os.path.join(*steps, "l" * 254)
+        _add(tar, long_link, tarfile.SYMTYPE, link=os.path.join(*[".."] * len(steps)))
+        _add(tar, "escape", tarfile.SYMTYPE, link=os.path.join(long_link, ".."))
+        _add(tar, "escape/planted", data=b"written outside --out")
+    return build
+
+
+CRAFTED: dict[str, Callable[[Path], Callable[[tarfile.TarFile], None]]] = {
+    "realpath-bypass": _realpath_bypass,
+    "dotdot": lambda _: lambda t: _add(t, "m-1/../../planted", data=b"x"),
+    "absolute": lambda d: lambda t: _add(t, str(d.parent / "planted"), data=b"x"),
+    "symlink-in-bundle": lambda _: lambda t: (_add(t, "m-1/ln", tarfile.SYMTYPE, link="."),
+                                              _add(t, "m-1/ln/model.onnx", data=b"x")),
+    "hardlink": lambda d: lambda t: _add(t, "m-1/model.onnx", tarfile.LNKTYPE, link=str(d.parent / "victim")),
+    "device": lambda _: lambda t: _add(t, "m-1/null", tarfile.CHRTYPE),
+    "fifo": lambda _: lambda t: _add(t, "m-1/pipe", tarfile.FIFOTYPE),
+    "outside-the-model-folder": lambda _: lambda t: _add(t, "other/model.onnx", data=b"x"),
+}
+
+
+class _HostileServer(http.server.ThreadingHTTPServer):
+    """A control plane that answers `excb jobs pull` with whatever tar the test hands it."""
+
+    archive = b""
+    sha256 = ""
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _HostileServer
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/v1/jobs/"):
+            body = json.dumps({"id": "job", "status": "SUCCEEDED", "model_id": "m-1"}).encode()
+            self._send(body, "application/json")
+        else:
+            self._send(self.server.archive, "application/x-tar", {"X-Bundle-SHA256": self.server.sha256})
+
+    def _send(self, body: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile() -> Iterator[_HostileServer]:
+    server = _HostileServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_pull_refuses_every_crafted_archive(hostile: _HostileServer, tmp_path: Path, kind: str) -> None:
+    """Before: the realpath bypass wrote ``planted`` beside --out on this Python (3.11.7, filter="data"), and
+    the other archives ended in tarfile's own exceptions (a traceback from `excb jobs pull`)."""
+    from services.api.client import ApiClient, ApiClientError, pull_bundle
+
+    out = tmp_path / "box" / "out"
+    out.mkdir(parents=True)
+    (tmp_path / "box" / "victim").write_text("keep me")
+    hostile.archive = _tar(CRAFTED[kind](out))
+    client = ApiClient(f"http://127.0.0.1:{hostile.server_address[1]}")
+    with pytest.raises(ApiClientError) as info:
+        pull_bundle(client, "job", out)
+    assert info.value.type == "unsafe_bundle", info.value
+    assert _files(tmp_path / "box") == ["out", "victim"], kind  # nothing written, inside or out
+    assert (tmp_path / "box" / "victim").read_text() == "keep me"
+
+
+def test_pull_still_extracts_a_real_bundle(hostile: _HostileServer, tmp_path: Path) -> None:
+    """The archive the server builds (services.api.routes_models.bundle_tar) comes through whole."""
+    from services.api.client import ApiClient, pull_bundle
+    from services.api.routes_models import bundle_tar
+
+    bundle = tmp_path / "models" / "m-1"
+    (bundle / "extra").mkdir(parents=True)
+    (bundle / "model.onnx").write_bytes(b"onnx bytes")
+    (bundle / "model.json").write_text("{}")
+    (bundle / "extra" / "notes.txt").write_text("n")
+    hostile.archive = bundle_tar(bundle, "m-1", tmp_path).read_bytes()
+    hostile.sha256 = hashlib.sha256(b"onnx bytes").hexdigest()
+    out = tmp_path / "out"
+    client = ApiClient(f"http://127.0.0.1:{hostile.server_address[1]}")
+    target = pull_bundle(client, "job", out)
+    assert target == out / "m-1" and _files(out) == ["m-1", "m-1/extra", "m-1/extra/notes.txt", "m-1/model.json",
+                                                      "m-1/model.onnx"]
+    assert pull_bundle(client, "job", out) == target  # a second pull overwrites the files in place

@@ -136,30 +136,98 @@ def _jobs_status(client: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(job))
         return 0
-    pr = job["progress"]
-    print(f"{job['id']}  {job['status']}  attempt {job['attempt']}/{job['max_attempts']}")
+    print("\n".join(status_lines(job)))
+    return 0
+
+
+def status_lines(job: dict[str, Any]) -> list[str]:
+    """``excb jobs status`` for a person: what is known, never a ``None`` (issue 27 item 5); the config shown is
+    the one that runs (``effective``), or the submitted one, labelled so, until the worker reports it."""
+    lines = [f"{job['id']}  {job['status']}  attempt {job['attempt']}/{job['max_attempts']}"]
     if job.get("status_detail"):
-        print(f"  detail:   {job['status_detail']}")
-    print(f"  progress: step {pr.get('step')}/{pr.get('total_steps')}  epoch {pr.get('epoch')}  "
-          f"{pr.get('percent')}%  eta {pr.get('eta_seconds')}s")
+        lines.append(f"  detail:   {job['status_detail']}")
+    lines.append(f"  progress: {_progress_text(job)}")
+    lines += _config_lines(job)
     if job["latest_metrics"]:
-        print("  metrics:  " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(job["latest_metrics"].items())[:8]))
+        lines.append("  metrics:  " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(job["latest_metrics"].items())[:8]))
     if job["balance"]:
         b = job["balance"]
-        print(f"  balance:  effective clusters {b.get('effective_clusters', 0):.1f}, "
-              f"normalized entropy {b.get('normalized_entropy', 0):.3f}, max share {b.get('max_share', 0):.4f}")
+        lines.append(f"  balance:  effective clusters {b.get('effective_clusters', 0):.1f}, "
+                     f"normalized entropy {b.get('normalized_entropy', 0):.3f}, max share {b.get('max_share', 0):.4f}")
     if job["model_id"]:
-        print(f"  model:    {job['model_id']}")
+        lines.append(f"  model:    {job['model_id']}")
     if job["error"]:
-        print(f"  error:    {job['error']['type']}: {job['error']['message']}")
+        lines.append(f"  error:    {job['error']['type']}: {job['error']['message']}")
     if job.get("metadata"):
-        print("  metadata: " + json.dumps(job["metadata"], sort_keys=True))
+        lines.append("  metadata: " + json.dumps(job["metadata"], sort_keys=True))
     for a in job.get("attempts") or []:
         ended = a["ended_at"] or "running"
         reason = f" ({a['reason'][:120]})" if a.get("reason") else ""
-        print(f"  attempt {a['number']}: {a['outcome'] or 'running'} on {a['worker']}, {a['started_at']} -> "
-              f"{ended}{reason}")
-    return 0
+        lines.append(f"  attempt {a['number']}: {a['outcome'] or 'running'} on {a['worker']}, {a['started_at']} -> "
+                     f"{ended}{reason}")
+    return lines
+
+
+def _progress_text(job: dict[str, Any]) -> str:
+    pr = job.get("progress") or {}
+    step, total = pr.get("step"), pr.get("total_steps")
+    if step is None and job["status"] in ("QUEUED", "STARTING"):
+        return "not started"
+    if step is None:
+        return "no step logged"
+    parts = [f"step {step}/{total}" if total else f"step {step}"]
+    if pr.get("percent") is not None:
+        parts.append(f"{pr['percent']:.1f}%")
+    if pr.get("epoch") is not None:
+        parts.append(f"epoch {pr['epoch']:g}")
+    if pr.get("eta_seconds") is not None and job["status"] == "RUNNING":
+        parts.append(f"eta {_duration(pr['eta_seconds'])}")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+_TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def _shape(cfg: dict[str, Any]) -> str:
+    """K, batch, input size and network of a config tree; the parts it has (an old row may lack some)."""
+    model, augment = cfg.get("model") or {}, cfg.get("augment") or {}
+    arch = model.get("backbone")
+    if arch and str(arch).startswith("resnet") and model.get("width"):
+        arch = f"{arch} width {model['width']}"
+    parts = [f"K={model['num_clusters']}" if model.get("num_clusters") else None,
+             f"batch {cfg['batch_size']}" if cfg.get("batch_size") else None,
+             f"{augment['global_size']} px" if augment.get("global_size") else None, arch]
+    return ", ".join(str(p) for p in parts if p) or "defaults"
+
+
+def _config_lines(job: dict[str, Any]) -> list[str]:
+    """The run's shape (K, batch, input size, model) from ``effective``; the recipe's reasons and step count."""
+    cfg = job.get("effective")
+    recipe = job.get("recipe") or {}
+    if cfg:
+        origin = "as run"
+        if recipe.get("fitted"):
+            origin += f"; recipe fitted to {recipe.get('data') or 'the data'} on {recipe.get('device') or 'its device'}"
+    else:
+        cfg = job.get("requested") or job.get("config") or {}
+        origin = "as submitted; " + ("the worker did not report what ran" if job["status"] in _TERMINAL
+                                     else "the worker reports what runs once the trainer starts")
+    lines = [f"  config:   {_shape(cfg)} ({origin})"]
+    steps = recipe.get("steps") or {}
+    if steps.get("line"):
+        lines.append(f"  steps:    {steps['line']}")
+    for i, reason in enumerate(recipe.get("reasons") or []):
+        lines.append(("  recipe:   " if i == 0 else "            ") + reason)
+    return lines
 
 
 def _labels(pairs: list[str]) -> dict[str, Any]:

@@ -71,6 +71,31 @@ class AttemptOut(BaseModel):
     reason: str | None
 
 
+class StepsOut(BaseModel):
+    """How the run's length was chosen."""
+
+    max_steps: int | None
+    epochs: int | None
+    budget: str | None
+    chosen_by: Literal["budget", "budget_pending", "config"] = Field(
+        description="budget: timed on the worker; budget_pending: being timed; config: as configured")
+    corrected_at_step: int | None = None
+    seconds_per_step: float | None = None
+    seconds_before_training: float | None = None
+    line: str = Field(description="one line for a person, e.g. 'max_steps=412: budget 30s at 0.061 s/step ...'")
+
+
+class RecipeOut(BaseModel):
+    """The recipe the trainer fitted (excb/recipe.py), as `excb train --dry-run` prints it."""
+
+    fitted: bool = Field(description="false for a preset or recipe=off: the config ran as given")
+    data: str | None = Field(None, description="the data profile the recipe was fitted to")
+    device: str | None = None
+    reasons: list[str] = Field(description="one line per fitted choice: `key=value: why`")
+    kept: list[str] = Field(default_factory=list, description="keys set in the submit, which the recipe keeps")
+    steps: StepsOut
+
+
 class JobOut(BaseModel):
     id: str
     name: str | None
@@ -78,7 +103,13 @@ class JobOut(BaseModel):
     attempt: int
     max_attempts: int
     failures: int
-    config: dict[str, Any]
+    requested: dict[str, Any] = Field(description="the training config as submitted (validated, resolved)")
+    effective: dict[str, Any] | None = Field(
+        description="what runs: the run's config.yaml after the recipe and the budget, reported by the worker; "
+                    "null until the trainer has written it")
+    recipe: RecipeOut | None = Field(description="the fitted recipe's reasons and the step count; null until known")
+    config: dict[str, Any] = Field(description="the same as `requested` (kept for existing clients); read "
+                                               "`effective` for what runs")
     request: dict[str, Any]
     progress: Progress
     latest_metrics: dict[str, Any]

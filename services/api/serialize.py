@@ -38,15 +38,20 @@ class PathHider:
 
     def job(self, body: dict[str, Any]) -> dict[str, Any]:
         body = copy.deepcopy(body)
-        config = body.get("config") or {}
+        for key in ("config", "requested", "effective"):
+            if isinstance(body.get(key), dict):
+                self._config(body[key])
+        body["artifacts"] = {k: self.path(v) if isinstance(v, str) and v.startswith("/") else v
+                             for k, v in (body.get("artifacts") or {}).items()}
+        return body
+
+
+    def _config(self, config: dict[str, Any]) -> None:
         if isinstance(config.get("out"), str):
             config["out"] = self.path(config["out"])
         data = config.get("data")
         if isinstance(data, dict) and isinstance(data.get("source"), str):
             data["source"] = self.source(data["source"])
-        body["artifacts"] = {k: self.path(v) if isinstance(v, str) and v.startswith("/") else v
-                             for k, v in (body.get("artifacts") or {}).items()}
-        return body
 
 
 def path_hider(settings: Settings, auth_enabled: bool) -> PathHider | None:
@@ -82,7 +87,9 @@ def _job_body(job: Job, no_worker: str | None) -> dict[str, Any]:
     progress.update(job.progress or {})
     return {
         "id": public_id(job), "name": job.name, "status": job.status, "attempt": job.attempt,
-        "max_attempts": job.max_attempts, "failures": job.failures, "config": job.config,
+        "max_attempts": job.max_attempts, "failures": job.failures,
+        "requested": job.config, "effective": job.effective_config, "recipe": job.recipe,
+        "config": job.config,  # = requested, unchanged for the clients that read it; what runs is "effective"
         "request": job.request or {}, "progress": progress, "latest_metrics": job.latest_metrics or {},
         "balance": job.balance or {}, "artifacts": job.artifacts or {}, "model_id": job.model_id,
         "error": job.error, "status_detail": status_detail(job, no_worker),

@@ -58,7 +58,11 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
     name: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), index=True)
-    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # as submitted (validated): the "requested" config
+    # What runs: the run's config.yaml after the recipe and the budget, and a summary of its recipe.json
+    # (services/worker/plan.py); NULL until the trainer has written them.
+    effective_config: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     run_dir: Mapped[str] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, default=0)

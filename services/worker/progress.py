@@ -54,6 +54,13 @@ class ProgressTracker:
         self.latest = {k: v for k, v in row.items() if k not in _META_KEYS and _is_number(v)}
         self.steps.append({k: v for k, v in row.items() if k != "type"})
 
+    def follow(self, effective: dict[str, Any] | None) -> None:
+        """The trainer's fitted config is known: its length replaces the submitted one until step rows say more."""
+        if not effective or self.first_step is not None:
+            return
+        self.epochs = int(effective.get("epochs") or 0) or self.epochs
+        self.total_steps = int(effective["max_steps"]) if effective.get("max_steps") else self.total_steps
+
     def take_steps(self) -> list[dict[str, Any]]:
         rows, self.steps = self.steps, []
         return rows

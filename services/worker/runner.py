@@ -30,6 +30,7 @@ from services.db.tables import utcnow
 from services.db.session import Database
 from services.settings import Settings
 from services.worker import child, pipeline
+from services.worker.plan import RunPlan
 from services.worker.progress import ProgressTracker
 
 log = logging.getLogger("excb.worker")
@@ -74,6 +75,7 @@ class JobRunner:
         self.settings = settings
         self.job_id = job_id
         self.worker = worker_name()
+        self.plan: RunPlan | None = None  # what the trainer runs (config.yaml + recipe.json), set per attempt
 
     def run(self) -> str:
         """Run the job if it is ours to run; returns what happened (for the task log)."""
@@ -102,6 +104,7 @@ class JobRunner:
         refused = self._outside_roots(cfg.data.source)
         if refused:
             return self._commit_failure(lease, "path_not_allowed", refused, count=False)
+        self.plan = RunPlan(run_dir)  # before config.yaml is rewritten: only this attempt's trainer counts
         cfg_path = run_dir / RUN_CONFIG  # the trainer reads it and writes back the recipe it fitted (excb/trainer.py)
         atomic_write(cfg_path, dump_yaml(cfg))
         request = job.request or {}
@@ -174,14 +177,20 @@ class JobRunner:
             time.sleep(0.2)
 
     def _sync_progress(self, lease: Lease, tail: FileTail, tracker: ProgressTracker) -> tuple[bool, bool]:
-        """Copy new metrics rows into the DB (fenced) and heartbeat; returns ``(still_ours, cancel_requested)``."""
+        """Copy new metrics rows and the run's effective config into the DB (fenced) and heartbeat; returns
+        ``(still_ours, cancel_requested)``."""
         tracker.feed(tail.json_rows())
         steps = tracker.take_steps()
         values: dict[str, Any] = {"progress": tracker.progress(), "latest_metrics": tracker.latest}
         if tracker.curve is not None:
             values["cluster_sizes"] = tracker.curve
             values["balance"] = tracker.balance
+        if self.plan is not None:
+            values.update(self.plan.pending())
+            tracker.follow(values.get("effective_config"))
         ours, cancel = store.heartbeat(self.db, lease, **values)
+        if ours and self.plan is not None:
+            self.plan.confirm()
         if ours and steps:
             store.replace_metrics(self.db, self.job_id, steps)
         return ours, cancel

@@ -23,3 +23,19 @@ def tiny(tmp: Path, *extra: str) -> TrainConfig:
 
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def image_folder(root: Path, n: int, side: int = 32) -> Path:
+    """``n`` small colour PNGs (smooth gradients with a per-image hue) directly in ``root``: an unlabelled folder
+    of the kind a user points ``excb train data=FOLDER`` at."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0.0, 1.0, side)
+    for i in range(n):
+        colour = rng.random(3)
+        arr = np.outer(ramp, ramp[::-1])[..., None] * colour + rng.random((side, side, 3)) * 0.3
+        Image.fromarray((arr.clip(0, 1) * 255).astype(np.uint8)).save(root / f"img_{i:04d}.png")
+    return root

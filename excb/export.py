@@ -183,14 +183,6 @@ def _batch_sizes(total: int, batch_size: int) -> list[int]:
 # the bundle
 
 
-def _whitening_meta(wrapper: Any) -> dict[str, Any]:
-    """Whether the ``embedding`` output is PCA-whitened, and on how many training images (excb.whitening)."""
-    whiten = wrapper.whiten
-    if whiten is None:
-        return {"kind": "off"}
-    return {"kind": "pca", "fitted": whiten.fitted, "images": int(whiten.images)}
-
-
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -209,6 +201,7 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
     Raises :class:`ParityError` (after writing model.json with ``parity.passed = false``) when the check fails.
     """
     from excb.models import ExportWrapper
+    from excb.whitening import whitening_meta
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset: must be >= {MIN_OPSET}, got {opset}")
@@ -237,7 +230,7 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
                   "transform": "excb.data.augment.eval_transform"},
         "outputs": list(OUTPUT_NAMES),
         "embed_dim": int(wrapper.embed_dim),
-        "whitening": _whitening_meta(wrapper),
+        "whitening": whitening_meta(wrapper.whiten),
         "num_clusters": int(wrapper.num_clusters),
         "sizes": [float(v) for v in sizes],
         "balancing": {"method": cfg.balancing.method, "inference_mode": "paper"},
@@ -275,8 +268,9 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                    help="images checked for PyTorch vs ONNX Runtime parity")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     p.add_argument("--format", choices=("onnx", "torch"), default="onnx",
-                   help="onnx: the servable bundle (default); torch: backbone.safetensors + backbone.json of the "
-                        "teacher backbone, for fine-tuning (excb.models.load_backbone)")
+                   help="onnx: the servable bundle (default); torch: the teacher's weights for fine-tuning "
+                        "(backbone.safetensors, whitening.safetensors when the run whitens, backbone.json); "
+                        "excb.models.load_backbone(DIR) gives the served embedding, features='backbone' the backbone")
     p.set_defaults(func=_cmd_export)
 
 

@@ -32,7 +32,7 @@ MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
 # config.yaml goes with the old run, after this run has read it, and is written again with this run's recipe).
 RUN_OUTPUTS: tuple[str, ...] = (
     "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "recipe.json", "train.log",
-    "backbone.safetensors", "backbone.json", "tb",
+    "backbone.safetensors", "whitening.safetensors", "backbone.json", "tb",
 )
 REPLACED_DIR = "replaced"
 _SHOWN_DIFFS = 4  # the error lists every field, the old -> new values of the first few

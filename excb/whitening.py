@@ -66,6 +66,14 @@ class Whitening(nn.Module):
         self.images.fill_(images)
 
 
+def whitening_meta(whiten: Whitening | None) -> dict[str, Any]:
+    """Whether an embedding is PCA-whitened, and on how many training images: the ONNX bundle's model.json and
+    the fine-tuning weights' backbone.json say it in the same words."""
+    if whiten is None:
+        return {"kind": "off"}
+    return {"kind": "pca", "fitted": whiten.fitted, "images": int(whiten.images)}
+
+
 def fit_pca(features: Tensor, shrink: float = SHRINK) -> tuple[Tensor, Tensor]:
     """``(mean [D], proj [D, D])`` whitening ``features`` [N, D]; columns ordered by decreasing variance.
 
@@ -140,4 +148,4 @@ def fit_model(model: nn.Module, dataset: Dataset, device: torch.device, num_work
             "shrink": SHRINK}
 
 
-__all__ = ["FIT_IMAGES", "SHRINK", "Whitening", "fit_images", "fit_model", "fit_pca"]
+__all__ = ["FIT_IMAGES", "SHRINK", "Whitening", "fit_images", "fit_model", "fit_pca", "whitening_meta"]

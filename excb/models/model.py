@@ -146,6 +146,26 @@ def build_model(cfg: TrainConfig, teacher: bool = False) -> ExCBModel:
                      whitening=m.whitening)
 
 
+class ServedEmbedding(nn.Module):
+    """``x -> embedding``: what the ONNX bundle's ``embedding`` output serves, as a torch module.
+
+    The backbone, the embedding ``kind`` ('final' or 'multiscale') and the whitening (None: off) are the
+    teacher's, so fine-tuning code that loads the weights (excb.models.weights) starts from the embedding the
+    service returns, not only from the backbone's last stage.
+    """
+
+    def __init__(self, backbone: nn.Module, kind: str = "final", whiten: Whitening | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embedding = kind
+        self.whiten = whiten
+        self.embed_dim: int = embedding_dim(backbone, kind)
+
+    def forward(self, x: Tensor) -> Tensor:
+        emb = feature_and_embedding(self.backbone, self.embedding, x)[1]
+        return self.whiten(emb) if self.whiten is not None else emb
+
+
 class ExportWrapper(nn.Module):
     """ONNX-friendly inference graph: ``x -> (embedding [N, embed_dim], cosines [N, K])``.
 
@@ -175,5 +195,5 @@ class ExportWrapper(nn.Module):
         return emb, h @ self.centroids.t()
 
 
-__all__ = ["ExCBModel", "ExportWrapper", "build_model", "embedding_dim", "feature_and_embedding", "multiscale",
+__all__ = ["ExCBModel", "ExportWrapper", "ServedEmbedding", "build_model", "embedding_dim", "feature_and_embedding", "multiscale",
            "GROUP_NAMES"]

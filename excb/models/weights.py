@@ -1,10 +1,16 @@
-"""Teacher backbone weights for fine-tuning: ``backbone.safetensors`` + ``backbone.json``.
+"""Teacher weights for fine-tuning: ``backbone.safetensors`` (+ ``whitening.safetensors``) + ``backbone.json``.
 
-ONNX bundles serve; people who fine-tune want a weights file they load into their own model. The tensors are
-stored under the names of the library users already have: torchvision's for ResNets (our ResNet keeps them,
-so ``resnet50`` loads ``strict=True`` into ``torchvision.models.resnet50()`` with ``fc = Identity``) and
-timm's for ViTs (``vit_small`` -> ``vit_small_patch16_224`` with ``num_classes=0``). :func:`load_backbone`
-maps them back onto this project's modules, so its features are the ONNX bundle's ``embedding`` output.
+ONNX bundles serve; people who fine-tune want a weights file they load into their own model. The backbone's
+tensors are stored under the names of the library users already have: torchvision's for ResNets (our ResNet
+keeps them, so ``resnet50`` loads ``strict=True`` into ``torchvision.models.resnet50()`` with ``fc = Identity``)
+and timm's for ViTs (``vit_small`` -> ``vit_small_patch16_224`` with ``num_classes=0``).
+
+The served embedding is not always the backbone's output: the fitted recipe serves the last 3 stages
+concatenated (``model.embedding=multiscale``) and PCA-whitened (``model.whitening=pca``; its ``mean`` and ``proj``
+go to ``whitening.safetensors``, so the backbone file keeps loading strict into torchvision / timm).
+``backbone.json`` records both outputs: ``embedding`` (kind, whitening, dim) and ``backbone`` (dim, feature).
+:func:`load_backbone` returns the served embedding by default (its output is the ONNX bundle's ``embedding``)
+and the raw backbone with ``features="backbone"``.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import torch
 from torch import Tensor, nn
 
 WEIGHTS_FILE = "backbone.safetensors"
+WHITENING_FILE = "whitening.safetensors"  # the served embedding's PCA whitening (model.whitening=pca only)
 META_FILE = "backbone.json"
 FORMAT = "excb-backbone/1"
+FEATURES = ("embedding", "backbone")  # load_backbone(features=...): the served embedding, or the raw backbone
 
 # our ViT module names -> timm's (everything else is already the same)
 _VIT_TO_TIMM: tuple[tuple[str, str], ...] = (
@@ -72,9 +80,28 @@ def _compatible_with(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def backbone_meta(cfg: Any, embed_dim: int, source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a loader needs to rebuild the backbone and feed it: architecture, input size, mean/std."""
+def _embedding_meta(cfg: Any, model: nn.Module) -> dict[str, Any]:
+    """The served embedding (the ONNX bundle's ``embedding``): kind, whitening, size, and how to load it."""
+    from excb.models.model import MULTISCALE_STAGES, embedding_dim
+    from excb.whitening import whitening_meta
+
+    kind = cfg.model.embedding
+    whitening = whitening_meta(getattr(model, "whiten", None))
+    if whitening["kind"] == "pca":
+        whitening["file"] = WHITENING_FILE
+    what = (f"the last {MULTISCALE_STAGES} stages (ViT: blocks) pooled, each L2-normalised, concatenated"
+            if kind == "multiscale" else "the backbone's output")
+    return {"kind": kind, "dim": embedding_dim(model.backbone, kind), "whitening": whitening,
+            "feature": what + (", then PCA-whitened" if whitening["kind"] == "pca" else ""),
+            "load": "excb.models.load_backbone(DIR)"}
+
+
+def backbone_meta(cfg: Any, model: nn.Module, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a loader needs to rebuild the backbone and the served embedding, and to feed them: architecture,
+    input size, mean/std, and which output is which (``embedding`` = served, ``backbone`` = for fine-tuning)."""
     m, a = cfg.model, cfg.augment
+    embedding = _embedding_meta(cfg, model)
+    backbone_dim = int(getattr(model.backbone, "embed_dim"))
     return {
         "format": FORMAT,
         "architecture": m.backbone,
@@ -82,8 +109,11 @@ def backbone_meta(cfg: Any, embed_dim: int, source: dict[str, Any] | None = None
                   "stem_stride": m.stem_stride, "patch_size": m.patch_size},
         "input": {"size": int(a.global_size), "channels": 3, "layout": "NCHW", "mean": list(a.mean),
                   "std": list(a.std), "transform": "excb.data.augment.eval_transform"},
-        "embed_dim": int(embed_dim),
-        "feature": "CLS token after the final LayerNorm" if _is_vit(m.backbone) else "global-average-pooled",
+        "embed_dim": embedding["dim"],  # the served embedding's, as model.json's embed_dim
+        "embedding": embedding,
+        "backbone": {"dim": backbone_dim, "file": WEIGHTS_FILE,
+                     "feature": "CLS token after the final LayerNorm" if _is_vit(m.backbone) else "global-average-pooled",
+                     "load": "excb.models.load_backbone(DIR, features='backbone')"},
         "key_layout": "timm" if _is_vit(m.backbone) else "torchvision",
         "loads_into": _compatible_with(cfg),
         "source": source or {},
@@ -91,10 +121,15 @@ def backbone_meta(cfg: Any, embed_dim: int, source: dict[str, Any] | None = None
     }
 
 
-def save_backbone(backbone: nn.Module, cfg: Any, out_dir: str | os.PathLike[str],
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    """CPU, contiguous copies (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_backbone(model: nn.Module, cfg: Any, out_dir: str | os.PathLike[str],
                   source: dict[str, Any] | None = None) -> Path:
-    """Write ``backbone.safetensors`` + ``backbone.json`` for ``backbone`` (a teacher's, usually); returns the
-    weights path. Tensors are copied to CPU and made contiguous (safetensors refuses shared storage)."""
+    """Write the weights of ``model`` (an ExCB teacher, usually) to ``out_dir``: ``backbone.safetensors``, the
+    whitening (when the model has one) and ``backbone.json``; returns the backbone weights path."""
     from safetensors.torch import save
 
     from excb.fileio import atomic_write
@@ -102,30 +137,33 @@ def save_backbone(backbone: nn.Module, cfg: Any, out_dir: str | os.PathLike[str]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arch = cfg.model.backbone
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
-    tensors = to_ecosystem_keys(state, arch)
-    meta = backbone_meta(cfg, int(getattr(backbone, "embed_dim")), source)
+    tensors = to_ecosystem_keys(_cpu_state(model.backbone), arch)
+    meta = backbone_meta(cfg, model, source)
     weights = out / WEIGHTS_FILE
     atomic_write(weights, save(tensors, metadata={"format": FORMAT, "architecture": arch}))
+    whiten = getattr(model, "whiten", None)
+    if whiten is not None:
+        atomic_write(out / WHITENING_FILE, save(_cpu_state(whiten), metadata={"format": FORMAT}))
+    else:
+        (out / WHITENING_FILE).unlink(missing_ok=True)  # a re-export of another run into the same dir
     atomic_write(out / META_FILE, json.dumps(meta, indent=1))
     return weights
 
 
 def save_run_backbone(teacher: nn.Module, cfg: Any, run_dir: str | os.PathLike[str], step: int | None = None) -> Path:
-    """The trainer's end-of-run hook: the teacher's backbone into ``run_dir`` (``teacher`` may be DDP/compiled)."""
+    """The trainer's end-of-run hook: the teacher's weights into ``run_dir`` (``teacher`` may be DDP/compiled)."""
     inner = getattr(teacher, "module", teacher)
     inner = getattr(inner, "_orig_mod", inner)
     source = {"run_dir": str(Path(run_dir).resolve()), "step": step}
-    return save_backbone(inner.backbone, cfg, run_dir, source)
+    return save_backbone(inner, cfg, run_dir, source)
 
 
 def export_weights(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``excb export RUN --format torch``: the teacher backbone of a run (or checkpoint); returns backbone.json."""
+    """``excb export RUN --format torch``: the teacher weights of a run (or checkpoint); returns backbone.json."""
     from excb.checkpoint import load_teacher
 
     cfg, model, ckpt, ckpt_path = load_teacher(source, "cpu")
-    save_backbone(model.backbone, cfg, out_dir, {"checkpoint": str(ckpt_path.resolve()),
-                                                  "step": int(ckpt.get("step", 0))})
+    save_backbone(model, cfg, out_dir, {"checkpoint": str(ckpt_path.resolve()), "step": int(ckpt.get("step", 0))})
     return json.loads((Path(out_dir) / META_FILE).read_text())
 
 
@@ -139,7 +177,9 @@ def cmd_export_weights(source: str, out: str) -> int:
         print(f"excb export: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"weights": str((Path(out) / WEIGHTS_FILE).resolve()), "architecture": meta["architecture"],
-                      "embed_dim": meta["embed_dim"], "loads_into": meta["loads_into"]}))
+                      "embed_dim": meta["embed_dim"], "embedding": meta["embedding"]["kind"],
+                      "whitening": meta["embedding"]["whitening"]["kind"], "backbone_dim": meta["backbone"]["dim"],
+                      "loads_into": meta["loads_into"]}))
     return 0
 
 
@@ -154,20 +194,47 @@ def read_backbone_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild this project's backbone from a weights dir, eval mode; output = the bundle's ``embedding``."""
+def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                  features: str = "embedding") -> nn.Module:
+    """Rebuild the teacher from a weights dir, eval mode.
+
+    ``features="embedding"`` (default): a :class:`~excb.models.model.ServedEmbedding` whose output is the ONNX
+    bundle's ``embedding`` (multiscale and whitened when the run served them). ``features="backbone"``: the raw
+    backbone (output: its pooled last stage), the module to fine-tune.
+    """
     from safetensors.torch import load_file
 
     from excb.config import ModelConfig
     from excb.models.backbones import build_backbone
 
+    if features not in FEATURES:
+        raise ValueError(f"features: expected one of {', '.join(FEATURES)}, got {features!r}")
     meta = read_backbone_meta(path)
     cfg = ModelConfig.model_validate(meta["model"])
-    module = build_backbone(cfg, int(meta["input"]["size"]), 0.0)
+    backbone = build_backbone(cfg, int(meta["input"]["size"]), 0.0)
     state = from_ecosystem_keys(load_file(str(Path(path) / WEIGHTS_FILE)), meta["architecture"])
-    module.load_state_dict(state, strict=True)
+    backbone.load_state_dict(state, strict=True)
+    module = backbone if features == "backbone" else _served_embedding(path, meta, backbone)
     return module.to(device).eval()
 
 
-__all__ = ["WEIGHTS_FILE", "META_FILE", "backbone_meta", "save_backbone", "save_run_backbone", "export_weights",
+def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbone: nn.Module) -> nn.Module:
+    """The backbone wrapped into what the bundle serves, as ``backbone.json``'s ``embedding`` describes it."""
+    from safetensors.torch import load_file
+
+    from excb.models.model import ServedEmbedding
+    from excb.whitening import Whitening
+
+    embedding = meta.get("embedding")
+    if not isinstance(embedding, dict):
+        raise ValueError(f"{Path(path) / META_FILE}: written before the served embedding was recorded; export it "
+                         "again (excb export RUN --format torch), or load the backbone with features='backbone'")
+    whiten = None
+    if embedding["whitening"]["kind"] == "pca":
+        whiten = Whitening(int(embedding["dim"]))
+        whiten.load_state_dict(load_file(str(Path(path) / WHITENING_FILE)), strict=True)
+    return ServedEmbedding(backbone, embedding["kind"], whiten)
+
+
+__all__ = ["WEIGHTS_FILE", "WHITENING_FILE", "META_FILE", "FEATURES", "backbone_meta", "save_backbone", "save_run_backbone", "export_weights",
            "cmd_export_weights", "load_backbone", "read_backbone_meta", "to_ecosystem_keys", "from_ecosystem_keys"]

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".excb"), description="state directory: sqlite db, runs, models, broker files")
     data_roots: list[Path] = Field(default_factory=list, description="dataset/image paths must resolve inside one of these")
     api_keys_file: Path | None = Field(None, description="file with one API key per line (hashed in memory); unset = no auth")
+    admin_keys_file: Path | None = Field(
+        None, description="operators' keys, same format: they authenticate too, and also see every tenant's jobs "
+                          "in GET /v1/workers and every model's series in /metrics")
     log_level: str = Field("INFO", description="root log level (third-party set-up chatter stays at WARNING)")
     log_json: bool | None = Field(None, description="JSON log lines; unset = JSON unless stderr is a terminal")
 

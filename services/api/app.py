@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     settings = settings or get_settings()
     db = db or Database(settings.database_url or default_url(settings.home))
     celery = celery or make_celery(settings)
-    cp = ControlPlane(settings=settings, db=db, celery=celery, auth=ApiKeyAuth.from_file(settings.api_keys_file))
+    auth = ApiKeyAuth.from_file(settings.api_keys_file, settings.admin_keys_file)
+    cp = ControlPlane(settings=settings, db=db, celery=celery, auth=auth)
     metrics_registry = CollectorRegistry()  # one registry: the embed app's series too in `excb up`
     embed_app = _embed_app(settings, metrics_registry) if embedded else None
     syncer = ModelSync(db, embed_app.state.embed.registry, settings.resolved_models_dir) if embed_app else None

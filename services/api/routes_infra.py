@@ -15,6 +15,7 @@ from services.api.state import ControlPlane, OpsCaller, plane, principal
 from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
 from services.common.metrics import metrics_response
+from services.db import jobs as store
 from services.db.tables import JOB_STATUSES, Job
 
 router = APIRouter(tags=["infra"])
@@ -53,10 +54,17 @@ def readyz(cp: ControlPlane = Depends(plane),
 
 
 @router.get("/v1/workers", summary="Workers and their last heartbeat (and, in `excb up`, the supervisor)")
-def list_workers(cp: ControlPlane = Depends(plane), _: Principal = Depends(principal)) -> dict[str, Any]:
+def list_workers(cp: ControlPlane = Depends(plane), who: Principal = Depends(principal)) -> dict[str, Any]:
     """A worker is live while its row says alive and its heartbeat is younger than ``stale_after_seconds``;
-    ``reason`` says why none is, ``supervisor`` what `excb up` is doing about it (restarts, crash loop)."""
-    return workers_view(cp).as_dict(cp.settings.stall_seconds)
+    ``reason`` says why none is, ``supervisor`` what `excb up` is doing about it (restarts, crash loop).
+    With API keys, ``job_id`` is shown only for the caller's own jobs (null for another key's: issue 33
+    item 1); an operator's key (``EXCB_ADMIN_KEYS_FILE``) sees them all."""
+    body = workers_view(cp).as_dict(cp.settings.stall_seconds)
+    if not who.sees_all(cp.auth.enabled):
+        mine = store.owned_ids(cp.db, who.id, [i["job_id"] for i in body["items"] if i["job_id"]])
+        for item in body["items"]:
+            item["job_id"] = item["job_id"] if item["job_id"] in mine else None
+    return body
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -59,7 +59,7 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
         job_id, run_dir = existing.id, Path(existing.run_dir)
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
-    config = submit_mod.build_config(body, settings, run_dir)
+    config = submit_mod.build_config(body, settings, run_dir, _caller_runs(cp, who))
     request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb or settings.default_memory_limit_mb or None,
                "metadata": body.metadata}
     try:
@@ -79,6 +79,15 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
     return job_dict(job, hide=_hide(cp))
+
+
+def _caller_runs(cp: ControlPlane, who: Principal) -> submit_mod.CallerRuns:
+    """What a submit may name as its warm start: the caller's own jobs' run dirs (issue 33 item 1)."""
+    def find(ref: str) -> Path | None:
+        job = store.find_owned(cp.db, who.id, ref)
+        return Path(job.run_dir) if job is not None else None
+
+    return submit_mod.CallerRuns(find, all_runs=not cp.auth.enabled)
 
 
 def _too_many(exc: LimitReached) -> ApiError:

@@ -7,8 +7,9 @@ import math
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
@@ -56,7 +57,17 @@ def discard_run_dir(settings: Settings, run_dir: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def build_config(body: JobSubmit, settings: Settings, run_dir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CallerRuns:
+    """The submitting key's runs: ``find(ref)`` is the run dir of its job named ``ref`` (client or server id),
+    None for a missing job or another key's; ``all_runs``: no API keys (one tenant), every run dir is its own."""
+
+    find: Callable[[str], Path | None] = lambda _ref: None
+    all_runs: bool = True
+
+
+def build_config(body: JobSubmit, settings: Settings, run_dir: Path,
+                 runs: CallerRuns = CallerRuns()) -> dict[str, Any]:
     """Validate the config part of ``body``; ``out`` is always the server's run dir for the job."""
     raw = {k: v for k, v in (body.model_extra or {}).items() if k not in WRAPPER_KEYS}
     if "out" in raw:
@@ -72,18 +83,29 @@ def build_config(body: JobSubmit, settings: Settings, run_dir: Path) -> dict[str
     data["out"] = str(run_dir)
     data["data"]["source"] = safe_source(cfg.data.source, settings)
     if cfg.checkpoint:
-        data["checkpoint"] = safe_checkpoint(cfg.checkpoint, settings)
+        data["checkpoint"] = safe_checkpoint(cfg.checkpoint, settings, runs)
     return data
 
 
-def safe_checkpoint(path: str, settings: Settings) -> str:
-    """``checkpoint=`` (a warm start) over the API: a run directory or .pt inside this server's runs directory or
-    a data root (relative paths: a job's run directory name), never any file the server can read."""
+def safe_checkpoint(value: str, settings: Settings, runs: CallerRuns) -> str:
+    """``checkpoint=`` (a warm start) over the API: the caller's own job (its id), a path inside one of the
+    caller's run dirs, or a file in a data root; never another key's run (issue 33 item 1) nor any other file.
+    Another key's run answers exactly like one that does not exist (404), so a leaked id reveals nothing."""
+    own = runs.find(value)
+    if own is not None:
+        return str(own)
     try:
-        return str(resolve_in_roots(path, [settings.runs_dir, *settings.data_roots], field="checkpoint",
-                                    must_exist=True))
+        path = resolve_in_roots(value, [settings.runs_dir, *settings.data_roots], field="checkpoint")
     except PathNotAllowed as exc:
         raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
+    root = runs_root(settings)
+    if path.is_relative_to(Path(settings.home).expanduser().resolve()):  # the server's state: the caller's runs only
+        run = root / path.relative_to(root).parts[0] if path.is_relative_to(root) and path != root else None
+        if run is None or not path.exists() or not (runs.all_runs or runs.find(run.name) == run):
+            raise ApiError(404, "not_found", f"checkpoint {value!r}: no job, run or file of yours", "checkpoint")
+    elif not path.exists():
+        raise ApiError(422, "path_not_allowed", f"{value!r} does not exist inside the data roots", "checkpoint")
+    return str(path)
 
 
 # Upper bounds a job submitted over the API must respect (issue 13 item 12): the training schema accepts any

@@ -3,6 +3,11 @@
 File format: one key per line; ``#`` comments and blank lines are ignored; a line ``sha256:<hex>`` is an
 already-hashed key (so the file itself need not hold secrets). No file configured = no auth (embedded mode).
 The principal id is derived from the hash, so ownership survives restarts without storing the key.
+
+Operators' keys (``Settings.admin_keys_file``, same format) authenticate like any key and own their own jobs;
+``Principal.admin`` additionally lets them see every tenant in the operational views (``GET /v1/workers``'
+job ids, ``/metrics``' per-model series). Nothing else reads it: an admin key does not reach another key's
+jobs or models.
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ from services.common.errors import ApiError
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: ``id`` is stable per key (``None`` when auth is off)."""
+    """Who is calling: ``id`` is stable per key (``None`` when auth is off); ``admin``: an operator's key."""
 
     id: str | None
+    admin: bool = False
+
+    def sees_all(self, auth_enabled: bool) -> bool:
+        """Operational views show every tenant: to an operator's key, or to anyone when there are no keys."""
+        return self.admin or not auth_enabled
 
 
 ANONYMOUS = Principal(id=None)
@@ -60,12 +70,13 @@ def load_key_hashes(path: Path) -> list[str]:
 class ApiKeyAuth:
     """Checks ``Authorization: Bearer <key>`` (or ``X-API-Key``) against the hashed keys."""
 
-    def __init__(self, hashes: list[str] | None) -> None:
-        self.hashes = [h.encode() for h in (hashes or [])]
+    def __init__(self, hashes: list[str] | None, admin_hashes: list[str] | None = None) -> None:
+        self.admin = {h.encode() for h in (admin_hashes or [])}
+        self.hashes = [h.encode() for h in (hashes or [])] + sorted(self.admin)
 
     @classmethod
-    def from_file(cls, path: Path | None) -> "ApiKeyAuth":
-        return cls(load_key_hashes(path) if path else None)
+    def from_file(cls, path: Path | None, admin_path: Path | None = None) -> "ApiKeyAuth":
+        return cls(load_key_hashes(path) if path else None, load_key_hashes(admin_path) if admin_path else None)
 
     @property
     def enabled(self) -> bool:
@@ -92,7 +103,7 @@ class ApiKeyAuth:
         digest = self.match(key)
         if digest is None:
             raise ApiError(401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        principal = Principal(id="key-" + digest[:16])
+        principal = Principal(id="key-" + digest[:16], admin=digest.encode() in self.admin)
         CURRENT_PRINCIPAL.set(principal)
         return principal
 

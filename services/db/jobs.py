@@ -116,6 +116,14 @@ def find_owned(db: Database, owner: str | None, ref: str) -> Job | None:
     return job
 
 
+def owned_ids(db: Database, owner: str | None, job_ids: Sequence[str]) -> set[str]:
+    """Which of these server job ids belong to ``owner`` (operational views show a key only its own jobs)."""
+    if not job_ids:
+        return set()
+    with db.session() as s:
+        return set(s.scalars(select(Job.id).where(Job.id.in_(list(job_ids)), Job.owner == owner)))
+
+
 def get_job(db: Database, job_id: str) -> Job | None:
     with db.session() as s:
         return s.get(Job, job_id)

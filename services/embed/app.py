@@ -60,7 +60,7 @@ class EmbedService:
         # `excb up`: the control plane's ModelSync (stale(), sync_if_changed()); checked before each lease so
         # a model activated a moment ago answers even before the file-system notification arrives
         self.model_source: Any = None
-        self.auth = ApiKeyAuth.from_file(settings.api_keys_file)
+        self.auth = ApiKeyAuth.from_file(settings.api_keys_file, settings.admin_keys_file)
         e = settings.embed
         self.fetch_policy = FetchPolicy.build(e.url_allowed_hosts, e.url_allowed_networks, e.max_image_bytes,
                                               e.url_timeout_seconds, e.url_max_redirects)

@@ -157,3 +157,63 @@ def test_pull_still_extracts_a_real_bundle(hostile: _HostileServer, tmp_path: Pa
     assert target == out / "m-1" and _files(out) == ["m-1", "m-1/extra", "m-1/extra/notes.txt", "m-1/model.json",
                                                       "m-1/model.onnx"]
     assert pull_bundle(client, "job", out) == target  # a second pull overwrites the files in place
+
+
+# --- item 1: one key's run is no warm start for another, and /v1/workers does not name it ------------------
+
+@pytest.fixture
+def keyed(db_url: str, make_stack: Any, tmp_path: Path) -> Any:
+    """Two tenants and an operator (EXCB_ADMIN_KEYS_FILE); server paths hidden, as by default with keys."""
+    (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
+    (tmp_path / "admin-keys").write_text("ops-secret\n")
+    stack = make_stack(db_url, None, api_keys_file=tmp_path / "keys", admin_keys_file=tmp_path / "admin-keys",
+                       max_running_jobs_per_key=5)
+    stack.client = stack.start_api()
+    return stack
+
+
+def _a_running_job_with_a_checkpoint(stack: Any) -> tuple[str, Path]:
+    """A's job, leased by a live worker, with a checkpoint on disk: its server id and run dir."""
+    from services.db import workers as worker_store
+
+    job = stack.client.post("/v1/jobs", json={**SHORT, "job_id": "a-nightly"}, headers=A).json()
+    server_id = job["config"]["out"].split("/", 1)[1]
+    run_dir = stack.settings().runs_dir.resolve() / server_id
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"A's weights")
+    worker_store.beat(stack.app.state.plane.db, worker_store.Identity("host:1", "w@host", "host", 1, "q"), server_id)
+    return server_id, run_dir
+
+
+def test_workers_show_a_key_only_its_own_jobs(keyed: Any) -> None:
+    """Before: GET /v1/workers named A's running job to every key."""
+    server_id, _ = _a_running_job_with_a_checkpoint(keyed)
+    c = keyed.client
+    seen = {who: [i["job_id"] for i in c.get("/v1/workers", headers=h).json()["items"]]
+            for who, h in (("B", B), ("A", A))}
+    assert seen == {"B": [None], "A": [server_id]}, seen
+    assert [i["job_id"] for i in c.get("/v1/workers", headers=OPS).json()["items"]] == [server_id]
+    assert c.get("/v1/workers", headers=B).json()["live"] == 1  # the worker itself is no secret
+
+
+def test_a_key_cannot_warm_start_from_another_keys_run(keyed: Any) -> None:
+    """Before: B submitted checkpoint=<A's job id> (read off /v1/workers) and got 201, then a model warm-started
+    from A's weights. Every way of naming A's run now answers like a run that does not exist."""
+    server_id, run_dir = _a_running_job_with_a_checkpoint(keyed)
+    c = keyed.client
+    stolen = c.post("/v1/jobs", json={**SHORT, "checkpoint": server_id, "max_steps": 2}, headers=B)
+    assert stolen.status_code == 404, stolen.text
+    missing_ref = "j-0000000000000000"
+    missing = c.post("/v1/jobs", json={**SHORT, "checkpoint": missing_ref}, headers=B)
+    assert missing.status_code == 404, missing.text
+    refs = [server_id, f"{server_id}/checkpoints/last.pt", str(run_dir), str(run_dir / "checkpoints" / "last.pt"),
+            f"../runs/{server_id}", "a-nightly"]
+    for who in (B, OPS):  # an operator's key reads operational views, not other keys' runs
+        for ref in refs:
+            r = c.post("/v1/jobs", json={**SHORT, "checkpoint": ref}, headers=who)
+            assert (r.status_code, r.json()) == (404, json.loads(missing.text.replace(missing_ref, ref))), (ref, r.text)
+        r = c.post("/v1/jobs", json={**SHORT, "overrides": [f"checkpoint={server_id}"]}, headers=who)
+        assert r.status_code == 404, r.text
+    assert c.get("/v1/jobs", headers=B).json()["items"] == []
+    for ref in (server_id, "a-nightly", f"{server_id}/checkpoints/last.pt"):  # the owner still may
+        assert c.post("/v1/jobs", json={**SHORT, "checkpoint": ref}, headers=A).status_code == 201, ref

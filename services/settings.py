@@ -45,6 +45,12 @@ class EmbedSettings(BaseModel):
     url_timeout_seconds: float = Field(5.0, gt=0.0, description="one deadline for connect + redirects + body")
     url_max_concurrent: int = Field(8, ge=1, description="URL fetches in flight, on their own threads; beyond -> 503")
     url_max_redirects: int = Field(3, ge=0, le=10)
+    url_request_timeout_seconds: float = Field(
+        10.0, gt=0.0, description="one deadline for all of a request's URL fetches together (each fetch also has "
+                                  "url_timeout_seconds); past it -> 422 fetch_timeout")
+    max_request_load_bytes: int = Field(
+        64_000_000, ge=1024, description="bytes one request may load from data-root paths and URLs together; "
+                                         "413 before a file is read (paths) or as soon as it is passed (URLs)")
     providers: list[str] = Field(
         default_factory=list, description="ONNX Runtime providers in order (tensorrt, cuda, cpu); empty = auto. "
                                           "GPU providers listed here are required: readiness fails on CPU fallback")

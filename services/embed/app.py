@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Literal
@@ -35,7 +34,6 @@ from excb.onnx_runtime import PROVIDER_ORDER, available_providers, default_intra
 from services.common.auth import ApiKeyAuth
 from services.common.errors import ApiError, install_error_handlers
 from services.common.metrics import install_http_metrics, metrics_response
-from services.common.paths import PathNotAllowed, resolve_in_roots
 from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
 from services.embed.decode_budget import PixelBudget, return_large_buffers_to_the_os
 from services.embed.decoding import ImageDecoder
@@ -44,6 +42,7 @@ from services.embed.inputs import EmbedOptions, is_raw, parse_json, parse_multip
 from services.embed.metrics import EmbedMetrics
 from services.embed.registry import LoadedModel, ModelNotFound, ModelRegistry
 from services.embed.respond import FastJSONResponse, items as response_items
+from services.embed.sources import Item, UrlImage, resolve_inputs
 from services.settings import Settings, get_settings
 
 
@@ -86,7 +85,7 @@ class EmbedService:
             raise ApiError(413, "too_many_images",
                            f"{n} images in one request; the limit is {self.embed.max_images_per_request}", field)
 
-    def decode_all(self, items: list[tuple[str, bytes]], model: LoadedModel) -> np.ndarray:
+    def decode_all(self, items: list[Item], model: LoadedModel) -> np.ndarray:
         """Decode + preprocess every image in the calling thread (see ``services.embed.decoding``)."""
         return self.decoder.decode_all(items, model)
 
@@ -120,7 +119,7 @@ class EmbedService:
 
     # -- the pipeline ------------------------------------------------------------------------------------
 
-    async def serve(self, items: list[tuple[str, bytes]], opts: EmbedOptions, route: str) -> JSONResponse:
+    async def serve(self, items: list[Item], opts: EmbedOptions, route: str) -> JSONResponse:
         body, version = await self.run(items, opts, route)
         return self.respond(body, version)
 
@@ -131,7 +130,7 @@ class EmbedService:
         self.metrics.stage("encode", time.perf_counter() - t0)
         return response
 
-    async def run(self, items: list[tuple[str, bytes]], opts: EmbedOptions, route: str) -> tuple[dict[str, Any], str]:
+    async def run(self, items: list[Item], opts: EmbedOptions, route: str) -> tuple[dict[str, Any], str]:
         """The pipeline without the HTTP envelope: (body, model version); POST /v1/embeddings reshapes it."""
         t0 = time.perf_counter()
         k = self.check_top_k(opts)
@@ -148,7 +147,7 @@ class EmbedService:
         try:
             model.batcher.announce()
             try:
-                x = await self.decoder.decode(items, model)
+                x = await self.decoder.decode(items, model, self.fetch_image)
             finally:
                 model.batcher.withdraw()  # before submitting: a batch must not wait for its own request
             t1 = time.perf_counter()
@@ -203,31 +202,7 @@ class EmbedService:
 
     # -- sources -----------------------------------------------------------------------------------------
 
-    def read_path(self, uri: str) -> bytes:
-        """A file inside the data roots (realpath containment; no symlink escapes; no absolute paths)."""
-        if os.path.isabs(uri) or uri.startswith("~"):
-            raise ApiError(422, "path_not_allowed", "absolute paths are not accepted; give a path relative to a "
-                                                    "data root", "uri")
-        try:
-            path = resolve_in_roots(uri, self.settings.data_roots, field="uri")
-        except PathNotAllowed as exc:
-            raise ApiError(422, "path_not_allowed", exc.message, "uri") from exc
-        if not path.exists():
-            raise ApiError(404, "not_found", f"{uri!r} does not exist", "uri")
-        if not path.is_file():
-            raise ApiError(422, "path_not_allowed", f"{uri!r} is not a file", "uri")
-        cap = self.embed.max_image_bytes
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            with os.fdopen(fd, "rb") as fh:
-                data = fh.read(cap + 1)
-        except OSError as exc:
-            raise ApiError(422, "unreadable", f"{uri!r} cannot be read", "uri") from exc
-        if len(data) > cap:
-            raise ApiError(413, "too_large", f"the image exceeds the limit of {cap} bytes", "uri")
-        return data
-
-    async def fetch(self, uri: str) -> bytes:
+    async def fetch_image(self, src: UrlImage, field: str) -> bytes:
         """Fetch a URL on threads of its own: at most ``url_max_concurrent`` at once, none taken from the
         pool every other sync route runs on, so slow remote servers cannot starve them; beyond it 503."""
         cap = self.embed.url_max_concurrent
@@ -235,19 +210,25 @@ class EmbedService:
             self._fetch_limiter = anyio.CapacityLimiter(cap)
         if self._fetches >= cap:
             self.metrics.rejected.labels("fetch_busy").inc()
-            raise ApiError(503, "overloaded", f"{cap} URL fetches already in flight", "uri", self._retry())
+            raise ApiError(503, "overloaded", f"{cap} URL fetches already in flight", field, self._retry())
         self._fetches += 1
         try:
-            return await anyio.to_thread.run_sync(self.read_url, uri, limiter=self._fetch_limiter)
+            return await anyio.to_thread.run_sync(self.read_url, src, field, limiter=self._fetch_limiter)
         finally:
             self._fetches -= 1
 
-    def read_url(self, uri: str) -> bytes:
+    def read_url(self, src: UrlImage, field: str) -> bytes:
+        """One fetch within its request's deadline and remaining byte allowance (``src.loads``)."""
+        loads = src.loads
         try:
-            return fetch_url(uri, self.fetch_policy)
+            data = fetch_url(src.url, self.fetch_policy, deadline=loads.deadline, max_bytes=loads.left)
         except FetchError as exc:
             self.metrics.rejected.labels(exc.code).inc()
-            raise ApiError(exc.status, exc.code, exc.message, "uri") from exc
+            if exc.code == "too_large" and loads.left < self.fetch_policy.max_bytes:
+                loads.take(loads.left + 1, field)  # the request's allowance ran out: say so (413)
+            raise ApiError(exc.status, exc.code, exc.message, field) from exc
+        loads.take(len(data), field)
+        return data
 
 
 def build_router(svc: EmbedService) -> APIRouter:
@@ -262,22 +243,19 @@ def build_router(svc: EmbedService) -> APIRouter:
 
     @router.get("/embed", dependencies=[Depends(require_key)], tags=["embed"])
     async def embed_get(uri: str = Query(..., min_length=1, max_length=4096,
-                                         description="path under a data root, or an allow-listed http(s) URL"),
+                                         description="an image named as POST /v1/embeddings names one: a path "
+                                                     "under a data root, an allow-listed http(s) URL, a data URI "
+                                                     "or base64"),
                         model: str | None = Query(None, max_length=128),
                         normalize: bool = True, return_clusters: bool = True,
                         top_k: int | None = Query(None, ge=1, le=e.max_top_k),
                         encoding_format: Literal["float", "base64"] = "float") -> Response:
-        """Embed one image named by a path (relative to the data roots) or an allow-listed URL."""
+        """Embed one image named by a string (``services.embed.sources``): a path under a data root (relative, or
+        absolute inside one), an allow-listed URL, a data URI or base64."""
         opts = EmbedOptions(model=model, normalize=normalize, return_clusters=return_clusters, top_k=top_k,
                             encoding_format=encoding_format)
-        lowered = uri.lower()
-        if lowered.startswith(("http://", "https://")):
-            data = await svc.fetch(uri)
-        elif "://" in uri or lowered.startswith(("file:", "data:")):
-            raise ApiError(422, "invalid_uri", "uri must be a path relative to a data root or an http(s) URL", "uri")
-        else:
-            data = await anyio.to_thread.run_sync(svc.read_path, uri)
-        return await svc.serve([("uri", data)], opts, "/embed")
+        items = await resolve_inputs([uri], ["uri"], svc.settings, svc.fetch_policy.enabled)
+        return await svc.serve(items, opts, "/embed")
 
     @router.post("/v1/embed", dependencies=[Depends(require_key)], tags=["embed"])
     async def embed_post(request: Request) -> Response:
@@ -298,7 +276,7 @@ def build_router(svc: EmbedService) -> APIRouter:
         elif ctype == "multipart/form-data":
             items, opts = await parse_multipart(request, svc)
         else:
-            items, opts = parse_json(body, svc)
+            items, opts = await parse_json(body, svc)
         svc.metrics.stage("read", t1 - t0)
         svc.metrics.stage("parse", time.perf_counter() - t1)
         response = await svc.serve(items, opts, "/v1/embed")

@@ -3,7 +3,8 @@
 The per-image cap (``max_pixels``) bounds one decode, not many: a 38 KB PNG of 6300x6300 costs ~370 MB
 while decoded, and the thread pool may run dozens of them at once. Each decode reserves its header's pixel
 count here first; when the budget is spent, a decode waits up to ``wait_s`` and then the request gets 503 +
-Retry-After. An image larger than the whole budget still runs, but alone.
+Retry-After. An image larger than the whole budget still runs, but alone. A file a request names by path is
+reserved before it is read, its encoded bytes counted as pixels too (:data:`BYTES_PER_PIXEL`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Iterator
 
 
+BYTES_PER_PIXEL = 11  # what one pixel costs while it is decoded: the unit encoded bytes are counted in
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD_BYTES = 1 << 20
 

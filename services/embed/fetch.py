@@ -7,7 +7,9 @@ those are refused) unless it falls in an explicitly allowed network; the connect
 pinned address (no second DNS lookup, so DNS rebinding cannot swap it), with SNI/Host set to the name.
 Redirects are followed by hand, each hop re-validated. The body is read in chunks up to a byte cap.
 One wall-clock deadline (``timeout_s``) covers connect, TLS, headers, every redirect and the body: a watchdog
-shuts the socket when it passes, so a server dripping one byte at a time cannot hold a thread for longer.
+shuts the socket when it passes, so a server dripping one byte at a time cannot hold a thread for longer. A
+caller fetching several URLs for one request passes that request's own deadline and remaining byte allowance
+too (``deadline=``, ``max_bytes=``): whichever comes first ends the fetch.
 """
 
 from __future__ import annotations
@@ -208,11 +210,12 @@ class _Watchdog:
 
 
 def _timed_out() -> FetchError:
-    return FetchError("fetch_timeout", "the image URL did not deliver within url_timeout_seconds "
-                                       "(one deadline for connect, redirects and body)")
+    return FetchError("fetch_timeout", "the image URL did not deliver in time (url_timeout_seconds per fetch: "
+                                       "connect, redirects and body; url_request_timeout_seconds for all of a "
+                                       "request's fetches)")
 
 
-def _one_hop(target: Target, policy: FetchPolicy, deadline: float) -> tuple[int, str | None, bytes]:
+def _one_hop(target: Target, max_bytes: int, deadline: float) -> tuple[int, str | None, bytes]:
     cls = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
     left = deadline - time.monotonic()
     if left <= 0:
@@ -220,7 +223,7 @@ def _one_hop(target: Target, policy: FetchPolicy, deadline: float) -> tuple[int,
     conn = cls(target.address, target.host, target.port, left)
     with _Watchdog(conn, deadline) as watchdog:
         try:
-            status, location, body = _exchange(conn, target, policy)
+            status, location, body = _exchange(conn, target, max_bytes)
         except (OSError, http.client.HTTPException) as exc:
             if watchdog.fired:
                 raise _timed_out() from exc
@@ -232,7 +235,7 @@ def _one_hop(target: Target, policy: FetchPolicy, deadline: float) -> tuple[int,
     return status, location, body
 
 
-def _exchange(conn: "_PinnedHTTP | _PinnedHTTPS", target: Target, policy: FetchPolicy) -> tuple[int, str | None, bytes]:
+def _exchange(conn: "_PinnedHTTP | _PinnedHTTPS", target: Target, max_bytes: int) -> tuple[int, str | None, bytes]:
     conn.request("GET", target.path, headers={"User-Agent": "excb-embed", "Accept": "image/*"})
     resp = conn.getresponse()
     if resp.status in _REDIRECTS:
@@ -240,27 +243,31 @@ def _exchange(conn: "_PinnedHTTP | _PinnedHTTPS", target: Target, policy: FetchP
     if resp.status != 200:
         raise FetchError("fetch_failed", f"the image URL answered HTTP {resp.status}")
     length = resp.getheader("Content-Length")
-    if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-        raise FetchError("too_large", f"the image is {length} bytes; the limit is {policy.max_bytes}", 413)
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise FetchError("too_large", f"the image is {length} bytes; the limit is {max_bytes}", 413)
     chunks, total = [], 0
     while True:
         block = resp.read1(65536)
         if not block:
             break
         total += len(block)
-        if total > policy.max_bytes:
-            raise FetchError("too_large", f"the image exceeds the limit of {policy.max_bytes} bytes", 413)
+        if total > max_bytes:
+            raise FetchError("too_large", f"the image exceeds the limit of {max_bytes} bytes", 413)
         chunks.append(block)
     return 200, None, b"".join(chunks)
 
 
-def fetch_url(url: str, policy: FetchPolicy, resolver: Resolver = system_resolver) -> bytes:
-    """GET an image by URL under ``policy``; every redirect hop is validated like the first."""
-    deadline = time.monotonic() + policy.timeout_s
+def fetch_url(url: str, policy: FetchPolicy, resolver: Resolver = system_resolver, *, deadline: float | None = None,
+              max_bytes: int | None = None) -> bytes:
+    """GET an image by URL under ``policy``; every redirect hop is validated like the first. ``deadline`` (a
+    ``time.monotonic()`` instant) and ``max_bytes`` may only tighten the policy's own limits."""
+    own = time.monotonic() + policy.timeout_s
+    deadline = own if deadline is None else min(own, deadline)
+    limit = policy.max_bytes if max_bytes is None else min(policy.max_bytes, max_bytes)
     current = url
     for _ in range(policy.max_redirects + 1):
         target = check_url(current, policy, resolver)
-        status, location, body = _one_hop(target, policy, deadline)
+        status, location, body = _one_hop(target, limit, deadline)
         if status == 200:
             return body
         if not location:

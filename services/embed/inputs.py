@@ -4,8 +4,6 @@ model is touched (the routes in ``app.py`` only choose the parser)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import TYPE_CHECKING, Literal
 
 from fastapi import Request
@@ -14,6 +12,7 @@ from starlette.datastructures import UploadFile
 
 from services.common.body import parse_json_object, validate_as
 from services.common.errors import ApiError
+from services.embed.sources import Item, resolve_inputs
 
 if TYPE_CHECKING:
     from services.embed.app import EmbedService
@@ -35,32 +34,12 @@ class EmbedOptions(BaseModel):
 
 
 class EmbedRequest(EmbedOptions):
-    """JSON body of ``POST /v1/embed``: ``input`` is one or more base64 strings or data URIs."""
+    """JSON body of ``POST /v1/embed``: ``input`` is one or more images named as ``services.embed.sources`` reads
+    them: data URIs, base64, paths under a data root or allow-listed http(s) URLs."""
 
-    input: str | list[str]
+    input: str | list[str] = Field(description="images: data URIs, plain base64, paths under a data root "
+                                                "(relative, or absolute inside one) or allow-listed http(s) URLs")
     user: str | None = Field(None, max_length=256, description="accepted for OpenAI-client compatibility")
-
-
-def decode_base64_item(text: str, field: str, max_bytes: int) -> bytes:
-    """A data URI (``data:image/png;base64,...``) or bare base64 -> bytes; the media type is ignored
-    (the decoder sniffs the real format from the bytes)."""
-    if not isinstance(text, str):
-        raise ApiError(422, "validation_error", "each input must be a string", field)
-    payload = text
-    if text.startswith("data:"):
-        header, sep, payload = text.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ApiError(422, "invalid_input", "data URIs must be base64-encoded (data:<type>;base64,...)", field)
-    elif text.startswith(("http://", "https://")):
-        raise ApiError(422, "invalid_input", "URLs are accepted by GET /embed?uri=..., not in the JSON body", field)
-    payload = "".join(payload.split())
-    if len(payload) > (max_bytes // 3 + 1) * 4:
-        raise ApiError(413, "too_large", f"the image exceeds the limit of {max_bytes} bytes", field)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(422, "invalid_input", "not valid base64", field) from exc
-    return data
 
 
 async def read_capped(request: Request, cap: int) -> bytes:
@@ -83,7 +62,7 @@ async def read_capped(request: Request, cap: int) -> bytes:
     return body
 
 
-async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[Item], EmbedOptions]:
     try:
         form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS,
                                   max_part_size=MAX_FORM_FIELD_BYTES)
@@ -110,16 +89,16 @@ async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[t
     return items, opts
 
 
-def parse_json(body: bytes, svc: "EmbedService") -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+async def parse_json(body: bytes, svc: "EmbedService") -> tuple[list[Item], EmbedOptions]:
     req = parse_json_object(body, EmbedRequest, "a JSON object with an 'input' field")
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     svc.check_count(len(inputs), "input")
-    max_bytes = svc.embed.max_image_bytes
-    items = [(f"input[{i}]", decode_base64_item(t, f"input[{i}]", max_bytes)) for i, t in enumerate(inputs)]
+    fields = [f"input[{i}]" for i in range(len(inputs))]
+    items = await resolve_inputs(inputs, fields, svc.settings, svc.fetch_policy.enabled)
     return items, req  # an EmbedRequest is an EmbedOptions: no second validation
 
 
-def parse_raw(body: bytes, request: Request, svc: "EmbedService") -> tuple[list[tuple[str, bytes]], EmbedOptions]:
+def parse_raw(body: bytes, request: Request, svc: "EmbedService") -> tuple[list[Item], EmbedOptions]:
     """``Content-Type: image/*`` or ``application/octet-stream``: the body is one encoded image, the options
     are query parameters. No base64 (a third more bytes to send and to decode), no JSON, no multipart parser."""
     svc.check_count(1 if body else 0, "body")

@@ -1,8 +1,8 @@
 """OpenAI-compatible routes: ``POST /v1/embeddings`` (images as Infinity takes them) and ``GET /v1/models``.
 
-Every input goes through the service's own safe paths: data URIs / base64 through ``decode_base64_item``,
-paths through ``EmbedService.read_path`` (data-root containment), URLs through ``EmbedService.fetch`` (the
-SSRF-safe fetcher and its pool), then the shared decode + micro-batch pipeline (``EmbedService.run``).
+Every input goes through the one resolver every image route uses (``services.embed.sources``: data URIs,
+base64, paths under a data root, allow-listed URLs; per-request byte allowance and fetch deadline), then the
+shared decode + micro-batch pipeline (``EmbedService.run``).
 What differs is the envelope: errors are ``{"error": {"message", "type", "param", "code"}}`` and the cluster
 assignment rides in one extra per-item field, ``assignment``, which OpenAI clients ignore.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Coroutine
 
-import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,14 +24,13 @@ from services.common.body import capped_receive, declared_length
 from services.common.errors import ApiError, field_from_loc
 from services.common.openai_shapes import OpenAIModel, OpenAIModelList, model_entry
 from services.embed.app import EmbedService
-from services.embed.inputs import EmbedOptions, decode_base64_item
+from services.embed.inputs import EmbedOptions
 from services.embed.registry import LoadedModel, ModelNotFound
 from services.embed.schemas import EmbeddingsRequest, EmbeddingsResponse, OpenAIError
+from services.embed.sources import resolve_inputs
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
-MAX_PATH_CHARS = 4096
-_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t ")
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -95,35 +93,6 @@ def route_class(svc: EmbedService) -> type[APIRoute]:
 # -- inputs ------------------------------------------------------------------------------------------------
 
 
-def input_kind(text: str) -> str:
-    """``base64`` (data URI or bare), ``url`` or ``path``; other URI schemes are refused."""
-    if text.startswith("data:"):
-        return "base64"
-    lowered = text[:16].lower()
-    if lowered.startswith(("http://", "https://")):
-        return "url"
-    if "://" in text[:64] or lowered.startswith("file:"):
-        raise ApiError(400, "invalid_input", "inputs are data URIs, base64, paths under a data root or http(s) "
-                                             "URLs")
-    if len(text) <= MAX_PATH_CHARS and not _BASE64_CHARS.issuperset(text):
-        return "path"
-    return "base64"
-
-
-async def load_input(svc: EmbedService, text: str, field: str) -> bytes:
-    """The encoded image bytes behind one input string; errors name ``input[i]``."""
-    try:
-        kind = input_kind(text)
-        if kind == "url":
-            return await svc.fetch(text)
-        if kind == "path":
-            return await anyio.to_thread.run_sync(svc.read_path, text)
-        return decode_base64_item(text, field, svc.embed.max_image_bytes)
-    except ApiError as exc:
-        exc.field = field
-        raise
-
-
 def check_dimensions(svc: EmbedService, req: EmbeddingsRequest) -> None:
     """``dimensions`` other than the model's own size is a 400 (truncating would silently lose quality)."""
     if req.dimensions is None:
@@ -180,7 +149,8 @@ def build_openai_router(svc: EmbedService) -> APIRouter:
         inputs = [req.input] if isinstance(req.input, str) else req.input
         s.check_count(len(inputs), "input")
         check_dimensions(s, req)
-        items = [(f"input[{i}]", await load_input(s, t, f"input[{i}]")) for i, t in enumerate(inputs)]
+        fields = [f"input[{i}]" for i in range(len(inputs))]
+        items = await resolve_inputs(inputs, fields, s.settings, s.fetch_policy.enabled)
         opts = EmbedOptions(model=req.model, top_k=req.top_k, encoding_format=req.encoding_format)
         body, version = await s.run(items, opts, "/v1/embeddings")
         return s.respond(to_openai(body), version)
@@ -201,4 +171,4 @@ def build_openai_router(svc: EmbedService) -> APIRouter:
     return router
 
 
-__all__ = ["build_openai_router", "input_kind", "openai_error", "to_openai"]
+__all__ = ["build_openai_router", "openai_error", "to_openai"]

@@ -1,7 +1,8 @@
 """Search and cluster-gallery routes, served by the embed service (it holds the models and their sessions).
 
-- ``POST /v1/search``: the top-k indexed images nearest to a query (an upload, a data URI / base64 string, or
-  the id of an indexed image), with scores and clusters.
+- ``POST /v1/search``: the top-k indexed images nearest to a query (an upload, the raw image as the body, a
+  string naming an image as ``services.embed.sources`` reads it, or the id of an indexed image), with scores and
+  clusters.
 - ``GET /v1/models/{id}/index``: what is indexed (source, sample cap, seed, count, library) and the build state.
 - ``GET /v1/models/{id}/clusters``: every cluster's size in the index against uniform, its training and served
   share, and a strip of its most typical images; ordered by size or by drift in served traffic.
@@ -30,6 +31,7 @@ from excb.onnx_runtime import balance_paper, l2_normalize
 from services.common.body import parse_json_object, validate_as
 from services.common.errors import ApiError
 from services.embed.registry import LoadedModel, ModelNotFound
+from services.embed.sources import Source
 from services.index.store import DEFAULT_NAME, IndexCache, IndexNotFound, LoadedIndex, index_root, read_status, \
     valid_name
 
@@ -47,7 +49,8 @@ class SearchRequest(BaseModel):
 
     model: str | None = Field(None, max_length=128, description="model id or 'latest' (default)")
     index: str = Field(DEFAULT_NAME, max_length=64, description="which index of the model")
-    image: str | None = Field(None, description="the query image: a data URI or plain base64")
+    image: str | None = Field(None, description="the query image, named as every image route names one: a data URI, "
+                                                "base64, a path under a data root or an allow-listed http(s) URL")
     image_id: int | None = Field(None, ge=0, description="the query: an image already in the index")
     k: int = Field(10, ge=1, le=MAX_K, description="how many neighbours")
     exclude_self: bool = Field(True, description="with image_id: leave the query image out of the results")
@@ -115,7 +118,7 @@ class IndexRoutes:
 
     # -- search ------------------------------------------------------------------------------------------
 
-    async def embed_query(self, model: LoadedModel, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    async def embed_query(self, model: LoadedModel, data: Source) -> tuple[np.ndarray, np.ndarray]:
         """(normalised embedding [1, D], centroid similarities [1, K]) of one image, through the service's own
         decode budget, micro-batcher and session; every bad image is the service's 4xx."""
         svc = self.svc
@@ -131,7 +134,7 @@ class IndexRoutes:
         try:
             leased.batcher.announce()
             try:
-                x = await anyio.to_thread.run_sync(svc.decode_all, [("image", data)], leased)
+                x = await svc.decoder.decode([("image", data)], leased, svc.fetch_image)
             finally:
                 leased.batcher.withdraw()
             emb, sims = await svc._wait(svc._submit(leased, x))  # noqa: SLF001 - the service's error mapping
@@ -139,7 +142,7 @@ class IndexRoutes:
             lease.__exit__(None, None, None)
         return l2_normalize(emb).astype(np.float32), sims
 
-    async def search(self, req: SearchRequest, data: bytes | None) -> dict[str, Any]:
+    async def search(self, req: SearchRequest, data: Source | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         model = self.model(req.model)
         idx = await anyio.to_thread.run_sync(self.index, model, req.index)
@@ -200,19 +203,30 @@ class IndexRoutes:
                 "typical": [item_dict(idx, int(r), model.id, thumbs) for r in rows[:typical]]}
 
 
-async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, bytes | None]:
-    """JSON (``image`` as data URI/base64, or ``image_id``) or multipart (``file`` + the same fields)."""
-    from services.embed.inputs import decode_base64_item, read_capped
+async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, Source | None]:
+    """JSON (``image`` named as every image route names one, or ``image_id``), multipart (``file`` + the same
+    fields) or the raw image as the body (``image/*``, ``application/octet-stream``; the fields as query
+    parameters), exactly the bodies ``POST /v1/embed`` takes."""
+    from services.embed.inputs import is_raw, read_capped
+    from services.embed.sources import resolve_inputs
 
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     e = svc.embed
-    if ctype not in ("multipart/form-data", "application/json"):
-        raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data (file)")
+    if ctype not in ("multipart/form-data", "application/json") and not is_raw(ctype):
+        raise ApiError(415, "unsupported_media_type", "send application/json, multipart/form-data (file) or the "
+                                                      "image as the body (image/*)")
     body = await read_capped(request, e.max_image_bytes * 2 + 65536)
+    if is_raw(ctype):
+        if not body:
+            raise ApiError(422, "validation_error", "the body holds no image", "body")
+        return validate_as(SearchRequest, {**request.query_params, "image": "upload"}), body
     if ctype == "application/json":
         req = parse_json_object(body, SearchRequest)
-        data = decode_base64_item(req.image, "image", e.max_image_bytes) if req.image is not None else None
-        return req, data
+        if req.image is None:
+            return req, None
+        policy = getattr(svc, "fetch_policy", None)
+        items = await resolve_inputs([req.image], ["image"], svc.settings, bool(policy and policy.enabled))
+        return req, items[0][1]
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
     except Exception as exc:  # Starlette raises HTTPException(400) for malformed or oversized forms

@@ -7,16 +7,21 @@ Cached per process (not per test module) so the run is trained and exported once
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import io
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -157,3 +162,46 @@ def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     raw = zlib.compress(b"\x00" * (width + 1) * 16, 9)  # only a few rows are present: decoding must never start
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", raw) + _chunk(b"IEND", b"")
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` size field in KiB (``VmHWM``: peak RSS, ``VmRSS``: now)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@contextlib.contextmanager
+def embed_server_process(tmp: Path, env: dict[str, str] | None = None,
+                         **embed: str) -> Iterator[tuple["subprocess.Popen[bytes]", str]]:
+    """A real ``uvicorn services.embed.app:create_app`` subprocess serving :func:`bundle` (its RSS is its own,
+    readable in /proc); ``env`` adds EXCB_* variables, ``embed`` EXCB_EMBED__* ones. Yields (process, base URL)."""
+    from support.live import wait_http_ok
+    from support.services import REPO, free_port
+
+    home = tmp / "home"
+    shutil.copytree(bundle(), home / "models" / "digits-a")
+    full = dict(os.environ, EXCB_HOME=str(home), EXCB_LOG_JSON="false", OMP_NUM_THREADS="1",
+                EXCB_EMBED__INTRA_OP_THREADS="1", EXCB_EMBED__MAX_DELAY_MS="1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full.pop("EXCB_API_KEYS_FILE", None)
+    full.update(env or {})
+    full.update({f"EXCB_EMBED__{k.upper()}": v for k, v in embed.items()})
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "services.embed.app:create_app",
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            env=full, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(url + "/readyz", proc, 60, "embed server",
+                     lambda: repr(proc.stderr.read() if proc.stderr else ""))
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -295,13 +295,17 @@ def test_slow_url_fetches_cannot_starve_other_routes(drip_server: int, make_stac
     at once, and the job routes keep answering while the fetches hang."""
     import httpx
 
-    from support.embed import UvicornThread
+    import shutil
+
+    from support.embed import UvicornThread, bundle as es_bundle
     from services.api.app import create_app
 
     stack = make_stack(f"sqlite:///{tmp_path / 'u.sqlite'}", None,
                        embed__url_allowed_hosts=f'["127.0.0.1:{drip_server}"]',
                        embed__url_allowed_networks='["127.0.0.1/32"]', embed__url_timeout_seconds="2",
                        embed__url_max_concurrent="2")
+    # a URL is fetched once a model is leased (each just before its decode, services/embed/sources.py)
+    shutil.copytree(es_bundle(), stack.home / "models" / "digits-a")
     app = create_app(stack.settings(), embedded=True, reaper=False)
     results: list[tuple[int, str, float]] = []
 

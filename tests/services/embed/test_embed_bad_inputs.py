@@ -92,9 +92,11 @@ BAD_CASES: list[tuple[str, Callable[[], dict[str, Any]], int, str | None]] = [
     ("too many images", lambda: files(*[GOOD(i) for i in range(MAX_IMAGES + 1)]), 413, "too_many_images"),
     ("one good one bad", lambda: files(GOOD(0), b"nope"), 415, None),
     ("no images", lambda: json_input(), 422, None),
-    ("invalid base64", lambda: json_input("!!!not base64!!!"), 422, "invalid_input"),
+    ("invalid base64", lambda: json_input("abcde"), 422, "invalid_input"),
+    # a string outside the base64 alphabet names a path, on every image route (issue 27 item 4)
+    ("not base64: a path, no data roots", lambda: json_input("!!!not base64!!!"), 422, "path_not_allowed"),
     ("data uri without base64", lambda: json_input("data:image/png,rawbytes"), 422, "invalid_input"),
-    ("url in json body", lambda: json_input("http://169.254.169.254/latest"), 422, "invalid_input"),
+    ("url in json body, URLs off", lambda: json_input("http://169.254.169.254/latest"), 403, "url_disabled"),
     ("input not a string", lambda: json_input(123), 422, "validation_error"),
     ("unknown option", lambda: json_input(b64(GOOD(0)), colour="red"), 422, "validation_error"),
     ("top_k zero", lambda: json_input(b64(GOOD(0)), top_k=0), 422, "validation_error"),

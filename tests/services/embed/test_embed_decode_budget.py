@@ -4,10 +4,7 @@ stays bounded under concurrent 6300x6300 uploads, and a decode that finds no roo
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +16,6 @@ import pytest
 from PIL import Image
 
 from support import embed as es
-from support.live import wait_http_ok
-from support.services import REPO, free_port
 from services.embed.decode_budget import BudgetExhausted, PixelBudget
 
 SIDE = 6300  # 39.7 M px: just under the 40 M px per-image cap
@@ -60,37 +55,12 @@ def big_png() -> bytes:
 
 
 def _kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    return es.proc_status_kib(pid, field)
 
 
 def _server(tmp: Path, **embed: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    home = tmp / "home"
-    shutil.copytree(es.bundle(), home / "models" / "digits-a")
-    env = dict(os.environ, EXCB_HOME=str(home), EXCB_LOG_JSON="false", OMP_NUM_THREADS="1",
-               EXCB_EMBED__INTRA_OP_THREADS="1", EXCB_EMBED__MAX_DELAY_MS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("EXCB_API_KEYS_FILE", None)
-    env.update({f"EXCB_EMBED__{k.upper()}": v for k, v in embed.items()})
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "services.embed.app:create_app",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(url + "/readyz", proc, 60, "embed server",
-                     lambda: repr(proc.stderr.read() if proc.stderr else ""))
-        yield proc, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with es.embed_server_process(tmp, **embed) as served:
+        yield served
 
 
 def _upload(url: str, png: bytes) -> httpx.Response:

@@ -146,7 +146,7 @@ def test_raw_http_errors_are_openai_shaped_4xx(server: es.UvicornThread) -> None
     _assert_openai_error(_post(server, {"input": [_b64(0), "!!!!"]}), 404, "input[1]")
     for bad in ("../secret.png", "sub/../../secret.png", "/etc/passwd"):
         _assert_openai_error(_post(server, {"input": [bad]}), 422, "input[0]")
-    _assert_openai_error(_post(server, {"input": ["file:///etc/passwd"]}), 400, "input[0]")
+    _assert_openai_error(_post(server, {"input": ["file:///etc/passwd"]}), 422, "input[0]")  # as on every image route
     err = _assert_openai_error(_post(server, {"input": ["http://127.0.0.1:1/x.png"]}), 403, "input[0]")
     assert err["code"] == "url_disabled"
     corrupt = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"junk" * 10).decode()

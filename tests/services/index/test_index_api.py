@@ -147,7 +147,8 @@ def test_cluster_routes_agree_with_the_index(client: TestClient, models: Path) -
     ("post", "/v1/search", {"model": "m-a", "image_id": -1}, 422, "validation_error"),
     ("post", "/v1/search", {"model": "m-a"}, 422, "validation_error"),
     ("post", "/v1/search", {"model": "m-a", "image_id": 1, "image": "AAAA"}, 422, "validation_error"),
-    ("post", "/v1/search", {"model": "m-a", "image": "not base64!"}, 422, "invalid_input"),
+    ("post", "/v1/search", {"model": "m-a", "image": "abcde"}, 422, "invalid_input"),
+    ("post", "/v1/search", {"model": "m-a", "image": "not base64!"}, 422, "path_not_allowed"),  # names a path
     ("post", "/v1/search", {"model": "m-a", "image": base64.b64encode(b"plain text").decode()}, 415, None),
     ("post", "/v1/search", {"model": "m-a", "image": _b64(png_bomb())}, 413, "too_many_pixels"),
     ("get", "/v1/models/m-a/clusters/32", None, 404, "not_found"),

@@ -188,10 +188,22 @@ window.Excb = (function () {
     lhbMin: { watch: 0.1, collapse: 0.02 },     // 1 / largest relative size K*s
   };
 
+  /** The config that runs: `effective` (reported by the worker once the trainer has fitted its recipe and
+   * budget) or, until then, the submitted one. {cfg, effective: bool}; a recipe=auto job's submitted config is
+   * not what will run (K, batch, input size are fitted at train time), so callers say which one they show. */
+  function runConfig(job) {
+    if (job && job.effective) return { cfg: job.effective, effective: true };
+    return { cfg: (job && (job.requested || job.config)) || null, effective: false };
+  }
+
+  /** K of the run: the effective config's; else the K the logged balance statistics imply (entropy over
+   * normalised entropy = log K); else the submitted K only when no recipe will change it; else null (unknown). */
   function numClusters(job, row) {
-    const fromCfg = job && job.config && job.config.model && job.config.model.num_clusters;
-    if (fromCfg) return Number(fromCfg);
+    const run = runConfig(job);
+    const k = run.cfg && run.cfg.model && run.cfg.model.num_clusters;
+    if (k && run.effective) return Number(k);
     if (row && row.s_normalized_entropy > 0 && row.s_entropy > 0) return Math.round(Math.exp(row.s_entropy / row.s_normalized_entropy));
+    if (k && run.cfg.recipe !== "auto") return Number(k);
     return null;
   }
 
@@ -302,7 +314,7 @@ window.Excb = (function () {
 
   return {
     PALETTE, TERMINAL, EMPTY_RELATIVE_SIZE, THRESHOLDS, ApiError, api, streamEvents, el, clear, emptyState, errorState,
-    fmtNum, fmtPct, fmtEta, fmtTime, shortId, numClusters, health, healthBadge, statusBadge, progressBar,
+    fmtNum, fmtPct, fmtEta, fmtTime, shortId, runConfig, numClusters, health, healthBadge, statusBadge, progressBar,
     stepRows, allMetrics, pathId,
   };
 })();

@@ -10,8 +10,9 @@
 
   function runLabel(slot) {
     const job = state.jobs[slot];
-    const m = job && job.config && job.config.balancing && job.config.balancing.method;
-    const bs = job && job.config && job.config.batch_size;
+    const run = Excb.runConfig(job), cfg = run.cfg;
+    const m = cfg && cfg.balancing && cfg.balancing.method;
+    const bs = cfg && (run.effective || cfg.recipe !== "auto") ? cfg.batch_size : null;  // a fitted batch is not known yet
     return slot.toUpperCase() + ": " + [m, bs ? "B=" + bs : null].filter(Boolean).join(", ");
   }
 
@@ -26,7 +27,7 @@
       return;
     }
     const select = (name, value) => el("select", { id: "pick-" + name, name }, items.map((j) => {
-      const o = el("option", { value: j.id, text: Excb.shortId(j.id) + " \u00b7 " + j.status + " \u00b7 " + ((j.config && j.config.balancing && j.config.balancing.method) || "") });
+      const o = el("option", { value: j.id, text: Excb.shortId(j.id) + " \u00b7 " + j.status + " \u00b7 " + (((Excb.runConfig(j).cfg || {}).balancing || {}).method || "") });
       if (j.id === value) o.selected = true;
       return o;
     }));

@@ -149,7 +149,7 @@
       "data-label": r.label === null ? "" : String(r.label), "data-cluster": String(r.cluster), "data-score": String(r.score) },
       [thumb(r, true), el("span", { class: "small muted", text: Excb.fmtNum(r.score, 3) + (r.label !== null ? " \u00b7 " + r.label : "") })])));
     clear(document.getElementById("gallery-body")).append(el("h2", { text: "The " + body.data.length + " nearest indexed images" }),
-      query.label !== null ? el("p", { class: "muted", id: "same-label" }, [same + " of " + body.data.length + " share the query's label"]) : null, results);
+      query.label !== null ? el("p", { class: "muted", id: "same-label" }, [same + " of " + body.data.length + " share the query's label"]) : "", results);
     root().setAttribute("data-image-id", String(id));
     root().setAttribute("data-results", String(body.data.length));
     root().setAttribute("data-same-label", String(same));

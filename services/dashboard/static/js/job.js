@@ -8,14 +8,43 @@
 
   const state = { id: null, job: null, rows: [], charts: [], curve: null, firstCurve: null, stream: null, sseRows: 0, k: null };
 
-  function cfgSummary(cfg) {
+  /** Facts of the run from the config that runs (Excb.runConfig). Until the worker reports it, a recipe=auto
+   * job's K, batch and input size are not known (they are fitted when training starts): say so, not 65536. */
+  function cfgSummary(job) {
+    const run = Excb.runConfig(job), cfg = run.cfg;
     if (!cfg) return [];
-    const m = cfg.model || {}, b = cfg.balancing || {};
+    const m = cfg.model || {}, b = cfg.balancing || {}, a = cfg.augment || {};
+    const pending = !run.effective && cfg.recipe === "auto";
+    const fitted = (v) => (pending ? "fitted when it starts" : v);
     const items = [
-      ["method", b.method], ["K", m.num_clusters], ["arch", m.arch], ["batch", cfg.batch_size],
+      ["config", run.effective ? "as run (reported by the worker)" : "as submitted" + (pending ? "; the recipe is fitted when training starts" : "")],
+      ["method", b.method], ["K", fitted(m.num_clusters)], ["backbone", fitted(m.backbone)], ["batch", fitted(cfg.batch_size)],
+      ["input", pending ? "fitted when it starts" : (a.global_size ? a.global_size + " px" : null)],
       ["data", typeof cfg.data === "object" && cfg.data ? (cfg.data.source || cfg.data.name || JSON.stringify(cfg.data)) : cfg.data],
     ];
     return items.filter(([, v]) => v !== undefined && v !== null && v !== "");
+  }
+
+  /** The recipe the trainer fitted, one line per choice as `excb train --dry-run` prints them, and the step count. */
+  function recipeBlock(job) {
+    const r = job.recipe;
+    const box = el("section", { id: "recipe", class: "recipe", "aria-labelledby": "recipe-h" }, [el("h2", { id: "recipe-h", text: "Recipe" })]);
+    if (!r) {
+      box.setAttribute("data-state", "pending");
+      box.append(el("p", { class: "muted", text: Excb.TERMINAL.has(job.status)
+        ? "The worker did not report a recipe for this job (it stopped before training started)."
+        : "The recipe and the step count are fitted when training starts; they appear here then." }));
+      return box;
+    }
+    box.setAttribute("data-state", r.fitted ? "fitted" : "as-given");
+    box.append(el("p", { text: r.fitted
+      ? "Fitted to " + (r.data || "the data") + " on " + (r.device || "its device") + ":"
+      : "No recipe fitted: the config runs as given (a preset or recipe=off)." }));
+    if (r.reasons && r.reasons.length) box.append(el("ul", { class: "reasons" }, r.reasons.map((t) => el("li", { text: t }))));
+    if (r.kept && r.kept.length) box.append(el("p", { class: "muted small", text: "Kept as submitted: " + r.kept.join(", ") }));
+    const steps = r.steps || {};
+    if (steps.line) box.append(el("p", { id: "steps", "data-chosen-by": steps.chosen_by || "", "data-max-steps": steps.max_steps === null || steps.max_steps === undefined ? "" : String(steps.max_steps) }, [el("strong", { text: "Steps: " }), steps.line]));
+    return box;
   }
 
   function latestRow() { return state.rows.length ? state.rows[state.rows.length - 1] : (state.job && state.job.latest_metrics) || null; }
@@ -34,7 +63,7 @@
       el("dt", { text: "epoch" }), el("dd", { text: String(p.epoch === undefined ? "\u2013" : p.epoch) }),
     ]);
     if (job.name) dl.append(el("dt", { text: "name" }), el("dd", { text: job.name }));
-    for (const [k, v] of cfgSummary(job.config)) dl.append(el("dt", { text: k }), el("dd", { text: String(v) }));
+    for (const [k, v] of cfgSummary(job)) dl.append(el("dt", { text: k }), el("dd", { "data-fact": k, text: String(v) }));
     const links = el("p", { class: "actions" }, [
       job.model_id ? el("a", { class: "button", href: "/dashboard/models/" + encodeURIComponent(job.model_id), text: "Served model \u2192" }) : null,
       el("a", { class: "button secondary", href: "/dashboard/compare?a=" + encodeURIComponent(job.id), text: "Compare with another run" }),
@@ -45,18 +74,35 @@
       job.error ? el("p", { class: "error-box", role: "alert", text: (job.error.type || "error") + ": " + (job.error.message || "") }) : "",
       job.status === "QUEUED" && /no live worker/.test(job.status_detail || "")
         ? el("p", { class: "warn-box", role: "alert", id: "no-worker", text: job.status_detail }) : "",
+      recipeBlock(job),
       links);
     document.title = "Job " + Excb.shortId(job.id) + " \u00b7 excb dashboard";
     document.getElementById("job").setAttribute("data-status", job.status);
   }
 
-  function buildCharts() {
+  /** The training-signal charts; their reference lines and y-ranges follow K (state.k), so a new K rebuilds them. */
+  function buildTimeCharts() {
     const host = clear(document.getElementById("charts"));
+    host.setAttribute("data-k", state.k ? String(state.k) : "");
     state.charts = Excb.metricCharts(state.k).map((spec) => {
       const box = el("figure", { class: "card" });
       host.append(box);
       return new Excb.TimeChart(box, spec);
     });
+    for (const c of state.charts) if (state.rows.length) c.addRows(state.rows);
+  }
+
+  /** K changed (the worker reported the fitted config, or the first balance row implies it): redraw against it. */
+  function followK() {
+    const k = Excb.numClusters(state.job, state.rows[0] || state.job.latest_metrics);
+    if (k === state.k) return;
+    state.k = k;
+    buildTimeCharts();
+    renderHeaderHealth();
+  }
+
+  function buildCharts() {
+    buildTimeCharts();
     state.curve = new Excb.CurveChart(document.getElementById("curve"), {
       id: "cluster_sizes", title: "Relative cluster size K\u00b7s, sorted (paper Fig. 5)",
       help: "A balanced run stays close to the uniform line at 1 across the whole rank range. A collapsing run has a few huge clusters at the left and a long tail of empty clusters (marked \u2716 at the floor) at the right.",
@@ -82,7 +128,8 @@
   }
 
   function curveEmptyText() {
-    const every = state.job && state.job.config && state.job.config.histogram_every_steps;
+    const cfg = Excb.runConfig(state.job).cfg;
+    const every = cfg && cfg.histogram_every_steps;
     return "No cluster-size snapshot yet: the trainer logs one every " + (every || "histogram_every_steps") +
       " steps. It appears here as soon as the job reaches that step.";
   }
@@ -116,6 +163,7 @@
         const wasTerminal = Excb.TERMINAL.has(state.job.status);
         state.job = job;
         renderHeader();
+        followK();
         if (Excb.TERMINAL.has(job.status) && !wasTerminal) refetchMetrics().catch(() => {});
       },
       metrics: (row) => {
@@ -123,6 +171,7 @@
         state.sseRows += 1;
         document.getElementById("job").setAttribute("data-sse-rows", String(state.sseRows));
         addRows([row]);
+        if (state.job && !state.k) followK();
         if (state.job) renderHeaderHealth();
       },
       cluster_sizes: (curve) => setCurve(curve),
@@ -159,7 +208,7 @@
     renderHeader();
     try {
       addRows(await Excb.allMetrics(state.id));
-      if (!state.k && state.rows.length) { state.k = Excb.numClusters(null, state.rows[0]); buildCharts(); addRows(state.rows); }
+      followK();
     } catch (err) { console.warn("metrics", err); }
     try { setCurve(await api("/v1/jobs/" + encodeURIComponent(state.id) + "/cluster-sizes")); }
     catch (err) { if (err.status !== 404) console.warn("cluster sizes", err); }

@@ -18,7 +18,9 @@
     const box = el("input", { type: "checkbox", "aria-label": "select " + job.id + " for comparison", value: job.id });
     box.checked = selected.has(job.id);
     box.addEventListener("change", () => { if (box.checked) selected.add(job.id); else selected.delete(job.id); updateCompare(); });
-    const method = job.config && job.config.balancing && job.config.balancing.method;
+    const run = Excb.runConfig(job);
+    const method = run.cfg && run.cfg.balancing && run.cfg.balancing.method;
+    const kText = k ? "K=" + k : (run.cfg && run.cfg.recipe === "auto" ? "K fitted when it starts" : null);
     return el("tr", { "data-job-id": job.id, "data-status": job.status }, [
       el("td", {}, [box]),
       el("th", { scope: "row" }, [el("a", { href: "/dashboard/jobs/" + encodeURIComponent(job.id), title: job.id }, [el("code", { text: Excb.shortId(job.id) })]),
@@ -28,7 +30,7 @@
       el("td", { text: Excb.TERMINAL.has(job.status) ? "\u2013" : Excb.fmtEta(p.eta_seconds) }),
       el("td", { class: "num", text: String(job.attempt === undefined ? "\u2013" : job.attempt) }),
       el("td", {}, [Excb.healthBadge(Excb.health(job.latest_metrics, k))]),
-      el("td", { class: "col-hide-sm", text: [method, k ? "K=" + k : null].filter(Boolean).join(", ") || "\u2013" }),
+      el("td", { class: "col-hide-sm", "data-k": k ? String(k) : null, text: [method, kText].filter(Boolean).join(", ") || "\u2013" }),
       el("td", { class: "col-hide-sm", text: Excb.fmtTime(job.created_at) }),
     ]);
   }
@@ -37,7 +39,7 @@
 
   function renderJobs(items) {
     // Re-render only on change: a rebuilt table every poll would steal keyboard focus from the checkboxes.
-    const digest = JSON.stringify(items.map((j) => [j.id, j.status, j.attempt, j.progress, j.latest_metrics && j.latest_metrics.step, j.status_detail]));
+    const digest = JSON.stringify(items.map((j) => [j.id, j.status, j.attempt, j.progress, j.latest_metrics && j.latest_metrics.step, j.status_detail, !!j.effective]));
     if (digest === lastJobs) return;
     lastJobs = digest;
     const host = clear(document.getElementById("jobs"));

@@ -56,11 +56,13 @@ class _ModelCollector:
         for m in self.registry.models():
             loaded.add_metric([m.id, m.version], 1.0)
             queue.add_metric([m.id], float(m.batcher.pending))
-            gauges = m.monitor.gauges()
+            gauges = m.monitor.gauges()  # no served traffic yet: only window_assignments (the rest: no data)
             for k, fam in balance.items():
-                fam.add_metric([m.id], gauges[k])
+                if k in gauges:
+                    fam.add_metric([m.id], gauges[k])
             for k, fam in drift.items():
-                fam.add_metric([m.id], gauges[f"drift_{k}"])
+                if f"drift_{k}" in gauges:
+                    fam.add_metric([m.id], gauges[f"drift_{k}"])
         yield loaded
         yield queue
         yield from balance.values()

@@ -107,28 +107,36 @@ class BalanceMonitor:
             return self._balanced.counts.copy(), self._raw.counts.copy(), self._balanced.filled
 
     def snapshot(self, model_id: str, max_points: int = 256) -> dict[str, Any]:
-        """The ``GET /v1/models/{id}/balance`` body (shape fixed by docs/internals.md)."""
+        """The ``GET /v1/models/{id}/balance`` body (shape fixed by docs/internals.md). With no assignment in the
+        window, ``status`` is ``"no_data"`` and the served statistics, drift and curve are null: statistics of
+        nothing contradict each other (``effective_clusters`` = K beside ``empty_fraction`` = 1)."""
         balanced, raw, filled = self.counts()
+        served = filled > 0
         return {
             "model_id": model_id,
             "window": self.window,
+            "status": "ok" if served else "no_data",
             "assignments": filled,
             "total_assignments": self.total,
             "assignment": "balanced",
-            "served": balance_stats(balanced, kind="counts"),
-            "served_raw": balance_stats(raw, kind="counts"),
-            "drift": drift(balanced, self.training_sizes),
-            "served_curve": sorted_curve(balanced, max_points),
+            "served": balance_stats(balanced, kind="counts") if served else None,
+            "served_raw": balance_stats(raw, kind="counts") if served else None,
+            "drift": drift(balanced, self.training_sizes) if served else None,
+            "served_curve": sorted_curve(balanced, max_points) if served else None,
             "training_curve": sorted_curve(self.training_sizes, max_points),
             "training": balance_stats(self.training_sizes, kind="sizes"),
         }
 
     def gauges(self) -> dict[str, float]:
-        """The few scalar numbers exported to Prometheus (one series per model, never per cluster)."""
+        """The few scalar numbers exported to Prometheus (one series per model, never per cluster). With no
+        assignment in the window only ``window_assignments`` (0) is reported: the balance and drift series are
+        absent (no data) rather than the statistics of an all-zero histogram."""
         balanced, _, filled = self.counts()
+        out = {"window_assignments": float(filled)}
+        if not filled:
+            return out
         stats = balance_stats(balanced, kind="counts")
-        out = {k: stats[k] for k in ("normalized_entropy", "effective_clusters", "empty_fraction", "max_share",
-                                     "gini", "kl_to_uniform")}
+        out.update({k: stats[k] for k in ("normalized_entropy", "effective_clusters", "empty_fraction", "max_share",
+                                          "gini", "kl_to_uniform")})
         out.update({f"drift_{k}": v for k, v in drift(balanced, self.training_sizes).items()})
-        out["window_assignments"] = float(filled)
         return out

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
 from services.common.errors import ApiError
-from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained, resolve_in_roots
+from services.common.paths import PathNotAllowed, resolve_in_roots, resolve_source
 from services.settings import Settings
 
 TRASH_DIR = ".deleted"  # under runs/: where a deleted job's run dir waits for removal
@@ -144,20 +144,9 @@ def _numbers(node: Any, prefix: str) -> list[tuple[str, float]]:
 
 
 def safe_source(source: str, settings: Settings) -> str:
-    """Built-in data sets pass; any path (folder, ``list:FILE``, ``fashion-mnist:ROOT``) must lie in a data root."""
-    if source in BUILTIN_SOURCES:
-        return source
-    prefix = next((p for p in ("list:", "fashion-mnist:") if source.startswith(p)), "")
-    resolved = prefix + str(_in_roots(source[len(prefix):], settings))
-    try:  # every file the trainer will open, not only the top-level path (symlinks, list: lines)
-        check_source_contained(resolved, settings.data_roots)
-    except PathNotAllowed as exc:
-        raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
-    return resolved
-
-
-def _in_roots(path: str, settings: Settings) -> Path:
+    """Built-in data sets pass; any path (folder, ``list:FILE``, ``fashion-mnist:ROOT``, ``shards:DIR``) must lie in
+    a data root, every file it reads included (``services.common.paths.resolve_source``, as `excb index build`)."""
     try:
-        return resolve_in_roots(path, settings.data_roots, field="data.source", must_exist=True)
+        return resolve_source(source, settings.data_roots)
     except PathNotAllowed as exc:
         raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc

@@ -1,8 +1,11 @@
-"""Resolve user-supplied paths inside configured data roots (reliability.md row 25).
+"""Resolve user-supplied paths inside configured data roots (reliability.md row 25): the one way data is named.
 
-A job or request may name a dataset by a path; it must land inside one of ``Settings.data_roots`` after
-symlinks are resolved. Relative paths are taken relative to each root in turn; absolute paths must already
-lie inside a root. ``..`` that escapes, absolute paths elsewhere and symlinks pointing out are refused.
+A job, an index build (``excb index build``, ``POST /v1/models/{id}/index``) or an image request names data by a
+path; it must land inside one of ``Settings.data_roots`` after symlinks are resolved. Relative paths are taken
+relative to each root in turn (never the current directory of whoever runs the command); absolute paths must
+already lie inside a root. ``..`` that escapes, absolute paths elsewhere and symlinks pointing out are refused.
+:func:`resolve_source` is the data-set form (built-ins, folders, ``list:``, ``fashion-mnist:``, ``shards:``);
+single images go through :func:`resolve_in_roots` (``services.embed.sources``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist")  # data sets that name no user path
+SOURCE_PREFIXES = ("list:", "fashion-mnist:", "shards:")  # a path follows the prefix
 
 
 class PathNotAllowed(ValueError):
@@ -88,3 +92,17 @@ def check_source_contained(source: str, roots: Iterable[Path | str], field: str 
             raise PathNotAllowed(field, f"{str(path)!r} (read by {source!r}) resolves outside the configured "
                                         f"data roots")
     return len(paths)
+
+
+def resolve_source(source: str, roots: Iterable[Path | str], field: str = "data.source") -> str:
+    """A data set's name as every route and command reads it: a built-in as is; otherwise the path (after an
+    optional ``list:``, ``fashion-mnist:`` or ``shards:``) resolved inside ``roots`` (it must exist), and every
+    file it makes a reader open checked to stay inside them too. Returns the source with its path made absolute;
+    raises :class:`PathNotAllowed`."""
+    source = source.strip()
+    if source in BUILTIN_SOURCES:
+        return source
+    prefix = next((p for p in SOURCE_PREFIXES if source.startswith(p)), "")
+    resolved = prefix + str(resolve_in_roots(source[len(prefix):], roots, field=field, must_exist=True))
+    check_source_contained(resolved, roots, field)
+    return resolved

@@ -178,7 +178,8 @@ class TrainConfig(_Section):
                                "a few real steps on this machine at the start; overrides epochs; resume keeps the "
                                "step count of the first start")
     out: str = "runs/excb"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the run's seed (every derived seed comes from it); "
+                      "0 to 2**32-1, what NumPy and every generator accept")
     epochs: int = Field(100, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(1024, ge=2, description="global batch size (split across ranks)")

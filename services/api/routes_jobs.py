@@ -220,15 +220,22 @@ def _sse(event: str, data: Any, event_id: str | None = None) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, default=str), event=event, id=event_id)
 
 
+# The largest positions an event id of ours can carry (a log byte offset, a metrics step: the DB's int32);
+# a reconnect naming more did not get its id from this server: the stream starts again from the beginning.
+MAX_EVENT_OFFSET = 2**40
+MAX_EVENT_STEP = 2**31 - 1
+
+
 def _resume_offset(last_event_id: str | None, offset: int) -> int:
     """A log stream's event id is the byte offset after its line: a reconnect resumes there."""
     if last_event_id is None:
         return offset
     try:
-        return max(0, int(last_event_id.strip()))
+        resume = max(0, int(last_event_id.strip()))
     except ValueError:
         raise ApiError(422, "validation_error", "Last-Event-ID of a log stream is a byte offset",
                        "Last-Event-ID") from None
+    return resume if resume <= MAX_EVENT_OFFSET else offset
 
 
 @router.get("/jobs/{job_id}/logs/stream", summary="Live log lines (SSE event `log`, id = next byte offset)",
@@ -313,6 +320,8 @@ def _events_cursor(last_event_id: str | None) -> tuple[int, int]:
     except ValueError:
         raise ApiError(422, "validation_error", "Last-Event-ID of an event stream is STEP:OFFSET",
                        "Last-Event-ID") from None
+    if step > MAX_EVENT_STEP or offset > MAX_EVENT_OFFSET:
+        return -1, 0
     return max(step, -1), max(offset, 0)
 
 

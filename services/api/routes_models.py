@@ -12,11 +12,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from excb.onnx_runtime import BundleError
 from services.api.routes_jobs import ERRORS
 from services.common.active_model import read_active_id, write_active
 from services.api.model_sync import sync_once
 from services.api.schemas import ModelList, ModelOut
-from services.api.serialize import model_dict, path_hider
+from services.api.serialize import PathHider, model_dict, path_hider
 from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
 from services.common.auth import Principal
@@ -24,7 +25,8 @@ from services.common.errors import ApiError
 from services.common.openai_shapes import model_entry
 from services.db import jobs as store
 from services.db.tables import ModelRow
-from services.embed.manifest import record_model
+from services.embed.manifest import ModelRecord, record_model
+from services.embed.registry import servable_bundle
 
 router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
 
@@ -56,13 +58,26 @@ def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> d
     row = _owned_model(cp, who, model_id)
     if not (Path(row.bundle_dir) / "model.onnx").exists():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
+    hide = path_hider(cp.settings, cp.auth.enabled)
+    try:  # what every embed service would refuse is not pointed at (issue 33 item 4: it was a 500)
+        servable_bundle(Path(row.bundle_dir), row.id, ModelRecord(sha256=row.sha256 or "", owner=row.owner))
+    except BundleError as exc:
+        raise _refused(model_id, exc, hide) from exc
     models_dir = cp.settings.resolved_models_dir
     record_model(models_dir, row.id, row.sha256 or "", row.owner)  # the owner's default model from now on
     write_active(models_dir, row.id, Path(row.bundle_dir), row.sha256 or "")
     embed_app = getattr(request.app.state, "embed_app", None)
     if embed_app is not None:  # embedded mode: switch the in-process embed service now
-        sync_once(cp.db, embed_app.state.embed.registry, models_dir)
-    return model_dict(row, path_hider(cp.settings, cp.auth.enabled), row.id)
+        try:
+            sync_once(cp.db, embed_app.state.embed.registry, models_dir)
+        except BundleError as exc:  # ONNX Runtime could not load it after all: the answer says why
+            raise _refused(model_id, exc, hide) from exc
+    return model_dict(row, hide, row.id)
+
+
+def _refused(model_id: str, exc: BundleError, hide: PathHider | None) -> ApiError:
+    reason = hide.text(str(exc)) if hide is not None else str(exc)
+    return ApiError(409, "bundle_invalid", f"model {model_id} cannot be served: {reason}", "model_id")
 
 
 @router.get("/models/{model_id}/bundle", summary="Download the model's bundle (a tar of its directory)",

@@ -16,6 +16,7 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 WRAPPER_KEYS = ("job_id", "name", "gpus", "memory_limit_mb", "max_attempts", "overrides", "metadata")
 METADATA_MAX_BYTES = 16 * 1024  # as JSON: the row is read on every job listing
 METADATA_MAX_KEYS = 64
+MAX_MEMORY_LIMIT_MB = 16 * 1024 * 1024  # 16 TiB: above any machine; a larger number is a mistake, not a limit
 
 
 class JobSubmit(BaseModel):
@@ -28,7 +29,8 @@ class JobSubmit(BaseModel):
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent submit)")
     name: str | None = Field(None, max_length=255)
     gpus: int = Field(0, ge=0, le=64, description=">1 runs the trainer under torchrun, one process per GPU")
-    memory_limit_mb: int | None = Field(None, ge=1, description="kill (and retry) the trainer above this RSS")
+    memory_limit_mb: int | None = Field(None, ge=1, le=MAX_MEMORY_LIMIT_MB,
+                                        description="kill (and retry) the trainer above this RSS (at most 16 TiB)")
     max_attempts: int | None = Field(None, ge=1, le=20, description="retry budget for crashes / lost workers")
     overrides: list[str] = Field(default_factory=list, description="`key=value` overrides, as on the CLI")
     metadata: dict[str, Any] = Field(

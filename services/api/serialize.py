@@ -19,7 +19,7 @@ class PathHider:
     root they lie in, else only the file name. Keys need ids, not the server's directory layout."""
 
     def __init__(self, settings: Settings) -> None:
-        home = Path(settings.home).expanduser().resolve()
+        self.home = home = Path(settings.home).expanduser().resolve()
         self.bases = [(home / "runs", "runs/"), (settings.resolved_models_dir, "models/")]
         self.bases += [(Path(r).expanduser().resolve(), "") for r in settings.data_roots]
 
@@ -31,6 +31,13 @@ class PathHider:
             if p.is_relative_to(base):
                 return prefix + p.relative_to(base).as_posix()
         return p.name
+
+    def text(self, message: str) -> str:
+        """A message (an error's reason) with the server paths in it shown relative to runs/, models/, a data
+        root or the home, longest base first (issue 33 item 5: 422 path errors named absolute paths)."""
+        for base, prefix in sorted([*self.bases, (self.home, "")], key=lambda b: -len(str(b[0]))):
+            message = message.replace(f"{base}/", prefix).replace(str(base), prefix.rstrip("/") or ".")
+        return message
 
     def source(self, source: str) -> str:
         prefix = next((x for x in ("list:", "fashion-mnist:", "shards:") if source.startswith(x)), "")

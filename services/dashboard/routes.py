@@ -99,8 +99,11 @@ def resolve_static(rel_path: str) -> Path | None:
     """The file under STATIC_DIR that ``rel_path`` names, or None (missing, a folder, or escaping the root)."""
     if not rel_path or "\x00" in rel_path or "\\" in rel_path:
         return None
-    candidate = (STATIC_DIR / rel_path).resolve()
-    if not candidate.is_relative_to(STATIC_DIR) or not candidate.is_file():
+    try:
+        candidate = (STATIC_DIR / rel_path).resolve()
+        if not candidate.is_relative_to(STATIC_DIR) or not candidate.is_file():
+            return None
+    except OSError:  # a name too long for the file system, a symlink loop: no such asset, not a 500
         return None
     return candidate
 

@@ -61,6 +61,20 @@ def valid_model_id(model_id: str) -> bool:
     return bool(_ID_RE.match(model_id)) and model_id != LATEST
 
 
+def servable_bundle(bundle_dir: Path, model_id: str, record: ModelRecord | None) -> Bundle:
+    """The bundle's verified bytes, or :class:`BundleError` saying why it must not be served: its files and
+    hash (``load_bundle``), the control plane's recorded sha256, the export parity check. The registry loads
+    through this, and ``POST /v1/models/{id}/activate`` asks it before it points anything at the bundle."""
+    bundle = load_bundle(bundle_dir)
+    if record is not None and bundle.sha256 != record.sha256:
+        raise BundleError(f"{bundle_dir}: model.onnx is {bundle.sha256[:12]}..., the control plane recorded "
+                          f"{record.sha256[:12]}... for {model_id}; refusing to serve it")
+    parity = bundle.meta.get("parity") or {}
+    if parity.get("passed") is not True:
+        raise BundleError(f"{bundle_dir}: the export parity check did not pass; refusing to serve it")
+    return bundle
+
+
 @dataclass(eq=False)
 class LoadedModel:
     """Everything one served model needs; immutable once published."""
@@ -140,13 +154,7 @@ class ModelRegistry:
     # -- loading ---------------------------------------------------------------------------------------
 
     def _build(self, model_id: str, bundle_dir: Path, record: ModelRecord | None) -> LoadedModel:
-        bundle = load_bundle(bundle_dir)
-        if record is not None and bundle.sha256 != record.sha256:
-            raise BundleError(f"{bundle_dir}: model.onnx is {bundle.sha256[:12]}..., the control plane recorded "
-                              f"{record.sha256[:12]}... for {model_id}; refusing to serve it")
-        parity = bundle.meta.get("parity") or {}
-        if parity.get("passed") is not True:
-            raise BundleError(f"{bundle_dir}: the export parity check did not pass; refusing to serve it")
+        bundle = servable_bundle(bundle_dir, model_id, record)
         s = self.settings
         embedder = OrtEmbedder(bundle, s.providers, s.intra_op_threads, s.inter_op_threads)
         if s.warmup:

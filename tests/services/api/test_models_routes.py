@@ -3,9 +3,13 @@ that says it), the activate route replaces that pointer, and a key sees and acti
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+
+from support import embed as es
 
 from services.api.app import create_app as create_plane
 from services.common.active_model import read_active_id, write_active
@@ -21,10 +25,14 @@ A_ID, B_ID = ("key-" + hash_key(k)[:16] for k in ("alpha-secret", "beta-secret")
 
 
 def _bundle(models: Path, model_id: str) -> Path:
+    """A servable bundle (activate refuses what the embed service would: issue 33 item 4)."""
     bundle = models / model_id
-    bundle.mkdir(parents=True)
-    (bundle / "model.onnx").write_bytes(b"onnx")
+    shutil.copytree(es.bundle(), bundle)
     return bundle
+
+
+def _sha(bundle: Path) -> str:
+    return str(json.loads((bundle / "model.json").read_text())["sha256"])
 
 
 def _active(listing: dict) -> dict[str, bool]:
@@ -39,8 +47,9 @@ def test_active_follows_the_pointer_and_activate_replaces_it(tmp_path: Path) -> 
     settings = Settings(home=tmp_path / "home", models_dir=models, api_keys_file=keys)
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     for model_id, owner in (("m-a1", A_ID), ("m-a2", A_ID), ("m-b1", B_ID)):
-        store.add_model(db, ModelRow(id=model_id, owner=owner, status="READY", bundle_dir=str(_bundle(models, model_id)),
-                                     sha256="0" * 64, model_json={}))
+        bundle = _bundle(models, model_id)
+        store.add_model(db, ModelRow(id=model_id, owner=owner, status="READY", bundle_dir=str(bundle),
+                                     sha256=_sha(bundle), model_json={}))
     with TestClient(create_plane(settings, db=db, reaper=False)) as c:
         assert _active(c.get("/v1/models", headers=A).json()) == {"m-a1": False, "m-a2": False}  # no pointer yet
         write_active(models, "m-a1", models / "m-a1", "0" * 64)  # what the worker does after a verified export

@@ -217,3 +217,98 @@ def test_a_key_cannot_warm_start_from_another_keys_run(keyed: Any) -> None:
     assert c.get("/v1/jobs", headers=B).json()["items"] == []
     for ref in (server_id, "a-nightly", f"{server_id}/checkpoints/last.pt"):  # the owner still may
         assert c.post("/v1/jobs", json={**SHORT, "checkpoint": ref}, headers=A).status_code == 201, ref
+
+
+# --- item 4: crafted input is a 4xx or a clean answer, never a 500 or a broken stream ----------------------
+
+@pytest.fixture
+def open_api(make_stack: Any, tmp_path: Path) -> Any:
+    stack = make_stack(f"sqlite:///{tmp_path / 'open.sqlite'}", None)
+    stack.client = stack.start_api()
+    return stack
+
+
+def test_an_overlong_dashboard_asset_name_is_a_404(open_api: Any) -> None:
+    """Before: ENAMETOOLONG from resolving the name answered 500."""
+    r = open_api.client.get("/dashboard/static/" + "a" * 300 + ".js")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert open_api.client.get("/dashboard/static/js/common.js").status_code == 200
+
+
+def _sse_events(text: str) -> list[tuple[str, str]]:
+    """(event, id) of each event in an SSE body."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            out.append((fields["event"], fields.get("id", "")))
+    return out
+
+
+@pytest.mark.parametrize("route, last_id", [("events", "99999999999999999999:0"), ("logs/stream", "99999999999999999999")])
+def test_an_event_id_the_server_never_sent_restarts_the_stream(open_api: Any, route: str, last_id: str) -> None:
+    """Before: ``Last-Event-ID: 99999999999999999999:0`` passed the parser, then the stream died after its 200
+    headers (an integer overflow in the metrics query). Now: from the start, as for a first connect."""
+    import httpx
+
+    from services.api.app import create_app
+
+    job = open_api.client.post("/v1/jobs", json=SHORT).json()
+    Path(job["config"]["out"]).mkdir(parents=True)
+    Path(job["config"]["out"], "job.log").write_text("first line\nsecond line\n")
+    open_api.client.post(f"/v1/jobs/{job['id']}/cancel")
+    app = create_app(open_api.settings(), reaper=False)
+    with es.UvicornThread(app) as srv:
+        r = httpx.get(f"{srv.url}/v1/jobs/{job['id']}/{route}", headers={"Last-Event-ID": last_id}, timeout=30)
+    app.state.plane.db.dispose()
+    assert r.status_code == 200
+    events = _sse_events(r.text)
+    assert [e for e, _ in events].count("log") == 2 and events[-1][0] == "end", r.text
+    assert ("status", "-1:0") in events or route == "logs/stream", events
+
+
+@pytest.mark.parametrize("change, field", [({"seed": 10**30}, "seed"), ({"seed": -1}, "seed"),
+                                           ({"memory_limit_mb": 10**30}, "memory_limit_mb"),
+                                           ({"overrides": [f"seed={2**40}"]}, "seed")])
+def test_seed_and_memory_limit_are_bounded(open_api: Any, change: dict[str, Any], field: str) -> None:
+    """Before: seed=1e30 and memory_limit_mb=1e30 (as integers) were stored and handed to the trainer."""
+    r = open_api.client.post("/v1/jobs", json={**SHORT, **change})
+    assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    assert "less than or equal" in r.json()["error"]["message"] or "greater than" in r.json()["error"]["message"]
+
+
+def test_activating_a_bundle_that_fails_verification_is_a_409(make_stack: Any, tmp_path: Path) -> None:
+    """Before (`excb up`): the route pointed active.json at a tampered bundle, then the in-process load raised:
+    500. Now: 409 with the reason (server paths hidden with keys), and nothing is pointed at it."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.common.active_model import read_active_id
+    from services.db import jobs as store
+    from services.db.tables import ModelRow
+
+    (tmp_path / "keys").write_text("alpha-secret\n")
+    stack = make_stack(f"sqlite:///{tmp_path / 'act.sqlite'}", None, api_keys_file=tmp_path / "keys",
+                       embed__warmup="false")
+    settings = stack.settings()
+    models = settings.resolved_models_dir
+    app = create_app(settings, embedded=True, reaper=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for name in ("m-good", "m-bad"):
+            shutil.copytree(es.bundle(), models / name)
+            sha = json.loads((models / name / "model.json").read_text())["sha256"]
+            store.add_model(app.state.plane.db, ModelRow(id=name, job_id=None, owner=_principal("alpha-secret"),
+                                                         status="READY", bundle_dir=str(models / name),
+                                                         sha256=sha, model_json={}))
+        with (models / "m-bad" / "model.onnx").open("ab") as fh:
+            fh.write(b"tampered")
+        r = c.post("/v1/models/m-bad/activate", headers=A)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["type"] == "bundle_invalid" and "sha256 mismatch" in r.json()["error"]["message"]
+        assert str(tmp_path) not in r.text and read_active_id(models) is None
+        assert c.post("/v1/models/m-good/activate", headers=A).status_code == 200
+        assert c.post("/v1/models/m-bad/activate", headers=A).status_code == 409
+        assert read_active_id(models) == "m-good" and c.get("/v1/models/m-good", headers=A).json()["active"]
+        app.state.plane.db.dispose()

@@ -152,14 +152,18 @@ PRESET_NAMES = ("cpu-small", "resnet50-ep400", "vit-s16-ep800")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
-_UNIT_SECONDS = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_UNIT_SECONDS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+DURATION_FORMS = "a number with a unit: 600s (or sec), 10m (or min), 2h"
 
 
 def budget_seconds(text: str) -> float:
-    """``"10m"``, ``"600s"``, ``"2h"``, ``"90"`` (seconds) -> seconds; raises ValueError naming the format."""
+    """``"10m"``, ``"600s"``, ``"2h"`` -> seconds; raises ValueError naming the accepted forms. A bare number is
+    refused: ``budget=10`` is ten minutes to some and ten seconds to others."""
     match = _DURATION.match(str(text))
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a duration like 600s, 10m or 2h")
+        raise ValueError(f"{text!r} is not a duration; write {DURATION_FORMS}")
+    if match.group(2) is None:
+        raise ValueError(f"{str(text).strip()} has no unit; write {DURATION_FORMS}")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
@@ -222,11 +226,11 @@ class TrainConfig(_Section):
     kmeans: KMeansConfig = KMeansConfig()
     eval: EvalConfig = EvalConfig()
 
-    @field_validator("budget")
+    @field_validator("budget", mode="before")
     @classmethod
-    def _check_budget(cls, value: str | None) -> str | None:
-        if value is not None:
-            budget_seconds(value)
+    def _check_budget(cls, value: Any) -> Any:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            budget_seconds(str(value))  # budget=10 reads as a number: say the unit is missing, not "not a string"
         return value
 
     @model_validator(mode="after")
@@ -462,7 +466,21 @@ def validate(tree: Mapping[str, Any]) -> TrainConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err.get("loc", ())) or "config"
-        raise ConfigError(field, err.get("msg", "invalid value")) from exc
+        if err.get("type") == "extra_forbidden":
+            raise ConfigError(field, _unknown_field(field)) from exc
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise ConfigError(field, message) from exc
+
+
+def _unknown_field(field: str) -> str:
+    """"not a config field", with the nearest real one (``optim.lrr`` -> ``optim.lr``) when one is close."""
+    import difflib
+
+    names = [row[0] for row in config_fields()]
+    names += sorted({name.rsplit(".", 1)[0] for name in names if "." in name}) + list(SHORT_KEYS)
+    close = difflib.get_close_matches(field, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"not a config field{hint} (excb train --help-config lists them all)"
 
 
 RUN_CONFIG = "config.yaml"  # RUN_DIR/config.yaml: the worker writes the job's config, the trainer the recipe it fitted

@@ -41,6 +41,7 @@ from excb.mirror import MIRROR_RATIO_MAX, mirror_ratio, pil_thumbnail, thumbnail
 log = logging.getLogger("excb.recipe")
 
 SAMPLE_IMAGES = 256          # images decoded to estimate size, colour and orientation
+CHECK_IMAGES = 64            # files decoded to check that a preset's data decodes (check_data)
 GREY_TOLERANCE = 6           # max channel difference (uint8) still counted as grey (JPEG chroma noise)
 GREY_FRACTION = 0.9          # share of sampled images that must be grey for the set to count as grey
 IMAGES_PER_CLUSTER = 64
@@ -111,22 +112,31 @@ def _profile_arrays(images: Any) -> DataProfile:
 
 
 def _profile_files(ds: Any) -> DataProfile:
-    """Decode an evenly spaced sample of files (the same safe decoder training uses)."""
+    """Decode an evenly spaced sample of files (the same safe decoder training uses); too few decodable images
+    stop here with one line (excb.data.datasets.DecodeTally.check), before anything is fitted to them."""
+    from excb.data.datasets import DecodeTally
+
     shorts, longs, greys, thumbs = [], [], 0, []
-    for i in evenly_spaced(len(ds), SAMPLE_IMAGES):
-        image = ds[i]
-        if image is None:  # undecodable: skipped and counted by the data set
-            continue
+    tally = DecodeTally(ds.source, len(ds))
+    for image in ds.decoded_sample(SAMPLE_IMAGES, tally):
         w, h = image.size
         shorts.append(min(w, h))
         longs.append(max(w, h))
         greys += _is_grey(image)
         thumbs.append(pil_thumbnail(image))
+    tally.check()
     seen = len(shorts)
     grey = (greys >= GREY_FRACTION * seen) if seen else None
     ratio = mirror_ratio(torch.stack(thumbs)) if seen else None
     return DataProfile(images=len(ds), short_side=_median(shorts), long_side=_median(longs), grey=grey,
                        sampled=seen, mirror_ratio=ratio)
+
+
+def _open(cfg: TrainConfig) -> Any:
+    from excb.data.datasets import build_dataset
+
+    return build_dataset(cfg.data.source.strip(), split=cfg.data.split, limit=cfg.data.limit,
+                         max_pixels=cfg.data.max_image_pixels)
 
 
 def inspect_data(cfg: TrainConfig) -> DataProfile:
@@ -138,12 +148,27 @@ def inspect_data(cfg: TrainConfig) -> DataProfile:
         index = read_index(source[len("shards:"):])
         total = sum(index.counts)
         return DataProfile(images=min(total, cfg.data.limit or total), short_side=None, long_side=None, grey=None)
-    from excb.data.datasets import ArrayDataset, build_dataset
+    from excb.data.datasets import ArrayDataset
 
-    ds = build_dataset(source, split=cfg.data.split, limit=cfg.data.limit, max_pixels=cfg.data.max_image_pixels)
+    ds = _open(cfg)
     if isinstance(ds, ArrayDataset):
         return _profile_arrays(ds.images)
     return _profile_files(ds)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """The data check of a run whose recipe is not fitted now (a preset): as :func:`inspect_data` does, stop with
+    one line when too few files decode, on a smaller sample (nothing else is measured from it)."""
+    from excb.data.datasets import DecodeTally, ImageFileDataset
+
+    if cfg.data.source.strip().startswith("shards:"):
+        return
+    ds = _open(cfg)
+    if isinstance(ds, ImageFileDataset):
+        tally = DecodeTally(ds.source, len(ds))
+        for _ in ds.decoded_sample(CHECK_IMAGES, tally):
+            pass
+        tally.check()
 
 
 # ------------------------------------------------------------------------------------------------- fitting
@@ -348,8 +373,10 @@ def apply(cfg: TrainConfig, choices: dict[str, Any], length: dict[str, Any] | No
 
 
 def fit_config(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> tuple[TrainConfig, Recipe | None]:
-    """Fit when ``cfg.recipe == "auto"`` (else return it unchanged) and log what was chosen."""
+    """Fit when ``cfg.recipe == "auto"`` (else return it unchanged) and log what was chosen. Either way the data
+    is checked first: too few decodable images stop here (UndecodableDataError), with one line."""
     if cfg.recipe != "auto":
+        check_data(cfg)
         return cfg, None
     profile = inspect_data(cfg)
     recipe = fit(cfg, profile, device, world_size)

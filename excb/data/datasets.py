@@ -13,8 +13,9 @@ import gzip
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,12 +37,53 @@ DIGITS_TRAIN_FRACTION = 0.8
 # Training reads local files, so the byte cap is generous; the pixel cap comes from DataConfig.
 TRAIN_MAX_BYTES = 200_000_000
 TRAIN_MAX_PIXELS = 64_000_000
+# Fewest decodable images a run accepts: the fitted recipe's smallest batch (16). Below it no batch is full, and
+# k-means (>= 4 images per centroid, K >= 2) and the whitening fit (8 images) have too little to work on.
+MIN_DECODABLE_IMAGES = 16
 
 Transform = Callable[[Image.Image], Any]
 
 
 class EmptyDatasetError(ValueError):
     """The source exists but yields no usable images."""
+
+
+class UndecodableDataError(EmptyDatasetError):
+    """Too few of the source's files decode as images (the CLI prints it as one line, exit status 2)."""
+
+
+@dataclass
+class DecodeTally:
+    """How many of the files a check tried decoded, and why the first one that did not failed."""
+
+    source: str
+    files: int                      # files in the source
+    tried: int = 0
+    decoded: int = 0
+    first_error: str | None = None
+
+    def add(self, path: str, error: Exception | None) -> None:
+        self.tried += 1
+        if error is None:
+            self.decoded += 1
+        elif self.first_error is None:
+            self.first_error = f"{path}: {error}"
+
+    @property
+    def estimated(self) -> int:
+        """Decodable images in the whole source, scaled up from the sample."""
+        return self.decoded if self.tried >= self.files else round(self.decoded * self.files / max(self.tried, 1))
+
+    def check(self, minimum: int = MIN_DECODABLE_IMAGES) -> None:
+        """Raise :class:`UndecodableDataError` when the source has fewer than ``minimum`` decodable images."""
+        if self.estimated >= minimum:
+            return
+        counted = (f"{self.decoded} of {self.files} files decode" if self.tried >= self.files
+                   else f"{self.decoded} of {self.tried} sampled files (of {self.files}) decode")
+        counted = counted.replace("of 1 files decode", "of 1 file decodes")
+        short = f", fewer than the {minimum} images a run needs" if self.decoded else ""
+        error = f" (first error: {self.first_error})" if self.first_error else ""
+        raise UndecodableDataError(f"data source {self.source!r}: {counted} as images{short}{error}")
 
 
 class _PathTable:
@@ -102,16 +144,30 @@ class ImageFileDataset(_BaseDataset):
     def path(self, index: int) -> str:
         return self.paths[index]
 
+    def decode(self, index: int) -> Image.Image:
+        """The image of item ``index`` (no transform); raises :class:`ImageDecodeError`."""
+        return load_image(self.paths[index], max_bytes=TRAIN_MAX_BYTES, max_pixels=self.max_pixels,
+                          allowed_formats=DEFAULT_FORMATS, min_side=self.decode_min_side)
+
     def __getitem__(self, index: int) -> Any:
-        path = self.paths[index]
         try:
-            image = load_image(path, max_bytes=TRAIN_MAX_BYTES, max_pixels=self.max_pixels,
-                               allowed_formats=DEFAULT_FORMATS, min_side=self.decode_min_side)
+            image = self.decode(index)
         except ImageDecodeError as exc:
             self.skipped += 1
-            logger.warning("skipping %s: %s", path, exc)
+            logger.warning("skipping %s: %s", self.paths[index], exc)
             return None
         return self._finish(image, int(self.labels[index]))
+
+    def decoded_sample(self, k: int, tally: DecodeTally) -> Iterator[Image.Image]:
+        """The images among ``k`` evenly spaced files that decode, one at a time; ``tally`` counts every try."""
+        for i in evenly_spaced(len(self), k):
+            try:
+                image = self.decode(i)
+            except ImageDecodeError as exc:
+                tally.add(self.paths[i], exc)
+                continue
+            tally.add(self.paths[i], None)
+            yield image
 
 
 class ArrayDataset(_BaseDataset):

@@ -114,15 +114,15 @@ def test_pinned_survives_a_round_trip_through_a_full_dump(tmp_path: Path) -> Non
 def test_inspect_folder_sizes_and_colour(tmp_path: Path) -> None:
     grey = inspect_data(resolve(overrides=[f"data={_folder(tmp_path / 'g', 20, (40, 30), grey=True)}"]))
     assert (grey.images, grey.short_side, grey.long_side, grey.grey) == (20, 30, 40, True)
-    colour = inspect_data(resolve(overrides=[f"data={_folder(tmp_path / 'c', 10, (64, 64), grey=False)}"]))
+    colour = inspect_data(resolve(overrides=[f"data={_folder(tmp_path / 'c', 16, (64, 64), grey=False)}"]))
     assert colour.grey is False and colour.short_side == 64
     arrays = inspect_data(resolve(overrides=["data=digits"]))
     assert (arrays.short_side, arrays.grey) == (8, True) and arrays.images == 1438
 
 
 def test_budget_parsing() -> None:
-    assert [budget_seconds(t) for t in ("600s", "10m", "2h", "90", "1.5m")] == [600, 600, 7200, 90, 90]
-    for bad in ("ten minutes", "-5m", "0", "5d"):
+    assert [budget_seconds(t) for t in ("600s", "10m", "2h", "90sec", "1.5m")] == [600, 600, 7200, 90, 90]
+    for bad in ("ten minutes", "-5m", "0", "5d", "90"):
         with pytest.raises(ConfigError) as err:
             resolve(overrides=[f"budget={bad}"])
         assert err.value.field == "budget"

@@ -27,6 +27,7 @@ MIN_STEPS = 10
 WARMUP_FRACTION = 0.05    # lr warm-up as a share of a fitted run's steps (cpu-small: 1 epoch of 16 = 6%)
 CHECK_FRACTION = 0.1      # re-time the real loop once, this far into the run, and correct the step count
 MIN_CHECK_STEPS = 30
+MIN_WARMUP_STEPS = 10     # a fitted recipe's warm-up (5% of the run) needs a run of 200 steps to have this many
 
 
 @dataclass
@@ -78,6 +79,35 @@ def length_overrides(cfg: TrainConfig, steps: int, steps_per_epoch: int, fitted:
     if fitted and "optim.warmup_epochs" not in cfg.pinned:
         out["optim"] = {"warmup_epochs": round(WARMUP_FRACTION * steps / steps_per_epoch, 4)}
     return out
+
+
+def steps_for_warmup(cfg: TrainConfig, steps_per_epoch: int, fitted: bool) -> int:
+    """Fewest steps of a run that has its recipe's whole warm-up: a fitted recipe warms up over 5% of its steps,
+    at least ``MIN_WARMUP_STEPS`` of them; otherwise over ``optim.warmup_epochs``, which the trainer cuts to half
+    the run (Run.set_length) when the run is shorter than twice that."""
+    if fitted and "optim.warmup_epochs" not in cfg.pinned:
+        return math.ceil(MIN_WARMUP_STEPS / WARMUP_FRACTION)
+    return max(2 * int(round(cfg.optim.warmup_epochs * steps_per_epoch)), MIN_STEPS)
+
+
+def _duration(seconds: float) -> str:
+    """A budget as a user writes it, rounded up: 95s, 4m, 2h."""
+    if seconds <= 120:
+        return f"{math.ceil(seconds)}s"
+    if seconds <= 2 * 3600:
+        return f"{math.ceil(seconds / 60)}m"
+    return f"{math.ceil(seconds / 3600)}h"
+
+
+def short_budget_warning(cal: Calibration, budget: str, needed: int) -> str | None:
+    """One line when the budget, after its own set-up, buys fewer than ``needed`` steps (None otherwise), with the
+    smallest budget that would buy them on this machine."""
+    if cal.steps >= needed:
+        return None
+    minimum = cal.seconds_before_training + needed * cal.seconds_per_step / SAFETY
+    return (f"budget {budget} is too short: after {cal.seconds_before_training:.0f} s of set-up it trains {cal.steps} "
+            f"steps ({cal.seconds_per_step:.2f} s each), fewer than the {needed} the recipe's warm-up needs; "
+            f"budget={_duration(minimum)} or more would give them")
 
 
 def calibrate(cfg: TrainConfig, run: Any, started: float) -> Calibration:

@@ -13,6 +13,7 @@ on >= 99.9% of images. On failure ``model.json`` still records the numbers (for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ MIN_OPSET = 17
 COSINE_THRESHOLD = 0.9999
 TOP1_THRESHOLD = 0.999
 DEFAULT_PARITY_IMAGES = 256
+# The dynamo exporter's optimiser logs every pass at INFO (20-odd lines per export, in every job's log).
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir")
 
 
 class ParityError(RuntimeError):
@@ -68,6 +71,21 @@ def _load_source(source: str | os.PathLike[str]) -> tuple[Any, nn.Module, np.nda
 
 # ---------------------------------------------------------------------------------------------------------
 # the ONNX graph
+
+
+@contextlib.contextmanager
+def _exporter_logs_at_warning() -> Any:
+    """The exporter's third-party loggers at WARNING (or above, when set so) while it runs, as elsewhere
+    (README: third-party chatter at WARNING); their levels are put back afterwards."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _export_onnx(wrapper: nn.Module, size: int, path: Path, opset: int) -> str:
@@ -215,7 +233,8 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         tmp_model = Path(tmp) / MODEL_FILE
-        exporter = _export_onnx(wrapper, size, tmp_model, opset)
+        with _exporter_logs_at_warning():
+            exporter = _export_onnx(wrapper, size, tmp_model, opset)
         onnx_bytes = tmp_model.read_bytes()
     check_no_external_data(onnx_bytes, "exported model")
     images, data_desc = _parity_batch(cfg, parity_images, parity_data, parity_count)

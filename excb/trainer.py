@@ -330,12 +330,17 @@ def _set_length(run: Run, plan: dict[str, Any], steps: int) -> None:
 
 def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLogger) -> None:
     """Time real steps, then set max_steps (and a fitted recipe's warm-up) so the schedules end with the budget."""
-    from excb.budget import calibrate
+    from excb.budget import calibrate, short_budget_warning, steps_for_warmup
 
     cal = calibrate(run.cfg, run, started)
     plan["calibration"] = cal.to_json()
     log.info("budget %s: %.3f s/step measured, %.0f s of set-up -> %d steps", run.cfg.budget, cal.seconds_per_step,
              cal.seconds_before_training, cal.steps)
+    assert run.cfg.budget is not None
+    needed = steps_for_warmup(run.cfg, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
+    warning = short_budget_warning(cal, run.cfg.budget, needed)
+    if warning is not None:
+        log.warning("%s", warning)
     logger.emit({"type": "budget", "step": 0, "time": time.time(), **cal.to_json()})
     _set_length(run, plan, cal.steps)
 
@@ -358,7 +363,51 @@ def _correct_length(run: Run, check: Any, logger: RunLogger, progress: Any) -> N
         progress.total = run.total_steps
 
 
+PROGRESS_LOG_SECONDS = 30.0  # without a terminal: one progress line this often (and one at the end)
+
+
+class LogProgress:
+    """tqdm's interface (``update``, ``set_postfix``, ``total``, ``close``) as plain log lines, for a log file.
+
+    A tqdm bar redrawn with carriage returns is one line of thousands of characters in a job's log; this writes
+    ``progress: step 120/2000 (6%), 3.1 steps/s, eta 10m05s, loss 4.123`` every ``interval`` seconds instead.
+    """
+
+    def __init__(self, total: int, initial: int = 0, interval: float = PROGRESS_LOG_SECONDS) -> None:
+        self.total, self.n, self.interval = total, initial, interval
+        self.postfix: dict[str, Any] = {}
+        self.started = self.last = time.monotonic()
+        self.first, self.logged = initial, initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval or self.n >= self.total:
+            self._log(now)
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        if self.n != self.logged:
+            self._log(time.monotonic())
+
+    def _log(self, now: float) -> None:
+        rate = (self.n - self.first) / max(now - self.started, 1e-9)
+        left = max(self.total - self.n, 0) / rate if rate > 0 else None
+        eta = f", eta {int(left // 60)}m{int(left % 60):02d}s" if left is not None else ""
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        percent = 100 * self.n / max(self.total, 1)
+        log.info("progress: step %d/%d (%.0f%%), %.2f steps/s%s%s", self.n, self.total, percent, rate, eta, extra)
+        self.last, self.logged = now, self.n
+
+
 def _progress_bar(run: Run) -> Any:
+    """A tqdm bar on a terminal; plain log lines (:class:`LogProgress`) when stderr is a file or a pipe (a job)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return LogProgress(run.total_steps, run.step)
     from tqdm.auto import tqdm
 
     return tqdm(total=run.total_steps, initial=run.step, desc="excb train", unit="step", dynamic_ncols=True)

@@ -219,6 +219,9 @@ def _config_lines(job: dict[str, Any]) -> list[str]:
             origin += f"; recipe fitted to {recipe.get('data') or 'the data'} on {recipe.get('device') or 'its device'}"
     else:
         cfg = job.get("requested") or job.get("config") or {}
+        if cfg.get("recipe") == "auto" and job["status"] not in _TERMINAL:  # the submitted K, batch, size won't run
+            return ["  config:   fitted to the data when training starts (recipe=auto); shown here once the worker "
+                    "reports it"]
         origin = "as submitted; " + ("the worker did not report what ran" if job["status"] in _TERMINAL
                                      else "the worker reports what runs once the trainer starts")
     lines = [f"  config:   {_shape(cfg)} ({origin})"]

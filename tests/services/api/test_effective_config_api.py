@@ -49,7 +49,8 @@ def test_the_job_shows_what_was_submitted_then_what_runs(make_stack: Any, tmp_pa
     queued = "\n".join(status_lines(c.get(f"/v1/jobs/{job['id']}", headers=KEY).json()))
     assert "None" not in queued and "null" not in queued, queued
     assert "progress: not started" in queued
-    assert "K=65536, batch 1024, 224 px" in queued and "(as submitted; the worker reports what runs" in queued
+    assert "K=65536" not in queued  # a recipe=auto job's submitted K is not what will run
+    assert "config:   fitted to the data when training starts (recipe=auto)" in queued
 
     server_id = job["config"]["out"].split("/", 1)[1]
     row = store.get_job(db, server_id)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from excb.checkpoint import FENCE_ENV, write_fence
+from excb.cli import EXIT_CONFIG
 from excb.config import RUN_CONFIG, dump_yaml, validate
 from excb.fileio import atomic_write
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
@@ -225,7 +226,8 @@ class JobRunner:
                                         count=True)
         if out.rc < 0 or out.rc >= 128 or out.preempted:
             return self._commit_failure(lease, "crashed", f"trainer exited with {out.rc}: {detail}", count=True)
-        return self._commit_failure(lease, "trainer_error", f"trainer exited with {out.rc}: {detail}", count=False)
+        message = _stated_error(out.rc, detail) or f"trainer exited with {out.rc}: {detail}"
+        return self._commit_failure(lease, "trainer_error", message, count=False)
 
     def _export(self, lease: Lease, run_dir: Path, tail: FileTail, tracker: ProgressTracker) -> str:
         """Export + parity check in a supervised child; then settle like the trainer."""
@@ -306,6 +308,15 @@ def _child_env(fence_token: int | None = None) -> dict[str, str]:
     if fence_token is not None:
         env[FENCE_ENV] = str(fence_token)
     return env
+
+
+def _stated_error(rc: int, tail: str) -> str | None:
+    """Exit status 2 is the CLI's "a mistake you can fix" (bad data, config): its last ``excb: ...`` line says it
+    all, e.g. "data source '...': 0 of 50 files decode as images (first error: ...)"; None for any other exit."""
+    if rc != EXIT_CONFIG:
+        return None
+    stated = [line for line in tail.splitlines() if line.startswith("excb: ")]
+    return stated[-1].removeprefix("excb: ") if stated else None
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:

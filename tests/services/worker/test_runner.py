@@ -3,6 +3,7 @@ process; what it refuses before training, and the one config file a run has."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,23 @@ def test_the_run_has_one_config_file_which_the_trainer_completes(tmp_path: Path)
     assert written["out"] == str(run_dir) and written["max_steps"] == 2 and written["data"]["limit"] == 64
     ran = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
     assert resolve(written).model_dump(mode="json") == validate(ran).model_dump(mode="json")
+
+
+def test_a_folder_where_nothing_decodes_fails_the_job_with_one_clear_line(tmp_path: Path) -> None:
+    """Issue 27 item 3: the trainer stops on its data check (exit 2); the job fails at once (no retry) and its error
+    is that one line, not a log tail or a k-means traceback."""
+    settings = _settings(tmp_path)
+    db = Database(settings.database_url)
+    bad = tmp_path / "data" / "bad"
+    bad.mkdir()
+    for i in range(50):
+        (bad / f"{i:03d}.jpg").write_bytes(os.urandom(2000))
+    body = tiny_job(**{"data.source": str(bad)})
+    body.pop("preset", None)  # the default recipe, as a user submits it
+    _create(db, settings, "j-bad", body)
+    assert JobRunner(db, settings, "j-bad").run() == "failed"
+    job = store.get_job(db, "j-bad")
+    assert job.status == "FAILED" and job.attempt == 1 and job.error["type"] == "trainer_error"
+    assert job.error["message"].startswith(f"data source '{bad}': 0 of 50 files decode as images (first error: ")
+    assert "\n" not in job.error["message"]
+    assert [a.outcome for a in store.attempts(db, "j-bad")] == ["trainer_error"]

@@ -12,7 +12,6 @@ from celery import Celery
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +19,7 @@ from services.api import routes_infra, routes_jobs, routes_models
 from services.api.model_sync import ModelSync
 from services.api.state import ControlPlane, OpsCaller
 from services.common.auth import ApiKeyAuth
-from services.common.errors import install_error_handlers
+from services.common.errors import install_error_docs, install_error_handlers
 from services.common.metrics import install_http_metrics
 from services.db.session import Database, default_url
 from services.settings import Settings, get_settings
@@ -79,6 +78,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     if embed_app is not None:
         app.mount("/", embed_app)
         _merge_openapi(app, embed_app)
+    install_error_docs(app)  # the spec's 422s in the shape the handlers answer
     return app
 
 
@@ -106,7 +106,8 @@ def _merge_openapi(app: FastAPI, embed_app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
-            taken = {(_shape(r.path), m.lower()) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+            # from the spec, not app.routes: included routers may sit there unexpanded (FastAPI's _IncludedRouter)
+            taken = {(_shape(path), method) for path, item in schema.get("paths", {}).items() for method in item}
             embed = embed_app.openapi()
             for path, item in embed.get("paths", {}).items():
                 for method, op in item.items():

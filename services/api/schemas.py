@@ -19,12 +19,44 @@ METADATA_MAX_KEYS = 64
 MAX_MEMORY_LIMIT_MB = 16 * 1024 * 1024  # 16 TiB: above any machine; a larger number is a mistake, not a limit
 
 
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """A JSON schema with its local ``#/$defs/X`` references replaced by the definitions themselves."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**_inline_refs(defs[ref.rsplit("/", 1)[1]], defs), **_inline_refs(rest, defs)}
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def training_fields(schema: dict[str, Any]) -> None:
+    """OpenAPI for ``POST /v1/jobs``: TrainConfig's fields beside the wrapper's (validation stays
+    ``excb.config.resolve``'s; before, the spec showed only the wrapper), the server-owned ``out`` left out and
+    each short key (``data: digits``) accepted as the scalar it stands for."""
+    from excb.config import SHORT_KEYS, TrainConfig
+
+    train = TrainConfig.model_json_schema()
+    props = _inline_refs(train["properties"], train.get("$defs", {}))
+    props.pop("out", None)
+    for short, dotted in SHORT_KEYS.items():
+        section, _, leaf = dotted.partition(".")
+        if short in props:
+            continue
+        props[short] = {**props[section]["properties"][leaf], "description": f"short for {dotted}"}
+    if "data" in props:  # data: a section, or the source alone
+        props["data"] = {"anyOf": [props["data"], {"type": "string", "description": "short for data.source"}]}
+    schema.setdefault("properties", {}).update({k: v for k, v in props.items() if k not in schema["properties"]})
+    schema["examples"] = [{"preset": "cpu-small", "data": "digits", "max_steps": 50}]
+
+
 class JobSubmit(BaseModel):
     """A job: a training config (exactly what `excb train --config` reads, short keys allowed) plus a few
     wrapper fields. Everything not listed here is validated by ``excb.config.TrainConfig``."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={
-        "examples": [{"preset": "cpu-small", "data": "digits", "max_steps": 50}]})
+    model_config = ConfigDict(extra="allow", json_schema_extra=training_fields)
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="client-chosen id (idempotent submit)")
     name: str | None = Field(None, max_length=255)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive
 
-from services.common.errors import ApiError, field_from_loc
+from services.common.errors import ApiError, field_from_loc, validation_message
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -52,9 +52,7 @@ def capped_receive(receive: Receive, limit: int, message: str) -> Receive:
 def validation_error(exc: ValidationError) -> ApiError:
     """A pydantic error as the API's 422: the first problem, with the field it names."""
     err = exc.errors()[0]
-    field = field_from_loc(err.get("loc", ()))
-    msg = str(err.get("msg", "invalid value"))
-    return ApiError(422, "validation_error", f"{field}: {msg}" if field else msg, field)
+    return ApiError(422, "validation_error", validation_message(err), field_from_loc(err.get("loc", ())))
 
 
 def validate_as(model: type[M], data: Any) -> M:

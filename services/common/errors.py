@@ -2,6 +2,13 @@
 
 Every bad input maps to a 4xx with this body (FastAPI's default 422 list and Starlette's ``{"detail"}`` are
 replaced), so clients and the dashboard parse one shape. Only genuine bugs reach the 500 handler.
+
+Why this shape and not OpenAI's ``{"error": {"message", "type", "param", "code"}}`` everywhere: the OpenAI routes
+(``POST /v1/embeddings``, the served ``/v1/models``) answer in OpenAI's envelope because the clients calling
+them are OpenAI SDKs that parse it; everything else is excb's own API, where ``type`` is the stable
+machine-readable code (OpenAI puts that in ``code`` and uses ``type`` for a coarse class) and ``field`` names
+the input at fault. The two carry the same facts (``openai_compat`` maps type -> code, field -> param), and
+:func:`document_errors` makes the OpenAPI spec say which route answers which.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any, Iterable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("excb.errors")
@@ -68,9 +76,10 @@ def field_from_loc(loc: Iterable[Any]) -> str | None:
     return ".".join(parts) or None
 
 
-def _validation_message(err: dict[str, Any]) -> str:
+def validation_message(err: Any) -> str:
+    """One pydantic error as ``field: message`` (the text every 422 carries)."""
     field = field_from_loc(err.get("loc", ()))
-    msg = str(err.get("msg", "invalid value"))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's prefix on our own checks
     return f"{field}: {msg}" if field else msg
 
 
@@ -87,8 +96,11 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        reason = (first.get("ctx") or {}).get("error", "")
+        return error_response(422, "invalid_json", f"the body is not valid JSON: {reason}".rstrip(": "))
     field = field_from_loc(first.get("loc", ()))
-    return error_response(422, "validation_error", _validation_message(first) if first else "invalid request",
+    return error_response(422, "validation_error", validation_message(first) if first else "invalid request",
                           field)
 
 
@@ -114,6 +126,18 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unhandled)
 
 
+class ErrorDetail(BaseModel):
+    type: str = Field(description="stable machine-readable code, e.g. path_not_allowed, too_large, overloaded")
+    message: str
+    field: str | None = Field(None, description="the input at fault (input[2], data.source, uri), if one is")
+
+
+class Error(BaseModel):
+    """The error shape as a model, for ``responses=`` declarations (OpenAPI component ``Error``)."""
+
+    error: ErrorDetail
+
+
 # Response documentation for OpenAPI, so generated clients (and schemathesis) know the error shape.
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -130,3 +154,41 @@ ERROR_SCHEMA: dict[str, Any] = {
         }
     },
 }
+
+
+ERROR_REF = "#/components/schemas/Error"
+_FASTAPI_VALIDATION = "#/components/schemas/HTTPValidationError"
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make an OpenAPI spec say what the handlers above answer: FastAPI documents every 422 as its own
+    ``{"detail": [...]}`` list, which no route of ours returns; those (and the shape declared inline) become the
+    ``Error`` component (routes that declare their own error model, the OpenAI ones, keep it). Idempotent;
+    returns ``schema``."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.setdefault("Error", ERROR_SCHEMA)
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict):
+                continue
+            for status, response in op.get("responses", {}).items():
+                media = response.get("content", {}).get("application/json", {})
+                if media.get("schema", {}).get("$ref") == _FASTAPI_VALIDATION:
+                    media["schema"] = {"$ref": ERROR_REF}
+                    response["description"] = "invalid input: {error: {type, message, field}}"
+                elif media.get("schema") == ERROR_SCHEMA:  # declared inline: one named type for clients
+                    media["schema"] = {"$ref": ERROR_REF}
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
+
+
+def install_error_docs(app: FastAPI) -> None:
+    """Wrap whatever builds ``app``'s OpenAPI spec (FastAPI's own or an app's custom one) with
+    :func:`document_errors`; call after the app's last ``app.openapi`` replacement."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return document_errors(build())
+
+    app.openapi = openapi  # type: ignore[method-assign]

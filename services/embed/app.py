@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from excb.onnx_runtime import PROVIDER_ORDER, available_providers, default_intra_op_threads
 from services.common.auth import ApiKeyAuth
-from services.common.errors import ApiError, install_error_handlers
+from services.common.errors import ApiError, install_error_docs, install_error_handlers
 from services.common.metrics import install_http_metrics, metrics_response
 from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
 from services.embed.decode_budget import PixelBudget, return_large_buffers_to_the_os
@@ -353,6 +353,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.include_router(build_openai_router(svc))
     _include_index_routes(app, svc)
     install_openapi(app)
+    install_error_docs(app)
     return app
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from services.common.errors import ERROR_SCHEMA
-from services.embed.inputs import EmbedRequest
+from services.embed.inputs import EmbedOptions, EmbedRequest
 from services.embed.schemas import EmbedMultipart, EmbedResponse, Health
 
 SECURITY_SCHEME = "bearerAuth"
@@ -51,15 +51,26 @@ def _native_errors(op: dict[str, Any]) -> None:
         op["responses"][status] = {"description": "error", "content": _json({"$ref": _REF.format(model="Error")})}
 
 
+def raw_body_options() -> list[dict[str, Any]]:
+    """The options of ``POST /v1/embed`` as query parameters: how a raw image body (no JSON, no form) carries them."""
+    props = EmbedOptions.model_json_schema()["properties"]
+    return [{"name": name, "in": "query", "required": False, "schema": schema,
+             "description": f"{schema.get('description', name)} (with a raw image body; JSON and multipart carry "
+                            f"it in the body)"} for name, schema in props.items()]
+
+
 def describe_native_routes(paths: dict[str, Any]) -> None:
-    """Bodies FastAPI cannot see: /embed, /v1/embed, /v1/info, health."""
+    """Bodies FastAPI cannot see: /embed, /v1/embed (JSON, multipart, or the raw image), /v1/info, health."""
     if op := paths.get("/embed", {}).get("get"):
         _set_ok(op, _ref(EmbedResponse), "embedding + cluster assignment of one image")
         _native_errors(op)
     if op := paths.get("/v1/embed", {}).get("post"):
+        binary = {"schema": {"type": "string", "format": "binary"}}
         op["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": _ref(EmbedRequest)},
-            "multipart/form-data": {"schema": _ref(EmbedMultipart)}}}
+            "multipart/form-data": {"schema": _ref(EmbedMultipart)},
+            "image/*": binary, "application/octet-stream": binary}}
+        op["parameters"] = raw_body_options()
         _set_ok(op, _ref(EmbedResponse), "embeddings + cluster assignments, in input order")
         _native_errors(op)
     if op := paths.get("/v1/models/{model_id}/balance", {}).get("get"):

@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from excb.onnx_runtime import balance_paper, l2_normalize
 from services.common.body import parse_json_object, validate_as
-from services.common.errors import ApiError
+from services.common.errors import ApiError, Error as ErrorBody
 from services.embed.registry import LoadedModel, ModelNotFound
 from services.embed.sources import Source
+from services.index.schemas import ClusterDetail, ClusterList, IndexImage, IndexInfo, SearchResponse
 from services.index.store import DEFAULT_NAME, IndexCache, IndexNotFound, LoadedIndex, index_root, read_status, \
     valid_name
 
@@ -245,6 +246,12 @@ async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, Sour
     return req, data
 
 
+def _ok(model: type[BaseModel], description: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of a 200 built as a dict (``services.index.schemas``), plus the shared error shape."""
+    error = {"model": ErrorBody, "description": "error: {error: {type, message, field}}"}
+    return {200: {"model": model, "description": description}, 404: error, 422: error}
+
+
 def build_index_router(svc: Any) -> APIRouter:
     """The routes above, bound to one embed service."""
     router = APIRouter(tags=["search"])
@@ -256,16 +263,27 @@ def build_index_router(svc: Any) -> APIRouter:
     upload = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"},
                                                "model": {"type": "string"}, "index": {"type": "string"},
                                                "k": {"type": "integer", "minimum": 1, "maximum": MAX_K}}}
+    binary = {"schema": {"type": "string", "format": "binary"}}
     search_body = {"required": True, "content": {"application/json": {"schema": SearchRequest.model_json_schema()},
-                                                 "multipart/form-data": {"schema": upload}}}
+                                                 "multipart/form-data": {"schema": upload},
+                                                 "image/*": binary, "application/octet-stream": binary}}
+    raw_params = [{"name": name, "in": "query", "required": False, "schema": schema,
+                   "description": "with a raw image body only (JSON and multipart carry it in the body)"}
+                  for name, schema in (("model", {"type": "string"}), ("index", {"type": "string"}),
+                                       ("k", {"type": "integer", "minimum": 1, "maximum": MAX_K}),
+                                       ("thumbs", {"type": "boolean"}))]
 
-    @router.post("/v1/search", dependencies=[Depends(require_key)], openapi_extra={"requestBody": search_body})
+    @router.post("/v1/search", dependencies=[Depends(require_key)], response_model=None,
+                 responses=_ok(SearchResponse, "the k nearest indexed images, most similar first"),
+                 openapi_extra={"requestBody": search_body, "parameters": raw_params})
     async def search(request: Request) -> dict[str, Any]:
-        """Nearest indexed images to a query image (upload, data URI / base64) or to an indexed image's id."""
+        """Nearest indexed images to a query image (an upload, the raw image as the body, or a string naming one
+        as every image route does) or to an indexed image's id."""
         req, data = await _parse_search(request, svc)
         return await state.search(req, data)
 
-    @router.get("/v1/models/{model_id}/index", dependencies=[Depends(require_key)])
+    @router.get("/v1/models/{model_id}/index", dependencies=[Depends(require_key)], response_model=None,
+                responses=_ok(IndexInfo, "whether the index is ready, its build state and what it holds"))
     async def index_info(model_id: str, index: str = Query(DEFAULT_NAME, max_length=64)) -> dict[str, Any]:
         """What the index holds (source, sample cap and seed, count, library) and its last build's state."""
         model = state.model(model_id)
@@ -283,7 +301,8 @@ def build_index_router(svc: Any) -> APIRouter:
         return {"model": model.id, "index": index, "ready": True, "status": status,
                 "meta": {k: v for k, v in idx.meta.items() if k not in ("source",) or not svc.auth.enabled}}
 
-    @router.get("/v1/models/{model_id}/clusters", dependencies=[Depends(require_key)])
+    @router.get("/v1/models/{model_id}/clusters", dependencies=[Depends(require_key)], response_model=None,
+                responses=_ok(ClusterList, "a page of clusters"))
     async def clusters(model_id: str, index: str = Query(DEFAULT_NAME, max_length=64),
                        order: Literal["size", "drift", "id"] = "size",
                        assignment: Literal["balanced", "raw"] = "balanced",
@@ -314,7 +333,8 @@ def build_index_router(svc: Any) -> APIRouter:
 
         return await anyio.to_thread.run_sync(build)
 
-    @router.get("/v1/models/{model_id}/clusters/{cluster}", dependencies=[Depends(require_key)])
+    @router.get("/v1/models/{model_id}/clusters/{cluster}", dependencies=[Depends(require_key)], response_model=None,
+                responses=_ok(ClusterDetail, "one cluster with its nearest and edge members"))
     async def cluster(model_id: str, cluster: int, index: str = Query(DEFAULT_NAME, max_length=64),
                       assignment: Literal["balanced", "raw"] = "balanced",
                       nearest: int = Query(24, ge=0, le=MAX_MEMBERS), edge: int = Query(6, ge=0, le=MAX_MEMBERS),
@@ -339,7 +359,8 @@ def build_index_router(svc: Any) -> APIRouter:
 
         return await anyio.to_thread.run_sync(build)
 
-    @router.get("/v1/models/{model_id}/index/images/{image_id}", dependencies=[Depends(require_key)])
+    @router.get("/v1/models/{model_id}/index/images/{image_id}", dependencies=[Depends(require_key)],
+                response_model=None, responses=_ok(IndexImage, "one indexed image"))
     async def image(model_id: str, image_id: int, index: str = Query(DEFAULT_NAME, max_length=64),
                     thumbs: bool = False) -> dict[str, Any]:
         model = state.model(model_id)

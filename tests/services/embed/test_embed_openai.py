@@ -168,7 +168,8 @@ def test_native_routes_unchanged_and_openapi_declares_bodies(server: es.UvicornT
             "description"]}
     paths = spec["paths"]
     post_embed = paths["/v1/embed"]["post"]
-    assert set(post_embed["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert set(post_embed["requestBody"]["content"]) == {"application/json", "multipart/form-data", "image/*",
+                                                         "application/octet-stream"}
     assert paths["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/EmbeddingsRequest")
     for path, item in paths.items():

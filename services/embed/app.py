@@ -1,15 +1,16 @@
 """The embedding / cluster-assignment service (FastAPI).
 
-Routes: ``GET /embed?uri=`` (a file under the data roots, or an allow-listed http(s) URL),
-``POST /v1/embed`` (multipart uploads or JSON with base64 / data-URI images), ``GET /v1/info``,
+Routes: ``GET /embed?uri=`` (one image named by a string), ``POST /v1/embed`` (multipart uploads, the raw image
+body, or JSON ``input`` strings), ``GET /v1/info``,
 ``GET /v1/models/{id}/balance``, ``/livez``, ``/readyz``, ``/metrics``.
 
 The response follows the OpenAI / Infinity embeddings shape (``object: list``, ``data[{index, embedding}]``,
 ``model``, ``usage``) so existing clients work, plus per image ``cluster {id, similarity, top_k}``, the
 balance-adjusted ``balanced_cluster`` and ``model_version`` (also in the ``X-Model-Version`` header).
 
-Request path: cap the body while it streams -> parse (JSON + base64, multipart, or the raw image bytes with
-``Content-Type: image/*``) -> lease a model -> decode + preprocess on a pool sized to the cores
+Request path: cap the body while it streams -> parse (JSON strings naming images through the one resolver,
+``services.embed.sources``: data URIs, base64, paths under a data root, allow-listed URLs; multipart; or the raw
+image bytes with ``Content-Type: image/*``) -> lease a model -> decode + preprocess on a pool sized to the cores
 (``services.embed.decoding``; every bad image is a 4xx) -> bounded micro-batch queue (503 + Retry-After when
 full) -> ONNX Runtime -> assignment (``excb.assign``) + monitor -> orjson response. Each stage's time is in
 ``excb_embed_stage_seconds{stage}``. Nothing a client sends can produce a 500: decoding, parsing and queueing

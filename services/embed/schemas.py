@@ -76,8 +76,9 @@ class EmbeddingsRequest(BaseModel):
 
     model: str = Field("latest", min_length=1, max_length=128, description="a served model id, or 'latest'")
     input: str | list[str] = Field(
-        description="images: data URIs, plain base64, paths relative to a data root (recognised by a character "
-                    "outside the base64 alphabet, e.g. the extension's dot) or allow-listed http(s) URLs")
+        description="images: data URIs, plain base64, paths under a data root (relative, or absolute inside one; "
+                    "recognised by a character outside the base64 alphabet, e.g. the extension's dot) or "
+                    "allow-listed http(s) URLs; a request's files and URLs share max_request_load_bytes")
     modality: Literal["image"] = Field("image", description="only images are embedded by this service")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64 = little-endian float32")
     dimensions: int | None = Field(

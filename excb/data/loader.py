@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate
 
-from excb.config import TrainConfig
+from excb.config import ConfigError, TrainConfig
 from excb.seeds import derive_seed, seeded
 
 log = logging.getLogger("excb.data")
@@ -266,8 +266,8 @@ class TrainData:
             self.num_images = len(base)  # type: ignore[arg-type]
         self.steps_per_epoch = (self.num_images // world_size) // local_batch
         if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size: {cfg.batch_size} is larger than the data set "
-                             f"({self.num_images} images from {cfg.data.source!r})")
+            raise ConfigError("batch_size", f"{cfg.batch_size} is larger than the data set ({self.num_images} images "
+                              f"from {cfg.data.source!r}); set a smaller batch_size")
         log.info("data: %d images, %s augmentation, loader %s", self.num_images,
                  "device" if self.gpu_augment else "CPU", dataloader_settings(device, cfg.data.num_workers))
 

@@ -68,6 +68,18 @@ def test_fewer_decodable_images_than_a_run_needs_is_one_line(tmp_path: Path,
         "unsupported_format: not a recognised image of an allowed format (JPEG, PNG, WEBP, BMP, TIFF, GIF))")
 
 
+def test_a_batch_larger_than_the_data_is_one_line(tmp_path: Path) -> None:
+    """Enough decodable images for a run, but fewer than the preset's batch of 128: a config error, not a trace."""
+    folder = tmp_path / "twenty"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("RGB", (28, 28), (12 * i, 40, 0)).save(folder / f"{i}.png")
+    last = _one_line_exit_2(_excb("train", "--preset", "cpu-small", f"data={folder}", f"out={tmp_path / 'run'}",
+                                  cwd=tmp_path))
+    assert last == (f"excb: config error: batch_size: 128 is larger than the data set (20 images from '{folder}'); "
+                    "set a smaller batch_size"), last
+
+
 def test_budget_without_a_unit_and_a_mistyped_key_say_what_to_write(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     for budget in ("10", "'90'"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import platform
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CollectorRegistry
@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
 from services.api.liveness import workers_view
+from services.api.serialize import path_hider
 from services.api.state import ControlPlane, OpsCaller, plane, principal
 from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
@@ -68,8 +69,29 @@ def list_workers(cp: ControlPlane = Depends(plane), who: Principal = Depends(pri
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request, _: OpsCaller) -> Response:
-    return metrics_response(request.app.state.registry)
+def metrics(request: Request, caller: OpsCaller) -> Response:
+    """Per-model series (``model`` label) are scoped to the caller: with API keys a key's scrape carries only
+    the models it may see (its own, shared, ownerless), an operator's key (EXCB_ADMIN_KEYS_FILE) all of them,
+    an anonymous scrape (ops routes opened to all) none; totals without a model label stay as they are."""
+    return metrics_response(request.app.state.registry, _visible_models(request, caller))
+
+
+def _visible_models(request: Request, caller: Principal) -> Callable[[str], bool] | None:
+    """The ``model`` label values ``caller`` may see in /metrics; None = every one."""
+    cp: ControlPlane = request.app.state.plane
+    if caller.sees_all(cp.auth.enabled):
+        return None
+    if caller.id is None:
+        return lambda _model: False
+    visible = {m.id for m in store.list_models(cp.db, caller.id)}
+    embed_app = request.app.state.embed_app
+    if embed_app is not None:  # the embed registry's rule: own, shared and ownerless loaded models
+        token = CURRENT_PRINCIPAL.set(caller)
+        try:
+            visible |= {m.id for m in embed_app.state.embed.registry.models()}
+        finally:
+            CURRENT_PRINCIPAL.reset(token)
+    return visible.__contains__
 
 
 @router.get("/v1/info", summary="Versions and mode (no secrets); in `excb up` also the embed service's")
@@ -107,8 +129,12 @@ def _embed_info(request: Request, caller: Principal) -> dict[str, Any] | None:
         body: dict[str, Any] = embed_app.state.embed.info()
     finally:
         CURRENT_PRINCIPAL.reset(token)
-    if caller.id is None and request.app.state.plane.auth.enabled:  # ops routes opened to all: no model names
+    cp: ControlPlane = request.app.state.plane
+    if caller.id is None and cp.auth.enabled:  # ops routes opened to all: no model names
         body = {k: v for k, v in body.items() if k not in ("latest", "models")}
+    hide = path_hider(cp.settings, cp.auth.enabled)
+    if hide is not None and "models" in body:  # bundle paths relative to models/, as the model routes show them
+        body["models"] = hide.deep(body["models"])
     return body
 
 

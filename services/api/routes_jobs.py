@@ -59,7 +59,12 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
         job_id, run_dir = existing.id, Path(existing.run_dir)
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
-    config = submit_mod.build_config(body, settings, run_dir, _caller_runs(cp, who))
+    try:
+        config = submit_mod.build_config(body, settings, run_dir, _caller_runs(cp, who))
+    except ApiError as exc:  # path errors name resolved paths: shown like every other path (issue 33 item 5)
+        hide = _hide(cp)
+        exc.message = hide.text(exc.message) if hide is not None else exc.message
+        raise
     request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb or settings.default_memory_limit_mb or None,
                "metadata": body.metadata}
     try:

@@ -48,14 +48,25 @@ class PathHider:
         for key in ("config", "requested", "effective"):
             if isinstance(body.get(key), dict):
                 self._config(body[key])
-        body["artifacts"] = {k: self.path(v) if isinstance(v, str) and v.startswith("/") else v
-                             for k, v in (body.get("artifacts") or {}).items()}
+        body["artifacts"] = self.deep(body.get("artifacts") or {})
+        if isinstance(body.get("error"), dict) and isinstance(body["error"].get("message"), str):
+            body["error"]["message"] = self.text(body["error"]["message"])
         return body
+
+    def deep(self, value: Any) -> Any:
+        """``value`` with every absolute path string in it (at any depth) shown as :meth:`path` would: model.json's
+        ``source`` names the run dir and checkpoint, artifacts name files."""
+        if isinstance(value, dict):
+            return {k: self.deep(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.deep(v) for v in value]
+        return self.path(value) if isinstance(value, str) and value.startswith("/") else value
 
 
     def _config(self, config: dict[str, Any]) -> None:
-        if isinstance(config.get("out"), str):
-            config["out"] = self.path(config["out"])
+        for key in ("out", "checkpoint"):  # the run dir, the warm start (a run of the caller's or a data file)
+            if isinstance(config.get(key), str):
+                config[key] = self.path(config[key])
         data = config.get("data")
         if isinstance(data, dict) and isinstance(data.get("source"), str):
             data["source"] = self.source(data["source"])
@@ -115,7 +126,7 @@ def model_dict(row: ModelRow, hide: PathHider | None = None, active_id: str | No
     """``active``: whether ``active_id`` (read from the models dir's pointer, the one place that says it) is this row."""
     return {"id": row.id, "job_id": row.job_id, "status": row.status, "active": row.id == active_id,
             "bundle_dir": hide.path(row.bundle_dir) if hide is not None and row.bundle_dir else row.bundle_dir, "sha256": row.sha256, "created_at": _iso(row.created_at),
-            "model_json": row.model_json or {}}
+            "model_json": hide.deep(row.model_json or {}) if hide is not None else row.model_json or {}}
 
 
 def _iso(value: dt.datetime | None) -> str | None:

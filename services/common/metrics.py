@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import weakref
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -16,22 +17,43 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 NAMESPACE = "excb"
 
 
-def metrics_response(registry: CollectorRegistry) -> Response:
-    """The text exposition of ``registry`` (summed over processes when several serve one port)."""
-    return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
+ModelFilter = Callable[[str], bool]  # which ``model`` label values a scrape may carry
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
+def metrics_response(registry: CollectorRegistry, models: ModelFilter | None = None) -> Response:
+    """The text exposition of ``registry`` (summed over processes when several serve one port); ``models``:
+    keep only the series whose ``model`` label it accepts (None: all)."""
+    return Response(exposition(registry, models), media_type=CONTENT_TYPE_LATEST)
+
+
+def exposition(registry: CollectorRegistry, models: ModelFilter | None = None) -> bytes:
     """One process: ``registry`` as is. Several (``uvicorn --workers N`` with ``PROMETHEUS_MULTIPROC_DIR``
     set, reliability.md row 31): each scrape reaches one process at random, so counters and histograms come
     from every process's files (totals stay monotonic), and only the scrape-time collectors (gauges read
     from the job store) from this process."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
-        return generate_latest(registry)
+        return generate_latest(_ModelScoped(registry, models))
     merged = CollectorRegistry()
     multiprocess.MultiProcessCollector(merged, path=path)
-    return generate_latest(merged) + generate_latest(_ScrapeTimeOnly(registry))
+    return generate_latest(_ModelScoped(merged, models)) + generate_latest(
+        _ModelScoped(_ScrapeTimeOnly(registry), models))
+
+
+class _ModelScoped:
+    """``source``'s metrics without the samples whose ``model`` label the filter refuses: one key's scrape does
+    not name another key's models (issue 33 item 5)."""
+
+    def __init__(self, source: Any, models: ModelFilter | None) -> None:
+        self.source, self.models = source, models
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.source.collect():
+            if self.models is not None:
+                keep = self.models
+                metric = copy.copy(metric)
+                metric.samples = [s for s in metric.samples if "model" not in s.labels or keep(s.labels["model"])]
+            yield metric
 
 
 class _ScrapeTimeOnly:

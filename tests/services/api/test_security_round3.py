@@ -211,7 +211,9 @@ def test_a_key_cannot_warm_start_from_another_keys_run(keyed: Any) -> None:
     for who in (B, OPS):  # an operator's key reads operational views, not other keys' runs
         for ref in refs:
             r = c.post("/v1/jobs", json={**SHORT, "checkpoint": ref}, headers=who)
-            assert (r.status_code, r.json()) == (404, json.loads(missing.text.replace(missing_ref, ref))), (ref, r.text)
+            shown = ref.replace(f"{run_dir.parent}/", "runs/")  # server paths in messages are shown relative
+            expected = json.loads(missing.text.replace(missing_ref, shown))
+            assert (r.status_code, r.json()) == (404, expected), (ref, r.text)
         r = c.post("/v1/jobs", json={**SHORT, "overrides": [f"checkpoint={server_id}"]}, headers=who)
         assert r.status_code == 404, r.text
     assert c.get("/v1/jobs", headers=B).json()["items"] == []
@@ -245,7 +247,8 @@ def _sse_events(text: str) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("route, last_id", [("events", "99999999999999999999:0"), ("logs/stream", "99999999999999999999")])
+@pytest.mark.parametrize("route, last_id", [("events", "99999999999999999999:0"),
+                                            ("logs/stream", "99999999999999999999")])
 def test_an_event_id_the_server_never_sent_restarts_the_stream(open_api: Any, route: str, last_id: str) -> None:
     """Before: ``Last-Event-ID: 99999999999999999999:0`` passed the parser, then the stream died after its 200
     headers (an integer overflow in the metrics query). Now: from the start, as for a first connect."""
@@ -311,4 +314,60 @@ def test_activating_a_bundle_that_fails_verification_is_a_409(make_stack: Any, t
         assert c.post("/v1/models/m-good/activate", headers=A).status_code == 200
         assert c.post("/v1/models/m-bad/activate", headers=A).status_code == 409
         assert read_active_id(models) == "m-good" and c.get("/v1/models/m-good", headers=A).json()["active"]
+        app.state.plane.db.dispose()
+
+
+# --- item 5: what a valid key learns about other keys and about the server -------------------------------
+
+def test_metrics_info_and_errors_show_a_key_only_its_own(make_stack: Any, tmp_path: Path) -> None:
+    """`excb up` shape with two tenants' models loaded. Before: every key's /metrics named both models, /v1/info
+    and the model routes showed absolute bundle and run paths, a 422 path error and a warm start's
+    ``config.checkpoint`` named absolute server paths."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.db import jobs as store
+    from services.db.tables import ModelRow
+
+    (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
+    (tmp_path / "admin-keys").write_text("ops-secret\n")
+    stack = make_stack(f"sqlite:///{tmp_path / 'leaks.sqlite'}", None, api_keys_file=tmp_path / "keys",
+                       admin_keys_file=tmp_path / "admin-keys", embed__warmup="false")
+    settings = stack.settings()
+    models = settings.resolved_models_dir
+    (stack.data_root / "imgs").mkdir()
+    (stack.data_root / "imgs" / "a.png").write_bytes(es.digit_png(0))
+    (stack.data_root / "imgs" / "escape.png").symlink_to(tmp_path / "keys")
+    app = create_app(settings, embedded=True, reaper=False)
+    with TestClient(app) as c:
+        for name, key, headers in (("m-alpha", "alpha-secret", A), ("m-beta", "beta-secret", B)):
+            shutil.copytree(es.bundle(), models / name)
+            sha = json.loads((models / name / "model.json").read_text())["sha256"]
+            store.add_model(app.state.plane.db, ModelRow(id=name, job_id=None, owner=_principal(key), status="READY",
+                                                         bundle_dir=str(models / name), sha256=sha,
+                                                         model_json=json.loads((models / name / "model.json")
+                                                                               .read_text())))
+            assert c.post(f"/v1/models/{name}/activate", headers=headers).status_code == 200
+
+        def series(headers: dict[str, str]) -> set[str]:
+            text = c.get("/metrics", headers=headers).text
+            return {name for name in ("m-alpha", "m-beta") if f'model="{name}"' in text}
+
+        assert series(A) == {"m-alpha"} and series(B) == {"m-beta"}  # before: both, to either key
+        assert series(OPS) == {"m-alpha", "m-beta"}
+
+        info = c.get("/v1/info", headers=A)
+        assert [m["bundle_dir"] for m in info.json()["embed"]["models"]] == ["models/m-alpha"], info.text
+        model = c.get("/v1/models/m-alpha", headers=A)
+        bad = c.post("/v1/jobs", json={"data": "imgs", "max_steps": 5}, headers=A)
+        assert bad.status_code == 422 and "escape.png" in bad.json()["error"]["message"]
+        first = c.post("/v1/jobs", json=SHORT, headers=A).json()
+        (stack.home / first["config"]["out"] / "checkpoints").mkdir(parents=True)
+        warm = c.post("/v1/jobs", json={**SHORT, "checkpoint": first["id"]}, headers=A)
+        assert warm.json()["config"]["checkpoint"] == first["config"]["out"], warm.text
+        shown = c.get(f"/v1/jobs/{warm.json()['id']}", headers=A)
+        for text in (info.text, model.text, bad.text, warm.text, shown.text):
+            assert str(tmp_path) not in text, text[:400]
         app.state.plane.db.dispose()

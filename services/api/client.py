@@ -160,8 +160,12 @@ def extract_bundle(fileobj: IO[bytes], out: Path, top: str) -> None:
     components are real folders inside ``out`` (no symlink is followed on the way). Files are written by this
     function, never by tarfile's extractor."""
     root = Path(os.path.realpath(out))
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:")
         members = tar.getmembers()
+    except tarfile.TarError as exc:
+        raise ApiClientError(502, {"error": {"type": "corrupt_download", "message": f"not a tar archive: {exc}"}}) from exc
+    with tar:
         for member in members:
             _check_member(member, root, top)
         for member in members:

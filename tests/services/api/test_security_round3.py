@@ -139,6 +139,16 @@ def test_pull_refuses_every_crafted_archive(hostile: _HostileServer, tmp_path: P
     assert (tmp_path / "box" / "victim").read_text() == "keep me"
 
 
+def test_pull_says_so_when_the_download_is_no_tar(hostile: _HostileServer, tmp_path: Path) -> None:
+    """Before: tarfile.ReadError reached `excb jobs pull` as a traceback."""
+    from services.api.client import ApiClient, ApiClientError, pull_bundle
+
+    hostile.archive = b"<html>a proxy's error page</html>" * 40
+    with pytest.raises(ApiClientError) as info:
+        pull_bundle(ApiClient(f"http://127.0.0.1:{hostile.server_address[1]}"), "job", tmp_path / "out")
+    assert info.value.type == "corrupt_download" and _files(tmp_path / "out") == []
+
+
 def test_pull_still_extracts_a_real_bundle(hostile: _HostileServer, tmp_path: Path) -> None:
     """The archive the server builds (services.api.routes_models.bundle_tar) comes through whole."""
     from services.api.client import ApiClient, pull_bundle

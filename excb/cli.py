@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import signal
 import sys
 from importlib.metadata import entry_points
@@ -157,7 +158,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"excb: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "status": result.status,
-                      "skipped_files": result.summary.get("skipped_files", 0)}))
+                      "skipped_files": result.summary.get("skipped_files", 0), "timing": result.summary.get("timing")}))
     return 0
 
 
@@ -225,7 +226,7 @@ def _register_module(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise in a CLI
@@ -243,6 +244,21 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: the traceback is the report
         print(f"excb: {_one_line(exc)}", file=sys.stderr)
         return status
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting ``key=value`` overrides sit on either side of a flag (``excb train data=X
+    --dry-run out=Y``): argparse takes one run of positionals, so later ones come back unrecognised and are
+    appended to the verb's overrides here. Anything else unrecognised is reported as argparse reports it."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(_OVERRIDE.match(x) for x in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.parse_args(argv)  # exits 2 with argparse's message for the unrecognised arguments
+    return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _expected_error(exc: BaseException) -> int | None:

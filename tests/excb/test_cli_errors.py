@@ -65,6 +65,19 @@ def test_argparse_errors_and_missing_files_in_process(tmp_path: Path, capsys: py
             signal.signal(sig, handler)
 
 
+def test_overrides_on_both_sides_of_a_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``excb train data=X --dry-run out=Y`` reads both overrides (argparse alone refuses ``out=Y``); an unknown
+    flag among them is still argparse's one-line usage error."""
+    out = tmp_path / "r"
+    assert main(["train", "data=digits", "--dry-run", f"out={out}", "max_steps=5", "recipe=off"]) == 0
+    printed = capsys.readouterr().out
+    assert f"out: {out}" in printed and "max_steps: 5" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "data=digits", "--dry-run", "--bogus", f"out={out}"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_help_config_lists_every_field_from_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help-config"])

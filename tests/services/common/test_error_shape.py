@@ -10,7 +10,6 @@ a bare object, and ``POST /v1/jobs`` showed only its wrapper fields.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest

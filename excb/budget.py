@@ -36,6 +36,7 @@ class Calibration:
     seconds_per_step: float
     seconds_before_training: float    # data/model set-up, k-means and the calibration itself
     steps: int
+    seconds_for_whitening: float = 0.0  # reserved at the end for the served embedding's whitening fit
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,13 +112,35 @@ def short_budget_warning(cal: Calibration, budget: str, needed: int) -> str | No
 
 
 def calibrate(cfg: TrainConfig, run: Any, started: float) -> Calibration:
-    """Time the run's steps and size it to ``cfg.budget`` counted from ``started`` (time.time())."""
+    """Time the run's steps and size it to ``cfg.budget`` counted from ``started`` (time.time()), less the time
+    the whitening fit will take when training ends."""
     assert cfg.budget is not None
     budget = budget_seconds(cfg.budget)
     per_step = time_steps(run)
     per_step = _slowest_rank(per_step, run)
+    reserve = _slowest_rank(time_whitening(run), run)
     spent = time.time() - started
-    return Calibration(budget, per_step, spent, steps_within(budget, per_step, spent))
+    return Calibration(budget, per_step, spent, steps_within(budget - reserve, per_step, spent), reserve)
+
+
+def time_whitening(run: Any) -> float:
+    """Seconds the run's end-of-training whitening fit will take on rank 0 (the one that fits; 0 elsewhere)."""
+    if not run.ctx.is_main:
+        return 0.0
+    from excb.data.loader import dataloader_settings
+    from excb.whitening import estimate_fit_seconds
+
+    workers = dataloader_settings(run.device)["num_workers"]
+    return estimate_fit_seconds(run.learner.teacher, run.cfg, run.device, workers)
+
+
+def corrected_length(first: dict[str, Any], steps: int, steps_per_epoch: int) -> dict[str, Any]:
+    """The run's length after the budget check: ``steps`` and their epochs, with the first plan's warm-up kept.
+
+    The schedules end at the new last step, so only their tail stretches or shrinks; a warm-up recomputed as 5%
+    of a total more than twice the first would send the learning rate back into warm-up mid-run."""
+    out = {**first, "max_steps": steps, "epochs": max(math.ceil(steps / steps_per_epoch), 1)}
+    return copy.deepcopy(out)
 
 
 def _slowest_rank(per_step: float, run: Any) -> float:
@@ -140,8 +163,8 @@ class BudgetCheck:
     """
 
     def __init__(self, budget: float, started: float, total_steps: int, first_step: int,
-                 plan: dict[str, Any]) -> None:
-        self.budget, self.started = budget, started
+                 plan: dict[str, Any], reserve: float = 0.0) -> None:
+        self.budget, self.started = budget - reserve, started  # ``reserve``: the whitening fit after the loop
         self.plan = plan  # the run's recipe.json contents: the corrected length is recorded there
         self.check_step = first_step + max(int(total_steps * CHECK_FRACTION), MIN_CHECK_STEPS)
         self.first_step = first_step

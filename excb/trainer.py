@@ -217,9 +217,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
     progress = _progress_bar(run) if ctx.is_main and cfg.progress else None
     check = _budget_check(run, plan, started) if cfg.budget and not resumed else None
     status = "completed"
+    clock = [started, time.time()]  # start, loop start, loop end, whitening end: the summary's timing
     try:
         _loop(run, logger, should_stop, progress, check)
+        clock.append(time.time())
         _fit_whitening(run, logger)
+        clock.append(time.time())
     except TrainingInterrupted:
         status = "interrupted"
         raise
@@ -231,9 +234,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
             progress.close()
         if tb is not None:
             tb.flush()  # an interrupted run keeps its curves; "done" closes the writer
-        summary = _summary(run, status)
+        summary = _summary(run, status, clock)
         if ctx.is_main and status != "superseded":
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+            log.info("run %s %s after %d steps: %s", run_dir, status, run.step, _timing_text(summary["timing"]))
     if ctx.is_main:  # weights for fine-tuning next to the checkpoints (excb.models.load_backbone reads them)
         from excb.models.weights import save_run_backbone
 
@@ -319,11 +323,15 @@ def _write_plan(run_dir: Path, ctx: DistContext, cfg: TrainConfig, plan: dict[st
 
 def _set_length(run: Run, plan: dict[str, Any], steps: int) -> None:
     """End the run after ``steps`` (max_steps, epochs and a fitted recipe's warm-up follow) and record that
-    length in recipe.json and config.yaml, where a resume finds it."""
-    from excb.budget import length_overrides
+    length in recipe.json and config.yaml, where a resume finds it. A second call (the budget check) keeps the
+    first plan's warm-up (excb.budget.corrected_length)."""
+    from excb.budget import corrected_length, length_overrides
     from excb.recipe import apply
 
-    plan["length"] = length_overrides(run.cfg, steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
+    if "length" in plan:
+        plan["length"] = corrected_length(plan["length"], steps, run.steps_per_epoch)
+    else:
+        plan["length"] = length_overrides(run.cfg, steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
     run.set_length(apply(run.cfg, {}, plan["length"]))
     _write_plan(run.run_dir, run.ctx, run.cfg, plan)
 
@@ -349,7 +357,8 @@ def _budget_check(run: Run, plan: dict[str, Any], started: float) -> Any:
     from excb.budget import BudgetCheck
     from excb.config import budget_seconds
 
-    return BudgetCheck(budget_seconds(run.cfg.budget), started, run.total_steps, run.step, plan)
+    reserve = plan.get("calibration", {}).get("seconds_for_whitening", 0.0)
+    return BudgetCheck(budget_seconds(run.cfg.budget), started, run.total_steps, run.step, plan, reserve)
 
 
 def _correct_length(run: Run, check: Any, logger: RunLogger, progress: Any) -> None:
@@ -506,8 +515,26 @@ def _end_epoch(run: Run, logger: RunLogger) -> None:
         run.save(f"epoch{run.epoch:04d}.pt")
 
 
-def _summary(run: Run, status: str) -> dict[str, Any]:
+def _timing(clock: list[float]) -> dict[str, float | None]:
+    """Seconds of set-up (from the start of train() to the first step: data, model, k-means, the budget's timing),
+    training (the loop) and the whitening fit; the phase a stopped run was in counts until now, one it never
+    reached is None."""
+    ends = [*clock, time.time()]
+    phases = [round(b - a, 2) for a, b in zip(ends, ends[1:])] + [None, None, None]
+    return {"setup_seconds": phases[0], "training_seconds": phases[1], "whitening_seconds": phases[2],
+            "total_seconds": round(ends[-1] - ends[0], 2)}
+
+
+def _timing_text(t: dict[str, float | None]) -> str:
+    """The summary's timing as the run's last log line says it."""
+    said = {k: "-" if v is None else f"{v:.1f} s" for k, v in t.items()}
+    return (f"set-up {said['setup_seconds']}, training {said['training_seconds']}, whitening fit "
+            f"{said['whitening_seconds']}, total {said['total_seconds']}")
+
+
+def _summary(run: Run, status: str, clock: list[float]) -> dict[str, Any]:
     return {
+        "timing": _timing(clock),
         "status": status,
         "steps": run.step,
         "total_steps": run.total_steps,

@@ -33,6 +33,7 @@ log = logging.getLogger("excb.whitening")
 SHRINK = 0.1          # added to every eigenvalue, as a fraction of their mean (ridge shrinkage)
 FIT_IMAGES = 10_000   # evenly spaced training images the covariance is estimated from
 MIN_IMAGES = 8        # fewer decodable images than this: stay the identity
+ESTIMATE_IMAGES = 256  # images timed at the start of a budgeted run to reserve the fit's time
 
 
 class Whitening(nn.Module):
@@ -148,4 +149,33 @@ def fit_model(model: nn.Module, dataset: Dataset, device: torch.device, num_work
             "shrink": SHRINK}
 
 
-__all__ = ["FIT_IMAGES", "SHRINK", "Whitening", "fit_images", "fit_model", "fit_pca", "whitening_meta"]
+def estimate_fit_seconds(model: nn.Module, cfg: Any, device: torch.device, num_workers: int = 0,
+                         sample: int = ESTIMATE_IMAGES) -> float:
+    """Seconds :func:`fit_model` on ``fit_images(cfg)`` will take at the end of the run, from a timed pass over
+    ``sample`` of those images, scaled to their number: a budgeted run reserves it (excb.budget.calibrate).
+    0 for a model without whitening; the model is left as it was."""
+    if getattr(model, "whiten", None) is None:
+        return 0.0
+    from torch.utils.data import IterableDataset
+
+    from excb.data.datasets import evenly_spaced_subset
+
+    images = fit_images(cfg)
+    part = fit_images(cfg, sample) if isinstance(images, IterableDataset) else evenly_spaced_subset(images, sample)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        feats = _embeddings(model.unwhitened_features, part, device, num_workers)
+    finally:
+        model.train(was_training)
+    embed = time.perf_counter() - started
+    if feats.shape[0] < MIN_IMAGES:
+        return embed
+    started = time.perf_counter()
+    fit_pca(feats)
+    return embed * len(images) / feats.shape[0] + (time.perf_counter() - started)  # type: ignore[arg-type]
+
+
+__all__ = ["FIT_IMAGES", "SHRINK", "Whitening", "estimate_fit_seconds", "fit_images", "fit_model", "fit_pca",
+           "whitening_meta"]

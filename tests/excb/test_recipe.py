@@ -244,3 +244,51 @@ def test_the_fitted_recipe_whitens_the_embedding_unless_told_not_to() -> None:
     kept = fit(resolve(overrides=["data=digits", "model.whitening=off"]), profile, CPU)
     assert "whitening" not in kept.choices["model"]
     assert resolve(preset_name="cpu-small", overrides=["data=digits"]).model.whitening == "off"  # presets: as tuned
+
+
+def test_the_budget_check_keeps_the_first_plans_warm_up(tmp_path: Path) -> None:
+    """A correction to more than twice the planned steps stretches the tail: the warm-up the first plan fixed
+    stays, so the learning rate at the check is at its peak, not back in warm-up (issue 28 item 4)."""
+    import time
+
+    from excb.budget import BudgetCheck
+    from excb.distributed import setup
+    from excb.schedules import learning_rate
+    from excb.trainer import RunLogger, _correct_length, _set_length
+
+    cfg, recipe = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
+    run, plan = Run(cfg, setup("cpu")), recipe.to_json()
+    _set_length(run, plan, 200)  # the first plan: 200 steps, a warm-up of 5% of them
+    first = json.loads((tmp_path / "recipe.json").read_text())["length"]
+    warmup = run.warmup_steps
+    assert warmup == 10 and first["max_steps"] == 200
+    check = BudgetCheck(600.0, time.time(), run.total_steps, 0, plan)
+    run.step = check.check_step  # the loop reached the check after a fraction of a second: far faster than planned
+    _correct_length(run, check, RunLogger(tmp_path, run.ctx), None)
+    assert run.total_steps > 2 * 200 and run.warmup_steps == warmup
+    stored = json.loads((tmp_path / "recipe.json").read_text())
+    assert stored["length"]["optim"] == first["optim"] and stored["length"]["max_steps"] == run.total_steps
+    lr = learning_rate(run.step, run.total_steps, cfg.optim.lr, run.warmup_steps, cfg.optim.lr_min_factor)
+    assert lr > 0.99 * cfg.optim.lr
+
+
+@pytest.mark.slow
+def test_a_budget_holds_the_whitening_fit_and_the_summary_says_where_the_time_went(tmp_path: Path) -> None:
+    """budget=20s: the calibration reserves the end-of-run whitening fit before it counts steps, and summary.json
+    and the run's last log line give set-up, training and fitting time (issue 28 item 4)."""
+    from excb.budget import steps_within
+
+    out = tmp_path / "run"
+    result = train(resolve(overrides=["data=digits", f"out={out}", "budget=20s", *SMALL]))
+    cal = json.loads((out / "recipe.json").read_text())["calibration"]
+    assert cal["seconds_for_whitening"] > 0
+    assert cal["steps"] == steps_within(cal["budget_seconds"] - cal["seconds_for_whitening"],
+                                        cal["seconds_per_step"], cal["seconds_before_training"])
+    timing = json.loads((out / "summary.json").read_text())["timing"]
+    assert timing == result.summary["timing"]
+    assert all(timing[k] > 0 for k in ("setup_seconds", "training_seconds", "whitening_seconds"))
+    assert timing["total_seconds"] >= timing["setup_seconds"] + timing["training_seconds"] + timing["whitening_seconds"]
+    assert timing["setup_seconds"] >= cal["seconds_before_training"]
+    last = (out / "train.log").read_text().strip().splitlines()[-1]
+    assert "completed after" in last and f"set-up {timing['setup_seconds']:.1f} s" in last, last
+    assert "training " in last and "whitening fit " in last and "total " in last, last

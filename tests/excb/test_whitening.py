@@ -142,3 +142,18 @@ def test_too_few_decodable_images_leave_the_identity() -> None:
     result = fit_model(model, images, torch.device("cpu"))  # type: ignore[arg-type]
     assert result == {"fitted": False, "reason": "3 decodable images", "images": 3} and not model.whiten.fitted
     assert fit_model(model, [None] * 4, torch.device("cpu"))["images"] == 0  # type: ignore[arg-type]
+
+
+def test_the_fit_time_estimate_leaves_the_model_as_it_was() -> None:
+    """A budgeted run reserves the fit's time (excb.budget.calibrate): the estimate times a real pass over a
+    sample of the fit images, without fitting or changing the model; no whitening costs nothing."""
+    from excb.whitening import estimate_fit_seconds
+
+    cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
+    model = build_model(cfg, teacher=True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert estimate_fit_seconds(model, cfg, torch.device("cpu"), sample=64) > 0
+    assert model.training and not model.whiten.fitted
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    off = resolve(overrides=["data=digits", "model.whitening=off", "model.width=8", "augment.global_size=16"])
+    assert estimate_fit_seconds(build_model(off, teacher=True), off, torch.device("cpu")) == 0.0

@@ -91,6 +91,10 @@ class Balancer(nn.Module):
     ``excb`` feeds it back into the targets. State lives in buffers, so it is saved in checkpoints.
     """
 
+    sizes: Tensor          # buffers (typed here: register_buffer hides them from type checkers)
+    cluster_count: Tensor
+    center: Tensor
+
     def __init__(self, num_clusters: int, method: str = "excb", mode: Mode = "reference",
                  size_momentum: float = 0.999, teacher_temp: float = 0.04, center_momentum: float = 0.9) -> None:
         super().__init__()

@@ -39,6 +39,10 @@ ESTIMATE_IMAGES = 256  # images timed at the start of a budgeted run to reserve 
 class Whitening(nn.Module):
     """``x -> (x - mean) @ proj``; the identity until :meth:`load_fit` gives it a fit."""
 
+    mean: Tensor    # buffers, typed for the type checker
+    proj: Tensor
+    images: Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

@@ -6,13 +6,14 @@ One class for every service so compose files, manifests and tests share the same
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class EmbedSettings(BaseModel):
@@ -89,6 +90,11 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".excb"), description="state directory: sqlite db, runs, models, broker files")
     data_roots: list[Path] = Field(default_factory=list, description="dataset/image paths must resolve inside one of these")
     api_keys_file: Path | None = Field(None, description="file with one API key per line (hashed in memory); unset = no auth")
+    api_key: SecretStr | None = Field(
+        None, description="one API key (`excb serve/up --api-key`), beside the keys file's; the common one-key case")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="browser origins allowed to call the API (CORS), comma-separated or a "
+                                          "JSON list, `*` for any; empty = CORS off (a preflight gets 405)")
     admin_keys_file: Path | None = Field(
         None, description="operators' keys, same format: they authenticate too, and also see every tenant's jobs "
                           "in GET /v1/workers and every model's series in /metrics")
@@ -150,6 +156,20 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="registry of exported bundles; default home/models")
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        """``EXCB_CORS_ORIGINS=https://a.example,https://b.example`` or a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @property
+    def auth_configured(self) -> bool:
+        """API keys exist (the keys file or ``api_key``): every ``/v1`` route needs one."""
+        return self.api_keys_file is not None or self.api_key is not None
 
     @model_validator(mode="after")
     def _stall_from_heartbeat(self) -> "Settings":

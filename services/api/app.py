@@ -19,6 +19,7 @@ from services.api import routes_infra, routes_jobs, routes_models
 from services.api.model_sync import ModelSync
 from services.api.state import ControlPlane, OpsCaller
 from services.common.auth import ApiKeyAuth
+from services.common.cors import install_cors
 from services.common.errors import install_error_docs, install_error_handlers
 from services.common.metrics import install_http_metrics
 from services.db.session import Database, default_url
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     settings = settings or get_settings()
     db = db or Database(settings.database_url or default_url(settings.home))
     celery = celery or make_celery(settings)
-    auth = ApiKeyAuth.from_file(settings.api_keys_file, settings.admin_keys_file)
+    auth = ApiKeyAuth.from_settings(settings)
     cp = ControlPlane(settings=settings, db=db, celery=celery, auth=auth)
     metrics_registry = CollectorRegistry()  # one registry: the embed app's series too in `excb up`
     embed_app = _embed_app(settings, metrics_registry) if embedded else None
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
         app.mount("/", embed_app)
         _merge_openapi(app, embed_app)
     install_error_docs(app)  # the spec's 422s in the shape the handlers answer
+    install_cors(app, settings.cors_origins)  # last: the outermost layer (also for the mounted embed app)
     return app
 
 
@@ -156,4 +158,4 @@ def _embed_app(settings: Settings, metrics_registry: CollectorRegistry) -> Any:
     except ImportError:
         log.warning("services.embed not installed; /embed not served")
         return None
-    return create_embed_app(settings, metrics_registry=metrics_registry)
+    return create_embed_app(settings, metrics_registry=metrics_registry, cors=False)  # the outer app's CORS

@@ -29,6 +29,9 @@ def _add_up(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.add_argument("--data-root", type=Path, action="append", default=[],
                    help="folder jobs may read datasets from (repeatable; default: EXCB_DATA_ROOTS)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (one job each)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require this bearer key on the API, embed routes and dashboard (default: EXCB_API_KEY; "
+                        "more keys: EXCB_API_KEYS_FILE). Visible in `ps`: prefer EXCB_API_KEY on shared machines")
     p.set_defaults(func=_cmd_up)
 
 
@@ -36,7 +39,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from services.api.embedded import run_embedded
 
     return run_embedded(host=args.host, port=args.port, home=args.home, data_roots=args.data_root,
-                        workers=args.workers)
+                        workers=args.workers, api_key=args.api_key)
 
 
 # --- excb jobs ----------------------------------------------------------------------------------------------

@@ -41,14 +41,20 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, preexec_fn=die_with_parent)
 
 
-def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path], workers: int = 1) -> int:
-    """Start the supervised workers, then serve HTTP until interrupted; returns the exit status."""
+def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path], workers: int = 1,
+                 api_key: str | None = None) -> int:
+    """Start the supervised workers, then serve HTTP until interrupted; returns the exit status. ``api_key``
+    stays in this process (the workers need none), beside EXCB_API_KEY / the keys file."""
+    from pydantic import SecretStr
+
     from services.common.logging import configure_logging
     from services.settings import get_settings
 
     _configure_env(home, data_roots)
     get_settings.cache_clear()
     settings = get_settings()
+    if api_key:
+        settings = settings.model_copy(update={"api_key": SecretStr(api_key)})
     configure_logging(settings.log_level, settings.log_json)  # before the imports below log anything
 
     import uvicorn

@@ -1,4 +1,4 @@
-"""/livez, /readyz, /metrics, /v1/info, /v1/workers."""
+"""/livez, /health, /readyz, /metrics, /v1/info, /v1/workers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from services.api.serialize import path_hider
 from services.api.state import ControlPlane, OpsCaller, plane, principal
 from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
-from services.common.metrics import metrics_response
+from services.api.job_metrics import JobHistoryCollector, visible_jobs
+from services.common.metrics import ScrapeScope, metrics_response, register_runtime_collectors
 from services.db import jobs as store
 from services.db.tables import JOB_STATUSES, Job
 
@@ -25,6 +26,11 @@ router = APIRouter(tags=["infra"])
 @router.get("/livez", summary="The process is up")
 def livez() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/health", summary="The process is up (the liveness route of Hugging Face TEI; same as /livez)")
+def health() -> dict[str, str]:
+    return livez()
 
 
 @router.get("/readyz", summary="DB and broker reachable, and a worker alive",
@@ -68,12 +74,23 @@ def list_workers(cp: ControlPlane = Depends(plane), who: Principal = Depends(pri
     return body
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics", response_class=Response)
 def metrics(request: Request, caller: OpsCaller) -> Response:
-    """Per-model series (``model`` label) are scoped to the caller: with API keys a key's scrape carries only
-    the models it may see (its own, shared, ownerless), an operator's key (EXCB_ADMIN_KEYS_FILE) all of them,
-    an anonymous scrape (ops routes opened to all) none; totals without a model label stay as they are."""
-    return metrics_response(request.app.state.registry, _visible_models(request, caller))
+    """Per-model series (``model`` label) and per-job ones (``job``: running jobs' training balance) are
+    scoped to the caller: with API keys a key's scrape carries only the models it may see (its own, shared,
+    ownerless) and its own jobs, an operator's key (EXCB_ADMIN_KEYS_FILE) all of them, an anonymous scrape
+    (ops routes opened to all) none; totals without those labels stay as they are. OpenMetrics when the
+    ``Accept`` header asks for it (``application/openmetrics-text``), else the text format 0.0.4."""
+    return metrics_response(request.app.state.registry, _scope(request, caller), request.headers.get("accept"))
+
+
+def _scope(request: Request, caller: Principal) -> ScrapeScope:
+    """What ``caller``'s scrape may name: the models of :func:`_visible_models`, its own running jobs."""
+    cp: ControlPlane = request.app.state.plane
+    if caller.sees_all(cp.auth.enabled):
+        return ScrapeScope()
+    jobs = visible_jobs(cp, caller.id) if caller.id is not None else set()
+    return ScrapeScope(models=_visible_models(request, caller), jobs=jobs.__contains__)
 
 
 def _visible_models(request: Request, caller: Principal) -> Callable[[str], bool] | None:
@@ -188,3 +205,5 @@ class WorkersCollector:
 def register_collectors(registry: CollectorRegistry, cp: ControlPlane) -> None:
     registry.register(JobsCollector(cp))  # type: ignore[arg-type]
     registry.register(WorkersCollector(cp))  # type: ignore[arg-type]
+    registry.register(JobHistoryCollector(cp))  # type: ignore[arg-type]
+    register_runtime_collectors(registry)

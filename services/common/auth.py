@@ -1,5 +1,6 @@
 """Optional bearer API keys (``Settings.api_keys_file``), kept only as sha256 hashes in memory.
 
+One key may also come from ``Settings.api_key`` (``excb serve/up --api-key``, ``EXCB_API_KEY``), beside the file.
 File format: one key per line; ``#`` comments and blank lines are ignored; a line ``sha256:<hex>`` is an
 already-hashed key (so the file itself need not hold secrets). No file configured = no auth (embedded mode).
 The principal id is derived from the hash, so ownership survives restarts without storing the key.
@@ -17,10 +18,14 @@ import hmac
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from services.common.errors import ApiError
+
+if TYPE_CHECKING:
+    from services.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,18 @@ class ApiKeyAuth:
     @classmethod
     def from_file(cls, path: Path | None, admin_path: Path | None = None) -> "ApiKeyAuth":
         return cls(load_key_hashes(path) if path else None, load_key_hashes(admin_path) if admin_path else None)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "ApiKeyAuth":
+        """The keys file's keys plus ``api_key`` (``--api-key`` / ``EXCB_API_KEY``, the one-key case)."""
+        hashes = load_key_hashes(settings.api_keys_file) if settings.api_keys_file else []
+        if settings.api_key is not None:
+            key = settings.api_key.get_secret_value().strip()
+            if not key:
+                raise ValueError("api_key is empty")
+            hashes.append(hash_key(key))
+        admin = load_key_hashes(settings.admin_keys_file) if settings.admin_keys_file else None
+        return cls(hashes or None, admin)
 
     @property
     def enabled(self) -> bool:

@@ -6,54 +6,90 @@ import copy
 import os
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, multiprocess
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 NAMESPACE = "excb"
 
+# No ``*_created`` series beside every counter and histogram: they double the series count and Prometheus
+# itself ignores them (issue 32). Process-wide, as prometheus_client offers it.
+disable_created_metrics()
 
-ModelFilter = Callable[[str], bool]  # which ``model`` label values a scrape may carry
-
-
-def metrics_response(registry: CollectorRegistry, models: ModelFilter | None = None) -> Response:
-    """The text exposition of ``registry`` (summed over processes when several serve one port); ``models``:
-    keep only the series whose ``model`` label it accepts (None: all)."""
-    return Response(exposition(registry, models), media_type=CONTENT_TYPE_LATEST)
+LabelFilter = Callable[[str], bool]  # which values of one label a scrape may carry
+ModelFilter = LabelFilter  # the ``model`` label's (kept: the name the callers know)
 
 
-def exposition(registry: CollectorRegistry, models: ModelFilter | None = None) -> bytes:
+@dataclass(frozen=True)
+class ScrapeScope:
+    """What one scrape may see (issue 33 item 5): ``models`` filters the ``model`` label, ``jobs`` the ``job``
+    label; None lets every value through."""
+
+    models: LabelFilter | None = None
+    jobs: LabelFilter | None = None
+
+    def keeps(self, labels: dict[str, str]) -> bool:
+        if self.models is not None and "model" in labels and not self.models(labels["model"]):
+            return False
+        return not (self.jobs is not None and "job" in labels and not self.jobs(labels["job"]))
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """The standard ``process_*``, ``python_info`` and ``python_gc_*`` series on an app's own registry, as
+    every Prometheus Python exporter has them (the default registry, which holds them, is not ours)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
+def metrics_response(registry: CollectorRegistry, scope: ScrapeScope | ModelFilter | None = None,
+                     accept: str | None = None) -> Response:
+    """The exposition of ``registry`` (summed over processes when several serve one port) in the format the
+    ``Accept`` header asks for: OpenMetrics when it names ``application/openmetrics-text``, else the text
+    format 0.0.4 (prometheus_client's own negotiation). ``scope``: keep only the series it allows (None:
+    all; a bare filter is the ``model`` label's)."""
+    if scope is not None and not isinstance(scope, ScrapeScope):
+        scope = ScrapeScope(models=scope)
+    encoder, content_type = choose_encoder(accept or "")
+    return Response(encoder(_source(registry, scope)), media_type=content_type)
+
+
+def _source(registry: CollectorRegistry, scope: ScrapeScope | None) -> "_Scoped":
     """One process: ``registry`` as is. Several (``uvicorn --workers N`` with ``PROMETHEUS_MULTIPROC_DIR``
     set, reliability.md row 31): each scrape reaches one process at random, so counters and histograms come
     from every process's files (totals stay monotonic), and only the scrape-time collectors (gauges read
-    from the job store) from this process."""
+    from the job store, the process collectors) from this process."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
-        return generate_latest(_ModelScoped(registry, models))
+        return _Scoped([registry], scope)
     merged = CollectorRegistry()
     multiprocess.MultiProcessCollector(merged, path=path)
-    return generate_latest(_ModelScoped(merged, models)) + generate_latest(
-        _ModelScoped(_ScrapeTimeOnly(registry), models))
+    return _Scoped([merged, _ScrapeTimeOnly(registry)], scope)
 
 
-class _ModelScoped:
-    """``source``'s metrics without the samples whose ``model`` label the filter refuses: one key's scrape does
-    not name another key's models (issue 33 item 5)."""
+class _Scoped:
+    """``sources``' metrics (one exposition, one ``# EOF`` in OpenMetrics) without the samples whose ``model``
+    or ``job`` label the scope refuses: one key's scrape does not name another key's models or jobs."""
 
-    def __init__(self, source: Any, models: ModelFilter | None) -> None:
-        self.source, self.models = source, models
+    def __init__(self, sources: list[Any], scope: ScrapeScope | None) -> None:
+        self.sources, self.scope = sources, scope
 
     def collect(self) -> Iterator[Metric]:
-        for metric in self.source.collect():
-            if self.models is not None:
-                keep = self.models
-                metric = copy.copy(metric)
-                metric.samples = [s for s in metric.samples if "model" not in s.labels or keep(s.labels["model"])]
-            yield metric
+        for source in self.sources:
+            for metric in source.collect():
+                if self.scope is not None:
+                    metric = copy.copy(metric)
+                    metric.samples = [s for s in metric.samples if self.scope.keeps(s.labels)]
+                yield metric
 
 
 class _ScrapeTimeOnly:

@@ -33,8 +33,9 @@ from prometheus_client import CollectorRegistry
 
 from excb.onnx_runtime import PROVIDER_ORDER, available_providers, default_intra_op_threads
 from services.common.auth import ApiKeyAuth
+from services.common.cors import install_cors
 from services.common.errors import ApiError, install_error_docs, install_error_handlers
-from services.common.metrics import install_http_metrics, metrics_response
+from services.common.metrics import install_http_metrics, metrics_response, register_runtime_collectors
 from services.embed.batcher import BatcherClosed, QueueFull, QueueTimeout
 from services.embed.decode_budget import PixelBudget, return_large_buffers_to_the_os
 from services.embed.decoding import ImageDecoder
@@ -60,7 +61,7 @@ class EmbedService:
         # `excb up`: the control plane's ModelSync (stale(), sync_if_changed()); checked before each lease so
         # a model activated a moment ago answers even before the file-system notification arrives
         self.model_source: Any = None
-        self.auth = ApiKeyAuth.from_file(settings.api_keys_file, settings.admin_keys_file)
+        self.auth = ApiKeyAuth.from_settings(settings)
         e = settings.embed
         self.fetch_policy = FetchPolicy.build(e.url_allowed_hosts, e.url_allowed_networks, e.max_image_bytes,
                                               e.url_timeout_seconds, e.url_max_redirects)
@@ -306,6 +307,10 @@ def build_router(svc: EmbedService) -> APIRouter:
     async def livez() -> dict[str, str]:
         return {"status": "alive"}
 
+    @router.get("/health", tags=["health"], summary="Liveness, as Hugging Face TEI names it (same as /livez)")
+    async def health() -> dict[str, str]:
+        return await livez()
+
     @router.get("/readyz", tags=["health"])
     async def readyz() -> Response:
         ok, problems = svc.registry.readiness()
@@ -314,24 +319,28 @@ def build_router(svc: EmbedService) -> APIRouter:
         return JSONResponse({"status": "ready", "latest": svc.registry.latest_id,
                              "models": [m.version for m in svc.registry.models()]})
 
-    @router.get("/metrics", tags=["health"])
-    async def metrics() -> Response:
-        return metrics_response(svc.metrics.registry)
+    @router.api_route("/metrics", methods=["GET", "HEAD"], tags=["health"])
+    async def metrics(request: Request) -> Response:
+        """Prometheus; OpenMetrics when the ``Accept`` header asks for it."""
+        return metrics_response(svc.metrics.registry, accept=request.headers.get("accept"))
 
     return router
 
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
-               metrics_registry: CollectorRegistry | None = None) -> FastAPI:
+               metrics_registry: CollectorRegistry | None = None, cors: bool = True) -> FastAPI:
     """Build the embed app. Without ``registry``, one is made from ``settings`` and ``models_dir`` is scanned
     now (not in a lifespan hook, so the app also works when mounted inside another app). ``metrics_registry``:
-    the mounting app's, so one ``/metrics`` shows both (`excb up`); by default the app has its own."""
+    the mounting app's, so one ``/metrics`` shows both (`excb up`); by default the app has its own (with the
+    process collectors). ``cors``: False when mounted in an app that answers CORS itself."""
     settings = settings or get_settings()
     metrics = EmbedMetrics(metrics_registry)
+    if metrics_registry is None:
+        register_runtime_collectors(metrics.registry)
     owns = registry is None
     if registry is None:
         registry = ModelRegistry(settings.embed, settings.resolved_models_dir, batch_hook=metrics.batch_hook,
-                                 require_record=settings.api_keys_file is not None)
+                                 require_record=settings.auth_configured)
         registry.rescan()
         registry.start_rescan(settings.embed.rescan_seconds)
     elif registry.batch_hook is None:
@@ -359,6 +368,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     _include_index_routes(app, svc)
     install_openapi(app)
     install_error_docs(app)
+    if cors:
+        install_cors(app, settings.cors_origins)
     return app
 
 

@@ -23,6 +23,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--max-delay-ms", type=float,
                    help="how long a lone request waits for company (default: EXCB_EMBED__MAX_DELAY_MS, 5)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: EXCB_EMBED__INTRA_OP_THREADS, else the cores available)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require this bearer key on /embed and /v1/* (default: EXCB_API_KEY; more keys: "
+                        "EXCB_API_KEYS_FILE). Visible in `ps`: prefer EXCB_API_KEY on shared machines")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -41,6 +44,10 @@ def build_settings(args: argparse.Namespace):  # -> Settings (import kept lazy f
         update["models_dir"] = Path(args.models_dir)
     if args.data_root:
         update["data_roots"] = [Path(r) for r in args.data_root]
+    if args.api_key:
+        from pydantic import SecretStr
+
+        update["api_key"] = SecretStr(args.api_key)
     return base.model_copy(update=update)
 
 

@@ -76,9 +76,10 @@ class LiveUp:
 
 
 @contextlib.contextmanager
-def excb_up(tmp_path: Path, **env: str) -> Iterator[LiveUp]:
+def excb_up(tmp_path: Path, args: tuple[str, ...] = (), **env: str) -> Iterator[LiveUp]:
     """`excb up` on a free port with HOME/DATA under ``tmp_path`` (DATA holds ``seven.png``), embedded SQLite
-    broker and store (Redis/PostgreSQL variables dropped), ready when yielded; stopped with SIGTERM, then SIGKILL."""
+    broker and store (Redis/PostgreSQL variables dropped), ready when yielded; stopped with SIGTERM, then SIGKILL.
+    ``args``: more command-line arguments."""
     from support.services import free_port
 
     home, data = tmp_path / "home", tmp_path / "data"
@@ -91,7 +92,7 @@ def excb_up(tmp_path: Path, **env: str) -> Iterator[LiveUp]:
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", str(port), "--home", str(home),
-                                 "--data-root", str(data)], env=full, cwd=tmp_path, stdout=out,
+                                 "--data-root", str(data), *args], env=full, cwd=tmp_path, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     up = LiveUp(f"http://127.0.0.1:{port}", full, log, proc)
     try:

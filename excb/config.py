@@ -29,10 +29,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+BUILTIN_BACKBONES = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")
+
+
 class ModelConfig(_Section):
     """Backbone and heads (method.md §1)."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    backbone: str = Field(
+        "resnet18", description=f"one of ours ({', '.join(BUILTIN_BACKBONES)}), or any torchvision or timm "
+        "classification architecture by name: torchvision:resnet34, timm:convnext_tiny (timm/NAME, LightlyTrain's "
+        "spelling, reads the same; timm needs pip install 'excb[timm]'). Built untrained without its classifier; "
+        "width, small_images, stem_stride and patch_size apply to ours only")
     small_images: bool | None = Field(
         None, description="3x3 stem without max-pool (28-64 px data). None: decided from image size."
     )
@@ -59,6 +66,31 @@ class ModelConfig(_Section):
         "(excb.whitening; part of the checkpoint and the ONNX bundle); 'off': serve it as the backbone gives it")
 
     _on_off = field_validator("whitening", mode="before")(_yaml_on_off)
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _check_backbone(cls, value: Any) -> Any:
+        """Ours by name, or ``LIBRARY:NAME`` / ``LIBRARY/NAME`` checked against that library's model list."""
+        if not isinstance(value, str) or value in BUILTIN_BACKBONES:
+            return value
+        lib, sep, arch = value.replace("/", ":", 1).partition(":")
+        if not sep or lib not in ("torchvision", "timm"):
+            raise ValueError(f"unknown backbone {value!r}: choose one of {', '.join(BUILTIN_BACKBONES)}, or "
+                             "torchvision:NAME / timm:NAME")
+        from excb.models.external import check_arch
+
+        return check_arch(f"{lib}:{arch}")
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "ModelConfig":
+        """multiscale on a torchvision architecture without named stages: refused here, before any training (a
+        timm architecture is checked when built: whether it has ``forward_intermediates``)."""
+        if self.embedding == "multiscale" and self.backbone.startswith("torchvision:"):
+            from excb.models.external import no_stages_reason, torchvision_stages
+
+            if torchvision_stages(self.backbone.partition(":")[2]) is None:
+                raise ValueError(f"model.embedding=multiscale: {no_stages_reason(self.backbone)}")
+        return self
 
 
 class DataConfig(_Section):
@@ -250,6 +282,8 @@ class TrainConfig(_Section):
 SHORT_KEYS: dict[str, str] = {
     "data": "data.source",
     "backbone": "model.backbone",
+    "arch": "model.backbone",
+    "model.arch": "model.backbone",  # the issue's (and LightlyTrain users') name for it
     "num_clusters": "model.num_clusters",
 }
 
@@ -371,6 +405,13 @@ def _expand_short_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
+    for alias, home in SHORT_KEYS.items():  # dotted aliases inside a section: model: {arch: ...}
+        section, _, leaf = alias.partition(".")
+        if leaf and isinstance(out.get(section), Mapping) and leaf in out[section]:
+            node = dict(out[section])
+            value = node.pop(leaf)
+            out[section] = node
+            _set_dotted(out, home, value)
     return out
 
 
@@ -535,7 +576,9 @@ def format_config_fields(width: int = 100) -> str:
     """The field reference as text: ``name  type = default``, the description wrapped underneath."""
     import textwrap
 
-    short = {v: k for k, v in SHORT_KEYS.items()}
+    short: dict[str, str] = {}
+    for alias, home in SHORT_KEYS.items():
+        short[home] = f"{short[home]}, {alias}" if home in short else alias
     rows = config_fields()
     name_width = max(len(r[0]) for r in rows)
     lines = ["TrainConfig fields: set them as key=value, in a --config file or in a job body. Defaults are "
@@ -543,6 +586,6 @@ def format_config_fields(width: int = 100) -> str:
              "values a run would use.", ""]
     for name, type_, default, desc in rows:
         lines.append(f"  {name:<{name_width}}  {type_} = {default}")
-        text = desc + (f" (short key: {short[name]})" if name in short else "")
+        text = desc + (f" (short key: {short[name]})" if name in short and "short key" not in desc else "")
         lines += textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6) if text else []
     return "\n".join(lines) + "\n"

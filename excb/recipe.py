@@ -37,6 +37,7 @@ import torch
 from excb.config import TrainConfig
 from excb.data.datasets import evenly_spaced
 from excb.mirror import MIRROR_RATIO_MAX, mirror_ratio, pil_thumbnail, thumbnails
+from excb.models.external import is_external
 
 log = logging.getLogger("excb.recipe")
 
@@ -240,9 +241,10 @@ def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
         f.set("model.backbone", "resnet18")
         f.set("model.width", 16, "ResNet-18 at width 16: the model cpu-small was tuned with on a 2-core CPU")
         head = {"projector_hidden_dim": 512, "bottleneck_dim": 128, "predictor_hidden_dim": 512}
-        f.set("model.embedding", "multiscale", "a CPU budget stops early, where the last 3 stages together rank "
-              "neighbours better than the last alone (kNN +2.6 to +3.9 points at 800 steps; within a point "
-              "at 2400-2900)")
+        if not is_external(str(_get(f.current, "model.backbone"))):  # measured on our ResNet; a library's
+            f.set("model.embedding", "multiscale", "a CPU budget stops early, where the last 3 stages together "
+                  "rank neighbours better than the last alone (kNN +2.6 to +3.9 points at 800 steps; within a "
+                  "point at 2400-2900)")  # architecture serves its own pre-logits unless multiscale is asked for
     else:
         f.set("model.backbone", "resnet18" if p.images < 200_000 else "resnet50",
               f"{'ResNet-18' if p.images < 200_000 else 'ResNet-50'} for {p.images} images on a GPU")

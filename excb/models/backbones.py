@@ -1,4 +1,5 @@
-"""Backbones: width-configurable ResNets and DINO-style ViTs (method.md §1.1).
+"""Backbones: width-configurable ResNets and DINO-style ViTs (method.md §1.1), or a torchvision / timm
+architecture by name (excb.models.external).
 
 Every backbone maps images to one feature vector per image and exposes ``embed_dim``; ``stage_features``
 returns one pooled vector per stage (ViT: per block), the last being ``forward``'s, and ``stage_dims`` their
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from excb.config import ConfigError, ModelConfig
+from excb.models.external import LibraryBackbone, check_multiscale, is_external
 
 _RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
@@ -232,9 +234,17 @@ def resolve_small_images(cfg: ModelConfig, global_size: int) -> bool:
     return global_size <= 64 if cfg.small_images is None else bool(cfg.small_images)
 
 
-def build_backbone(cfg: ModelConfig, global_size: int, drop_path_rate: float) -> nn.Module:
-    """Build the backbone named by ``cfg.backbone`` for ``global_size`` px global crops."""
+def build_backbone(cfg: ModelConfig, global_size: int, drop_path_rate: float, local_size: int | None = None) -> nn.Module:
+    """Build the backbone named by ``cfg.backbone`` for ``global_size`` px global crops (and ``local_size`` px
+    local ones, the student's): one of ours, or a torchvision / timm architecture (``torchvision:NAME``,
+    ``timm:NAME``; excb.models.external)."""
     name = cfg.backbone
+    if is_external(name):
+        backbone = LibraryBackbone(name, global_size, drop_path_rate)
+        check_multiscale(backbone, cfg.embedding)
+        if local_size is not None and local_size != global_size:
+            backbone.check_size(local_size, "augment.local_size")
+        return backbone
     if name in _RESNETS:
         block, layers = _RESNETS[name]
         return ResNet(block, layers, width=cfg.width, small_images=resolve_small_images(cfg, global_size),

@@ -137,7 +137,8 @@ def build_model(cfg: TrainConfig, teacher: bool = False) -> ExCBModel:
     """Build the student (drop_path from the config) or the teacher (drop_path 0, same modules)."""
     m = cfg.model
     drop_path = 0.0 if teacher else m.drop_path_rate
-    backbone = build_backbone(m, cfg.augment.global_size, drop_path)
+    local = cfg.augment.local_size if cfg.augment.num_local_crops and not teacher else None
+    backbone = build_backbone(m, cfg.augment.global_size, drop_path, local)
     projector = MLP(backbone.embed_dim, m.projector_hidden_dim, m.projector_hidden_layers,  # type: ignore[arg-type]
                     m.bottleneck_dim, m.mlp_bn, m.activation)
     predictor = Predictor(m.bottleneck_dim, m.predictor_hidden_dim, m.mlp_bn, m.activation) if m.predictor else None

@@ -42,6 +42,14 @@ def _is_vit(arch: str) -> bool:
     return arch.startswith("vit")
 
 
+def _library(arch: str) -> str | None:
+    """"torchvision" / "timm" for a backbone brought by name (excb.models.external), None for ours."""
+    from excb.models.external import split_arch
+
+    found = split_arch(arch)
+    return found[0] if found else None
+
+
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
     """Apply each rename once: a pair starting with "." is an infix, any other a prefix."""
     for old, new in pairs:
@@ -53,7 +61,12 @@ def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
 
 
 def to_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
-    """Our backbone state dict -> torchvision (ResNet: identical) or timm (ViT) key names."""
+    """Our backbone state dict -> torchvision (ResNet: identical) or timm (ViT) key names; a library's own
+    architecture (``torchvision:NAME``, ``timm:NAME``) -> its own names."""
+    if _library(arch):
+        from excb.models.external import to_library_keys
+
+        return to_library_keys(state)
     if not _is_vit(arch):
         return dict(state)
     return {_rename(k, _VIT_TO_TIMM): v for k, v in state.items()}
@@ -61,18 +74,26 @@ def to_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
 
 def from_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
     """The inverse of :func:`to_ecosystem_keys`."""
+    if _library(arch):
+        from excb.models.external import from_library_keys
+
+        return from_library_keys(state)
     if not _is_vit(arch):
         return dict(state)
     back = tuple((new, old) for old, new in _VIT_TO_TIMM)
     return {_rename(k, back): v for k, v in state.items()}
 
 
-def _compatible_with(cfg: Any) -> dict[str, Any]:
+def _compatible_with(cfg: Any, backbone: nn.Module) -> dict[str, Any]:
     """Which third-party constructor these exact tensors load into with strict=True (None: none does)."""
     m, size = cfg.model, int(cfg.augment.global_size)
     from excb.models.backbones import resolve_small_images
 
     out: dict[str, Any] = {"torchvision": None, "timm": None}
+    library = _library(m.backbone)
+    if library is not None:  # the library's own module: always
+        out[library] = backbone.constructor(size)  # type: ignore[operator]
+        return out
     if m.backbone in ("resnet18", "resnet34", "resnet50") and m.width == 64 and not resolve_small_images(m, size):
         out["torchvision"] = f"torchvision.models.{m.backbone}() with fc = nn.Identity()"
     if m.backbone == "vit_small" and m.patch_size == 16:
@@ -112,13 +133,19 @@ def backbone_meta(cfg: Any, model: nn.Module, source: dict[str, Any] | None = No
         "embed_dim": embedding["dim"],  # the served embedding's, as model.json's embed_dim
         "embedding": embedding,
         "backbone": {"dim": backbone_dim, "file": WEIGHTS_FILE,
-                     "feature": "CLS token after the final LayerNorm" if _is_vit(m.backbone) else "global-average-pooled",
+                     "feature": _backbone_feature(m.backbone),
                      "load": "excb.models.load_backbone(DIR, features='backbone')"},
-        "key_layout": "timm" if _is_vit(m.backbone) else "torchvision",
-        "loads_into": _compatible_with(cfg),
+        "key_layout": _library(m.backbone) or ("timm" if _is_vit(m.backbone) else "torchvision"),
+        "loads_into": _compatible_with(cfg, model.backbone),
         "source": source or {},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _backbone_feature(arch: str) -> str:
+    if _library(arch):
+        return "the library model's pre-logits feature (its classifier removed)"
+    return "CLS token after the final LayerNorm" if _is_vit(arch) else "global-average-pooled"
 
 
 def _cpu_state(module: nn.Module) -> dict[str, Tensor]:

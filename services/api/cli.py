@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.api.client import Client
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -46,12 +49,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _add_jobs(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("jobs", help="submit and manage training jobs on a control plane",
-                       description="Talks to EXCB_API_URL (default http://127.0.0.1:8000) with EXCB_API_TOKEN.")
+                       description="Talks to EXCB_API_URL (default http://127.0.0.1:8000) with EXCB_API_TOKEN "
+                                   "(else EXCB_API_KEY). The same verbs in Python: services.api.client.Client.")
     p.add_argument("--url", help="control-plane URL (default: EXCB_API_URL, else http://127.0.0.1:8000)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     jobs = p.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     s = jobs.add_parser("submit", help="submit a job file (YAML/JSON, the same as `excb train --config`)")
-    s.add_argument("file", type=Path, help="job file: a TrainConfig in YAML or JSON")
+    s.add_argument("file", help="job file: a TrainConfig in YAML or JSON; `-` reads it from stdin")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for excb train")
     s.add_argument("--job-id", help="your id for the job (scoped to your API key; default: made by the server)")
     s.add_argument("--idempotency-key", help="a retried submit with the same key returns the first job")
@@ -60,12 +64,17 @@ def _add_jobs(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="a metadata label kept with the job (repeatable; the value is JSON when it parses)")
     s.set_defaults(jobs_func=_jobs_submit)
-    ls = jobs.add_parser("list", help="list jobs")
-    ls.add_argument("--status", help="only jobs in this state (QUEUED, RUNNING, SUCCEEDED, ...)")
-    ls.add_argument("--limit", type=int, default=50, help="at most this many jobs")
+    ls = jobs.add_parser("list", help="list your jobs, newest first")
+    _list_filters(ls)
     ls.set_defaults(jobs_func=_jobs_list)
-    for name, func, text in (("status", _jobs_status, "show a job"), ("cancel", _jobs_cancel, "cancel a job"),
-                             ("retry", _jobs_retry, "retry a failed/cancelled job from its checkpoint")):
+    st = jobs.add_parser("status", help="show a job; without an id, list jobs as `list` does")
+    st.add_argument("job_id", nargs="?", help="the job's id (none: the list)")
+    _list_filters(st)
+    st.set_defaults(jobs_func=_jobs_status)
+    for name, func, text in (("cancel", _jobs_cancel, "cancel a job"),
+                             ("retry", _jobs_retry, "retry a failed/cancelled job from its checkpoint"),
+                             ("delete", _jobs_delete, "delete a finished job with its run dir (its model stays)"),
+                             ("config", _jobs_config, "print the config the job runs with (YAML; --json: JSON)")):
         a = jobs.add_parser(name, help=text)
         a.add_argument("job_id", help="the job's id")
         a.set_defaults(jobs_func=func)
@@ -80,66 +89,103 @@ def _add_jobs(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> Non
     p.set_defaults(func=_cmd_jobs)
 
 
+def _list_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", help="only jobs in these states, comma-separated (QUEUED, RUNNING, SUCCEEDED, ...)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs")
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from services.api.client import ApiClient, ApiClientError
-    from services.settings import get_settings
+    from services.api.client import ApiClientError, Client
 
-    settings = get_settings()
-    client = ApiClient(args.url or settings.api_url, settings.api_token)
-    try:
-        return int(args.jobs_func(client, args) or 0)
-    except ApiClientError as exc:
-        print(f"excb: {exc}", file=sys.stderr)
-        return 2 if exc.status in (400, 409, 422) else 1
+    with Client(args.url) as client:
+        try:
+            return int(args.jobs_func(client, args) or 0)
+        except ApiClientError as exc:
+            print(f"excb: {exc}", file=sys.stderr)
+            return 2 if exc.status in (400, 409, 422) else 1
 
 
-def _jobs_submit(client: Any, args: argparse.Namespace) -> int:
+def _job_body(source: str) -> dict[str, Any]:
+    """The job file's mapping; ``-``: read from stdin (YAML, of which JSON is a part)."""
+    import yaml
+
     from excb.config import load_file
 
-    body = dict(load_file(args.file))
-    if args.overrides:
-        body["overrides"] = list(body.get("overrides", [])) + list(args.overrides)
-    if args.job_id:
-        body["job_id"] = args.job_id
-    if args.gpus is not None:
-        body["gpus"] = args.gpus
-    if args.meta:
-        body["metadata"] = {**body.get("metadata", {}), **_labels(args.meta)}
-    job = client.submit(body, args.idempotency_key)
+    if source != "-":
+        return dict(load_file(source))
+    try:
+        body = yaml.safe_load(sys.stdin.read())
+    except yaml.YAMLError as exc:
+        raise _Usage(f"the job on stdin is not YAML or JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise _Usage("the job on stdin must be a mapping (a TrainConfig in YAML or JSON)")
+    return body
+
+
+class _Usage(Exception):
+    """A mistake in the command line or its input: one ``excb:`` line, exit 2."""
+
+
+def _jobs_submit(client: Client, args: argparse.Namespace) -> int:
+    try:
+        body = _job_body(args.file)
+        metadata = _labels(args.meta) if args.meta else None
+    except _Usage as exc:
+        print(f"excb: {exc}", file=sys.stderr)
+        return 2
+    job = client.submit(body, args.overrides, job_id=args.job_id, gpus=args.gpus, metadata=metadata,
+                        idempotency_key=args.idempotency_key)
     if args.json:
-        print(json.dumps(job))
+        print(job.model_dump_json())
     else:
-        jid = job["id"]
-        print(f"submitted {jid} ({job['status']})")
+        jid = job.id
+        print(f"submitted {jid} ({job.status})")
         print(f"  status:  excb jobs status {jid}\n  logs:    excb jobs logs {jid} --follow\n"
               f"  cancel:  excb jobs cancel {jid}")
-    return _follow(client, job["id"]) if args.follow else 0
+    return _follow(client, job.id) if args.follow else 0
 
 
-def _jobs_list(client: Any, args: argparse.Namespace) -> int:
-    page = client.list(args.status, args.limit)
+def _jobs_list(client: Client, args: argparse.Namespace) -> int:
+    items = client.list_jobs(args.status, args.limit)
     if args.json:
-        print(json.dumps(page))
+        print(json.dumps({"items": [j.model_dump(mode="json") for j in items]}))
         return 0
     print(f"{'ID':22} {'STATUS':10} {'ATT':>3} {'STEP':>12} {'%':>6}  CREATED")
-    for j in page["items"]:
-        pr = j["progress"]
-        step = f"{pr.get('step') or 0}/{pr.get('total_steps') or '?'}"
-        pct = "" if pr.get("percent") is None else f"{pr['percent']:.0f}"
-        print(f"{j['id']:22} {j['status']:10} {j['attempt']:>3} {step:>12} {pct:>6}  {j['created_at']}")
-    stuck = next((j["status_detail"] for j in page["items"] if j["status"] == "QUEUED"
-                  and "no live worker" in (j.get("status_detail") or "")), None)
+    for j in items:
+        pr = j.progress
+        step = f"{pr.step or 0}/{pr.total_steps or '?'}"
+        pct = "" if pr.percent is None else f"{pr.percent:.0f}"
+        print(f"{j.id:22} {j.status:10} {j.attempt:>3} {step:>12} {pct:>6}  {j.created_at.isoformat()}")
+    stuck = next((j.status_detail for j in items if j.status == "QUEUED"
+                  and "no live worker" in (j.status_detail or "")), None)
     if stuck:
         print(f"warning: {stuck}", file=sys.stderr)
     return 0
 
 
-def _jobs_status(client: Any, args: argparse.Namespace) -> int:
-    job = client.get(args.job_id)
+def _jobs_status(client: Client, args: argparse.Namespace) -> int:
+    if args.job_id is None:
+        return _jobs_list(client, args)
+    job = client.status(args.job_id).model_dump(mode="json")
     if args.json:
         print(json.dumps(job))
         return 0
     print("\n".join(status_lines(job)))
+    return 0
+
+
+def _jobs_config(client: Client, args: argparse.Namespace) -> int:
+    """The effective config (the run's config.yaml, after the recipe and the budget); until the worker reports
+    it, the submitted one, said so on stderr."""
+    import yaml
+
+    job = client.status(args.job_id)
+    cfg = job.effective
+    if cfg is None:
+        cfg = job.requested
+        print(f"excb: {job.id} has not reported its effective config yet ({job.status}); this is the submitted "
+              f"one", file=sys.stderr)
+    print(json.dumps(cfg) if args.json else yaml.safe_dump(cfg, sort_keys=False).rstrip())
     return 0
 
 
@@ -251,43 +297,43 @@ def _labels(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _jobs_cancel(client: Any, args: argparse.Namespace) -> int:
+def _jobs_cancel(client: Client, args: argparse.Namespace) -> int:
     job = client.cancel(args.job_id)
-    print(json.dumps(job) if args.json else f"{job['id']}: {job['status']}")
+    print(job.model_dump_json() if args.json else f"{job.id}: {job.status}")
     return 0
 
 
-def _jobs_retry(client: Any, args: argparse.Namespace) -> int:
+def _jobs_retry(client: Client, args: argparse.Namespace) -> int:
     job = client.retry(args.job_id)
-    print(json.dumps(job) if args.json else f"{job['id']}: {job['status']} (resumes from its last checkpoint)")
+    print(job.model_dump_json() if args.json else f"{job.id}: {job.status} (resumes from its last checkpoint)")
     return 0
 
 
-def _jobs_logs(client: Any, args: argparse.Namespace) -> int:
+def _jobs_delete(client: Client, args: argparse.Namespace) -> int:
+    client.delete(args.job_id)
+    print(json.dumps({"deleted": args.job_id}) if args.json else f"{args.job_id}: deleted")
+    return 0
+
+
+def _jobs_logs(client: Client, args: argparse.Namespace) -> int:
     if args.follow:
         return _follow(client, args.job_id)
-    for text in client.log_pages(args.job_id):
+    for text in client.logs(args.job_id):
         print(text, end="", flush=True)
     return 0
 
 
-def _jobs_pull(client: Any, args: argparse.Namespace) -> int:
-    from services.api.client import pull_bundle
-
-    target = pull_bundle(client, args.job_id, args.out)
+def _jobs_pull(client: Client, args: argparse.Namespace) -> int:
+    target = client.pull(args.job_id, args.out)
     print(json.dumps({"model_dir": str(target)}) if args.json else f"saved {target}")
     return 0
 
 
-def _follow(client: Any, job_id: str) -> int:
+def _follow(client: Client, job_id: str) -> int:
     """Stream the log until the job ends, however long that is (the client reconnects where it left off);
     exit 0 only if it SUCCEEDED."""
-    status = None
-    for event, data in client.stream(f"/v1/jobs/{job_id}/logs/stream"):
-        if event == "log":
-            print(data["line"], flush=True)
-        elif event == "end":
-            status = data.get("status")
-    status = status or client.get(job_id)["status"]
+    for line in client.logs(job_id, follow=True):
+        print(line, flush=True)
+    status = client.status(job_id).status
     print(f"{job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1

@@ -1,4 +1,19 @@
-"""A small HTTP client for the control plane (what `excb jobs ...` uses)."""
+"""The Python SDK of the control plane, and what `excb jobs ...` uses (one client, not two).
+
+    from services.api.client import Client
+
+    client = Client("http://127.0.0.1:8000", token="KEY")   # or EXCB_API_URL / EXCB_API_TOKEN (EXCB_API_KEY)
+    job = client.submit({"data": "digits", "budget": "2m"}, ["model.num_clusters=256"])
+    for line in client.logs(job.id, follow=True):
+        print(line)
+    job = client.wait(job.id)                                 # a Job: status, progress, effective, recipe, ...
+    client.pull(job.id, "models/")                            # the ONNX bundle, checked against its sha256
+
+Returns are the server's own response models (``services.api.schemas``: :class:`Job` = ``JobOut``), so the types
+are the API's and cannot drift from it. Errors are :class:`ApiClientError` (status, ``type``, ``field``). It lives
+in ``services`` rather than ``excb``: it needs httpx and httpx-sse, which only the ``services`` extra installs,
+and ``excb/`` keeps to its core dependencies.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +24,20 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterator
 
 import httpx
 from httpx_sse import SSEError, connect_sse
 
+from services.api.schemas import JobList, JobOut, LogsOut
+
 RECONNECT_ATTEMPTS = 10  # in a row without an event in between; then the error reaches the caller
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+Job = JobOut  # what every job verb returns
+LogPage = LogsOut
 
 
 class ApiClientError(Exception):
@@ -30,54 +52,119 @@ class ApiClientError(Exception):
         super().__init__(f"{status} {self.type}: {message}")
 
 
-class ApiClient:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+class Client:
+    """One control plane. ``url`` and ``token`` default to the settings ``excb jobs`` reads: ``EXCB_API_URL``
+    (else http://127.0.0.1:8000) and ``EXCB_API_TOKEN`` (else ``EXCB_API_KEY``, the server's one key)."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        if url is None or token is None:
+            from services.settings import get_settings
+
+            settings = get_settings()
+            url = url or settings.api_url
+            if token is None:
+                token = settings.api_token or (settings.api_key.get_secret_value() if settings.api_key else None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self.http.request(method, path, **kwargs)
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {"error": {"type": "http_error", "message": resp.text}}
-            raise ApiClientError(resp.status_code, body)
+            raise ApiClientError(resp.status_code, _error_body(resp))
         return resp.json() if resp.content else None
 
-    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._call("POST", "/v1/jobs", json=body, headers=headers)
+    # --- the job verbs ------------------------------------------------------------------------------------
 
-    def list(self, status: str | None = None, limit: int = 50) -> dict[str, Any]:
+    def submit(self, config: Mapping[str, Any] | str | Path, overrides: Sequence[str] = (), *,
+               job_id: str | None = None, name: str | None = None, gpus: int | None = None,
+               metadata: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
+        """Queue a training job: ``config`` is what `excb train --config` reads (a mapping, or a YAML/JSON file),
+        ``overrides`` its ``key=value`` overrides. ``job_id`` (yours, scoped to your key) or ``idempotency_key``
+        make a retried submit return the first job instead of a second one."""
+        from excb.config import load_file
+
+        body = dict(load_file(config) if isinstance(config, (str, Path)) else config)
+        if overrides:
+            body["overrides"] = list(body.get("overrides", [])) + list(overrides)
+        extra = {"job_id": job_id, "name": name, "gpus": gpus}
+        body.update({k: v for k, v in extra.items() if v is not None})
+        if metadata:
+            body["metadata"] = {**body.get("metadata", {}), **metadata}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return Job.model_validate(self._call("POST", "/v1/jobs", json=body, headers=headers))
+
+    def list_jobs(self, status: str | Sequence[str] | None = None, limit: int = 50) -> list[Job]:
+        """Your jobs, newest first; ``status``: one state or several (QUEUED, RUNNING, SUCCEEDED, ...)."""
         params: dict[str, Any] = {"limit": limit}
         if status:
-            params["status"] = status
-        return self._call("GET", "/v1/jobs", params=params)
+            params["status"] = status if isinstance(status, str) else ",".join(status)
+        return JobList.model_validate(self._call("GET", "/v1/jobs", params=params)).items
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}")
+    def status(self, job_id: str) -> Job:
+        """The job now: status, progress, metrics, balance, ``requested``/``effective`` config, attempts."""
+        return Job.model_validate(self._call("GET", f"/v1/jobs/{job_id}"))
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+    def wait(self, job_id: str, timeout: float | None = None, poll_seconds: float = 2.0) -> Job:
+        """Poll until the job is SUCCEEDED, FAILED or CANCELLED and return it; ``TimeoutError`` after
+        ``timeout`` seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.status(job_id)
+            if job.status in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")
+            time.sleep(poll_seconds if deadline is None else max(0.0, min(poll_seconds, deadline - time.monotonic())))
 
-    def retry(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        """The job's log. ``follow=False``: the text there is now, in pages (``"".join(...)`` is the whole log);
+        ``follow=True``: line by line (no newline) until the job ends, however long that is: the stream
+        reconnects where it left off (servers close a stream after EXCB_STREAM_MAX_SECONDS)."""
+        if not follow:
+            return self.log_pages(job_id)
+        return (data["line"] for event, data in self.stream(f"/v1/jobs/{job_id}/logs/stream") if event == "log")
 
-    def logs(self, job_id: str, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> Job:
+        """Ask the job to stop (cooperative: CANCELLING, then CANCELLED once its trainer has exited)."""
+        return Job.model_validate(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def retry(self, job_id: str) -> Job:
+        """Run a FAILED/CANCELLED job again, resuming from its last checkpoint."""
+        return Job.model_validate(self._call("POST", f"/v1/jobs/{job_id}/retry"))
+
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job with its run dir (logs, checkpoints); its model stays. 409 while it runs."""
+        self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    def pull(self, job_id: str, out: str | Path = ".") -> Path:
+        """Download the job's model bundle into ``out/<model id>/`` (checked, see :func:`extract_bundle`)."""
+        return pull_bundle(self, job_id, Path(out))
+
+    # --- lower level: pages and streams -------------------------------------------------------------------
+
+    def log_page(self, job_id: str, offset: int = 0, limit: int | None = None) -> LogPage:
         params = {"offset": offset} | ({"limit": limit} if limit else {})
-        return self._call("GET", f"/v1/jobs/{job_id}/logs", params=params)
+        return LogPage.model_validate(self._call("GET", f"/v1/jobs/{job_id}/logs", params=params))
 
     def log_pages(self, job_id: str, limit: int = 1 << 20) -> Iterator[str]:
         """The whole log, page by page from offset 0 to the size it had when the pages were read."""
         offset = 0
         while True:
-            page = self.logs(job_id, offset, limit)
-            if page["text"]:
-                yield page["text"]
-            if page["next_offset"] <= offset or page["next_offset"] >= page["size"]:
+            page = self.log_page(job_id, offset, limit)
+            if page.text:
+                yield page.text
+            if page.next_offset <= offset or page.next_offset >= page.size:
                 return
-            offset = page["next_offset"]
+            offset = page.next_offset
 
     def stream(self, path: str, params: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
         """Yield ``(event, data)`` from an SSE endpoint until it sends ``end``, reconnecting with
@@ -115,13 +202,16 @@ class ApiClient:
             time.sleep(delay)  # closed at the server's cap, or dropped: come back after its retry delay
 
 
-def pull_bundle(client: ApiClient, job_id: str, out: Path) -> Path:
+ApiClient = Client  # its name before issue 32
+
+
+def pull_bundle(client: Client, job_id: str, out: Path) -> Path:
     """Download the model of ``job_id`` into ``out/<model id>/`` and check model.onnx against its sha256."""
-    job = client.get(job_id)
+    job = client._call("GET", f"/v1/jobs/{job_id}")  # only model_id and status are needed here
     model_id = job.get("model_id")
     if not model_id:
         raise ApiClientError(409, {"error": {"type": "conflict",
-                                             "message": f"job {job_id} has no model ({job['status']})"}})
+                                             "message": f"job {job_id} has no model ({job.get('status')})"}})
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile() as fh:
         with client.http.stream("GET", f"/v1/models/{model_id}/bundle") as resp:

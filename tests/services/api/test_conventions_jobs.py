@@ -120,7 +120,7 @@ def test_wait_times_out_with_the_status_it_saw(plane: tuple[Any, Any]) -> None:
 
 def test_celery_inspect_ping_reaches_a_worker_on_redis(pg_url: str, redis_url: str, make_stack: Any) -> None:
     """Celery's own tools work on the Redis broker: `celery -A services.worker.app inspect ping` gets the
-    worker's pong (README "Coming from Celery"; the embedded transport has no broadcast, see there)."""
+    worker's pong (README "Coming from TEI / Infinity / Ray / LightlyTrain": the embedded transport has no broadcast)."""
     stack = make_stack(pg_url, redis_url)
     stack.start_api()
     worker = stack.start_worker("pingme@localhost")

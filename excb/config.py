@@ -170,6 +170,16 @@ class KMeansConfig(_Section):
     chunk_size: int = Field(25_000, ge=1)
 
 
+class MlflowConfig(_Section):
+    """Where ``logger=mlflow`` writes (excb/mlflow_logger.py)."""
+
+    tracking_uri: str | None = Field(
+        None, description="an MLflow tracking URI (http://host:5000, sqlite:///PATH, databricks); None: "
+        "EXCB_MLFLOW_TRACKING_URI, else a local SQLite store in out/mlruns/ (mlflow.db)")
+    experiment: str = Field("excb", min_length=1, description="MLflow experiment name (created when missing)")
+    run_name: str | None = Field(None, description="MLflow run name; None: the out directory's name")
+
+
 class EvalConfig(_Section):
     """Optional kNN evaluation during/after training (needs a labelled data set)."""
 
@@ -235,9 +245,10 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(1, ge=1)
     histogram_every_steps: int = Field(50, ge=1, description="how often the sorted K*s curve is logged")
     progress: bool = True
-    logger: Literal["jsonl", "tensorboard"] = Field(
+    logger: Literal["jsonl", "tensorboard", "mlflow"] = Field(
         "jsonl", description="metrics.jsonl always; tensorboard: also TensorBoard scalars in out/tb "
-        "(pip install 'excb[tensorboard]')")
+        "(pip install 'excb[tensorboard]'); mlflow: also MLflow metrics, params and artifacts (the mlflow.* "
+        "fields; pip install 'excb[mlflow]')")
     resume: Literal["auto", "never", "must"] = Field(
         "auto", description="auto: continue the run in out if its checkpoint's config matches (fields that may "
         "differ: excb.rerun.MAY_CHANGE_ON_RESUME); never: refuse an out that already holds a run; must: fail "
@@ -257,6 +268,7 @@ class TrainConfig(_Section):
     balancing: BalancingConfig = BalancingConfig()
     kmeans: KMeansConfig = KMeansConfig()
     eval: EvalConfig = EvalConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
     @field_validator("budget", mode="before")
     @classmethod

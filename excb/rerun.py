@@ -26,13 +26,13 @@ log = logging.getLogger("excb.rerun")
 MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "epochs", "max_steps", "budget", "progress", "resume", "overwrite", "out", "preset", "recipe", "pinned",
     "log_every_steps", "histogram_every_steps", "checkpoint_every_steps", "keep_epoch_checkpoints", "compile", "logger",
-    "data.num_workers", "eval.",
+    "data.num_workers", "eval.", "mlflow.",
 )
 # What a run writes into its directory; ``overwrite=true`` moves these aside (job.log stays: the worker owns it;
 # config.yaml goes with the old run, after this run has read it, and is written again with this run's recipe).
 RUN_OUTPUTS: tuple[str, ...] = (
     "checkpoints", "metrics.jsonl", "summary.json", "config.yaml", "recipe.json", "train.log",
-    "backbone.safetensors", "whitening.safetensors", "backbone.json", "tb",
+    "backbone.safetensors", "whitening.safetensors", "backbone.json", "tb", "mlflow.json",
 )
 REPLACED_DIR = "replaced"
 _SHOWN_DIFFS = 4  # the error lists every field, the old -> new values of the first few

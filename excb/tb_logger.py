@@ -17,6 +17,17 @@ SECTIONS = {"step": "train", "epoch": "epoch", "budget": "budget", "kmeans": "km
 SKIP_KEYS = {"step", "time", "epoch", "type"}
 
 
+def scalars(event: dict[str, Any]) -> list[tuple[str, float]]:
+    """The finite numeric fields of a metric row as ``(section/key, value)``; none for rows of other types.
+    Every metrics sink (TensorBoard, MLflow) logs exactly these."""
+    section = SECTIONS.get(str(event.get("type")))
+    if section is None:
+        return []
+    return [(f"{section}/{key}", float(value)) for key, value in event.items()
+            if key not in SKIP_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)]
+
+
 class TensorBoardLogger:
     """A trainer sink writing numeric fields of metric rows as scalars at their step."""
 
@@ -30,19 +41,15 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        section = SECTIONS.get(str(event.get("type")))
-        if section is None:
-            if event.get("type") == "done":
-                self.close()
+        if event.get("type") == "done":
+            self.close()
             return
         step = int(event.get("step", 0))
-        for key, value in event.items():
-            if key in SKIP_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(value):
-                self.writer.add_scalar(f"{section}/{key}", value, step)
+        for tag, value in scalars(event):
+            self.writer.add_scalar(tag, value, step)
 
-    def flush(self) -> None:
+    def flush(self, status: str = "completed") -> None:
+        """Called when the loop ends, however it ends (an interrupted run keeps its curves)."""
         self.writer.flush()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ class TrainResult:
 
 class RunLogger:
     """Writes metrics.jsonl on rank 0, the one stream of a run's events (the worker tails it; ``excb eval`` and the
-    dashboard read it), and hands each row to ``sinks`` (``logger=tensorboard``'s writer)."""
+    dashboard read it), and hands each row to ``sinks`` (``logger=tensorboard`` or ``logger=mlflow``)."""
 
     def __init__(self, run_dir: Path, ctx: DistContext) -> None:
         self.run_dir, self.ctx = run_dir, ctx
@@ -202,9 +203,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
     run = Run(cfg, ctx)
     logger = RunLogger(run_dir, ctx)
     resumed = _resume(run, logger, ckpt)
-    tb = _tensorboard(cfg, ctx, run_dir, run.step if resumed else None)
-    if tb is not None:
-        logger.sinks.append(tb)
+    sinks = _sinks(cfg, ctx, run_dir, run.step if resumed else None)
+    logger.sinks.extend(sinks)
     warm = _warm_start(run, logger) if not resumed and cfg.checkpoint else {}
     if not resumed and not warm.get("centroids_loaded") and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **run.init_centroids()})
@@ -232,8 +232,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
     finally:
         if progress is not None:
             progress.close()
-        if tb is not None:
-            tb.flush()  # an interrupted run keeps its curves; "done" closes the writer
+        for sink in sinks:  # an interrupted run keeps its curves; "done" closes them
+            sink.flush(status if status != "completed" or sys.exc_info()[0] is None else "failed")
         summary = _summary(run, status, clock)
         if ctx.is_main and status != "superseded":
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -246,14 +246,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
     return TrainResult(run_dir, run.step, run.epoch, status, summary)
 
 
-def _tensorboard(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resumed_at: int | None) -> Any:
-    """``logger=tensorboard`` on rank 0: a TensorBoardLogger that purges events a crashed start wrote past the
-    checkpoint it resumes from."""
-    if cfg.logger != "tensorboard" or not ctx.is_main:
-        return None
+def _sinks(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resumed_at: int | None) -> list[Any]:
+    """Where rows go besides metrics.jsonl, on rank 0: ``logger=tensorboard`` (its writer purges events a crashed
+    start wrote past the checkpoint it resumes from) or ``logger=mlflow`` (the same MLflow run across resumes)."""
+    if cfg.logger == "jsonl" or not ctx.is_main:
+        return []
+    if cfg.logger == "mlflow":
+        from excb.mlflow_logger import MlflowLogger
+
+        return [MlflowLogger(run_dir, cfg, resumed_at)]
     from excb.tb_logger import TensorBoardLogger
 
-    return TensorBoardLogger(run_dir / "tb", purge_step=resumed_at + 1 if resumed_at is not None else None)
+    return [TensorBoardLogger(run_dir / "tb", purge_step=resumed_at + 1 if resumed_at is not None else None)]
 
 
 def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,

@@ -134,3 +134,25 @@ def test_celery_inspect_ping_reaches_a_worker_on_redis(pg_url: str, redis_url: s
         assert worker.poll() is None, "the worker died"
     assert out is not None and out.returncode == 0, out.stdout + out.stderr
     assert "pingme@localhost" in out.stdout and "pong" in out.stdout
+
+
+def test_cli_sends_the_one_server_key(make_stack: Any, tmp_path: Path) -> None:
+    """Before: `excb jobs` sent only EXCB_API_TOKEN, so with the server's one key in EXCB_API_KEY (the shell that
+    ran `excb up`) every verb was a 401. EXCB_API_TOKEN, when set, still wins."""
+    from services.api.app import create_app
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'key.sqlite'}", None, api_key="one-key")
+    app = create_app(stack.settings())
+    try:
+        with es.UvicornThread(app) as server:
+            env = {**os.environ, "EXCB_API_URL": server.url, "EXCB_API_KEY": "one-key",
+                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            env.pop("EXCB_API_TOKEN", None)
+            run = [sys.executable, "-m", "excb.cli", "jobs", "list"]
+            ok = subprocess.run(run, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+            assert ok.returncode == 0, ok.stderr
+            bad = subprocess.run(run, capture_output=True, text=True, env={**env, "EXCB_API_TOKEN": "other"},
+                                 cwd=REPO, timeout=120)
+            assert bad.returncode == 1 and "401 unauthorized" in bad.stderr
+    finally:
+        app.state.plane.db.dispose()

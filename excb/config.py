@@ -11,7 +11,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -455,10 +455,18 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def overrides_to_tree(items: list[str]) -> dict[str, Any]:
     """Turn ``["optim.lr=0.1", "data=digits"]`` into a nested dict (short keys expanded)."""
+    return dotted_to_tree(parse_override(item) for item in items)
+
+
+def dotted_to_tree(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """``[("optim.lr", 0.1), ("data", "digits")]`` -> a nested dict (short keys expanded; a mapping value is laid
+    over the section it names), as ``excb.train(**overrides)`` and ``key=value`` overrides both need."""
     tree: dict[str, Any] = {}
-    for item in items:
-        key, value = parse_override(item)
-        _set_dotted(tree, SHORT_KEYS.get(key, key), value)
+    for key, value in pairs:
+        home = SHORT_KEYS.get(key, key)
+        if isinstance(value, Mapping) and home in tree and isinstance(tree[home], dict):
+            value = deep_merge(tree[home], value)
+        _set_dotted(tree, home, value)
     return tree
 
 

@@ -2,7 +2,7 @@
 TensorBoard, with the same rows: :func:`excb.tb_logger.scalars`).
 
 Where: ``mlflow.tracking_uri``, else ``EXCB_MLFLOW_TRACKING_URI``, else a local store in ``out/mlruns/``. That local
-store is a SQLite file (``out/mlruns/mlflow.db``, artifacts in ``out/mlruns/artifacts``) rather than MLflow's plain
+store is a SQLite file (``out/mlruns/mlflow.db``, artifacts beside it in ``out/mlruns/artifacts``) rather than MLflow's plain
 file store: MLflow 3 refuses the file store ("maintenance mode") unless ``MLFLOW_ALLOW_FILE_STORE=true``. Read it
 with ``mlflow ui --backend-store-uri sqlite:///out/mlruns/mlflow.db`` or ``MlflowClient("sqlite:///...")``.
 
@@ -96,8 +96,8 @@ class MlflowLogger:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             experiment_id = experiment.experiment_id
-        else:  # artifacts beside the default local store, not in the working directory's ./mlartifacts
-            local = self.uri.startswith("sqlite:///") and Path(self.uri[len("sqlite:///"):]).parent.name == STORE_DIR
+        else:  # a SQLite store keeps artifacts beside it (MLflow's default: ./mlruns of the working directory)
+            local = self.uri.startswith("sqlite:///")
             location = (Path(self.uri[len("sqlite:///"):]).parent / "artifacts").as_uri() if local else None
             experiment_id = self.client.create_experiment(name, artifact_location=location)
         run = self.client.create_run(experiment_id, run_name=cfg.mlflow.run_name or self.run_dir.resolve().name,

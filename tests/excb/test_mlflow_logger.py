@@ -45,6 +45,7 @@ def test_resume_continues_the_mlflow_run_and_env_points_elsewhere(tmp_path: Path
     store = tmp_path / "elsewhere" / "store.db"
     store.parent.mkdir()
     monkeypatch.setenv("EXCB_MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.chdir(tmp_path / "elsewhere")
     run = tmp_path / "run"
     calls = {"n": 0}
 
@@ -63,3 +64,4 @@ def test_resume_continues_the_mlflow_run_and_env_points_elsewhere(tmp_path: Path
     assert json.loads((run / "mlflow.json").read_text())["run_id"] == run_id  # the same MLflow run
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted({s for s, _ in _history(client, run_id, "train/loss")}) == list(range(1, 7))
+    assert (store.parent / "artifacts").is_dir() and not (store.parent / "mlruns").exists()  # not in the cwd

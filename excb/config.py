@@ -39,7 +39,7 @@ class ModelConfig(_Section):
         "resnet18", description=f"one of ours ({', '.join(BUILTIN_BACKBONES)}), or any torchvision or timm "
         "classification architecture by name: torchvision:resnet34, timm:convnext_tiny (timm/NAME, LightlyTrain's "
         "spelling, reads the same; timm needs pip install 'excb[timm]'). Built untrained without its classifier; "
-        "width, small_images, stem_stride and patch_size apply to ours only")
+        "width, small_images, stem_stride and patch_size apply to ours only; model.arch is another name for it")
     small_images: bool | None = Field(
         None, description="3x3 stem without max-pool (28-64 px data). None: decided from image size."
     )
@@ -295,7 +295,6 @@ SHORT_KEYS: dict[str, str] = {
     "data": "data.source",
     "backbone": "model.backbone",
     "arch": "model.backbone",
-    "model.arch": "model.backbone",  # the issue's (and LightlyTrain users') name for it
     "num_clusters": "model.num_clusters",
 }
 
@@ -396,6 +395,10 @@ def leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+# Dotted names that stand for another field: model.arch, what LightlyTrain users (and issue 32) call the backbone.
+FIELD_ALIASES: dict[str, str] = {"model.arch": "model.backbone"}
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -417,9 +420,11 @@ def _expand_short_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
-    for alias, home in SHORT_KEYS.items():  # dotted aliases inside a section: model: {arch: ...}
+    for alias, home in FIELD_ALIASES.items():  # dotted aliases, inside a section (model: {arch: ...}) or not
         section, _, leaf = alias.partition(".")
-        if leaf and isinstance(out.get(section), Mapping) and leaf in out[section]:
+        if alias in out:
+            _set_dotted(out, home, out.pop(alias))
+        elif isinstance(out.get(section), Mapping) and leaf in out[section]:
             node = dict(out[section])
             value = node.pop(leaf)
             out[section] = node
@@ -463,7 +468,7 @@ def dotted_to_tree(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     over the section it names), as ``excb.train(**overrides)`` and ``key=value`` overrides both need."""
     tree: dict[str, Any] = {}
     for key, value in pairs:
-        home = SHORT_KEYS.get(key, key)
+        home = SHORT_KEYS.get(key) or FIELD_ALIASES.get(key, key)
         if isinstance(value, Mapping) and home in tree and isinstance(tree[home], dict):
             value = deep_merge(tree[home], value)
         _set_dotted(tree, home, value)
@@ -538,7 +543,7 @@ def _unknown_field(field: str) -> str:
     import difflib
 
     names = [row[0] for row in config_fields()]
-    names += sorted({name.rsplit(".", 1)[0] for name in names if "." in name}) + list(SHORT_KEYS)
+    names += sorted({name.rsplit(".", 1)[0] for name in names if "." in name}) + list(SHORT_KEYS) + list(FIELD_ALIASES)
     close = difflib.get_close_matches(field, names, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"not a config field{hint} (excb train --help-config lists them all)"

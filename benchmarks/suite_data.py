@@ -9,6 +9,12 @@ the first folder under train/ or test/). Fashion-MNIST is read natively from its
 ``fashion-mnist``); it only gets a manifest. ``data_source(name, root)`` returns the string to hand to
 ``build_dataset`` for any set.
 
+Every set also gets a validation split carved from its training split, grouped and stratified as the test split
+is (seed 1, 20% of train), as its own folder ``ROOT/NAME.val/{train,test}``: its train/ is the training split
+without the validation images, its test/ is the validation images. ``data_source(name, root, split="val")``
+returns it. Every tuning choice is made on it; the test split is scored once per committed recipe
+(benchmarks/RESULTS.md, "Quality suite").
+
   python benchmarks/suite_data.py prepare [--root DIR] [--only NAME ...] [--force]
   python benchmarks/suite_data.py list
 
@@ -48,10 +54,15 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageChops
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 DEFAULT_ROOT = Path("~/.cache/excb/suite")
 SEED = 0
 TEST_FRACTION = 0.2
+VAL_SEED = 1
+VAL_FRACTION = 0.2  # of the training split: the validation split every tuning choice is made on
+VAL_SUFFIX = ".val"  # ROOT/NAME.val/{train,test}: train minus val, and val, as a folder the loader reads
+VAL_LIST = "val.txt"  # ROOT/NAME/val.txt: the validation files, relative to ROOT/NAME (Fashion-MNIST: indices)
+SPLITS = ("val", "test")
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
 MAX_SOURCE_PIXELS = 16_000_000  # larger source drawings are skipped (slow to decode; one is 623 Mpx)
@@ -179,12 +190,19 @@ SUITE: dict[str, SuiteSet] = {
 }
 
 
-def data_source(name: str, root: str | Path | None = None) -> str:
-    """The ``build_dataset`` source string of a suite set (its folder, or the native source)."""
+def data_source(name: str, root: str | Path | None = None, split: str = "test") -> str:
+    """The ``build_dataset`` source string of a suite set: its folder (or native source), whose test/ is the test
+    split; with ``split="val"`` the validation view, whose train/ lacks the validation images and whose test/ is
+    them."""
     spec = _spec(name)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
+    base = Path(root or DEFAULT_ROOT).expanduser()
+    if split == "val":
+        return str(base / f"{name}{VAL_SUFFIX}")
     if spec.native_source:
         return spec.native_source
-    return str(Path(root or DEFAULT_ROOT).expanduser() / name)
+    return str(base / name)
 
 
 def _spec(name: str) -> SuiteSet:
@@ -307,6 +325,22 @@ def grouped_split(labels: Sequence[str], keys: Sequence[Iterable[str]], seed: in
         for g in chosen:
             is_test[members[g]] = True
     return is_test
+
+
+def val_of_train(labels: Sequence[str], keys: Sequence[Iterable[str]], is_test: np.ndarray) -> np.ndarray:
+    """Boolean ``is_val`` per item: ``VAL_FRACTION`` of the training items (``~is_test``), split off by
+    :func:`grouped_split` (stratified, grouped by the same keys, seed ``VAL_SEED``); test items are never val."""
+    train = np.flatnonzero(~np.asarray(is_test, dtype=bool))
+    sub = grouped_split([labels[i] for i in train], [keys[i] for i in train], VAL_SEED, VAL_FRACTION)
+    is_val = np.zeros(len(labels), dtype=bool)
+    is_val[train[sub]] = True
+    return is_val
+
+
+def _val_manifest(train: int, val: int) -> dict[str, Any]:
+    return {"method": "carved from the training split: stratified by class, grouped as the test split is",
+            "seed": VAL_SEED, "fraction": VAL_FRACTION, "folder": f"NAME{VAL_SUFFIX}",
+            "counts": {"train": train - val, "val": val}}
 
 
 def cap_classes(labels: Sequence[str], min_class: int, cap_ratio: float, seed: int = SEED) -> list[int]:
@@ -628,7 +662,8 @@ def recipe(spec: SuiteSet) -> dict[str, Any]:
         import sklearn
 
         versions["scikit-learn"] = sklearn.__version__
-    return {"version": RECIPE_VERSION, "seed": SEED, "test_fraction": TEST_FRACTION, "size": list(spec.size),
+    return {"version": RECIPE_VERSION, "seed": SEED, "test_fraction": TEST_FRACTION, "val_seed": VAL_SEED,
+            "val_fraction": VAL_FRACTION, "size": list(spec.size),
             "params": spec.params, "packages": versions,
             "forbidden": FORBIDDEN.pattern,
             "classes": OPENCLIPART_CLASSES if spec.name == "openclipart" else None,
@@ -640,7 +675,7 @@ def _count_pngs(folder: Path) -> int:
 
 
 def is_prepared(name: str, root: Path) -> bool:
-    """A manifest with the current recipe, and the train/test files it lists all there."""
+    """A manifest with the current recipe, and the train/test files (and the validation view's) all there."""
     spec = _spec(name)
     manifest = root / name / "manifest.json"
     if not manifest.is_file():
@@ -650,6 +685,9 @@ def is_prepared(name: str, root: Path) -> bool:
     except (OSError, ValueError):
         return False
     if m.get("recipe") != json.loads(json.dumps(recipe(spec))):
+        return False
+    view, val = root / f"{name}{VAL_SUFFIX}", m.get("val", {}).get("counts", {})
+    if _count_pngs(view / "train") != val.get("train") or _count_pngs(view / "test") != val.get("val"):
         return False
     if spec.native_source:
         return True
@@ -717,6 +755,7 @@ def _write_set(spec: SuiteSet, built: Built, out: Path) -> dict[str, Any]:
     if len(set(stems)) != len(stems):
         raise ValueError(f"{spec.name}: output file names are not unique")
     is_test = grouped_split(labels, keys, SEED, TEST_FRACTION)
+    is_val = val_of_train(labels, keys, is_test)
     classes = sorted(set(labels))
     for cls in classes:
         splits = {bool(t) for lab, t in zip(labels, is_test) if lab == cls}
@@ -724,17 +763,22 @@ def _write_set(spec: SuiteSet, built: Built, out: Path) -> dict[str, Any]:
             raise ValueError(f"{spec.name}: class {cls!r} has no {'test' if True not in splits else 'train'} "
                              f"images (too few groups)")
     per_class: dict[str, dict[str, int]] = {c: {"train": 0, "test": 0} for c in classes}
-    for im, lab, stem, test in zip(images, labels, stems, is_test):
+    val_files = []
+    for im, lab, stem, test, val in zip(images, labels, stems, is_test, is_val):
         split = "test" if test else "train"
         folder = out / split / _safe(lab)
         folder.mkdir(parents=True, exist_ok=True)
         im.save(folder / f"{stem}.png", optimize=False)
         per_class[lab][split] += 1
+        if val:
+            val_files.append(f"train/{_safe(lab)}/{stem}.png")
+    (out / VAL_LIST).write_text("".join(f"{f}\n" for f in sorted(val_files)))
     group_sizes = Counter(groups_of(keys))
     return {
         "num_classes": len(classes), "classes": classes,
         "counts": {"train": int((~is_test).sum()), "test": int(is_test.sum())},
         "per_class": per_class,
+        "val": _val_manifest(int((~is_test).sum()), len(val_files)),
         "groups": {"count": len(group_sizes), "largest": max(group_sizes.values())},
         "dropped": {"identical_pixels_duplicates": len(built.items) - dropped_blank - len(seen),
                     "identical_pixels_across_classes": len(drop), "blank": dropped_blank},
@@ -745,7 +789,7 @@ def prepare(name: str, root: str | Path | None = None, force: bool = False) -> P
     """Prepare one suite set under ``root`` (idempotent) and return its folder ``root/name``.
 
     Folder sets get train/ and test/ class folders and a manifest; Fashion-MNIST (read natively, see
-    ``data_source``) gets the manifest only.
+    ``data_source``) gets the manifest only. Both get the validation view ``root/NAME.val`` (write_val_view).
     """
     spec = _spec(name)
     root = Path(root or DEFAULT_ROOT).expanduser()
@@ -773,6 +817,7 @@ def prepare(name: str, root: str | Path | None = None, force: bool = False) -> P
             "split": {"method": "official", "note": "the suite uses the full official split"},
         })
         manifest["raw_pixel_knn"] = raw_pixel_knn(spec.native_source)
+        manifest["val"] = _carve_native_val(idx_root, tmp)
     else:
         built = BUILDERS[name](spec)
         manifest["source"] = built.source
@@ -792,7 +837,60 @@ def prepare(name: str, root: str | Path | None = None, force: bool = False) -> P
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    write_val_view(name, root)
     return final
+
+
+def _carve_native_val(idx_root: Path, out: Path) -> dict[str, Any]:
+    """Fashion-MNIST's validation split: training indices chosen as a folder set's are (identical pixels grouped),
+    written to ``out/val.txt``."""
+    from excb.data.datasets import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(idx_root, "train")
+    keys = [("px:" + hashlib.sha1(x.tobytes()).hexdigest(),) for x in images]
+    is_val = val_of_train([str(int(y)) for y in labels], keys, np.zeros(len(labels), dtype=bool))
+    (out / VAL_LIST).write_text("".join(f"{i}\n" for i in np.flatnonzero(is_val)))
+    return _val_manifest(len(labels), int(is_val.sum()))
+
+
+def write_val_view(name: str, root: Path) -> Path:
+    """``root/NAME.val``: train/ = the training split without the validation files, test/ = them (hard links to
+    the set's own files; Fashion-MNIST's written from its IDX arrays)."""
+    spec = _spec(name)
+    view = root / f"{name}{VAL_SUFFIX}"
+    tmp = root / f".{name}{VAL_SUFFIX}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    listed = (root / name / VAL_LIST).read_text().split()
+    if spec.native_source:
+        _write_native_val_view(tmp, {int(i) for i in listed})
+    else:
+        val = set(listed)
+        for path in sorted((root / name / "train").glob("*/*.png")):
+            rel = path.relative_to(root / name).as_posix()
+            dest = tmp / ("test" if rel in val else "train") / path.parent.name / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(path, dest)
+    if view.exists():
+        shutil.rmtree(view)
+    tmp.rename(view)
+    return view
+
+
+def _write_native_val_view(out: Path, val: set[int]) -> None:
+    from excb.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(FASHION_MNIST_ROOT, "train")
+    for i, (x, y) in enumerate(zip(images, labels)):
+        folder = out / ("test" if i in val else "train") / _safe(FASHION_MNIST_CLASSES[int(y)])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x, mode="L").save(folder / f"train{i:05d}.png", optimize=False)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dest)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -50,8 +50,10 @@ def test_train_throughput_rejects_unknown_preset(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Path) -> None:
-    """`quality.py suite` on the smallest set with a tiny budget: trains the fitted recipe, evaluates ExCB, raw
-    pixels and random init the same way, prints one table and appends it to a results file."""
+    """`quality.py suite` on the smallest set with a tiny budget: trains the fitted recipe on the training split
+    without its validation images (the default, ``--split val``), evaluates ExCB, raw pixels (as they are and
+    whitened: the better is the baseline) and random init the same way on the validation images, prints one table
+    and appends it to a results file."""
     results = tmp_path / "RESULTS.md"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -63,28 +65,33 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     (row,) = res["rows"]
-    assert row["name"] == "uci-digits" and row["images"] == 1438 and row["test_images"] == 359
-    assert row["global_size"] == 28 and row["num_clusters"] == 64 and row["steps"] > 10
+    assert row["name"] == "uci-digits" and row["split"] == "val" and row["images"] == 1151 and row["test_images"] == 287
+    assert row["source"].endswith("uci-digits.val")
+    assert row["global_size"] == 28 and row["num_clusters"] == 64 and row["steps"] >= 10  # 10: the floor (busy CPU)
     for kind in ("excb", "raw_pixels", "random_init"):
         assert 0.0 <= row[kind]["knn"] <= 1.0 and 0.0 <= row[kind]["linear"] <= 1.0
     assert row["raw_pixels"]["knn"] > 0.9  # saturated smoke set
     assert 0.9 < row["raw_pixels_whitened_knn"] <= 1.0
-    assert row["whitening"]["fitted"] and row["whitening"]["images"] == 1438  # fitted by the trainer at the end
+    assert row["whitening"]["fitted"] and row["whitening"]["images"] == 1151  # fitted by the trainer at the end
+    assert row["best_pixels_knn"] == max(row["raw_pixels"]["knn"], row["raw_pixels_whitened_knn"])
+    assert row["margin_best_pixels"] == row["excb"]["knn"] - row["best_pixels_knn"]
+    assert all(row["timing"][k] > 0 for k in ("setup_seconds", "training_seconds", "whitening_seconds"))
     text = results.read_text()
-    assert "| uci-digits | 1438 / 359 | 28, 64, 128 |" in text and "budget 15s" in text
+    assert "| uci-digits | val | 1151 / 287 | 28, 64, 128 |" in text and "budget 15s per data set, val split" in text
+    assert f"| {100 * row['margin_best_pixels']:+.1f} | {row['steps']} |" in text and "--budget 15s" in text
     # the whiten study on the same run: the teacher with and without the fit the trainer made
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "whiten", "--runs",
-         str(tmp_path / "runs" / "suite-uci-digits"), "--fit-images", "64", "1438", "5000"],
+         str(tmp_path / "runs" / "suite-uci-digits-val"), "--fit-images", "64", "1151", "5000"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (w,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
-    assert w["whitened_on"] == 1438 and abs(w["whitened"]["knn"] - row["excb"]["knn"]) < 1e-9
+    assert w["whitened_on"] == 1151 and abs(w["whitened"]["knn"] - row["excb"]["knn"]) < 1e-9
     assert w["raw_pixels_whitened_knn"] == row["raw_pixels_whitened_knn"]
-    # fitted on fewer images; a size above the set's 1438 is skipped; all 1438 is the trainer's own fit
-    assert sorted(w["knn_by_fit_images"]) == ["1438", "64"]
-    assert abs(w["knn_by_fit_images"]["1438"] - w["whitened"]["knn"]) < 0.01
+    # fitted on fewer images; a size above the set's 1151 is skipped; all 1151 is the trainer's own fit
+    assert sorted(w["knn_by_fit_images"]) == ["1151", "64"]
+    assert abs(w["knn_by_fit_images"]["1151"] - w["whitened"]["knn"]) < 0.01
     assert "N=64" in proc.stdout
 
 
@@ -102,6 +109,7 @@ def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert row["steps"] == 6 and row["overrides"][-1] == "augment.flip_p=0.5" and row["embedding"] == "multiscale"
+    assert row["split"] == "val"  # tuning choices are screened on the validation split
     assert row["whitening"] == "pca" and 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in row["knn_unwhitened_by_embedding"].values())
     assert (tmp_path / "runs" / "screen-uci-digits" / "config.yaml").read_text().count("flip_p: 0.5") == 1

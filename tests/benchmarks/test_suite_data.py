@@ -218,3 +218,30 @@ def test_opencv_digits_sheet_labels(tmp_path, monkeypatch):
         row = int(np.asarray(item.render())[0, 0])
         assert item.label == str(row // 5)
     assert Counter(i.label for i in built.items) == {str(d): 500 for d in range(10)}
+
+
+def test_the_validation_view_is_carved_from_train_grouped_and_leaves_test_alone(icons):
+    """Issue 28 item 1: NAME.val/train is the training split without the validation images, NAME.val/test is
+    them; the same icon name never straddles the two, and the test split is exactly the set's own."""
+    root = icons / "suite"
+    out = sd.prepare("icons", root)
+    view = Path(sd.data_source("icons", root, "val"))
+    assert view == root / "icons.val" and sd.data_source("icons", root, "test") == str(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    val_files = {p.relative_to(view / "test").as_posix() for p in view.glob("test/*/*.png")}
+    rest = {p.relative_to(view / "train").as_posix() for p in view.glob("train/*/*.png")}
+    train = {p.relative_to(out / "train").as_posix() for p in out.glob("train/*/*.png")}
+    assert val_files and rest and not val_files & rest and val_files | rest == train
+    assert manifest["val"]["counts"] == {"train": len(rest), "val": len(val_files)}
+    assert manifest["counts"]["test"] == len(list(out.glob("test/*/*.png")))  # untouched
+    names = lambda files: {f.split("__")[-1] for f in files}  # noqa: E731
+    assert not names(val_files) & names(rest)  # grouped as the test split is
+    assert {f.split("/")[0] for f in val_files} == {f.split("/")[0] for f in rest}  # every class in both
+    from excb.evaluation import labelled_splits
+
+    tr, va = labelled_splits(str(view), None)
+    assert (len(tr), len(va)) == (len(rest), len(val_files))
+    next(view.glob("test/*/*.png")).unlink()  # a damaged view is rebuilt
+    assert not sd.is_prepared("icons", root)
+    sd.prepare("icons", root)
+    assert {p.relative_to(view / "test").as_posix() for p in view.glob("test/*/*.png")} == val_files

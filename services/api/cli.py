@@ -155,7 +155,7 @@ def _jobs_list(client: Client, args: argparse.Namespace) -> int:
         pr = j.progress
         step = f"{pr.step or 0}/{pr.total_steps or '?'}"
         pct = "" if pr.percent is None else f"{pr.percent:.0f}"
-        print(f"{j.id:22} {j.status:10} {j.attempt:>3} {step:>12} {pct:>6}  {j.created_at.isoformat()}")
+        print(f"{j.id:22} {j.status:10} {j.attempt:>3} {step:>12} {pct:>6}  {j.created_at:%Y-%m-%d %H:%M:%S}Z")
     stuck = next((j.status_detail for j in items if j.status == "QUEUED"
                   and "no live worker" in (j.status_detail or "")), None)
     if stuck:

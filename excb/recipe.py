@@ -229,7 +229,23 @@ def _input_size(f: _Fitter, p: DataProfile, on_gpu: bool) -> int:
         why += f"; capped at {cap} px on {where} so a budget buys enough steps"
     elif p.short_side and native < low:
         why += f"; upsampled to {low} px, the cheapest size on {where} that keeps >= 14 px feature maps"
+    if _library_backbone(f):
+        size = _library_size(size)
+        why += f"; {size} px, a multiple of {LIBRARY_SIZE_STEP} as the library's downsampling stages and patches need"
     return f.set("augment.global_size", size, why)
+
+
+LIBRARY_SIZE_STEP = 32  # a torchvision/timm backbone: 5 stride-2 stages (ResNet, ConvNeXt) or 16/32 px patches
+
+
+def _library_backbone(f: _Fitter) -> bool:
+    """A torchvision:/timm: backbone (always the user's: the recipe picks only ours)."""
+    return is_external(str(_get(f.current, "model.backbone")))
+
+
+def _library_size(size: int) -> int:
+    """The nearest multiple of 32, at least 32: a size every library architecture takes."""
+    return max(LIBRARY_SIZE_STEP, LIBRARY_SIZE_STEP * round(size / LIBRARY_SIZE_STEP))
 
 
 def _model(f: _Fitter, p: DataProfile, size: int, on_gpu: bool) -> None:
@@ -276,7 +292,11 @@ def _batch(f: _Fitter, p: DataProfile, on_gpu: bool, world: int) -> int:
 
 def _crops(f: _Fitter, p: DataProfile, size: int) -> None:
     local = max(8, int(round(size * 4 / 7)) // 2 * 2)
-    f.set("augment.local_size", local, "4/7 of the global crop, as cpu-small's 16 px locals at 28 px")
+    why = "4/7 of the global crop, as cpu-small's 16 px locals at 28 px"
+    if _library_backbone(f):
+        local = min(_library_size(local), size)
+        why += f", at a multiple of {LIBRARY_SIZE_STEP} px for the library's backbone"
+    f.set("augment.local_size", local, why)
     f.set("augment.num_local_crops", 4)
     area = (p.short_side or 0) * (p.long_side or 0)
     end = min(max(GLOBAL_CROP_PIXELS / area, 0.3), MAX_GLOBAL_SCALE_MIN) if area else 0.3

@@ -150,7 +150,8 @@ class LibraryBackbone(nn.Module):
             kwargs["drop_path_rate"] = drop_path_rate
         cfg = timm.get_pretrained_cfg(self.arch)
         if cfg is not None and getattr(cfg, "fixed_input_size", False):
-            kwargs["img_size"] = image_size  # ViTs: position embeddings for this input size
+            # ViTs: position embeddings learnt for this input size, resampled for the student's local crops
+            kwargs.update(img_size=image_size, dynamic_img_size=True)
         try:
             model = timm.create_model(self.arch, pretrained=False, **kwargs)
         except TypeError as exc:

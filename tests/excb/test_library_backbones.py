@@ -123,9 +123,9 @@ def test_timm_backbone_multiscale_trains_exports_and_loads_strict_into_timm(tmp_
     import timm
     from safetensors.torch import load_file
 
-    run = _default_recipe_run(tmp_path / "run", "timm:test_convnext", "model.embedding=multiscale",
-                             "augment.global_size=32", "augment.local_size=32")  # 4 stages: >= 32 px
+    run = _default_recipe_run(tmp_path / "run", "timm:test_convnext", "model.embedding=multiscale")
     meta, ours, weights = _check_exports(run, tmp_path)
+    assert meta["input"]["size"] == 32  # the recipe's 28 px rounded to a size its 4 stages take (locals too)
     assert meta["embedding"]["kind"] == "multiscale" and meta["embedding"]["dim"] == 32 + 48 + 64
     assert meta["key_layout"] == "timm" and meta["loads_into"]["timm"] == "timm.create_model('test_convnext', num_classes=0)"
     theirs = timm.create_model("test_convnext", pretrained=False, num_classes=0)
@@ -134,3 +134,27 @@ def test_timm_backbone_multiscale_trains_exports_and_loads_strict_into_timm(tmp_
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs.eval()(x), atol=1e-5)
     assert json.loads((tmp_path / "weights" / META_FILE).read_text())["backbone"]["dim"] == 64
+
+
+def test_timm_vit_gets_its_input_size_and_loads_strict(tmp_path: Path) -> None:
+    """A fixed-size timm ViT is built for the training size with resampled position embeddings (local crops);
+    backbone.json's constructor is the call whose model takes the weights with strict=True."""
+    import timm
+    from safetensors.torch import load_file
+
+    from excb.models.weights import save_run_backbone
+
+    cfg = resolve(preset_name="cpu-small", overrides=["model.backbone=timm:test_vit", "augment.global_size=32",
+                                                      "augment.local_size=16", "model.num_clusters=32"])
+    student, teacher = build_model(cfg), build_model(cfg, teacher=True).eval()
+    with torch.no_grad():
+        assert student.backbone(torch.zeros(2, 3, 16, 16)).shape == (2, 64)  # a local crop
+    save_run_backbone(teacher, cfg, tmp_path, step=0)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    call = "timm.create_model('test_vit', num_classes=0, img_size=32, dynamic_img_size=True)"
+    assert meta["loads_into"]["timm"] == call
+    theirs = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, dynamic_img_size=True)
+    theirs.load_state_dict(load_file(str(tmp_path / WEIGHTS_FILE)), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher.backbone(x), theirs.eval()(x), atol=1e-5)

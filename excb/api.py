@@ -68,7 +68,7 @@ def train(data: str | None = None, out: PathLike | None = None, budget: str | No
 
     given = {"data": data, "out": None if out is None else str(out), "budget": budget}
     tree = dotted_to_tree([*((k, v) for k, v in given.items() if v is not None), *overrides.items()])
-    raw = deep_merge(load_file(config), tree) if config is not None else tree
+    raw = deep_merge(load_file(Path(config)), tree) if config is not None else tree
     result = run_training(resolve(raw, preset_name=preset), should_stop=should_stop)
     run_dir = Path(result.run_dir)
     return TrainedRun(out=run_dir, status=result.status, steps=result.steps, epochs=result.epochs_completed,

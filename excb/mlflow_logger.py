@@ -1,10 +1,11 @@
-"""``logger=mlflow``: the run's metric rows as MLflow metrics, beside metrics.jsonl (as excb/tb_logger.py does for
-TensorBoard, with the same rows: :func:`excb.tb_logger.scalars`).
+"""``logger=mlflow``: the run's metric rows as MLflow metrics, beside metrics.jsonl (as excb/tb_logger.py does
+for TensorBoard, with the same rows: :func:`excb.tb_logger.scalars`).
 
-Where: ``mlflow.tracking_uri``, else ``EXCB_MLFLOW_TRACKING_URI``, else a local store in ``out/mlruns/``. That local
-store is a SQLite file (``out/mlruns/mlflow.db``, artifacts beside it in ``out/mlruns/artifacts``) rather than MLflow's plain
-file store: MLflow 3 refuses the file store ("maintenance mode") unless ``MLFLOW_ALLOW_FILE_STORE=true``. Read it
-with ``mlflow ui --backend-store-uri sqlite:///out/mlruns/mlflow.db`` or ``MlflowClient("sqlite:///...")``.
+Where: ``mlflow.tracking_uri``, else ``EXCB_MLFLOW_TRACKING_URI``, else a local store in ``out/mlruns/``. That
+local store is a SQLite file (``out/mlruns/mlflow.db``, artifacts beside it in ``out/mlruns/artifacts``) rather
+than MLflow's plain file store: MLflow 3 refuses the file store ("maintenance mode") unless
+``MLFLOW_ALLOW_FILE_STORE=true``. Read it with ``mlflow ui --backend-store-uri sqlite:///out/mlruns/mlflow.db``
+or ``MlflowClient("sqlite:///...")``.
 
 One MLflow run per training run: its id is kept in ``out/mlflow.json``, so a resume logs into the same run (steps
 logged after the checkpoint it resumes from appear twice: MLflow cannot delete metric values). The resolved config
@@ -74,9 +75,8 @@ class MlflowLogger:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.pending: list[Any] = []
         self.last_write = time.monotonic()
-        self.run_id = self._continued_run() if resumed_at is not None else None
-        if self.run_id is None:
-            self.run_id = self._new_run(cfg)
+        continued = self._continued_run() if resumed_at is not None else None
+        self.run_id: str = continued if continued is not None else self._new_run(cfg)
 
     def _continued_run(self) -> str | None:
         """The MLflow run of the training run being resumed (same store), set back to RUNNING."""

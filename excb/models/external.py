@@ -116,7 +116,8 @@ class LibraryBackbone(nn.Module):
         self.removed: str | None = None  # torchvision: the classifier replaced by nn.Identity
         self.create_kwargs: dict[str, Any] = {}  # timm: what timm.create_model was given beyond the name
         self.stage_names: tuple[str, ...] | None = None
-        self.net = self._build_timm(image_size, drop_path_rate) if lib == "timm" else self._build_torchvision(drop_path_rate)
+        self.net = (self._build_timm(image_size, drop_path_rate) if lib == "timm"
+                    else self._build_torchvision(drop_path_rate))
         self.stage_dims, self.embed_dim = self._probe(image_size)
 
     # -- building
@@ -195,9 +196,9 @@ class LibraryBackbone(nn.Module):
         if not self.has_stages:
             raise ConfigError("model.embedding", "multiscale: " + self.no_stages_reason())
         if self.library == "timm":
-            final, inter = self.net.forward_intermediates(x, indices=MULTISCALE_STAGES, norm=False,
-                                                          output_fmt="NCHW")
-            return [_pool(t) for t in inter[:-1]] + [self.net.forward_head(final, pre_logits=True)]
+            net: Any = self.net  # a timm model: forward_intermediates / forward_head are its API
+            final, inter = net.forward_intermediates(x, indices=MULTISCALE_STAGES, norm=False, output_fmt="NCHW")
+            return [_pool(t) for t in inter[:-1]] + [net.forward_head(final, pre_logits=True)]
         out = self.net(x)
         return [_pool(out[f"stage{i}"]) for i in range(len(self.stage_names or ()))] + [out["out"]]
 

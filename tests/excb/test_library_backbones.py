@@ -127,7 +127,8 @@ def test_timm_backbone_multiscale_trains_exports_and_loads_strict_into_timm(tmp_
     meta, ours, weights = _check_exports(run, tmp_path)
     assert meta["input"]["size"] == 32  # the recipe's 28 px rounded to a size its 4 stages take (locals too)
     assert meta["embedding"]["kind"] == "multiscale" and meta["embedding"]["dim"] == 32 + 48 + 64
-    assert meta["key_layout"] == "timm" and meta["loads_into"]["timm"] == "timm.create_model('test_convnext', num_classes=0)"
+    assert meta["key_layout"] == "timm"
+    assert meta["loads_into"]["timm"] == "timm.create_model('test_convnext', num_classes=0)"
     theirs = timm.create_model("test_convnext", pretrained=False, num_classes=0)
     theirs.load_state_dict(load_file(str(weights)), strict=True)
     x = torch.randn(3, 3, meta["input"]["size"], meta["input"]["size"])

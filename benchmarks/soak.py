@@ -689,10 +689,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_end = time.monotonic()
         listed = _all_jobs(api)
         model_rows = _models(api)
+        info = api.call("GET", "/v1/info", "info")
+        embed_models = {m["id"] for m in (info.json().get("embed") or {}).get("models", [])} \
+            if info is not None and info.status_code == 200 else set()
         result = report_data(args, stack, rec, jobs, faults, swaps, listed, model_rows,
                              {"setup_s": setup_s, "load_s": t_load_end - t_phase, "drain_s": t_end - t_load_end,
                               "total_s": t_end - t_start, "drained": bool(drained), "t_phase": t_phase,
-                              "t_load_end": t_load_end})
+                              "t_load_end": t_load_end}, embed_models)
         return result
     finally:
         stack.cleanup()
@@ -755,9 +758,20 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def _orphan(bundle: Path, embed_models: set[str]) -> dict[str, Any]:
+    """A bundle in the models dir with no model row: which run it came from, and whether the embed service
+    lists it anyway."""
+    try:
+        source = json.loads((bundle / "model.json").read_text()).get("source", {}).get("checkpoint", "")
+    except (OSError, ValueError):
+        source = ""
+    run = Path(source).parent.parent.name if source else None
+    return {"id": bundle.name, "job": run, "listed_by_embed": bundle.name in embed_models}
+
+
 def report_data(args: argparse.Namespace, stack: Stack, rec: Record, jobs: Jobs, faults: Faults,
                 swaps: list[dict[str, Any]], listed: list[dict[str, Any]], model_rows: list[dict[str, Any]],
-                times: dict[str, Any]) -> dict[str, Any]:
+                times: dict[str, Any], embed_models: set[str]) -> dict[str, Any]:
     windows = [(f.start, f.end if f.end is not None else float("inf")) for f in faults.items if f.start is not None]
     calls = [c for c in rec.calls if c.route != "readyz"]  # readiness probes answer 503 by design while not ready
 
@@ -789,6 +803,9 @@ def report_data(args: argparse.Namespace, stack: Stack, rec: Record, jobs: Jobs,
     models_dir = stack.home / "models"
     on_disk = {p.name for p in models_dir.iterdir() if p.is_dir() and (p / "model.onnx").exists()} \
         if models_dir.exists() else set()
+    leftovers = sorted(n for n in on_disk if n.startswith("."))  # an export's staging dir (the registry skips it)
+    orphans = [_orphan(models_dir / name, embed_models)
+               for name in sorted(on_disk - {m["id"] for m in model_rows} - set(leftovers))]
     embeds = [c for c in calls if c.route == "embed"]
     return {
         "mode": args.mode, "minutes": args.minutes, "seed": args.seed, "workers": args.workers,
@@ -812,7 +829,7 @@ def report_data(args: argparse.Namespace, stack: Stack, rec: Record, jobs: Jobs,
                  "duplicated_models": sum(n - 1 for n in per_job.values() if n > 1),
                  "succeeded_without_model": sum(1 for i in succeeded_ids if per_job.get(i, 0) == 0),
                  "jobs_not_ours": sum(1 for j in listed if j["id"] not in ours),
-                 "bundles_without_row": len(on_disk - {m["id"] for m in model_rows}),
+                 "bundles_without_row": len(orphans), "orphans": orphans, "staging_leftovers": leftovers,
                  "retried_attempts": sum(max(0, int(j.last.get("attempt") or 1) - 1) for j in counted),
                  "detail": [{"id": j.id, "kind": j.kind, "status": j.last.get("status"), "class": k,
                              "attempt": j.last.get("attempt"), "fault": j.fault,
@@ -851,7 +868,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"| **lost** | **{j['lost']}** |",
         f"| **duplicated models** (and SUCCEEDED without a model) | **{j['duplicated_models']}** "
         f"({j['succeeded_without_model']}) |",
-        f"| jobs nobody submitted / bundles without a row | {j['jobs_not_ours']} / {j['bundles_without_row']} |",
+        f"| jobs nobody submitted / bundles without a model row (of them listed by the embed service) | "
+        f"{j['jobs_not_ours']} / {j['bundles_without_row']} ({sum(o['listed_by_embed'] for o in j['orphans'])}) |",
+        f"| export staging dirs left behind | {len(j['staging_leftovers'])} |",
         f"| attempts retried after faults | {j['retried_attempts']} |",
     ]
     for f in res["faults"]:

@@ -95,7 +95,8 @@ def faiss_candidates() -> list[Candidate]:
 
 def usearch_candidates() -> list[Candidate]:
     import usearch
-    from usearch.index import Index, MetricKind, search as brute
+    from usearch.index import Index, MetricKind
+    from usearch.index import search as brute
 
     def graph(x: np.ndarray) -> Any:
         index = Index(ndim=x.shape[1], metric=MetricKind.IP, dtype="f32", connectivity=HNSW_M,

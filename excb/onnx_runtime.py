@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from excb.assign import l2_normalize, nearest as top_k  # noqa: F401 - re-exported: callers import them from here
+from excb.assign import l2_normalize  # noqa: F401 - re-exported: callers import them from here
 from excb.fileio import sha256_bytes
 
 if TYPE_CHECKING:

@@ -21,8 +21,15 @@ import torch
 from torch import Tensor
 
 from excb import stats
-from excb.checkpoint import (LAST, FencedOut, check_fence, checkpoint_dir, has_checkpoint, load_resumable,
-                             save_checkpoint)
+from excb.checkpoint import (
+    LAST,
+    FencedOut,
+    check_fence,
+    checkpoint_dir,
+    has_checkpoint,
+    load_resumable,
+    save_checkpoint,
+)
 from excb.config import RUN_CONFIG, ConfigError, TrainConfig, dump_yaml
 from excb.data.loader import TrainData
 from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator

@@ -33,8 +33,18 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from excb.config import AugmentConfig
-from excb.data.augment import (BLUR_SIGMA, GRAY_WEIGHTS, GRAYSCALE_P, JITTER_AT_HALF, JITTER_P,
-                               SOLARIZE_THRESHOLD, blur_kernel_size, crop_scale_min, effective_blur_probs, luma)
+from excb.data.augment import (
+    BLUR_SIGMA,
+    GRAY_WEIGHTS,
+    GRAYSCALE_P,
+    JITTER_AT_HALF,
+    JITTER_P,
+    SOLARIZE_THRESHOLD,
+    blur_kernel_size,
+    crop_scale_min,
+    effective_blur_probs,
+    luma,
+)
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10

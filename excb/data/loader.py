@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from excb.config import ConfigError, TrainConfig
 from excb.seeds import derive_seed, seeded

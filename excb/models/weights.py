@@ -122,7 +122,7 @@ def backbone_meta(cfg: Any, model: nn.Module, source: dict[str, Any] | None = No
     input size, mean/std, and which output is which (``embedding`` = served, ``backbone`` = for fine-tuning)."""
     m, a = cfg.model, cfg.augment
     embedding = _embedding_meta(cfg, model)
-    backbone_dim = int(getattr(model.backbone, "embed_dim"))
+    backbone_dim = int(model.backbone.embed_dim)
     return {
         "format": FORMAT,
         "architecture": m.backbone,

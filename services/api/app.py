@@ -23,9 +23,9 @@ from services.common.cors import install_cors
 from services.common.errors import install_error_docs, install_error_handlers
 from services.common.metrics import install_http_metrics
 from services.db.session import Database, default_url
-from services.settings import Settings, get_settings
 from services.queue.broker import make_celery
 from services.queue.reaper import Reaper
+from services.settings import Settings, get_settings
 
 log = logging.getLogger("excb.api")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from services.common.active_model import active_path, pointer_signature, read_active_id
 from services.common.auth import CURRENT_PRINCIPAL
-from services.db.tables import ModelRow
 from services.db.session import Database
+from services.db.tables import ModelRow
 from services.embed.manifest import ModelRecord
 
 log = logging.getLogger("excb.model_sync")

@@ -10,12 +10,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
+from services.api.job_metrics import JobHistoryCollector, visible_jobs
 from services.api.liveness import workers_view
 from services.api.serialize import path_hider
 from services.api.state import ControlPlane, OpsCaller, plane, principal
 from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
-from services.api.job_metrics import JobHistoryCollector, visible_jobs
 from services.common.metrics import ScrapeScope, metrics_response, register_runtime_collectors
 from services.db import jobs as store
 from services.db.tables import JOB_STATUSES, Job
@@ -114,9 +114,10 @@ def _visible_models(request: Request, caller: Principal) -> Callable[[str], bool
 @router.get("/v1/info", summary="Versions and mode (no secrets); in `excb up` also the embed service's")
 def info(request: Request, caller: OpsCaller, cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
     import celery
-    import excb
     import fastapi
     import sqlalchemy
+
+    import excb
 
     s = cp.settings
     return {

@@ -13,10 +13,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from services.api import submit as submit_mod
-from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
-from services.api.liveness import no_worker_reason
-from services.api.serialize import PathHider, attempt_dict, decode_cursor, encode_cursor, job_dict, path_hider
 from services.api.guard import AuthFirstRoute
+from services.api.liveness import no_worker_reason
+from services.api.schemas import ClusterSizesOut, JobList, JobOut, JobSubmit, LogsOut, MetricsOut
+from services.api.serialize import PathHider, attempt_dict, decode_cursor, encode_cursor, job_dict, path_hider
 from services.api.state import Caller, ControlPlane, Plane
 from services.api.streams import StreamSlots, held
 from services.common.auth import Principal

@@ -13,13 +13,13 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from excb.onnx_runtime import BundleError
-from services.api.routes_jobs import ERRORS
-from services.common.active_model import read_active_id, write_active
+from services.api.guard import AuthFirstRoute
 from services.api.model_sync import sync_once
+from services.api.routes_jobs import ERRORS
 from services.api.schemas import ModelList, ModelOut
 from services.api.serialize import PathHider, model_dict, path_hider
-from services.api.guard import AuthFirstRoute
 from services.api.state import Caller, ControlPlane, Plane
+from services.common.active_model import read_active_id, write_active
 from services.common.auth import Principal
 from services.common.errors import ApiError
 from services.common.openai_shapes import model_entry

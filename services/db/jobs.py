@@ -15,8 +15,8 @@ from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.db.tables import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
 from services.db.session import Database
+from services.db.tables import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
 
 
 class Conflict(Exception):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, or_, select, update
 
-from services.db.tables import ACTIVE, Job, JobAttempt, WorkerRow, utcnow
 from services.db.session import Database
+from services.db.tables import ACTIVE, Job, JobAttempt, WorkerRow, utcnow
 
 ALIVE = "alive"
 

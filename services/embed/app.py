@@ -43,10 +43,10 @@ from services.embed.fetch import FetchError, FetchPolicy, fetch_url
 from services.embed.inputs import EmbedOptions, is_raw, parse_json, parse_multipart, parse_raw, read_capped
 from services.embed.metrics import EmbedMetrics
 from services.embed.registry import LoadedModel, ModelNotFound, ModelRegistry
-from services.embed.respond import FastJSONResponse, items as response_items
+from services.embed.respond import FastJSONResponse
+from services.embed.respond import items as response_items
 from services.embed.sources import Item, UrlImage, resolve_inputs
 from services.settings import Settings, get_settings
-
 
 
 class EmbedService:

@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Iterator
 
-
 BYTES_PER_PIXEL = 11  # what one pixel costs while it is decoded: the unit encoded bytes are counted in
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD_BYTES = 1 << 20

@@ -29,12 +29,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from excb.onnx_runtime import balance_paper, l2_normalize
 from services.common.body import parse_json_object, validate_as
-from services.common.errors import ApiError, Error as ErrorBody
+from services.common.errors import ApiError
+from services.common.errors import Error as ErrorBody
 from services.embed.registry import LoadedModel, ModelNotFound
 from services.embed.sources import Source
 from services.index.schemas import ClusterDetail, ClusterList, IndexImage, IndexInfo, SearchResponse
-from services.index.store import DEFAULT_NAME, IndexCache, IndexNotFound, LoadedIndex, index_root, read_status, \
-    valid_name
+from services.index.store import (
+    DEFAULT_NAME,
+    IndexCache,
+    IndexNotFound,
+    LoadedIndex,
+    index_root,
+    read_status,
+    valid_name,
+)
 
 MAX_K = 100
 MAX_MEMBERS = 200

@@ -15,8 +15,8 @@ from celery import Celery
 from services.common.periodic import Periodic
 from services.db import jobs as store
 from services.db.session import Database
-from services.settings import Settings
 from services.queue.publish import publish
+from services.settings import Settings
 
 log = logging.getLogger("excb.reaper")
 

@@ -12,6 +12,7 @@ from typing import IO
 
 from services.common.process import die_with_parent
 
+
 def trainer_command(config_path: Path, gpus: int) -> list[str]:
     """The argv of the trainer: one process, or torchrun with one process per GPU."""
     if gpus > 1:

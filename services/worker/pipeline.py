@@ -18,8 +18,8 @@ from typing import Any
 from excb.fileio import sha256_file
 from services.common.active_model import write_active
 from services.db import jobs as store
-from services.db.tables import ModelRow
 from services.db.session import Database
+from services.db.tables import ModelRow
 from services.embed.manifest import record_model
 from services.settings import Settings
 

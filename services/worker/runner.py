@@ -27,8 +27,8 @@ from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_
 from services.common.tail import FileTail
 from services.db import jobs as store
 from services.db.jobs import Lease
-from services.db.tables import utcnow
 from services.db.session import Database
+from services.db.tables import utcnow
 from services.settings import Settings
 from services.worker import child, pipeline
 from services.worker.plan import RunPlan
@@ -296,8 +296,8 @@ class JobRunner:
     def _republish(self, status: str) -> None:
         if status != "QUEUED":
             return
-        from services.worker.app import app as celery_app
         from services.queue.publish import publish
+        from services.worker.app import app as celery_app
 
         publish(celery_app, self.db, self.job_id, self.settings.celery_queue)
 

@@ -30,8 +30,8 @@ from celery import Celery
 from services.db import jobs as store
 from services.db import workers as worker_store
 from services.db.session import Database
-from services.settings import Settings
 from services.queue.publish import publish
+from services.settings import Settings
 
 log = logging.getLogger("excb.supervisor")
 

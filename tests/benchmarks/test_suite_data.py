@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import REPO_ROOT as ROOT
 
+from support import REPO_ROOT as ROOT
 
 
 def _load():

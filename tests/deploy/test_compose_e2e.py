@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import REPO_ROOT as ROOT
 
+from support import REPO_ROOT as ROOT
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(3600)]
 

@@ -33,10 +33,23 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+
 from support import REPO_ROOT as ROOT
 from support.deploy_parse import (
-    all_docs, by_kind, chain, check_command, containers, dockerfiles, dockerignored,
-    yaml_docs, effective_cmd, env_sets, image_builds, parse_dockerfile, pod_specs, setting_path,
+    all_docs,
+    by_kind,
+    chain,
+    check_command,
+    containers,
+    dockerfiles,
+    dockerignored,
+    effective_cmd,
+    env_sets,
+    image_builds,
+    parse_dockerfile,
+    pod_specs,
+    setting_path,
+    yaml_docs,
 )
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -11,8 +11,14 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from excb.config import AugmentConfig, resolve
-from excb.data.augment import (MultiCropTransform, blur_kernel_size, crop_scale_min, effective_blur_probs,
-                               eval_transform, gaussian_blur_separable)
+from excb.data.augment import (
+    MultiCropTransform,
+    blur_kernel_size,
+    crop_scale_min,
+    effective_blur_probs,
+    eval_transform,
+    gaussian_blur_separable,
+)
 
 
 @pytest.fixture(autouse=True)

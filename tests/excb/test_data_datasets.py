@@ -15,7 +15,7 @@ from PIL import Image
 
 from excb.config import AugmentConfig, resolve
 from excb.data.augment import MultiCropTransform
-from excb.data.datasets import (FASHION_MNIST_DEFAULT_ROOT, EmptyDatasetError, build_dataset, read_idx)
+from excb.data.datasets import FASHION_MNIST_DEFAULT_ROOT, EmptyDatasetError, build_dataset, read_idx
 from excb.data.loader import MultiCropBatch, build_train_loader, collate_multicrop, dataloader_settings
 
 TINY_AUG = AugmentConfig(global_size=16, local_size=8, num_local_crops=2, global_scale_min_start=0.5,

@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from excb.checkpoint import load_checkpoint
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from excb.checkpoint import load_checkpoint
 from excb.cli import main as cli_main
 from excb.data.pack import pack
-from excb.data.shards import (RawSample, ShardFormatError, ShardStream, open_shards, plan_epoch, read_index,
-                              shuffled)
+from excb.data.shards import RawSample, ShardFormatError, ShardStream, open_shards, plan_epoch, read_index, shuffled
 
 torch.set_num_threads(1)
 

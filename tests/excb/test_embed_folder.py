@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import embed as es
 from excb.cli import main as excb_main
 from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
+from support import embed as es
 
 
 @pytest.fixture(scope="module")

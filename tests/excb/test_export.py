@@ -11,12 +11,12 @@ import onnx
 import pytest
 import torch
 
-from support import embed as es
 from excb import export as export_mod
 from excb.balancing import balance
 from excb.cli import main as excb_main
 from excb.fileio import sha256_file
 from excb.onnx_runtime import BundleError, OrtEmbedder, balance_paper, load_bundle
+from support import embed as es
 
 torch.set_num_threads(1)
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from support import embed as es
 from excb.cli import main as excb_main
 from excb.models import build_model, load_backbone
 from excb.models.weights import META_FILE, WEIGHTS_FILE, WHITENING_FILE, save_backbone, save_run_backbone
 from excb.onnx_runtime import OrtEmbedder, load_bundle
+from support import embed as es
 
 torch.set_num_threads(1)
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from support.training import read_rows, tiny
 from excb.checkpoint import load_teacher
 from excb.config import resolve
 from excb.models import build_model
 from excb.trainer import train
 from excb.whitening import Whitening, fit_images, fit_model, fit_pca
+from support.training import read_rows, tiny
 
 torch.set_num_threads(1)
 

@@ -293,12 +293,13 @@ def test_url_fetch_has_one_wall_clock_deadline(drip_server: int) -> None:
 def test_slow_url_fetches_cannot_starve_other_routes(drip_server: int, make_stack: Any, tmp_path: Path) -> None:
     """`excb up` shape (control plane + embed in one process): slow fetches beyond the fetch pool get 503
     at once, and the job routes keep answering while the fetches hang."""
-    import httpx
-
     import shutil
 
-    from support.embed import UvicornThread, bundle as es_bundle
+    import httpx
+
     from services.api.app import create_app
+    from support.embed import UvicornThread
+    from support.embed import bundle as es_bundle
 
     stack = make_stack(f"sqlite:///{tmp_path / 'u.sqlite'}", None,
                        embed__url_allowed_hosts=f'["127.0.0.1:{drip_server}"]',

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import httpx
+import pytest
 from sqlalchemy import update
 
 from support import embed as es

@@ -10,8 +10,8 @@ from typing import Any
 
 from services.api import model_sync
 from services.db import jobs as store
-from services.db.tables import ModelRow
 from services.db.session import Database
+from services.db.tables import ModelRow
 
 
 class FlakyRegistry:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from support import embed as es
-
 from services.api.app import create_app as create_plane
 from services.common.active_model import read_active_id, write_active
 from services.common.auth import hash_key
@@ -18,6 +16,7 @@ from services.db import jobs as store
 from services.db.session import Database
 from services.db.tables import ModelRow
 from services.settings import Settings
+from support import embed as es
 
 A = {"Authorization": "Bearer alpha-secret"}
 B = {"Authorization": "Bearer beta-secret"}

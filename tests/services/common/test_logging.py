@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from services.common.logging import JsonFormatter, configure_logging, wants_json
-from support.services import free_port
 from support import REPO_ROOT as REPO
-
+from support.services import free_port
 
 
 class _Tty(io.StringIO):

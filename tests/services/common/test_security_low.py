@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from support import embed as es
 from services.common.auth import hash_key
 from services.embed.fetch import FetchError, FetchPolicy, check_url
 from services.settings import EmbedSettings, Settings
+from support import embed as es
 
 DEEP = '{"input": ' + "[" * 3000 + "]" * 3000 + "}"
 

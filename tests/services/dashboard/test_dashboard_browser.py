@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from support import REPO_ROOT as REPO
 from support.browser import CHROMIUM, VIEWPORTS, Page, chart_data, chromium
 from support.services import free_port, tiny_job
-from support import REPO_ROOT as REPO
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 

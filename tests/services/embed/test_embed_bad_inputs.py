@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from support import embed as es
-from support.embed import png_bomb
 from services.embed.app import create_app
 from services.settings import EmbedSettings, Settings
+from support import embed as es
+from support.embed import png_bomb
 
 MAX_IMAGE_BYTES = 300_000
 MAX_REQUEST_BYTES = 2_000_000

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from support import embed as es
 from services.embed.decode_budget import BudgetExhausted, PixelBudget
+from support import embed as es
 
 SIDE = 6300  # 39.7 M px: just under the 40 M px per-image cap
 

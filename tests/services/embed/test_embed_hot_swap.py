@@ -9,16 +9,16 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import httpx
 import numpy as np
+import pytest
 
-from support import embed as es
 from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
 from services.embed.app import create_app
 from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
+from support import embed as es
 
 
 def _expected(bundle_dir: Path, png: bytes) -> np.ndarray:

@@ -11,12 +11,12 @@ import httpx
 import numpy as np
 import pytest
 
-from support import embed as es
 from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, load_bundle
 from services.embed.app import create_app
 from services.embed.manifest import record_model
 from services.settings import EmbedSettings, Settings
+from support import embed as es
 
 openai = pytest.importorskip("openai")
 

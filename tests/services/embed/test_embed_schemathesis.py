@@ -11,10 +11,10 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from support import embed as es
 from services.embed.app import create_app
 from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
+from support import embed as es
 
 
 def _app(tmp: Path) -> Any:

@@ -19,18 +19,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from support import embed as es
 from excb.balancing import balance
 from excb.data.decode import decode_image
 from excb.onnx_runtime import OrtEmbedder, available_providers, load_bundle
 from excb.stats import balance_stats
+from services.common.active_model import ACTIVE_FILE
 from services.embed.app import create_app
 from services.embed.manifest import record_model
-from services.common.active_model import ACTIVE_FILE
 from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
 from support import REPO_ROOT as ROOT
-
+from support import embed as es
 
 
 @pytest.fixture(scope="module")

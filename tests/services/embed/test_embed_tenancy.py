@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from support import embed as es
 from excb.onnx_runtime import BundleError, load_bundle
 from services.common.auth import hash_key
 from services.embed.app import create_app
 from services.embed.manifest import read_manifest, record_model, update_manifest
 from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
+from support import embed as es
 
 A = {"Authorization": "Bearer alpha-secret"}
 B = {"Authorization": "Bearer beta-secret"}

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import embed as es
 from excb.stats import balance_stats, drift
 from services.embed.batcher import MicroBatcher, QueueFull, QueueTimeout
 from services.embed.fetch import FetchError, FetchPolicy, check_url, fetch_url, is_public
 from services.embed.monitor import BalanceMonitor
+from support import embed as es
 
 
 class Recorder:

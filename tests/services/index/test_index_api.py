@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from support import embed as es
-from support.embed import png_bomb
 from excb.onnx_runtime import load_bundle
 from services.common.auth import hash_key
 from services.embed.app import create_app
@@ -25,6 +23,8 @@ from services.embed.manifest import record_model
 from services.index.build import build_index, sample_indices
 from services.index.store import IndexCache, index_root
 from services.settings import EmbedSettings, Settings
+from support import embed as es
+from support.embed import png_bomb
 
 A = {"Authorization": "Bearer alpha-secret"}
 B = {"Authorization": "Bearer beta-secret"}
@@ -209,8 +209,8 @@ def test_control_plane_serves_the_index_without_an_embed_service(models: Path, t
     refuses upload searches with a 503 that names the embed service, and queues folder builds."""
     from services.api.app import create_app as create_plane
     from services.db import jobs as store
-    from services.db.tables import ModelRow
     from services.db.session import Database
+    from services.db.tables import ModelRow
 
     keys = tmp_path / "keys"
     keys.write_text("alpha-secret\nbeta-secret\n")

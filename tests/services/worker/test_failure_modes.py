@@ -77,9 +77,10 @@ def test_row8_two_workers_four_jobs_both_busy_at_once(redis_url: str, make_stack
     """Row 8 (prefetch): a busy worker reserves no further job, so a second worker started later still finds
     work and both train at once. (The solo pool blocks the consumer while a job runs, so this holds even with a
     prefetch multiplier of 4 - checked by hand; prefetch 1 keeps it true if the pool ever changes.)"""
-    from support.services import tiny_job
-    from services.db.tables import Job
     from sqlalchemy import select
+
+    from services.db.tables import Job
+    from support.services import tiny_job
 
     stack = make_stack(f"sqlite:///{tmp_path / 'r8.sqlite'}", redis_url, max_running_jobs_per_key=10,
                        export_parity_images=16)
@@ -114,8 +115,8 @@ def test_row4_broker_lost_mid_task(private_redis: Any, make_stack: Any, tmp_path
     """Row 4: Redis goes away while a job trains and comes back empty. The job finishes once (one attempt, one
     lease: progress and the lease live in the job store, not the broker), and the worker reconnects and takes
     the next job."""
-    from support.services import tiny_job
     from services.db import jobs as store
+    from support.services import tiny_job
 
     stack = make_stack(f"sqlite:///{tmp_path / 'r4.sqlite'}", private_redis.url, export_parity_images=16)
     c = stack.start_api()
@@ -221,9 +222,9 @@ def test_row3_duplicate_delivery_of_a_running_job_gets_no_second_lease(redis_url
     attempt, one trainer, one success. The message is duplicated by publishing it again, not by waiting for
     kombu's restore (a 3 s visibility timeout did not produce a redelivery within a 22 s job here). The
     checkpoint *file* writes are fenced too: see test_row3_a_stale_trainer_cannot_overwrite_the_new_checkpoint."""
-    from support.services import tiny_job
     from services.db import jobs as store
     from services.queue.publish import publish
+    from support.services import tiny_job
 
     stack = make_stack(f"sqlite:///{tmp_path / 'r3.sqlite'}", redis_url, export_parity_images=16)
     c = stack.start_api()
@@ -253,11 +254,10 @@ def test_row3_a_stale_trainer_cannot_overwrite_the_new_checkpoint(tmp_path: Path
     """Row 3 (file half): the worker claims the run directory with its lease token and hands the token to its
     trainer (EXCB_FENCE_TOKEN). When a redelivered attempt claims it with a newer token, the old trainer, still
     running, refuses its next checkpoint write and stops: the new attempt's checkpoint is never overwritten."""
-    from support.training import tiny
-
     from excb.checkpoint import FENCE_ENV, FencedOut, load_checkpoint, write_fence
     from excb.trainer import train
     from services.worker.runner import _child_env
+    from support.training import tiny
 
     assert _child_env(7)[FENCE_ENV] == "7"
     run = tmp_path / "run"

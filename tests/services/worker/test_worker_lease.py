@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import update
 
 from services.db import jobs as store
-from services.db.tables import Job
 from services.db.session import Database
+from services.db.tables import Job
 
 
 def _job(db: Database, job_id: str = "j1", max_attempts: int = 3) -> None:

@@ -66,8 +66,8 @@ def test_exit_text_names_the_signal() -> None:
 @pytest.fixture
 def plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any, Any]]:
     from services.db.session import Database, default_url
-    from services.settings import Settings
     from services.queue.broker import make_celery
+    from services.settings import Settings
 
     monkeypatch.setenv("EXCB_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("EXCB_CELERY_QUEUE", "excb.test.supervisor")

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # Regenerate: scripts/setup.sh, then scripts/freeze-constraints.sh.
 HEAD
   .venv/bin/pip freeze --exclude-editable --disable-pip-version-check 2>/dev/null \
-    | grep -v -E '^(-e |excb[= @]|ruff==|py-spy==|usearch==)'
+    | grep -v -E '^(-e |excb[= @]|py-spy==|usearch==)'
 } > constraints.txt.new
 mv constraints.txt.new constraints.txt
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) pins"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,17 @@ def run_embedded(host: str, port: int, home: Path | None, data_roots: list[Path]
     supervisor.start_workers()
     log.info("excb up: http://%s:%d (home %s, %d supervised worker(s), broker %s)", host, port, settings.home,
              len(supervisor.slots), "redis" if settings.redis_url else "embedded sqlite")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # before uvicorn, which restores it and re-raises into it
     try:
         uvicorn.run(app, host=host, port=port, log_config=None)
+    except SystemExit:
+        pass
     finally:
         supervisor.stop(settings.cancel_grace_seconds + 10)
     return 0
+
+
+def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    """uvicorn re-raises the SIGTERM it shut down on: with the default action the process died there, before the
+    ``finally`` that stops the workers (their jobs stayed RUNNING until the reaper counted them lost)."""
+    raise SystemExit(0)

@@ -202,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     mc, ee = result["multicrop"], result["end_to_end"]
     print(f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
-          f"{result['threads']} threads, JPEG {width}x{height} q{args.quality} (~{result['jpeg']['mean_bytes'] // 1000} kB)")
+          f"{result['threads']} threads, JPEG {width}x{height} q{args.quality} "
+          f"(~{result['jpeg']['mean_bytes'] // 1000} kB)")
     print("| what | cpu path img/s | device path img/s | ratio |")
     print("|---|---|---|---|")
-    print(f"| decode + multi-crop {mc['augment']} | {mc['cpu_img_s']:.1f} | {mc['device_img_s']:.1f} | {mc['ratio']:.2f}x |")
+    print(f"| decode + multi-crop {mc['augment']} | {mc['cpu_img_s']:.1f} | {mc['device_img_s']:.1f} "
+          f"| {mc['ratio']:.2f}x |")
     print("| end to end | real JPEG img/s | synthetic img/s | real / synthetic |")
     print(f"| batch {ee['preset_batch']}, {ee['global_size']}x2+{ee['local_size']}x{ee['num_local_crops']}, "
           f"{'device' if ee['gpu_augment'] else 'CPU'} augmentation, {ee['loader']['num_workers']} workers "

@@ -139,7 +139,8 @@ class Engines:
     def run_torch(self, n: int) -> None:
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
+        bf16 = torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda")
+        with torch.inference_mode(), bf16:
             emb, sims = self.wrapper(torch.from_numpy(self.inputs[n]).to(self.dev))
             emb.float().cpu(), sims.float().cpu()  # host arrays, as the service returns
 
@@ -234,7 +235,8 @@ def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
                 out[stage] = 1000 * delta(key) / n
     runs = sum(delta(k) for k in after if k.startswith("excb_embed_batch_seconds_count"))
     if runs > 0:
-        out["ort_run_per_batch"] = 1000 * sum(delta(k) for k in after if k.startswith("excb_embed_batch_seconds_sum")) / runs
+        run_seconds = sum(delta(k) for k in after if k.startswith("excb_embed_batch_seconds_sum"))
+        out["ort_run_per_batch"] = 1000 * run_seconds / runs
         out["images_per_run"] = sum(delta(k) for k in after if k.startswith("excb_embed_batch_size_sum")) / runs
     return out
 
@@ -294,7 +296,7 @@ def measure(args: argparse.Namespace, bundle: Path, pngs: list[bytes]) -> dict[s
             for s in servers.values():
                 s.wait_ready()
             pin_to(client_cores)
-            for n, s in servers.items():  # warm-up
+            for s in servers.values():  # warm-up
                 drive(s, pngs, kinds[0], 4, min(1.0, args.seconds), False)
             for r in range(args.rounds):
                 eng: dict[tuple[str, int], tuple[float, float]] = {}
@@ -379,7 +381,8 @@ def markdown(args: argparse.Namespace, meta: dict[str, Any], res: dict[str, Any]
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `{command}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {args.device}; {pinning}; "
         f"load average at start {os.getloadavg()[0]:.2f}",
-        f"- versions: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, python {platform.python_version()}",
+        f"- versions: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
+        f"python {platform.python_version()}",
         f"- model: {meta['arch']['backbone']} width {meta['arch']['width']}, input {meta['input']['size']} px, "
         f"D = {meta['embed_dim']}, K = {meta['num_clusters']} (untrained weights)",
         f"- {res['threads']} intra-op thread(s) for ORT, torch and every server; max_batch {args.max_batch}, "

@@ -46,7 +46,8 @@ async def drive(url: str, path: str, bodies: list[bytes], concurrency: int, seco
             i = k
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                r = await client.post(path, content=bodies[i % len(bodies)], headers={"content-type": "application/json"})
+                r = await client.post(path, content=bodies[i % len(bodies)],
+                                      headers={"content-type": "application/json"})
                 if r.status_code == 200:
                     lat.append(time.perf_counter() - t0)
                 else:

@@ -92,7 +92,8 @@ def stages(bundle_dir: Path, png: bytes) -> dict[str, tuple[Callable[[], Any] | 
         vec = l2_normalize(emb)
         data = [{"object": "embedding", "index": 0, "embedding": vec[0].tolist(),
                  "cluster": {"id": int(a.cluster[0]), "similarity": float(a.similarity[0]),
-                             "top_k": [{"id": int(c), "similarity": float(v)} for c, v in zip(a.top_ids[0], a.top_sims[0])]},
+                             "top_k": [{"id": int(c), "similarity": float(v)}
+                                       for c, v in zip(a.top_ids[0], a.top_sims[0])]},
                  "balanced_cluster": {"id": int(a.balanced_cluster[0]), "similarity": float(a.balanced_similarity[0]),
                                       "balanced_score": float(a.balanced_score[0])}}]
         return JSONResponse({"object": "list", "data": data}).body

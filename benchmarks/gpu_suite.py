@@ -71,7 +71,8 @@ def junit_verdict(path: Path) -> tuple[str, str, dict[str, int]]:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('name')}" for c in root.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    failed = [f"{c.get('name')}" for c in root.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
     reasons = sorted({(sk.get("message") or "").strip()[:80] for sk in root.iter("skipped")})
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["passed"] = passed
@@ -130,7 +131,8 @@ def _train_lines(rows: list[dict[str, Any]], check: bool) -> list[str]:
         anchor = ANCHORS.get((r["backbone"], r["batch"]))
         vs = "n/a (check run)" if check else ("no anchor" if anchor is None else
                                               f"{r['tuned_img_s'] / anchor:.2f}x of {anchor:.0f}")
-        peak = [("n/a" if m is None else f"{m / 1024:.1f} GiB") for m in (r.get("tuned_peak_mib"), r.get("naive_peak_mib"))]
+        peak = [("n/a" if m is None else f"{m / 1024:.1f} GiB")
+                for m in (r.get("tuned_peak_mib"), r.get("naive_peak_mib"))]
         out.append(f"| {r['backbone']} | {r['batch']} | {r['num_clusters']} | {r['crops']} | {_fmt(r['tuned_img_s'])} "
                    f"| {_fmt(r['naive_img_s'])} | {r['ratio']:.2f}x | {vs} | {peak[0]} | {peak[1]} |")
     return out
@@ -140,12 +142,13 @@ def _data_lines(result: dict[str, Any], label: str) -> list[str]:
     out = []
     mc, e2e = result.get("multicrop"), result.get("end_to_end")
     if mc:
-        out.append(f"- {label}: decode + multi-crop, device path {_fmt(mc['device_img_s'])} img/s vs CPU (PIL, one core) "
-                   f"{_fmt(mc['cpu_img_s'])} img/s ({mc['ratio']:.1f}x)")
+        out.append(f"- {label}: decode + multi-crop, device path {_fmt(mc['device_img_s'])} img/s "
+                   f"vs CPU (PIL, one core) {_fmt(mc['cpu_img_s'])} img/s ({mc['ratio']:.1f}x)")
     if e2e:
         out.append(f"- {label}: end to end (batch {e2e['preset_batch']}, gpu_augment={e2e['gpu_augment']}, loader "
-                   f"{e2e['loader']}): real {_fmt(e2e['real_img_s'])} img/s vs synthetic {_fmt(e2e['synthetic_img_s'])} "
-                   f"img/s = {e2e['real_over_synthetic']:.0%} (target >= {E2E_TARGET:.0%} on a GPU)")
+                   f"{e2e['loader']}): real {_fmt(e2e['real_img_s'])} img/s "
+                   f"vs synthetic {_fmt(e2e['synthetic_img_s'])} img/s = {e2e['real_over_synthetic']:.0%} "
+                   f"(target >= {E2E_TARGET:.0%} on a GPU)")
     return out
 
 
@@ -162,11 +165,13 @@ def _serving_lines(result: dict[str, Any]) -> list[str]:
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]], command: str) -> str:
     """The section to paste into RESULTS.md: machine line, stage table, then each stage's figures."""
     check = any(r["mode"] == "check" for r in rows)
-    head = (f"### GPU suite, {env.get('date')}: {env.get('gpu') or 'no GPU (CPU check run: code paths only, no timings)'}"
+    gpu = env.get("gpu") or "no GPU (CPU check run: code paths only, no timings)"
+    head = (f"### GPU suite, {env.get('date')}: {gpu}"
             f"; torch {env.get('torch')}, CUDA {env.get('cuda_version')}, Python {env.get('python')}")
     missing = [m for m, v in env.get("modules", {}).items() if v is None]
     lines = [head, "", f"Command: `{command}`. Modules missing: {', '.join(missing) or 'none'}; ORT providers: "
-             f"{env.get('ort_providers')}.", "", "| stage | mode | status | seconds (limit) | notes |", "|---|---|---|---|---|"]
+             f"{env.get('ort_providers')}.", "", "| stage | mode | status | seconds (limit) | notes |",
+             "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['mode']} | {r['status'].upper()} | {r['seconds']:.0f} ({r['limit']:.0f}) "
                      f"| {r['why'].replace('|', '/')[:300]} |")
@@ -176,7 +181,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], command: str) -> s
             if r.get("result_text"):
                 lines += ["", f"**{r['stage']}**", "", r["result_text"].strip()]
             continue
-        lines += ["", f"**{r['stage']}**" + (" (check run: shapes are tiny, figures are not timings)" if check else ""), ""]
+        note = " (check run: shapes are tiny, figures are not timings)" if check else ""
+        lines += ["", f"**{r['stage']}**" + note, ""]
         if res.get("benchmark") == "train_throughput":
             lines += _train_lines(res["rows"], check)
         elif res.get("benchmark") == "serving_gpu":

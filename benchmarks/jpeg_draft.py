@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "served embedding, drafted vs full decode (mean / min cosine, top-1 cluster agreement):", "",
                   "| bundle | input px | photos | 2x | 4x (served) | 8x |", "|---|---|---|---|---|---|"]
         for r in out["fidelity"]:
-            cells = [f"{r[m]['mean_cosine']:.4f} / {r[m]['min_cosine']:.3f} / {100 * r[m]['top1_cluster_agreement']:.0f}%"
-                     for m in ("2x", "4x", "8x")]
-            lines.append(f"| {Path(r['bundle']).name} | {r['input_size']} | {r['photos']} | " + " | ".join(cells) + " |")
+            cells = [f"{r[m]['mean_cosine']:.4f} / {r[m]['min_cosine']:.3f} / "
+                     f"{100 * r[m]['top1_cluster_agreement']:.0f}%" for m in ("2x", "4x", "8x")]
+            lines.append(f"| {Path(r['bundle']).name} | {r['input_size']} | {r['photos']} | "
+                         + " | ".join(cells) + " |")
     print("\n".join(lines))
     print(json.dumps(out))
     return 0

@@ -43,8 +43,8 @@ def build_bundle(out: Path, preset: str, overrides: list[str], parity_count: int
     torch.manual_seed(0)
     model = build_model(cfg, teacher=True)
     bal = Balancer(cfg.model.num_clusters)
-    ckpt = save_checkpoint(out / "serve.pt", {"config": json.loads(cfg.model_dump_json()), "teacher": model.state_dict(),
-                                              "balancer": bal.state_dict(), "step": 0})
+    ckpt = save_checkpoint(out / "serve.pt", {"config": json.loads(cfg.model_dump_json()),
+                                              "teacher": model.state_dict(), "balancer": bal.state_dict(), "step": 0})
     export_bundle(ckpt, out / "bundle", parity_data="digits", parity_count=parity_count)
     return out / "bundle"
 
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     overrides, parity = (CHECK_OVERRIDES, 16) if args.check else ([], 64)
     if args.check:
-        args.preset, args.torch_batches, args.ort_batches, args.rounds, args.seconds = "cpu-small", "1,4", "1,4", 1, 0.05
+        args.preset, args.torch_batches, args.ort_batches = "cpu-small", "1,4", "1,4"
+        args.rounds, args.seconds = 1, 0.05
     with tempfile.TemporaryDirectory(prefix="excb-serve-") as tmp:
         where = args.bundle_dir or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)

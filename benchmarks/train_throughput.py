@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -50,8 +51,9 @@ from excb.trainer import Run
 
 REFERENCE_PRESETS = ("resnet50-ep400", "vit-s16-ep800")
 DIGITS_IMAGES = 1797  # the stand-in data set only sizes the schedules; batches larger than it cannot be built
-QUICK_OVERRIDES = ["model.num_clusters=256", "augment.global_size=64", "augment.local_size=32", "model.small_images=false",
-                   "model.projector_hidden_dim=256", "model.predictor_hidden_dim=256", "model.bottleneck_dim=64"]
+QUICK_OVERRIDES = ["model.num_clusters=256", "augment.global_size=64", "augment.local_size=32",
+                   "model.small_images=false", "model.projector_hidden_dim=256", "model.predictor_hidden_dim=256",
+                   "model.bottleneck_dim=64"]
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -125,7 +127,8 @@ class NaiveStep:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o, groups = self.cfg.optim, self.student.param_groups()
-        spec = [{"params": groups[n], "weight_decay": o.weight_decay if n in ("backbone", "projector", "centroids") else 0.0}
+        decayed = ("backbone", "projector", "centroids")
+        spec = [{"params": groups[n], "weight_decay": o.weight_decay if n in decayed else 0.0}
                 for n in groups if groups[n]]
         if o.name == "sgd":
             return torch.optim.SGD(spec, lr=o.lr, momentum=o.momentum, foreach=False)
@@ -143,10 +146,12 @@ class NaiveStep:
         m = schedules.ema_momentum(self.step_count, self.total_steps, cfg.ema_momentum_start, cfg.ema_momentum_end)
         g = globals_.reshape(-1, *globals_.shape[2:])
         l = locals_.reshape(-1, *locals_.shape[2:]) if locals_ is not None else None
-        amp = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        amp = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                   enabled=self.amp_dtype is not None)
         with torch.no_grad(), torch.autocast(**amp):
             z_t = self.teacher.forward_teacher(g).float()
-            probs = torch.softmax(balance(z_t, self.sizes, cfg.balancing.mode, self.gen) / cfg.balancing.teacher_temp, 1)
+            balanced = balance(z_t, self.sizes, cfg.balancing.mode, self.gen)
+            probs = torch.softmax(balanced / cfg.balancing.teacher_temp, 1)
         with torch.autocast(**amp):
             out = self._student_rows(g, l)
         k, n_glob = out.shape[-1], 2 * b
@@ -235,7 +240,7 @@ def measure(preset: str, batch: int, device: torch.device, args: argparse.Namesp
         naive = NaiveStep(cfg, device, run.learner.student_core, naive_prec)
         tuned_prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.learner.amp_dtype]
         g, l = synthetic_batch(cfg, device, cfg.seed)
-        steps = {"tuned": tuned_step_fn(run, g, l), "naive": lambda: naive(g, l)}
+        steps = {"tuned": tuned_step_fn(run, g, l), "naive": functools.partial(naive, g, l)}
         for _ in range(args.warmup):
             for fn in steps.values():
                 fn()
@@ -281,9 +286,10 @@ def run_probe(spec: dict[str, Any]) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="excb-probe-") as tmp:
         cfg = bench_config(spec["preset"], spec["batch"], device.type, spec["set"], spec["quick"], tmp)
         if spec["variant"] == "naive":
-            naive = NaiveStep(cfg, device, build_model(cfg).to(device), naive_precision(spec["naive_precision"], device))
+            naive = NaiveStep(cfg, device, build_model(cfg).to(device),
+                              naive_precision(spec["naive_precision"], device))
             g, l = synthetic_batch(cfg, device, cfg.seed)
-            step: Callable[[], float] = lambda: naive(g, l)
+            step: Callable[[], float] = functools.partial(naive, g, l)
         else:
             run = build_tuned(cfg, device)
             g, l = synthetic_batch(cfg, device, cfg.seed)
@@ -345,7 +351,8 @@ def markdown_table(rows: list[Row]) -> str:
     for r in rows:
         lines.append(f"| {r.preset} | {r.backbone} | {r.batch} | {r.num_clusters} | {r.crops} | {rate(r.tuned_img_s)} "
                      f"| {rate(r.naive_img_s)} | {r.ratio:.2f}x ({r.paired_ratio_min:.2f}-{r.paired_ratio_max:.2f}) "
-                     f"| {mib(r.tuned_peak_mib)} | {mib(r.naive_peak_mib)} | {r.tuned_precision} / {r.naive_precision} |")
+                     f"| {mib(r.tuned_peak_mib)} | {mib(r.naive_peak_mib)} "
+                     f"| {r.tuned_precision} / {r.naive_precision} |")
     return "\n".join(lines)
 
 
@@ -356,7 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--presets", default=",".join(PRESET_NAMES), help="comma list of " + ", ".join(PRESET_NAMES))
     p.add_argument("--batch", default=None,
-                   help="comma list of batch sizes for every preset (default: cpu-small 256; R50/ViT 8 on CPU, 64,128 on CUDA)")
+                   help="comma list of batch sizes for every preset "
+                        "(default: cpu-small 256; R50/ViT 8 on CPU, 64,128 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default 2 CPU, 10 CUDA)")
     p.add_argument("--blocks", type=int, default=None, help="timed blocks per variant (default 3 CPU, 4 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 1 CPU, 5 CUDA)")
@@ -409,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(preset, batch, device, args))
             print(f"# {preset} batch {batch}: {rows[-1].tuned_img_s:.1f} vs {rows[-1].naive_img_s:.1f} img/s "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    print(f"machine: {info['cpu']}, {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; torch {info['torch']}; "
+    gpu = ", " + info["gpu"] if "gpu" in info else ""
+    print(f"machine: {info['cpu']}, {info['device']}{gpu}; torch {info['torch']}; "
           f"{info['threads']} threads; load average {info.get('load_avg')}; {info['date']}")
     print(markdown_table(rows))
     result = {"benchmark": "train_throughput", "machine": info, "argv": sys.argv[1:] if argv is None else argv,

@@ -35,7 +35,8 @@ def worker_fresh() -> int:
     path = os.environ.get("EXCB_WORKER_HEALTH_FILE", "")
     stall = float(os.environ.get("EXCB_STALL_SECONDS", "0") or 0)
     if stall <= 0:
-        stall = float(os.environ.get("EXCB_STALL_HEARTBEATS", "6")) * float(os.environ.get("EXCB_HEARTBEAT_SECONDS", "5"))
+        stall = (float(os.environ.get("EXCB_STALL_HEARTBEATS", "6"))
+                 * float(os.environ.get("EXCB_HEARTBEAT_SECONDS", "5")))
     try:
         age = time.time() - os.stat(path).st_mtime
     except OSError as exc:

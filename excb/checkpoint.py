@@ -6,11 +6,14 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from excb.fileio import atomic_write
+
+if TYPE_CHECKING:  # for annotations only: excb.models imports this module (weights -> checkpoint)
+    from excb.models.model import ExCBModel
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -107,7 +110,7 @@ class Teacher(NamedTuple):
     """A run's teacher as loaded for evaluation, export or serving benchmarks."""
 
     cfg: Any
-    model: torch.nn.Module
+    model: ExCBModel
     checkpoint: dict[str, Any]
     path: Path
 
@@ -117,7 +120,7 @@ class Teacher(NamedTuple):
         return {"checkpoint": str(self.path.resolve()), "step": int(self.checkpoint.get("step", 0))}
 
 
-def load_teacher(source: str | Path, device: str | torch.device = "cpu",
+def load_teacher(source: str | os.PathLike[str], device: str | torch.device = "cpu",
                  require: tuple[str, ...] = ("config", "teacher")) -> Teacher:
     """Run dir or checkpoint -> ``Teacher(cfg, eval-mode teacher on device, checkpoint dict, its path)``.
 

@@ -66,7 +66,7 @@ class _HelpConfig(argparse.Action):
         parser.exit(0)
 
 
-def _add_train(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def _add_train(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p = sub.add_parser(
         "train",
         help="pretrain a backbone with ExCB",
@@ -178,7 +178,7 @@ def _dry_run(cfg: Any) -> str:
     return "".join(line + "\n" for line in lines) + dump_yaml(fitted)
 
 
-def _add_presets(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def _add_presets(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p = sub.add_parser("presets", help="list presets, or print one resolved")
     p.add_argument("name", nargs="?", choices=PRESET_NAMES, help="a preset to print resolved (omit to list them)")
     p.set_defaults(func=lambda a: _print_presets(a.name))
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_module(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", module_name: str) -> None:
+def _register_module(sub: "argparse._SubParsersAction[_Parser]", module_name: str) -> None:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -22,7 +22,8 @@ def _yaml_on_off(value: object) -> object:
     return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
-COMPILE_MIN_STEPS = 2000  # compile=auto: a cold compile (~1 min, 2 CPU cores) breaks even near here; cached ones (~3 s) at once
+# compile=auto: a cold compile (~1 min, 2 CPU cores) breaks even near here; cached ones (~3 s) at once
+COMPILE_MIN_STEPS = 2000
 
 
 class _Section(BaseModel):
@@ -105,7 +106,8 @@ class DataConfig(_Section):
     gpu_augment: Literal["auto", "on", "off"] = Field(
         "auto", description="decode + multi-crop on the training device; auto = on when training on CUDA"
     )
-    shuffle_buffer: int = Field(1000, ge=1, description="shards: sources: samples in each loader worker's shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=1,
+                                description="shards: sources: samples in each loader worker's shuffle buffer")
 
     _on_off = field_validator("gpu_augment", mode="before")(_yaml_on_off)
 

@@ -13,15 +13,18 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from excb.data.loader import collate_skipping
+
+if TYPE_CHECKING:  # for annotations only: excb.models imports excb.whitening, which imports this module
+    from excb.models.model import ExCBModel
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def raw_pixel_features(dataset: Dataset) -> tuple[Tensor, Tensor]:
     """
     feats: list[Tensor] = []
     labels: list[int] = []
-    for i in range(len(dataset)):  # type: ignore[arg-type]
+    for i in range(len(dataset)):  # type: ignore[arg-type]  # torch's Dataset declares no __len__; the sets here are map-style
         item = dataset[i]
         if item is None:  # undecodable file, already logged by the data set
             continue
@@ -329,7 +332,7 @@ def evaluate(encode: Callable[[Tensor], Tensor], train_ds: Dataset, test_ds: Dat
     return out
 
 
-def evaluate_model(model: nn.Module, train_ds: Dataset, test_ds: Dataset, k: int = 20, temperature: float = 0.07,
+def evaluate_model(model: ExCBModel, train_ds: Dataset, test_ds: Dataset, k: int = 20, temperature: float = 0.07,
                    linear: bool = False, batch_size: int = 256, device: str | torch.device = "cpu",
                    num_workers: int = 0, progress: bool = False,
                    linear_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -382,9 +385,10 @@ def labelled_splits(data: str, transform: Any, train_limit: int | None = None,
     test_ds = build_dataset(data, split="test", transform=transform, labelled=True)
     if same_files(train_ds, test_ds):
         total = len(train_ds)
+        # why the ignore below: same_files() is True only for two ImageFileDatasets, which mypy cannot see
         train_ds, test_ds = holdout_split(train_ds, test_ds, HOLDOUT_FRACTION, HOLDOUT_SEED)  # type: ignore[arg-type]
         note = {"of": total, "fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED, "test": len(test_ds)}
-        train_ds.holdout = test_ds.holdout = note  # type: ignore[attr-defined]
+        train_ds.holdout = test_ds.holdout = note
         logger.warning("%s has no train/test split: holding out %d of %d images (%.0f%% per class, seed %d) "
                        "as the test split", data, note["test"], total, 100 * HOLDOUT_FRACTION, HOLDOUT_SEED)
     apply_limit(train_ds, train_limit)
@@ -405,7 +409,7 @@ def model_transform(cfg: Any) -> Any:
     return eval_transform(a.global_size, tuple(a.mean), tuple(a.std))
 
 
-def online_knn(teacher: nn.Module, cfg: Any, device: torch.device) -> dict[str, Any] | None:
+def online_knn(teacher: ExCBModel, cfg: Any, device: torch.device) -> dict[str, Any] | None:
     """The trainer's kNN of the teacher on the labelled train/test split of the run's own data.
 
     A source without labels (an unlabelled folder) returns None, with a warning in train.log.
@@ -525,7 +529,8 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
         description="Extract teacher backbone features (eval transform of the run) for the train and test "
                     "splits of a labelled data set and report kNN accuracy (DINO exp(sim/T) weighting and "
                     "majority vote), optionally a linear probe and the raw-pixel / random-init baselines.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a .pt file")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its latest checkpoint) or a .pt file")
     p.add_argument("--data", metavar="SOURCE", help="labelled data set (default: the run's data.source)")
     p.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k, 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote weight exp(cos/T), as DINO")

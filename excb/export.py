@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import nn
 
 from excb.fileio import atomic_write, sha256_bytes, sha256_file
 from excb.onnx_runtime import BUNDLE_FORMAT, INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, check_no_external_data
+
+if TYPE_CHECKING:  # for annotations only: excb.models is imported where it is used (torch-heavy)
+    from excb.models.model import ExCBModel
 
 log = logging.getLogger("excb.export")
 
@@ -53,7 +56,7 @@ class ParityError(RuntimeError):
 # loading the teacher
 
 
-def _load_source(source: str | os.PathLike[str]) -> tuple[Any, nn.Module, np.ndarray, dict[str, Any]]:
+def _load_source(source: str | os.PathLike[str]) -> tuple[Any, ExCBModel, np.ndarray, dict[str, Any]]:
     """Run dir or checkpoint -> (cfg, eval-mode teacher, final sizes s, source info)."""
     from excb.checkpoint import load_teacher
 
@@ -171,9 +174,10 @@ def check_parity(wrapper: nn.Module, onnx_bytes: bytes, images: torch.Tensor, si
     cos = _rowwise_cosine(t_emb, o_emb)
     top1 = float((t_sim.argmax(1) == o_sim.argmax(1)).mean())
     btop1 = float((balance_paper(t_sim, sizes).argmax(1) == balance_paper(o_sim, sizes).argmax(1)).mean())
-    result = {
+    min_cosine = float(cos.min())
+    result: dict[str, Any] = {
         "images": int(len(images)),
-        "min_cosine": float(cos.min()),
+        "min_cosine": min_cosine,
         "mean_cosine": float(cos.mean()),
         "top1_agreement": top1,
         "balanced_top1_agreement": btop1,
@@ -182,7 +186,7 @@ def check_parity(wrapper: nn.Module, onnx_bytes: bytes, images: torch.Tensor, si
         "thresholds": {"min_cosine": COSINE_THRESHOLD, "top1_agreement": TOP1_THRESHOLD},
         "runtime": "onnxruntime CPUExecutionProvider vs torch eval (fp32)",
     }
-    result["passed"] = bool(result["min_cosine"] >= COSINE_THRESHOLD and top1 >= TOP1_THRESHOLD)
+    result["passed"] = bool(min_cosine >= COSINE_THRESHOLD and top1 >= TOP1_THRESHOLD)
     return result
 
 
@@ -280,7 +284,8 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
                                              "or its backbone weights (--format torch)",
                               description="Write BUNDLE_DIR/model.onnx + model.json and verify ONNX Runtime "
                                           "against PyTorch on real images; exits 1 when parity fails.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a .pt file")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its latest checkpoint) or a .pt file")
     p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="directory to write the bundle to (created)")
     p.add_argument("--parity-data", metavar="SOURCE", help="images for the parity check (default: the run's data)")
     p.add_argument("--parity-images", type=int, default=DEFAULT_PARITY_IMAGES, metavar="N",

@@ -45,10 +45,9 @@ def _transforms(cfg: Any) -> tuple[Any, Any]:
 def encoder(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """ViT: last-4 CLS concatenation (1536-d for ViT-S); ResNet: the pooled last stage, as the reference (whatever
     ``model.embedding`` serves)."""
-    backbone = getattr(model, "backbone", model)
-    if hasattr(backbone, "features_last4"):
-        return backbone.features_last4
-    return backbone
+    backbone: nn.Module = getattr(model, "backbone", model)
+    last4: Callable[[Tensor], Tensor] | None = getattr(backbone, "features_last4", None)
+    return last4 if last4 is not None else backbone
 
 
 def default_lr(model: nn.Module, batch_size: int) -> float:

@@ -23,8 +23,9 @@ def excb_loss(teacher_probs: Tensor, proj_logits: Tensor, pred_logits: Tensor) -
     proj_logits:   [2, B, K] student projector logits of the two global views (cos / tau_s).
     pred_logits:   [V, B, K] student predictor logits of all V crops (globals first).
 
-    Metrics are 0-d tensors (no host sync). The predictor terms share their target per teacher view, so the V log-softmaxes are summed once and
-    dotted with each target: the same value as 2V separate cross-entropies, with less memory traffic.
+    Metrics are 0-d tensors (no host sync). The predictor terms share their target per teacher view, so the V
+    log-softmaxes are summed once and dotted with each target: the same value as 2V separate cross-entropies, with
+    less memory traffic.
     """
     if teacher_probs.shape[0] != 2 or proj_logits.shape[0] != 2:
         raise ValueError("teacher_probs and proj_logits need exactly two global views")
@@ -39,7 +40,8 @@ def excb_loss(teacher_probs: Tensor, proj_logits: Tensor, pred_logits: Tensor) -
     loss = total / pair_count(num_views)
     with torch.no_grad():
         t_lab = teacher_probs.argmax(-1)  # [2, B]
-        hits = (proj_logits[1].argmax(-1) == t_lab[0]).float().sum() + (proj_logits[0].argmax(-1) == t_lab[1]).float().sum()
+        hits = ((proj_logits[1].argmax(-1) == t_lab[0]).float().sum()
+                + (proj_logits[0].argmax(-1) == t_lab[1]).float().sum())
         pred_lab = pred_logits.argmax(-1)  # [V, B]
         hits = hits + (pred_lab.unsqueeze(0) == t_lab.unsqueeze(1)).float().sum()
         acc = hits / (pair_count(num_views) * teacher_probs.shape[1])

@@ -115,7 +115,8 @@ def set_aside(run_dir: Path) -> Path | None:
     return dest
 
 
-def _fitting(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _fitting(source: Mapping[str, torch.Tensor],
+             target: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The entries of ``source`` that fit ``target`` by name and shape, and the target keys left out."""
     taken = {k: v for k, v in source.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
     return taken, [k for k in target if k not in taken]

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from excb.distributed import DistContext, all_gather_cat, all_reduce_sum_int
 from excb.kmeans import spherical_kmeans
 from excb.loss import excb_loss
 from excb.models import build_model
+from excb.models.model import ExCBModel
 from excb.seeds import derive_seed
 
 log = logging.getLogger("excb.trainer")
@@ -51,7 +52,8 @@ def precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
-def build_optimizer(cfg: TrainConfig, groups: dict[str, list[nn.Parameter]], device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, groups: dict[str, list[nn.Parameter]],
+                    device: torch.device) -> torch.optim.Optimizer:
     """Named parameter groups (the schedules set lr/wd per group); fused kernels on CUDA."""
     wd = cfg.optim.weight_decay
     decayed = {"backbone": wd, "backbone_noreg": 0.0, "projector": wd, "projector_noreg": 0.0, "centroids": wd}
@@ -64,7 +66,8 @@ def build_optimizer(cfg: TrainConfig, groups: dict[str, list[nn.Parameter]], dev
     return torch.optim.AdamW(spec, betas=cfg.optim.betas, **kwargs)
 
 
-def apply_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int) -> dict[str, float]:
+def apply_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int,
+                    warmup: int) -> dict[str, float]:
     """Set this step's learning rate and weight decays on every group; returns them for the metrics."""
     lr = schedules.learning_rate(step, total, cfg.optim.lr, warmup, cfg.optim.lr_min_factor)
     wd = schedules.weight_decay(step, total, cfg.optim.weight_decay, cfg.optim.weight_decay_end_factor)
@@ -96,10 +99,8 @@ def _global_unique(labels: Tensor) -> Tensor:
     return torch.unique(all_gather_cat(labels)).numel() * torch.ones((), device=labels.device)
 
 
-def _flatten_views(views: Tensor | None, channels_last: bool) -> Tensor | None:
+def _flatten_views(views: Tensor, channels_last: bool) -> Tensor:
     """[V, B, C, H, W] -> [V*B, C, H, W] (view-major, as the loss pairs them)."""
-    if views is None:
-        return None
     x = views.reshape(views.shape[0] * views.shape[1], *views.shape[2:])
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -118,7 +119,8 @@ class ExCBStep:
         groups = self.student_core.param_groups()
         self.optimizer = build_optimizer(cfg, groups, self.device)
         self.trainable = [p for g in groups.values() for p in g]
-        self.student: nn.Module = self.student_core
+        # what a step calls: the student, or its DDP / torch.compile wrapper
+        self.student: Callable[..., tuple[Tensor, Tensor]] = self.student_core
         if ctx.distributed:
             ddp_ids = [self.device.index] if self.device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(self.student_core, device_ids=ddp_ids)
@@ -137,22 +139,24 @@ class ExCBStep:
         self.amp_dtype = precision(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def _build_pair(self) -> tuple[nn.Module, nn.Module]:
+    def _build_pair(self) -> tuple[ExCBModel, ExCBModel]:
         """Student and a frozen teacher starting from the student's weights (SyncBN / channels-last applied)."""
         student = build_model(self.cfg).to(self.device)
         teacher = build_model(self.cfg, teacher=True).to(self.device)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
         if self.ctx.distributed and self.cfg.model.sync_bn:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            # cast: the root is an ExCBModel, not a BatchNorm, so the module comes back converted in place
+            student = cast(ExCBModel, nn.SyncBatchNorm.convert_sync_batchnorm(student))
+            teacher = cast(ExCBModel, nn.SyncBatchNorm.convert_sync_batchnorm(teacher))
         if self.channels_last:
             student = student.to(memory_format=torch.channels_last)
             teacher = teacher.to(memory_format=torch.channels_last)
         return student, teacher
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -176,7 +180,8 @@ class ExCBStep:
         sched = apply_schedules(self.optimizer, cfg, step, total_steps, warmup_steps)
         momentum = schedules.ema_momentum(step, total_steps, cfg.ema_momentum_start, cfg.ema_momentum_end)
         b = globals_.shape[1]
-        g, l = _flatten_views(globals_, self.channels_last), _flatten_views(locals_, self.channels_last)
+        g = _flatten_views(globals_, self.channels_last)
+        l = None if locals_ is None else _flatten_views(locals_, self.channels_last)
         with torch.no_grad(), self.autocast():
             z_t = self.teacher_forward(g).float()
         probs, bal_metrics = self.balancer.teacher_probs(z_t, self.balance_gen)

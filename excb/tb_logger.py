@@ -37,7 +37,8 @@ class TensorBoardLogger:
         except ImportError as exc:  # tensorboard not installed: a config error the user can fix
             from excb.config import ConfigError
 
-            raise ConfigError("logger", "tensorboard needs the tensorboard package: pip install 'excb[tensorboard]'") from exc
+            raise ConfigError("logger",
+                              "tensorboard needs the tensorboard package: pip install 'excb[tensorboard]'") from exc
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def __call__(self, event: dict[str, Any]) -> None:

@@ -39,7 +39,8 @@ class EmbedSettings(BaseModel):
     decode_wait_seconds: float = Field(
         5.0, ge=0.0, description="how long a decode waits for room in that budget; then 503 + Retry-After")
     allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
-    url_allowed_hosts: list[str] = Field(default_factory=list, description="hosts GET /embed may fetch; empty = URLs off")
+    url_allowed_hosts: list[str] = Field(default_factory=list,
+                                         description="hosts GET /embed may fetch; empty = URLs off")
     url_allowed_networks: list[str] = Field(
         default_factory=list, description="CIDRs an allowed host may resolve into even though they are not public")
     url_timeout_seconds: float = Field(5.0, gt=0.0, description="one deadline for connect + redirects + body")
@@ -87,8 +88,10 @@ class Settings(BaseSettings):
 
     # --- shared -------------------------------------------------------------------------------------
     home: Path = Field(Path(".excb"), description="state directory: sqlite db, runs, models, broker files")
-    data_roots: list[Path] = Field(default_factory=list, description="dataset/image paths must resolve inside one of these")
-    api_keys_file: Path | None = Field(None, description="file with one API key per line (hashed in memory); unset = no auth")
+    data_roots: list[Path] = Field(default_factory=list,
+                                   description="dataset/image paths must resolve inside one of these")
+    api_keys_file: Path | None = Field(None,
+                                       description="file with one API key per line (hashed in memory); unset = no auth")
     api_key: SecretStr | None = Field(
         None, description="one API key (`excb serve/up --api-key`), beside the keys file's; the common one-key case")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -7,8 +7,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every successful job indexes its training images (services/index) in a child that takes seconds of CPU; only the
-# tests about the index need that, so the others' jobs skip it. tests/services/dashboard/test_dashboard_browser.py's stack drops all
-# EXCB_* variables and so runs with the default (on); test_index_api.py sets IndexSettings explicitly.
+# tests about the index need that, so the others' jobs skip it.
+# tests/services/dashboard/test_dashboard_browser.py's stack drops all EXCB_* variables and so runs with the
+# default (on); test_index_api.py sets IndexSettings explicitly.
 os.environ.setdefault("EXCB_INDEX__AFTER_JOB", "false")
 
 pytest_plugins = ["support.services"]

@@ -13,6 +13,7 @@ augmentation a pure function of (seed, epoch, index) by forking that RNG.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -46,6 +47,7 @@ def blur_kernel_size(size: int) -> int:
 def effective_blur_probs(aug: AugmentConfig) -> tuple[float, float, float]:
     """(global 1, global 2, local) probabilities that are actually applied."""
     p = tuple(float(v) for v in aug.blur_p)
+    # why the ignore below: blur_p is a 3-tuple (AugmentConfig); a generator's tuple() is typed tuple[float, ...]
     return tuple(1.0 - v for v in p) if aug.blur_reference_parity else p  # type: ignore[return-value]
 
 
@@ -201,15 +203,15 @@ class MultiCropTransform:
         self.aug = aug
         self.blur_probs = effective_blur_probs(aug)
         self.scale_min = aug.global_scale_min_start
-        common = dict(jitter=aug.jitter_strength, mean=aug.mean, std=aug.std, blur_sigma=blur_sigma,
-                      flip_p=aug.flip_p)
+        view = functools.partial(_View, jitter=aug.jitter_strength, mean=aug.mean, std=aug.std,
+                                 blur_sigma=blur_sigma, flip_p=aug.flip_p)
         g_scale = (self.scale_min, 1.0)
         self.global_views = [
-            _View(aug.global_size, g_scale, blur_p=self.blur_probs[0], solarize_p=0.0, **common),
-            _View(aug.global_size, g_scale, blur_p=self.blur_probs[1], solarize_p=aug.solarize_p, **common),
+            view(aug.global_size, g_scale, blur_p=self.blur_probs[0], solarize_p=0.0),
+            view(aug.global_size, g_scale, blur_p=self.blur_probs[1], solarize_p=aug.solarize_p),
         ]
         l_scale = (aug.local_scale_min, self.scale_min)
-        self.local_views = [_View(aug.local_size, l_scale, blur_p=self.blur_probs[2], solarize_p=0.0, **common)
+        self.local_views = [view(aug.local_size, l_scale, blur_p=self.blur_probs[2], solarize_p=0.0)
                             for _ in range(aug.num_local_crops)]
 
     def set_epoch(self, epoch: int, epochs: int) -> float:
@@ -224,11 +226,11 @@ class MultiCropTransform:
 
     @property
     def global_scale(self) -> tuple[float, float]:
-        return tuple(self.global_views[0].crop.scale)  # type: ignore[return-value]
+        return tuple(self.global_views[0].crop.scale)
 
     @property
     def local_scale(self) -> tuple[float, float] | None:
-        return tuple(self.local_views[0].crop.scale) if self.local_views else None  # type: ignore[return-value]
+        return tuple(self.local_views[0].crop.scale) if self.local_views else None
 
     def __call__(self, image: Any) -> tuple[list[Tensor], list[Tensor]]:
         x = _as_input(image)

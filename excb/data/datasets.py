@@ -102,16 +102,21 @@ class _PathTable:
         return os.fsdecode(self._buf[self._offsets[i]: self._offsets[i + 1]].tobytes())
 
 
-class _BaseDataset(Dataset):
-    """Shared item plumbing: transform, optional label, class names."""
+class SourceDataset(Dataset):
+    """Shared item plumbing: transform, optional label, class names. What :func:`build_dataset` returns."""
 
     source: str
     classes: tuple[str, ...] = ()
+    labels: np.ndarray  # int64 [N], -1 where unlabelled
+    holdout: dict[str, Any] | None = None  # set by excb.evaluation.labelled_splits on a held-out split
 
     def __init__(self, source: str, transform: Transform | None, labelled: bool) -> None:
         self.source = source
         self.transform = transform
         self.labelled = labelled
+
+    def __len__(self) -> int:
+        raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
@@ -122,7 +127,7 @@ class _BaseDataset(Dataset):
         return (x, label) if self.labelled else x
 
 
-class ImageFileDataset(_BaseDataset):
+class ImageFileDataset(SourceDataset):
     """Image files on disk (folder or list); undecodable files are skipped (``None``) and counted.
 
     ``decode_min_side``: 0 (training) decodes every image whole; inference that is about to shrink the images
@@ -170,7 +175,7 @@ class ImageFileDataset(_BaseDataset):
             yield image
 
 
-class ArrayDataset(_BaseDataset):
+class ArrayDataset(SourceDataset):
     """In-memory uint8 grey images [N, H, W] (Fashion-MNIST, digits) returned as mode-L PIL images."""
 
     def __init__(self, source: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
@@ -383,6 +388,7 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 def evenly_spaced_subset(ds: Dataset, k: int) -> Dataset:
     """At most ``k`` items of ``ds`` at :func:`evenly_spaced` indices; ``ds`` itself when it has no more."""
+    # why the ignore below: torch's Dataset declares no __len__; the sets here are map-style
     return ds if len(ds) <= k else Subset(ds, evenly_spaced(len(ds), k))  # type: ignore[arg-type]
 
 
@@ -440,13 +446,13 @@ def _keep(ds: ImageFileDataset, indices: np.ndarray) -> None:
 
 
 def build_dataset(source: str, split: str = "train", limit: int | None = None, transform: Transform | None = None,
-                  labelled: bool = False, *, max_pixels: int = TRAIN_MAX_PIXELS) -> Dataset:
+                  labelled: bool = False, *, max_pixels: int = TRAIN_MAX_PIXELS) -> SourceDataset:
     """Open ``source`` (folder, ``list:FILE``, ``fashion-mnist[:ROOT]``, ``digits``) as a map-style data set."""
     _check_split(split)
     if not isinstance(source, str) or not source.strip():
         raise ConfigError("data.source", "empty; use a folder, list:FILE, fashion-mnist[:ROOT] or digits")
     source = source.strip()
-    ds: _BaseDataset
+    ds: SourceDataset
     if source == "digits":
         images, labels = load_digits_split(split)
         ds = ArrayDataset(source, images, labels, [str(i) for i in range(10)], transform, labelled)

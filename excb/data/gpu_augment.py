@@ -148,7 +148,8 @@ def decode_jpegs(data: Sequence[Tensor], device: torch.device | str) -> tuple[li
 
 
 def pad_batch(images: Sequence[Tensor], device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Stack variable-size [C, H, W] uint8 images into float [B, 3, Hmax, Wmax] in [0, 1] (edge-padded); sizes [B, 2]."""
+    """Stack variable-size [C, H, W] uint8 images into float [B, 3, Hmax, Wmax] in [0, 1] (edge-padded); sizes
+    [B, 2]."""
     device = torch.device(device)
     sizes = torch.tensor([[x.shape[-2], x.shape[-1]] for x in images], dtype=torch.long)
     h, w = int(sizes[:, 0].max()), int(sizes[:, 1].max())
@@ -185,13 +186,16 @@ def sample_crop_boxes(sizes: Tensor, scale: tuple[float, float], gen: torch.Gene
     w_ok, h_ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     # the centre-crop fallback when no try fits
     in_ratio = (width / height)[:, 0]
-    fw = torch.where(in_ratio < ratio[0], width[:, 0], torch.where(in_ratio > ratio[1], torch.round(height[:, 0] * ratio[1]), width[:, 0]))
+    fw = torch.where(in_ratio < ratio[0], width[:, 0],
+                     torch.where(in_ratio > ratio[1], torch.round(height[:, 0] * ratio[1]), width[:, 0]))
     fh = torch.where(in_ratio < ratio[0], torch.round(width[:, 0] / ratio[0]), height[:, 0])
     any_ok = ok.any(1)
     h_sel, w_sel = torch.where(any_ok, h_ok, fh), torch.where(any_ok, w_ok, fw)
     u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
-    top = torch.where(any_ok, torch.floor(u[:, 0] * (height[:, 0] - h_sel + 1)), torch.div(height[:, 0] - h_sel, 2, rounding_mode="floor"))
-    left = torch.where(any_ok, torch.floor(u[:, 1] * (width[:, 0] - w_sel + 1)), torch.div(width[:, 0] - w_sel, 2, rounding_mode="floor"))
+    top = torch.where(any_ok, torch.floor(u[:, 0] * (height[:, 0] - h_sel + 1)),
+                      torch.div(height[:, 0] - h_sel, 2, rounding_mode="floor"))
+    left = torch.where(any_ok, torch.floor(u[:, 1] * (width[:, 0] - w_sel + 1)),
+                       torch.div(width[:, 0] - w_sel, 2, rounding_mode="floor"))
     return torch.stack([top, left, h_sel, w_sel], 1).long()
 
 

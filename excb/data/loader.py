@@ -139,7 +139,7 @@ class SeededItems(Dataset):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; the sets here are map-style
 
     def __getitem__(self, index: int) -> Any:
         with seeded(derive_seed(self.seed, "item", self.epoch, index)):
@@ -215,7 +215,7 @@ def build_train_loader(cfg: TrainConfig, dataset: Dataset, rank: int = 0, world_
     per_rank = cfg.batch_size // world_size
     if per_rank < 1:
         raise ValueError(f"batch_size: {cfg.batch_size} is smaller than the world size {world_size}")
-    n = len(dataset)  # type: ignore[arg-type]
+    n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; the sets here are map-style
     if n // world_size < per_rank:
         raise ValueError(f"batch_size: the data set has {n} images, fewer than one batch "
                          f"({per_rank} per rank x {world_size} ranks, batch_size={cfg.batch_size})")
@@ -261,8 +261,9 @@ class TrainData:
         else:
             base = self._open_dataset()
             self.items = SeededItems(base, cfg.seed)
+            # why the ignore below: torch's Dataset declares no __len__; the sets here are map-style
             self.sampler = ResumableSampler(len(base), local_batch, rank, world_size, cfg.seed)  # type: ignore[arg-type]
-            self.num_images = len(base)  # type: ignore[arg-type]
+            self.num_images = len(base)  # type: ignore[arg-type]  # as above
         self.steps_per_epoch = (self.num_images // world_size) // local_batch
         if self.steps_per_epoch < 1:
             raise ConfigError("batch_size", f"{cfg.batch_size} is larger than the data set ({self.num_images} images "
@@ -289,7 +290,8 @@ class TrainData:
         return build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=item_transform,
                              max_pixels=cfg.data.max_image_pixels)
 
-    def batches(self, epoch: int, start_batch: int, total_epochs: int, schedule_epoch: int | None = None) -> Iterator[Any]:
+    def batches(self, epoch: int, start_batch: int, total_epochs: int,
+                schedule_epoch: int | None = None) -> Iterator[Any]:
         """Loader batches of ``epoch`` from ``start_batch`` on (at most the epoch's remaining steps), with the
         crop scale of ``schedule_epoch`` (default ``epoch``) out of ``total_epochs``."""
         self.transform.set_epoch(epoch if schedule_epoch is None else schedule_epoch, max(total_epochs, 1))

@@ -69,10 +69,12 @@ def encode_sample(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bytes, bool]
 
 def list_inputs(source: str) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and class names of a folder (class = first sub-folder) or a ``list:FILE``."""
-    from excb.data.datasets import build_dataset
+    from excb.data.datasets import ImageFileDataset, build_dataset
 
     ds = build_dataset(source, split="all", labelled=False)
-    paths = [ds.path(i) for i in range(len(ds))]  # type: ignore[attr-defined]
+    if not isinstance(ds, ImageFileDataset):
+        raise ValueError(f"{source!r}: not a folder or list:FILE of image files")
+    paths = [ds.path(i) for i in range(len(ds))]
     if source.startswith("list:"):
         return paths, [-1] * len(paths), []
     root = Path(source).expanduser()

@@ -193,7 +193,8 @@ def _shard_samples(location: str, start: int, stop: int) -> Iterator[tuple[int, 
     """Samples ``start <= i < stop`` of one shard as ``(i, {ext: bytes})``; members grouped by key."""
     with open_binary(location) as fh:
         tar = tarfile.open(fileobj=fh, mode="r:")  # seekable: skipped members' data is seeked over, not read
-        index, key, sample = -1, None, {}
+        index, key = -1, None
+        sample: dict[str, bytes] = {}
         for member in tar:
             if not member.isfile():
                 continue
@@ -325,7 +326,8 @@ class ShardStream(IterableDataset):
         image_bytes = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or b""
         label = self._label(sample)
         if self.mode == "raw":
-            data = torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8) if image_bytes else torch.empty(0, dtype=torch.uint8)
+            data = (torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8) if image_bytes
+                    else torch.empty(0, dtype=torch.uint8))
             return RawSample(key, data, label)
         from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, decode_image
 

@@ -15,9 +15,12 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from excb.config import ConfigError, ModelConfig
+from excb.models.base import Backbone
 from excb.models.external import LibraryBackbone, check_multiscale, is_external
 
-_RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
+_Block = type[BasicBlock] | type[Bottleneck]
+
+_RESNETS: dict[str, tuple[_Block, list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
@@ -30,7 +33,7 @@ _VITS: dict[str, tuple[int, int, int]] = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """torchvision-compatible ResNet trunk without ``fc``; output = global-average-pooled features.
 
     ``small_images`` swaps the 7x7/2 stem + max-pool for a 3x3/1 stem so 28-64 px inputs keep spatial
@@ -38,7 +41,7 @@ class ResNet(nn.Module):
     which on a CPU buys ~6x more images per second at 28 px for a 2x2 final map instead of 4x4.
     """
 
-    def __init__(self, block: type[nn.Module], layers: list[int], width: int = 64,
+    def __init__(self, block: _Block, layers: list[int], width: int = 64,
                  small_images: bool = False, stem_stride: int = 1) -> None:
         super().__init__()
         self.inplanes = width
@@ -55,12 +58,12 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.stage_dims = [width * m * block.expansion for m in (1, 2, 4, 8)]  # type: ignore[attr-defined]
+        self.stage_dims = [width * m * block.expansion for m in (1, 2, 4, 8)]
         self.embed_dim = self.stage_dims[-1]
         self._init_weights()
 
-    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
-        expansion = block.expansion  # type: ignore[attr-defined]
+    def _make_layer(self, block: _Block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        expansion = block.expansion
         downsample = None
         if stride != 1 or self.inplanes != planes * expansion:
             downsample = nn.Sequential(
@@ -157,7 +160,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """DINO-style ViT; feature = CLS token after the final LayerNorm.
 
     The position embedding is learnt for ``img_size`` and bicubically resized for other inputs (local
@@ -234,7 +237,8 @@ def resolve_small_images(cfg: ModelConfig, global_size: int) -> bool:
     return global_size <= 64 if cfg.small_images is None else bool(cfg.small_images)
 
 
-def build_backbone(cfg: ModelConfig, global_size: int, drop_path_rate: float, local_size: int | None = None) -> nn.Module:
+def build_backbone(cfg: ModelConfig, global_size: int, drop_path_rate: float,
+                   local_size: int | None = None) -> Backbone:
     """Build the backbone named by ``cfg.backbone`` for ``global_size`` px global crops (and ``local_size`` px
     local ones, the student's): one of ours, or a torchvision / timm architecture (``torchvision:NAME``,
     ``timm:NAME``; excb.models.external)."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from excb.config import ConfigError
+from excb.models.base import Backbone
 
 LIBRARIES = ("torchvision", "timm")
 MULTISCALE_STAGES = 3  # as excb.models.model.MULTISCALE_STAGES (that module imports this one)
@@ -104,7 +105,7 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-class LibraryBackbone(nn.Module):
+class LibraryBackbone(Backbone):
     """A torchvision or timm model as an ExCB backbone: ``forward`` -> pre-logits [N, embed_dim];
     ``stage_features`` -> pooled stages, the last = ``forward``'s. Its weights live under ``net.`` with the
     library's own names (:meth:`library_state_dict`)."""

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from excb.config import TrainConfig
 from excb.models.backbones import build_backbone
+from excb.models.base import Backbone
 from excb.models.heads import MLP, CentroidLayer, Predictor
 from excb.whitening import Whitening
 
@@ -17,9 +18,9 @@ GROUP_NAMES: tuple[str, ...] = ("backbone", "backbone_noreg", "projector", "proj
 MULTISCALE_STAGES = 3  # stages (ViT: blocks) whose pooled features make a multiscale embedding
 
 
-def embedding_dim(backbone: nn.Module, kind: str) -> int:
+def embedding_dim(backbone: Backbone, kind: str) -> int:
     """Size of the embedding ``kind`` ('final' or 'multiscale') of ``backbone``."""
-    dims: list[int] = backbone.stage_dims  # type: ignore[assignment]
+    dims = backbone.stage_dims
     return sum(dims[-MULTISCALE_STAGES:]) if kind == "multiscale" else dims[-1]
 
 
@@ -33,7 +34,7 @@ def multiscale(stages: list[Tensor]) -> Tensor:
     return torch.cat([F.normalize(s.float(), dim=-1) for s in stages[-MULTISCALE_STAGES:]], dim=-1)
 
 
-def feature_and_embedding(backbone: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
+def feature_and_embedding(backbone: Backbone, kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
     """One backbone pass -> (the projector's input: the pooled last stage, the embedding ``kind`` serves)."""
     if kind == "multiscale":
         stages = backbone.stage_features(x)
@@ -49,7 +50,14 @@ class ExCBModel(nn.Module):
     model can be wrapped in DDP.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
+    # submodules declared so that attribute access is typed (nn.Module.__getattr__ returns Tensor | Module)
+    backbone: Backbone
+    projector: nn.Module
+    predictor: nn.Module | None
+    centroids: CentroidLayer
+    whiten: Whitening | None
+
+    def __init__(self, backbone: Backbone, projector: nn.Module, predictor: nn.Module | None,
                  centroids: CentroidLayer, is_teacher: bool = False, embedding: str = "final",
                  whitening: str = "off") -> None:
         super().__init__()
@@ -61,7 +69,7 @@ class ExCBModel(nn.Module):
         self.embedding = embedding
         self.embed_dim: int = embedding_dim(backbone, embedding)
         # the identity until the trainer fits it at the end of the run (excb.whitening)
-        self.whiten: Whitening | None = Whitening(self.embed_dim) if whitening == "pca" else None
+        self.whiten = Whitening(self.embed_dim) if whitening == "pca" else None
 
     @property
     def num_clusters(self) -> int:
@@ -139,7 +147,7 @@ def build_model(cfg: TrainConfig, teacher: bool = False) -> ExCBModel:
     drop_path = 0.0 if teacher else m.drop_path_rate
     local = cfg.augment.local_size if cfg.augment.num_local_crops and not teacher else None
     backbone = build_backbone(m, cfg.augment.global_size, drop_path, local)
-    projector = MLP(backbone.embed_dim, m.projector_hidden_dim, m.projector_hidden_layers,  # type: ignore[arg-type]
+    projector = MLP(backbone.embed_dim, m.projector_hidden_dim, m.projector_hidden_layers,
                     m.bottleneck_dim, m.mlp_bn, m.activation)
     predictor = Predictor(m.bottleneck_dim, m.predictor_hidden_dim, m.mlp_bn, m.activation) if m.predictor else None
     centroids = CentroidLayer(m.bottleneck_dim, m.num_clusters)
@@ -155,7 +163,10 @@ class ServedEmbedding(nn.Module):
     service returns, not only from the backbone's last stage.
     """
 
-    def __init__(self, backbone: nn.Module, kind: str = "final", whiten: Whitening | None = None) -> None:
+    backbone: Backbone
+    whiten: Whitening | None
+
+    def __init__(self, backbone: Backbone, kind: str = "final", whiten: Whitening | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.embedding = kind
@@ -174,6 +185,11 @@ class ExportWrapper(nn.Module):
     model's mode. The normalised centroids are a constant buffer, and the graph is plain tensor ops with
     no data-dependent control flow. Spatial size is fixed at export time (ViT position embedding).
     """
+
+    backbone: Backbone
+    projector: nn.Module
+    centroids: Tensor  # a buffer (register_buffer), not the trainable CentroidLayer
+    whiten: Whitening | None
 
     def __init__(self, model: ExCBModel) -> None:
         super().__init__()
@@ -196,5 +212,5 @@ class ExportWrapper(nn.Module):
         return emb, h @ self.centroids.t()
 
 
-__all__ = ["ExCBModel", "ExportWrapper", "ServedEmbedding", "build_model", "embedding_dim", "feature_and_embedding", "multiscale",
-           "GROUP_NAMES"]
+__all__ = ["ExCBModel", "ExportWrapper", "ServedEmbedding", "build_model", "embedding_dim", "feature_and_embedding",
+           "multiscale", "GROUP_NAMES"]

@@ -19,10 +19,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from excb.models.base import Backbone
+from excb.models.external import LibraryBackbone
+
+if TYPE_CHECKING:  # for annotations only: excb.models.model imports this module's package
+    from excb.models.model import ExCBModel
 
 WEIGHTS_FILE = "backbone.safetensors"
 WHITENING_FILE = "whitening.safetensors"  # the served embedding's PCA whitening (model.whitening=pca only)
@@ -84,15 +90,15 @@ def from_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor
     return {_rename(k, back): v for k, v in state.items()}
 
 
-def _compatible_with(cfg: Any, backbone: nn.Module) -> dict[str, Any]:
+def _compatible_with(cfg: Any, backbone: Backbone) -> dict[str, Any]:
     """Which third-party constructor these exact tensors load into with strict=True (None: none does)."""
     m, size = cfg.model, int(cfg.augment.global_size)
     from excb.models.backbones import resolve_small_images
 
     out: dict[str, Any] = {"torchvision": None, "timm": None}
     library = _library(m.backbone)
-    if library is not None:  # the library's own module: always
-        out[library] = backbone.constructor(size)  # type: ignore[operator]
+    if library is not None and isinstance(backbone, LibraryBackbone):  # the library's own module: always
+        out[library] = backbone.constructor(size)
         return out
     if m.backbone in ("resnet18", "resnet34", "resnet50") and m.width == 64 and not resolve_small_images(m, size):
         out["torchvision"] = f"torchvision.models.{m.backbone}() with fc = nn.Identity()"
@@ -101,7 +107,7 @@ def _compatible_with(cfg: Any, backbone: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _embedding_meta(cfg: Any, model: nn.Module) -> dict[str, Any]:
+def _embedding_meta(cfg: Any, model: ExCBModel) -> dict[str, Any]:
     """The served embedding (the ONNX bundle's ``embedding``): kind, whitening, size, and how to load it."""
     from excb.models.model import MULTISCALE_STAGES, embedding_dim
     from excb.whitening import whitening_meta
@@ -117,7 +123,7 @@ def _embedding_meta(cfg: Any, model: nn.Module) -> dict[str, Any]:
             "load": "excb.models.load_backbone(DIR)"}
 
 
-def backbone_meta(cfg: Any, model: nn.Module, source: dict[str, Any] | None = None) -> dict[str, Any]:
+def backbone_meta(cfg: Any, model: ExCBModel, source: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a loader needs to rebuild the backbone and the served embedding, and to feed them: architecture,
     input size, mean/std, and which output is which (``embedding`` = served, ``backbone`` = for fine-tuning)."""
     m, a = cfg.model, cfg.augment
@@ -153,7 +159,7 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_backbone(model: nn.Module, cfg: Any, out_dir: str | os.PathLike[str],
+def save_backbone(model: ExCBModel, cfg: Any, out_dir: str | os.PathLike[str],
                   source: dict[str, Any] | None = None) -> Path:
     """Write the weights of ``model`` (an ExCB teacher, usually) to ``out_dir``: ``backbone.safetensors``, the
     whitening (when the model has one) and ``backbone.json``; returns the backbone weights path."""
@@ -177,7 +183,7 @@ def save_backbone(model: nn.Module, cfg: Any, out_dir: str | os.PathLike[str],
     return weights
 
 
-def save_run_backbone(teacher: nn.Module, cfg: Any, run_dir: str | os.PathLike[str], step: int | None = None) -> Path:
+def save_run_backbone(teacher: ExCBModel, cfg: Any, run_dir: str | os.PathLike[str], step: int | None = None) -> Path:
     """The trainer's end-of-run hook: the teacher's weights into ``run_dir`` (``teacher`` may be DDP/compiled)."""
     inner = getattr(teacher, "module", teacher)
     inner = getattr(inner, "_orig_mod", inner)
@@ -245,7 +251,7 @@ def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cp
     return module.to(device).eval()
 
 
-def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbone: nn.Module) -> nn.Module:
+def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbone: Backbone) -> nn.Module:
     """The backbone wrapped into what the bundle serves, as ``backbone.json``'s ``embedding`` describes it."""
     from safetensors.torch import load_file
 
@@ -263,5 +269,6 @@ def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbo
     return ServedEmbedding(backbone, embedding["kind"], whiten)
 
 
-__all__ = ["WEIGHTS_FILE", "WHITENING_FILE", "META_FILE", "FEATURES", "backbone_meta", "save_backbone", "save_run_backbone", "export_weights",
-           "cmd_export_weights", "load_backbone", "read_backbone_meta", "to_ecosystem_keys", "from_ecosystem_keys"]
+__all__ = ["WEIGHTS_FILE", "WHITENING_FILE", "META_FILE", "FEATURES", "backbone_meta", "save_backbone",
+           "save_run_backbone", "export_weights", "cmd_export_weights", "load_backbone", "read_backbone_meta",
+           "to_ecosystem_keys", "from_ecosystem_keys"]

@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
     metrics_registry = CollectorRegistry()  # one registry: the embed app's series too in `excb up`
     embed_app = _embed_app(settings, metrics_registry) if embedded else None
     syncer = ModelSync(db, embed_app.state.embed.registry, settings.resolved_models_dir) if embed_app else None
-    if syncer is not None:
+    if embed_app is not None and syncer is not None:
         embed_app.state.embed.model_source = syncer
 
     @contextlib.asynccontextmanager
@@ -122,7 +122,7 @@ def _merge_openapi(app: FastAPI, embed_app: FastAPI) -> None:
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
 
 
 def _shape(path: str) -> str:

@@ -254,7 +254,8 @@ def extract_bundle(fileobj: IO[bytes], out: Path, top: str) -> None:
         tar = tarfile.open(fileobj=fileobj, mode="r:")
         members = tar.getmembers()
     except tarfile.TarError as exc:
-        raise ApiClientError(502, {"error": {"type": "corrupt_download", "message": f"not a tar archive: {exc}"}}) from exc
+        raise ApiClientError(502, {"error": {"type": "corrupt_download",
+                                             "message": f"not a tar archive: {exc}"}}) from exc
     with tar:
         for member in members:
             _check_member(member, root, top)

@@ -12,7 +12,7 @@ as a counter reset.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import select
@@ -63,7 +63,7 @@ class JobHistoryCollector:
             return []
         return list(self._families(rows, running))
 
-    def _families(self, rows: list, running: list) -> Iterator[Metric]:
+    def _families(self, rows: Sequence[Any], running: Sequence[Any]) -> Iterator[Metric]:
         submitted = CounterMetricFamily(f"{NAMESPACE}_jobs_submitted", "jobs submitted (rows the store holds)")
         submitted.add_metric([], float(len(rows)))
         yield submitted
@@ -90,7 +90,7 @@ class JobHistoryCollector:
         yield from _train_balance(running)
 
 
-def _train_balance(running: list) -> Iterator[Metric]:
+def _train_balance(running: Sequence[Any]) -> Iterator[Metric]:
     """``excb_train_balance_<stat>{job}`` from each RUNNING job's latest balance block (the worker copies it
     from the trainer's metrics every ``progress_interval_seconds``); a job with none logged yet has no series."""
     families = {k: GaugeMetricFamily(f"{NAMESPACE}_train_balance_{k}", doc, labels=["job"])

@@ -204,7 +204,7 @@ class WorkersCollector:
 
 
 def register_collectors(registry: CollectorRegistry, cp: ControlPlane) -> None:
-    registry.register(JobsCollector(cp))  # type: ignore[arg-type]
-    registry.register(WorkersCollector(cp))  # type: ignore[arg-type]
-    registry.register(JobHistoryCollector(cp))  # type: ignore[arg-type]
+    registry.register(JobsCollector(cp))
+    registry.register(WorkersCollector(cp))
+    registry.register(JobHistoryCollector(cp))
     register_runtime_collectors(registry)

@@ -123,9 +123,11 @@ def attempt_dict(row: JobAttempt) -> dict[str, Any]:
 
 
 def model_dict(row: ModelRow, hide: PathHider | None = None, active_id: str | None = None) -> dict[str, Any]:
-    """``active``: whether ``active_id`` (read from the models dir's pointer, the one place that says it) is this row."""
+    """``active``: whether ``active_id`` (read from the models dir's pointer, the one place that says it) is this
+    row."""
     return {"id": row.id, "job_id": row.job_id, "status": row.status, "active": row.id == active_id,
-            "bundle_dir": hide.path(row.bundle_dir) if hide is not None and row.bundle_dir else row.bundle_dir, "sha256": row.sha256, "created_at": _iso(row.created_at),
+            "bundle_dir": hide.path(row.bundle_dir) if hide is not None and row.bundle_dir else row.bundle_dir,
+            "sha256": row.sha256, "created_at": _iso(row.created_at),
             "model_json": hide.deep(row.model_json or {}) if hide is not None else row.model_json or {}}
 
 

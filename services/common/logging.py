@@ -73,7 +73,7 @@ def configure_logging(level: str = "INFO", json_lines: bool | None = None) -> No
         if _replaceable(handler):
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler._excb = True  # type: ignore[attr-defined]
+    handler._excb = True  # type: ignore[attr-defined]  # our marker, so a second install replaces only ours
     handler.setFormatter(JsonFormatter() if wants_json(json_lines) else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -9,14 +9,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import CursorResult, Result, and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.db.session import Database
 from services.db.tables import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE/DELETE matched. Session.execute is typed to return Result for any statement; for DML it
+    returns a CursorResult (SQLAlchemy's documented type for it), which is what carries ``rowcount``."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 class Conflict(Exception):
@@ -145,13 +151,8 @@ def list_jobs(db: Database, *, owner: str | None, status: Sequence[str] | None, 
         return list(s.scalars(q))
 
 
-def count_active(db: Database, owner: str | None) -> int:
-    """Jobs of ``owner`` that are queued or running (the per-key limit)."""
-    with db.session() as s:
-        return _count_active(s, owner)
-
-
 def _count_active(s: Session, owner: str | None) -> int:
+    """Jobs of ``owner`` that are queued or running (the per-key limit)."""
     q = select(func.count()).select_from(Job).where(Job.status.in_(["QUEUED", *ACTIVE]))
     q = q.where(Job.owner.is_(None) if owner is None else Job.owner == owner)
     return int(s.scalar(q) or 0)
@@ -186,7 +187,7 @@ def request_cancel(db: Database, job_id: str) -> Job:
     with db.session() as s:
         res = s.execute(update(Job).where(Job.id == job_id, Job.status == "QUEUED")
                         .values(status="CANCELLED", cancel_requested=True, finished_at=now, updated_at=now))
-        if res.rowcount == 0:
+        if _rowcount(res) == 0:
             res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(["STARTING", "RUNNING"]))
                             .values(status="CANCELLING", cancel_requested=True, updated_at=now))
     job = get_job(db, job_id)
@@ -207,7 +208,7 @@ def retry_job(db: Database, job_id: str, owner: str | None = None, max_active: i
                                 finished_at=None, lease_owner=None, updated_at=now))
     job = get_job(db, job_id)
     assert job is not None
-    if res.rowcount == 0:
+    if _rowcount(res) == 0:
         raise Conflict(f"job is {job.status}; only FAILED or CANCELLED jobs can be retried")
     return job
 
@@ -219,7 +220,7 @@ def delete_job(db: Database, job_id: str) -> str:
     with db.session() as s:
         run_dir = s.scalar(select(Job.run_dir).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
         res = s.execute(delete(Job).where(Job.id == job_id, Job.status.in_(list(TERMINAL))))
-        if res.rowcount == 0 or run_dir is None:
+        if _rowcount(res) == 0 or run_dir is None:
             raise Conflict("only SUCCEEDED, FAILED or CANCELLED jobs can be deleted")
         s.execute(delete(JobMetric).where(JobMetric.job_id == job_id))
         s.execute(delete(JobAttempt).where(JobAttempt.job_id == job_id))
@@ -255,7 +256,7 @@ def acquire(db: Database, job_id: str, worker: str) -> Lease | None:
                         .values(status="STARTING", attempt=Job.attempt + 1, lease_token=Job.lease_token + 1,
                                 lease_owner=worker, heartbeat_at=now, updated_at=now, error=None,
                                 started_at=func.coalesce(Job.started_at, now)))
-        if res.rowcount != 1:
+        if _rowcount(res) != 1:
             return None
         job = s.get(Job, job_id, populate_existing=True)
         assert job is not None
@@ -281,7 +282,7 @@ def fenced_update(db: Database, lease: Lease, **values: Any) -> bool:
     with db.session() as s:
         res = s.execute(update(Job).where(Job.id == lease.job_id, Job.lease_token == lease.token,
                                           Job.status.in_(list(ACTIVE))).values(**values))
-        return res.rowcount == 1
+        return _rowcount(res) == 1
 
 
 def heartbeat(db: Database, lease: Lease, **values: Any) -> tuple[bool, bool]:
@@ -320,12 +321,12 @@ def release_for_retry(db: Database, lease: Lease, *, count_failure: bool, error:
                         .values(status="FAILED", failures=Job.failures + bump, finished_at=now, updated_at=now,
                                 lease_owner=None, error=error or {"type": "attempts_exhausted",
                                                                   "message": "attempt limit reached"}))
-        if res.rowcount == 1:
+        if _rowcount(res) == 1:
             return "FAILED"
         res = s.execute(update(Job).where(*fence)
                         .values(status="QUEUED", failures=Job.failures + bump, lease_owner=None, enqueued_at=None,
                                 updated_at=now, error=error))
-        return "QUEUED" if res.rowcount == 1 else "LOST"
+        return "QUEUED" if _rowcount(res) == 1 else "LOST"
 
 
 def replace_metrics(db: Database, job_id: str, rows: list[dict[str, Any]]) -> None:
@@ -380,16 +381,16 @@ def reap(db: Database, job: Job, reason: str | None = None) -> str:
         outcome = "LOST"
         if job.cancel_requested:
             res = s.execute(update(Job).where(*fence).values(status="CANCELLED", finished_at=now, **base))
-            outcome = "CANCELLED" if res.rowcount else "LOST"
+            outcome = "CANCELLED" if _rowcount(res) else "LOST"
         else:
             res = s.execute(update(Job).where(*fence, Job.failures + 1 >= Job.max_attempts)
                             .values(status="FAILED", failures=Job.failures + 1, finished_at=now, error=lost, **base))
-            if res.rowcount:
+            if _rowcount(res):
                 outcome = "FAILED"
             else:
                 res = s.execute(update(Job).where(*fence).values(status="QUEUED", failures=Job.failures + 1,
                                                                  enqueued_at=None, error=lost, **base))
-                outcome = "QUEUED" if res.rowcount else "LOST"
+                outcome = "QUEUED" if _rowcount(res) else "LOST"
         if outcome != "LOST":
             s.execute(update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.lease_token == job.lease_token,
                                                JobAttempt.ended_at.is_(None))

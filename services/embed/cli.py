@@ -17,12 +17,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port")
     p.add_argument("--models-dir", help="also load every bundle under this directory (default: EXCB_MODELS_DIR)")
-    p.add_argument("--data-root", action="append", default=[], help="allow GET /embed?uri= paths under this root (repeatable; default: EXCB_DATA_ROOTS)")
+    p.add_argument("--data-root", action="append", default=[],
+                   help="allow GET /embed?uri= paths under this root (repeatable; default: EXCB_DATA_ROOTS)")
     p.add_argument("--no-batching", action="store_true", help="run each request alone (benchmark baseline)")
     p.add_argument("--max-batch", type=int, help="images per ONNX Runtime run (default: EXCB_EMBED__MAX_BATCH, 32)")
     p.add_argument("--max-delay-ms", type=float,
                    help="how long a lone request waits for company (default: EXCB_EMBED__MAX_DELAY_MS, 5)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: EXCB_EMBED__INTRA_OP_THREADS, else the cores available)")
+    p.add_argument("--threads", type=int,
+                   help="ONNX Runtime intra-op threads "
+                        "(default: EXCB_EMBED__INTRA_OP_THREADS, else the cores available)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require this bearer key on /embed and /v1/* (default: EXCB_API_KEY; more keys: "
                         "EXCB_API_KEYS_FILE). Visible in `ps`: prefer EXCB_API_KEY on shared machines")

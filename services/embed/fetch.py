@@ -67,7 +67,7 @@ def system_resolver(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise FetchError("fetch_failed", f"cannot resolve {host!r}: {exc.strerror}") from exc
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _embedded_v4(ip: Address) -> ipaddress.IPv4Address | None:
@@ -169,6 +169,7 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
+        # why the ignore below: http.client.HTTPSConnection's _context is private, absent from its stubs
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 

@@ -83,7 +83,7 @@ async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[I
                 fields[key] = value
         svc.check_count(len(files), "files")
         opts = validate_as(EmbedOptions, fields)
-        items = [(f"files[{i}]", await f.read()) for i, (_, f) in enumerate(files)]
+        items: list[Item] = [(f"files[{i}]", await f.read()) for i, (_, f) in enumerate(files)]
     finally:
         await form.close()
     return items, opts

@@ -107,4 +107,4 @@ class EmbedMetrics:
     def attach(self, registry: "ModelRegistry") -> None:
         if self._collector is None:
             self._collector = _ModelCollector(registry)
-            self.registry.register(self._collector)  # type: ignore[arg-type]
+            self.registry.register(self._collector)

@@ -12,7 +12,7 @@ pydantic parameter, documented in OpenAPI, without letting an anonymous client m
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Coroutine
+from typing import Annotated, Any, Callable, Coroutine, Mapping
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +48,7 @@ def error_type(status: int) -> str:
 
 
 def openai_error(status: int, message: str, code: str | None, param: str | None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
+                 headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 

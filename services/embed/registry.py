@@ -318,7 +318,7 @@ class ModelRegistry:
         with self._lock:
             if model_id in (None, "", LATEST):
                 return self._default_for(caller)
-            model = self._models.get(model_id)  # type: ignore[arg-type]
+            model = self._models.get(model_id)
             if model is None or not model.visible_to(caller):
                 raise ModelNotFound(model_id)
             return model.id

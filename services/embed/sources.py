@@ -193,5 +193,5 @@ def read_prefix(src: FileImage, size: int) -> bytes:
         return b""
 
 
-__all__ = ["decode_base64_item", "FileImage", "UrlImage", "RequestLoads", "Source", "Item", "input_kind", "resolve_text",
-           "resolve_texts", "resolve_inputs", "read_file", "read_prefix"]
+__all__ = ["decode_base64_item", "FileImage", "UrlImage", "RequestLoads", "Source", "Item", "input_kind",
+           "resolve_text", "resolve_texts", "resolve_inputs", "read_file", "read_prefix"]

@@ -49,12 +49,14 @@ def make_faiss(vectors: np.ndarray, exact_max: int = EXACT_MAX) -> Any:
     import faiss
 
     d = int(vectors.shape[1])
+    index: faiss.Index
     if len(vectors) <= exact_max:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 128
+        hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = 80
+        hnsw.hnsw.efSearch = 128
+        index = hnsw
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
 
@@ -67,8 +69,8 @@ def thumbnail(image: Any, size: int = THUMB_SIZE) -> bytes:
     longest = max(img.size)
     if longest < size:
         factor = max(1, size // longest)
-        img = img.resize((img.width * factor, img.height * factor), Image.NEAREST)
-    img.thumbnail((size, size), Image.BICUBIC)
+        img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
+    img.thumbnail((size, size), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     return buf.getvalue()
@@ -83,9 +85,10 @@ class _Source:
         self.source = source
         self.ds = build_dataset(source, split=split, limit=limit, labelled=False)
         self.kind = "array" if isinstance(self.ds, ArrayDataset) else "files"
-        self._files = isinstance(self.ds, ImageFileDataset)
-        if self._files:  # large JPEGs decoded drafted, as the queries the embed service answers
-            self.ds.decode_min_side = decode_min_side
+        self._file_ds = self.ds if isinstance(self.ds, ImageFileDataset) else None
+        self._files = self._file_ds is not None
+        if self._file_ds is not None:  # large JPEGs decoded drafted, as the queries the embed service answers
+            self._file_ds.decode_min_side = decode_min_side
         self._root = Path(source).expanduser().resolve() if self._files and Path(source).is_dir() else None
         self._split = split
 
@@ -93,8 +96,8 @@ class _Source:
         return len(self.ds)
 
     def name(self, i: int) -> str:
-        if self._files:
-            path = Path(self.ds.path(i))
+        if self._file_ds is not None:
+            path = Path(self._file_ds.path(i))
             if self._root is not None:
                 try:
                     return path.resolve().relative_to(self._root).as_posix()
@@ -166,7 +169,7 @@ def build_index(bundle_dir: str | Path, source: str, root: Path, *, model_id: st
     import faiss
 
     index = make_faiss(vectors)
-    meta = {
+    meta: dict[str, Any] = {
         "model_id": model_id, "model_sha256": bundle.sha256, "embed_dim": bundle.embed_dim,
         "num_clusters": bundle.num_clusters, "source": source, "origin": origin, "split": split,
         "available": int(len(src)), "sample_cap": int(sample), "seed": int(seed), "skipped": skipped,

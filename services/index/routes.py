@@ -108,8 +108,9 @@ class IndexRoutes:
         try:
             idx = self.cache.get(model.id, name)
         except ImportError as exc:  # an image built without the services extra
-            raise ApiError(503, "unavailable", "this service cannot read image indexes: faiss-cpu is not installed "
-                                               "(pip install 'excb[services]')", "index", {"Retry-After": "60"}) from exc
+            raise ApiError(503, "unavailable",
+                           "this service cannot read image indexes: faiss-cpu is not installed "
+                           "(pip install 'excb[services]')", "index", {"Retry-After": "60"}) from exc
         except IndexNotFound as exc:
             raise ApiError(404, "index_not_found",
                            f"model {model.id!r} has no index {name!r}; build one with POST /v1/models/{model.id}/"

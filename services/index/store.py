@@ -56,14 +56,6 @@ def index_root(models_dir: Path, model_id: str, name: str = DEFAULT_NAME) -> Pat
     return Path(models_dir) / INDEXES_DIR / model_id / name
 
 
-def list_names(models_dir: Path, model_id: str) -> list[str]:
-    """Names of the complete indexes of a model (sorted)."""
-    base = Path(models_dir) / INDEXES_DIR / model_id
-    if not _ID_RE.fullmatch(model_id) or not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if valid_name(p.name) and (p / CURRENT_FILE).is_file())
-
-
 @dataclass
 class IndexData:
     """What a build produces, in memory: row i of every array is image i."""
@@ -178,7 +170,7 @@ class LoadedIndex:
         return self.thumbs[int(self.thumb_offsets[i]):int(self.thumb_offsets[i + 1])]
 
     def vector(self, i: int) -> np.ndarray:
-        return self.faiss.reconstruct(int(i)).reshape(1, -1).astype(np.float32)
+        return np.asarray(self.faiss.reconstruct(int(i)), dtype=np.float32).reshape(1, -1)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k], ids [Q, k]); ids of -1 (fewer than k images) are dropped by the caller."""

@@ -29,7 +29,7 @@ def _on_shutdown(**_: object) -> None:
 
 
 @app.task(name=TASK_RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True)
-def run_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def run_job(self, job_id: str) -> str:
     """Run (or skip, if it is a duplicate delivery) one training job."""
     liveness.CURRENT_JOB = job_id
     try:

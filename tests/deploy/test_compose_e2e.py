@@ -26,7 +26,8 @@ def test_compose_stack_end_to_end(tmp_path: Path) -> None:
     mode = os.environ.get("EXCB_COMPOSE_E2E", "")
     if mode not in ("1", "if-warm", "check"):
         pytest.skip("minutes of Docker builds and faults: EXCB_COMPOSE_E2E=1 (or if-warm) runs it")
-    engine = shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    engine = (shutil.which("docker") is not None
+              and subprocess.run(["docker", "info"], capture_output=True).returncode == 0)
     if not engine and os.geteuid() != 0:
         pytest.skip("no Docker engine answers, and starting one needs root")
     if mode == "check":

@@ -35,7 +35,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np
     root = tmp_path_factory.mktemp("src")
     rng = np.random.default_rng(0)
     originals: dict[str, np.ndarray] = {}
-    for c, cls in enumerate(("ants", "bees")):
+    for cls in ("ants", "bees"):
         (root / cls).mkdir()
         for i in range(9):
             a = _image(rng, 24 + i, 30 - i)

@@ -53,6 +53,7 @@ def test_embed_folder_to_parquet(folder: Path, tmp_path: Path) -> None:
 
 
 def test_embed_folder_errors(tmp_path: Path, folder: Path) -> None:
-    assert excb_main(["embed", str(tmp_path / "none"), "--model", str(es.bundle()), "--out", str(tmp_path / "a.npy")]) == 2
+    assert excb_main(["embed", str(tmp_path / "none"), "--model", str(es.bundle()),
+                      "--out", str(tmp_path / "a.npy")]) == 2
     assert excb_main(["embed", str(folder), "--model", str(es.bundle()), "--out", str(tmp_path / "a.csv")]) == 2
     assert excb_main(["embed", str(folder), "--model", str(tmp_path), "--out", str(tmp_path / "a.npy")]) == 2

@@ -56,8 +56,9 @@ def test_knn_matches_numpy_brute_force(weighting: str) -> None:
     for k in (1, 4, 10, 25):
         want = _numpy_knn(train, ytr, test, yte, k, 0.1, weighting, 4)
         assert accs[f"{weighting}_k{k}"] == pytest.approx(want, abs=1e-12), k
-        assert knn_accuracy(torch.from_numpy(train), torch.from_numpy(ytr), torch.from_numpy(test),
-                            torch.from_numpy(yte), k=k, temperature=0.1, weighting=weighting) == accs[f"{weighting}_k{k}"]
+        got = knn_accuracy(torch.from_numpy(train), torch.from_numpy(ytr), torch.from_numpy(test),
+                           torch.from_numpy(yte), k=k, temperature=0.1, weighting=weighting)
+        assert got == accs[f"{weighting}_k{k}"]
     assert 0.3 < accs[f"{weighting}_k10"] < 1.0  # non-trivial data: neither chance nor perfect
 
 

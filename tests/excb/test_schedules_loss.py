@@ -25,7 +25,9 @@ def test_wd_and_centroid_factor() -> None:
     assert schedules.centroid_wd_factor(0, 100, 10.0) == pytest.approx(10.0)
     assert schedules.centroid_wd_factor(100, 100, 10.0) == pytest.approx(1.0)
     # ViT: base wd rising 0.04->0.4 times the factor falling 10->1 gives 0.40, ~1.21, 0.40 (method.md §4.3)
-    prod = lambda s: schedules.weight_decay(s, 100, 0.04, 10) * schedules.centroid_wd_factor(s, 100, 10)
+    def prod(s: int) -> float:
+        return schedules.weight_decay(s, 100, 0.04, 10) * schedules.centroid_wd_factor(s, 100, 10)
+
     assert prod(0) == pytest.approx(0.4) and prod(50) == pytest.approx(1.21) and prod(100) == pytest.approx(0.4)
 
 

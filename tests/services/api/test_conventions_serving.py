@@ -112,7 +112,8 @@ def test_prometheus_conventions_and_job_series(api: Any) -> None:
     assert fams["excb_jobs_submitted"].samples[0].value == 3
     finished = {s.labels["outcome"]: s.value for s in fams["excb_jobs_finished"].samples}
     assert finished == {"SUCCEEDED": 1, "FAILED": 0, "CANCELLED": 1}
-    dur = {(s.name, s.labels.get("outcome"), s.labels.get("le")): s.value for s in fams["excb_job_duration_seconds"].samples}
+    dur = {(s.name, s.labels.get("outcome"), s.labels.get("le")): s.value
+           for s in fams["excb_job_duration_seconds"].samples}
     assert dur[("excb_job_duration_seconds_count", "SUCCEEDED", None)] == 1
     assert dur[("excb_job_duration_seconds_bucket", "SUCCEEDED", "+Inf")] == 1
     assert dur[("excb_job_duration_seconds_count", "CANCELLED", None)] == 0  # never started: no duration

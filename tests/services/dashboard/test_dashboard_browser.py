@@ -340,15 +340,16 @@ def test_cluster_gallery_cluster_page_and_more_like_this(stack: LiveStack, jobs:
     assert view.attr("#gallery", "data-clusters") == str(k)
     cards = page.locator(".cluster-card")
     assert cards.count() == k  # every cluster, largest first, exactly as the API orders them
-    shown = [(int(cards.nth(i).get_attribute("data-cluster-id") or -1), int(cards.nth(i).get_attribute("data-size") or -1))
-             for i in range(k)]
+    shown = [(int(cards.nth(i).get_attribute("data-cluster-id") or -1),
+              int(cards.nth(i).get_attribute("data-size") or -1)) for i in range(k)]
     assert shown == [(c["id"], c["size"]) for c in listing["data"]]
     for i, c in enumerate(listing["data"]):
         assert cards.nth(i).locator("img.thumb").count() == min(GALLERY_TYPICAL, c["size"])
         assert cards.nth(i).get_attribute("data-status") == c["status"]
     assert page.locator(".cluster-card[data-status='empty'] .badge").count() == listing["empty"]
     assert page.locator(".cluster-card[data-status='over-full'] .badge").count() == listing["over_full"]
-    assert page.evaluate("() => [...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.evaluate("() => [...document.querySelectorAll('img.thumb')]"
+                         ".every(i => i.complete && i.naturalWidth > 0)")
     view.shot("gallery")
 
     biggest = listing["data"][0]

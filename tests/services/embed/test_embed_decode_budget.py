@@ -92,7 +92,7 @@ def test_concurrent_big_uploads_keep_peak_rss_bounded(budget_server: tuple[subpr
 def test_no_room_in_time_is_503_with_retry_after(tmp_path: Path, big_png: bytes) -> None:
     for _, url in _server(tmp_path, decode_pixel_budget="40000000", decode_wait_seconds="0"):
         with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(lambda _: _upload(url, big_png), range(4)))
+            responses = list(pool.map(lambda _, url=url: _upload(url, big_png), range(4)))
         codes = sorted(r.status_code for r in responses)
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
         busy = next(r for r in responses if r.status_code == 503)

@@ -231,7 +231,8 @@ def test_get_embed_by_allow_listed_url(image_server: tuple[int, bytes], tmp_path
     from services.settings import EmbedSettings, Settings
 
     port, _ = image_server
-    embed = EmbedSettings(url_allowed_hosts=[f"127.0.0.1:{port}"], url_allowed_networks=["127.0.0.1/32"], max_delay_ms=1)
+    embed = EmbedSettings(url_allowed_hosts=[f"127.0.0.1:{port}"], url_allowed_networks=["127.0.0.1/32"],
+                          max_delay_ms=1)
     reg = ModelRegistry(embed)
     reg.register(es.bundle())
     with TestClient(create_app(Settings(home=tmp_path, embed=embed), reg)) as c:

@@ -193,12 +193,12 @@ def test_worker_killed_three_times_is_a_reported_crash_loop_and_the_job_fails_on
     job_id = _submit_and_wait_for_checkpoint(up, steps=2000, at_step=4)
     gaps = []
     for attempt in (1, 2, 3):
-        worker = up.wait(lambda: (w := up.live_worker(job_id)) and up.job(job_id)["attempt"] == attempt and w,
+        worker = up.wait(lambda n=attempt: (w := up.live_worker(job_id)) and up.job(job_id)["attempt"] == n and w,
                          RESUME_BOUND_S, f"attempt {attempt} running on a live worker", every=0.1)
         os.kill(worker["pid"], signal.SIGKILL)
         t_kill = time.monotonic()
         if attempt < 3:
-            up.wait(lambda: up.job(job_id)["attempt"] == attempt + 1, RESUME_BOUND_S, f"attempt {attempt + 1}")
+            up.wait(lambda n=attempt: up.job(job_id)["attempt"] == n + 1, RESUME_BOUND_S, f"attempt {attempt + 1}")
             gaps.append(round(time.monotonic() - t_kill, 1))
     failed = up.wait(lambda: (j := up.job(job_id))["status"] == "FAILED" and j, 10, "FAILED")
     assert failed["attempt"] == 3 and failed["failures"] == 3 and failed["error"]["type"] == "worker_lost"

@@ -16,6 +16,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # setup() created the process group, so the run destroys it at its end (cleanup)
 
     @property
     def is_main(self) -> bool:
@@ -43,14 +44,15 @@ def setup(requested_device: str) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(requested_device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, owns_group=owns)
 
 
 def barrier() -> None:
@@ -83,6 +85,8 @@ def all_reduce_sum_int(value: int, device: torch.device) -> int:
     return int(t)
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+def cleanup(ctx: DistContext) -> None:
+    """Destroy the process group :func:`setup` created (the end of a run), so a process that trains again, or
+    exits, leaves no group behind; a group the caller created is the caller's to destroy."""
+    if ctx.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -32,7 +32,7 @@ from excb.checkpoint import (
 )
 from excb.config import RUN_CONFIG, ConfigError, TrainConfig, dump_yaml
 from excb.data.loader import TrainData
-from excb.distributed import DistContext, all_reduce_sum_int, barrier, setup
+from excb.distributed import DistContext, all_reduce_sum_int, barrier, cleanup, setup
 from excb.fileio import atomic_write
 from excb.seeds import seed_everything
 from excb.step import ExCBStep
@@ -74,7 +74,8 @@ class RunLogger:
         """After a resume, drop rows logged past the checkpoint so the series has no duplicates."""
         if not self.ctx.is_main or not self.metrics_path.exists():
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        kept = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
         atomic_write(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def reset(self) -> None:
@@ -169,6 +170,14 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Tr
 
         warm_source(cfg.checkpoint)  # a wrong path fails before anything is written
     ctx = setup(cfg.device)
+    try:
+        return _logged_train(cfg, ctx, should_stop)
+    finally:
+        cleanup(ctx)
+
+
+def _logged_train(cfg: TrainConfig, ctx: DistContext, should_stop: Callable[[], bool] | None) -> TrainResult:
+    """The run with its directory made (or set aside: ``overwrite``) and train.log attached for its length."""
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
@@ -222,7 +231,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
     if not resumed:
         run.save()
     progress = _progress_bar(run) if ctx.is_main and cfg.progress else None
-    check = _budget_check(run, plan, started) if cfg.budget and not resumed else None
+    check = _budget_check(run, cfg.budget, plan, started) if cfg.budget and not resumed else None
     status = "completed"
     clock = [started, time.time()]  # start, loop start, loop end, whitening end: the summary's timing
     try:
@@ -364,12 +373,12 @@ def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLo
     _set_length(run, plan, cal.steps)
 
 
-def _budget_check(run: Run, plan: dict[str, Any], started: float) -> Any:
+def _budget_check(run: Run, budget: str, plan: dict[str, Any], started: float) -> Any:
     from excb.budget import BudgetCheck
     from excb.config import budget_seconds
 
     reserve = plan.get("calibration", {}).get("seconds_for_whitening", 0.0)
-    return BudgetCheck(budget_seconds(run.cfg.budget), started, run.total_steps, run.step, plan, reserve)
+    return BudgetCheck(budget_seconds(budget), started, run.total_steps, run.step, plan, reserve)
 
 
 def _correct_length(run: Run, check: Any, logger: RunLogger, progress: Any) -> None:

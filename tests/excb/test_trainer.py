@@ -18,6 +18,7 @@ from excb.checkpoint import latest_checkpoint, load_checkpoint
 from excb.config import COMPILE_MIN_STEPS, resolve
 from excb.step import compile_decision
 from excb.trainer import TrainingInterrupted, train
+from support import HANG_GUARD_S
 from support.training import TINY, read_rows, tiny
 
 torch.set_num_threads(1)
@@ -80,7 +81,8 @@ def test_compile_matches_eager(tmp_path: Path) -> None:
     eager = train(tiny(tmp_path / "eager", "max_steps=3", "compile=auto"))
     compiled = train(tiny(tmp_path / "compiled", "max_steps=3", "compile=true"))
     assert eager.summary["compiled"] is False and compiled.summary["compiled"] is True
-    losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if r["type"] == "step"] for name in ("eager", "compiled")}
+    losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if r["type"] == "step"]
+              for name in ("eager", "compiled")}
     assert len(losses["compiled"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
     a, b = _state(tmp_path / "eager"), _state(tmp_path / "compiled")
@@ -160,7 +162,7 @@ def test_cli_sigterm_checkpoints_and_exits_retryable(tmp_path: Path) -> None:
             break
         time.sleep(0.2)
     proc.terminate()
-    assert proc.wait(timeout=60) == 143
+    assert proc.wait(timeout=HANG_GUARD_S) == 143
     step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
     assert step >= 3
 
@@ -184,13 +186,57 @@ def test_two_process_gloo_training(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "max_steps=3",
            "model.sync_bn=false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["step"] == 3
     assert float(ckpt["balancer"]["sizes"].sum()) == pytest.approx(1.0, abs=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["images_seen"] == 3 * 32
+
+
+_GROUP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[1])
+from support.training import tiny  # noqa: E402
+from excb.trainer import train  # noqa: E402
+
+train(tiny(Path(sys.argv[2]), "max_steps=2", "model.sync_bn=false"))
+print("group after the run:", dist.is_initialized(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_destroys_the_process_group_it_created(tmp_path: Path) -> None:
+    """train() under torchrun joins a process group and destroys it at the end of the run: a process that goes
+    on (a second run, a notebook) starts without a stale group."""
+    script = tmp_path / "one_run.py"
+    script.write_text(_GROUP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(script), str(Path(__file__).resolve().parents[1]), str(tmp_path / "run")]
+    # a 2-step run takes ~20 s on an idle 2-core machine
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("group after the run: False") == 2, r.stdout
+
+
+def test_a_run_leaves_a_process_group_its_caller_created(tmp_path: Path) -> None:
+    """A group that existed before train() (the caller's, as in tests/excb/test_cuda.py's torchrun launch) is the
+    caller's to destroy: the run uses it and leaves it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert train(tiny(tmp_path / "run", "max_steps=2")).steps == 2
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_online_knn_every_epoch(tmp_path: Path) -> None:

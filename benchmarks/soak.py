@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import httpx
 import numpy as np
@@ -399,6 +399,11 @@ class Jobs:
         with self.lock:
             return [j for j in self.items if j.id and j.last.get("status") not in TERMINAL]
 
+    def settled(self) -> bool:
+        """Every job ended (refreshed first): the drain's condition."""
+        self.refresh()
+        return not self.unfinished()
+
     def unfinished(self) -> list[Job]:
         """Accepted and not terminal, or not yet accepted (sent again on the next refresh)."""
         with self.lock:
@@ -487,7 +492,9 @@ class Faults:
 
     def _job_moved_on(self, job: Job, attempt: int) -> bool:
         got = self.api.job(job.id or "")
-        return bool(got) and (got["status"] in TERMINAL or (got["attempt"] > attempt and got["status"] == "RUNNING"))
+        if got is None:
+            return False
+        return bool(got["status"] in TERMINAL or (got["attempt"] > attempt and got["status"] == "RUNNING"))
 
     def _workers_back(self) -> bool:
         return len(self.stack.worker_pids()) >= self.stack.workers and self.api.ready()
@@ -685,7 +692,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load.join(150)
         t_load_end = time.monotonic()
         log(f"load phase over after {t_load_end - t_phase:.0f} s; draining {len(jobs.active())} job(s)")
-        drained = wait_until(lambda: (jobs.refresh(), not jobs.unfinished())[1], args.drain, 1.0)
+        drained = wait_until(jobs.settled, args.drain, 1.0)
         t_end = time.monotonic()
         listed = _all_jobs(api)
         model_rows = _models(api)
@@ -784,19 +791,20 @@ def report_data(args: argparse.Namespace, stack: Stack, rec: Record, jobs: Jobs,
     conn_outside = [c for c in conn if not inside(c)]
     per_fault = []
     for f in faults.items:
-        lo, hi = f.start, (f.end if f.end is not None else float("inf"))
+        lo, hi = (f.start or 0.0), (f.end if f.end is not None else float("inf"))
         in_win = [c for c in calls if f.start is not None and c.t0 <= hi and c.t1 >= lo]
         per_fault.append({"fault": f.name, "at_s": None if f.start is None else round(f.start - times["t_phase"], 1),
                           "window_s": None if f.window is None else round(f.window, 1),
                           "recovered": f.end is not None or f.start is None,
-                          "5xx": sum(c.status >= 500 for c in in_win), "no_connection": sum(c.status == 0 for c in in_win),
+                          "5xx": sum(c.status >= 500 for c in in_win),
+                          "no_connection": sum(c.status == 0 for c in in_win),
                           "note": f.note})
     emb = [ms for t, ms in rec.embed_ms if times["t_phase"] <= t <= times["t_load_end"]]
     near_swap = [ms for t, ms in rec.embed_ms if any(0 <= t - s["t"] <= 5 for s in swaps)]
     kinds = [classify(j, faults.items) for j in jobs.items]
     counted = [j for j in jobs.items if j.kind != "warm-up"]
     ours = {j.id for j in jobs.items if j.id}
-    per_job: dict[str, int] = {}
+    per_job: dict[str | None, int] = {}
     for m in model_rows:
         per_job[m["job_id"]] = per_job.get(m["job_id"], 0) + 1
     succeeded_ids = {j.id for j, k in zip(jobs.items, kinds) if k == "succeeded"}
@@ -842,16 +850,20 @@ def report_data(args: argparse.Namespace, stack: Stack, rec: Record, jobs: Jobs,
     }
 
 
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     r, lat, j = res["requests"], res["latency_ms"], res["jobs"]
-    fmt = (lambda v: "n/a" if v is None else f"{v:.1f}")
     lines = [
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `{command}`",
         f"- machine: {res['environment']['machine']}, python {res['environment']['python']}, "
         f"load average at the end {res['environment']['load_avg_end']}; {res['environment']['disk']}",
         f"- mode {res['mode']}, {res['workers']} workers, embed think time {res['think_ms']} ms, a job every "
         f"{res['job_every']} s; setup {res['times']['setup_s']} s, load "
-        f"{res['times']['load_s']} s, drain {res['times']['drain_s']} s, total {res['times']['total_s']} s; seed {res['seed']}",
+        f"{res['times']['load_s']} s, drain {res['times']['drain_s']} s, total {res['times']['total_s']} s; "
+        f"seed {res['seed']}",
         "", "| what | figure |", "|---|---|",
         f"| requests sent / 2xx / 4xx / 5xx | {r['sent']} / {r['2xx']} / {r['4xx']} / {r['5xx']} |",
         f"| no connection (API down) / outside fault windows | {r['no_connection']} / "
@@ -863,7 +875,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"{fmt(lat['swap_p50'])} / {fmt(lat['swap_p99'])} |",
         f"| jobs submitted (+{j['skipped_ticks']} ticks skipped: queue full) | {j['submitted']} |",
         f"| SUCCEEDED / CANCELLED as asked | {j['succeeded']} / {j['cancelled']} |",
-        f"| FAILED as expected: bad input / a fault's stated reason | {j['failed_expected']} / {j['failed_by_fault']} |",
+        f"| FAILED as expected: bad input / a fault's stated reason | {j['failed_expected']} / "
+        f"{j['failed_by_fault']} |",
         f"| unexpected end | {j['unexpected']} |",
         f"| **lost** | **{j['lost']}** |",
         f"| **duplicated models** (and SUCCEEDED without a model) | **{j['duplicated_models']}** "

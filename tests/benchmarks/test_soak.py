@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from support import REPO_ROOT as ROOT
 
 SCRIPT = ROOT / "benchmarks" / "soak.py"

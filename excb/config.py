@@ -16,6 +16,8 @@ from typing import Any, Iterable, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from excb.errors import ConfigError  # re-exported: excb.config.ConfigError is the public name
+
 
 def _yaml_on_off(value: object) -> object:
     """YAML (and ``key=true`` overrides) read ``on``/``off`` as booleans; map them back for auto/on/off fields."""
@@ -432,15 +434,6 @@ def _expand_short_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
             out[section] = node
             _set_dotted(out, home, value)
     return out
-
-
-class ConfigError(ValueError):
-    """A config problem that names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from excb.config import ConfigError
 from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, load_image
+from excb.errors import EmptyDatasetError, UndecodableDataError  # re-exported under their old module
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,6 @@ TRAIN_MAX_PIXELS = 64_000_000
 MIN_DECODABLE_IMAGES = 16
 
 Transform = Callable[[Image.Image], Any]
-
-
-class EmptyDatasetError(ValueError):
-    """The source exists but yields no usable images."""
-
-
-class UndecodableDataError(EmptyDatasetError):
-    """Too few of the source's files decode as images (the CLI prints it as one line, exit status 2)."""
 
 
 @dataclass

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from excb.errors import EmptyDatasetError
 from excb.seeds import derive_seed, seeded
 
 INDEX_NAME = "index.json"
@@ -366,7 +367,5 @@ def open_shards(source: str, **kwargs: Any) -> ShardStream:
         raise ValueError("data.source: expected shards:PATH_OR_URL")
     stream = ShardStream(location, **kwargs)
     if len(stream) == 0:
-        from excb.data.datasets import EmptyDatasetError
-
         raise EmptyDatasetError(f"data source {source!r}: the shard index lists no samples")
     return stream

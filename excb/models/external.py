@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from excb.config import ConfigError
+from excb.errors import ConfigError
 from excb.models.base import Backbone
 
 LIBRARIES = ("torchvision", "timm")

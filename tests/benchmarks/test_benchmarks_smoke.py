@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from support import HANG_GUARD_S
 from support import REPO_ROOT as ROOT
 
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
@@ -22,7 +23,7 @@ def test_train_throughput_quick_reports_both_steps_and_ratio(tmp_path: Path) -> 
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--presets", "cpu-small", "--batch", "4",
          "--set", "model.num_clusters=64", "--json-out", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| cpu-small |")]
@@ -44,7 +45,7 @@ def test_train_throughput_quick_reports_both_steps_and_ratio(tmp_path: Path) -> 
 
 def test_train_throughput_rejects_unknown_preset(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--presets", "resnet9000", "--quick"],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=tmp_path)
     assert proc.returncode == 2
     assert "--presets" in proc.stderr and "resnet9000" in proc.stderr
 
@@ -61,7 +62,7 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "suite", "--sets", "uci-digits", "--budget", "15s",
          "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--write-results", str(results),
          "model.width=8", "augment.num_local_crops=2", "kmeans.samples=256"],
-        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -84,7 +85,7 @@ def test_quality_suite_runs_the_default_recipe_and_writes_one_table(tmp_path: Pa
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "whiten", "--runs",
          str(tmp_path / "runs" / "suite-uci-digits-val"), "--fit-images", "64", "1151", "5000"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (w,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
@@ -105,7 +106,7 @@ def test_quality_screen_reports_both_embeddings_of_one_teacher(tmp_path: Path) -
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "screen", "--sets", "uci-digits", "--steps", "6",
          "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "model.width=8",
          "augment.num_local_crops=2", "kmeans.samples=256", "augment.flip_p=0.5"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
@@ -125,7 +126,7 @@ def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Pat
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "embed_load.py"), "--width", "8", "--size", "32", "--clusters", "64",
          "--max-batch", "4", "--levels", "1,4", "--rounds", "1", "--seconds", "0.3", "--json-out", str(out)],
-        capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -134,7 +135,8 @@ def test_embed_load_quick_measures_engine_and_service_side_by_side(tmp_path: Pat
     assert set(rows) == {(k, s, c) for k in ("raw", "json") for s in ("on", "off") for c in (1, 4)}
     for row in rows.values():
         assert row["img_s"] > 0 and row["errors"] == 0 and row["p50"] <= row["p99"]
-        assert {"decode", "preprocess", "batch", "handler", "outside_handler", "ort_run_per_batch"} <= set(row["stages"])
+        stages = {"decode", "preprocess", "batch", "handler", "outside_handler", "ort_run_per_batch"}
+        assert stages <= set(row["stages"])
     assert "raw c=1 on / off img/s" in res["ratios"] and "json c=4 on / engine b4 img/s" in res["ratios"]
     assert "json c=1 off / engine b1 CPU-time efficiency" in res["ratios"]
     assert "| engine | batch | img/s | CPU ms/img |" in proc.stdout and "outside_handler" in proc.stdout
@@ -146,9 +148,9 @@ def test_step_variants_times_each_variant_against_the_first(tmp_path: Path) -> N
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_variants.py"), "--threads", "1", "--blocks", "2",
          "--steps", "1", "--batch", "8", "nchw:channels_last=false", "nhwc:channels_last=true"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {ln.split("|")[1].strip(): ln for ln in proc.stdout.splitlines() if ln.startswith("| nchw") or ln.startswith("| nhwc")}
+    rows = {ln.split("|")[1].strip(): ln for ln in proc.stdout.splitlines() if ln.startswith(("| nchw", "| nhwc"))}
     assert set(rows) == {"nchw", "nhwc"}
     assert "| 1.00x | 1.00 1.00 |" in rows["nchw"]
     assert float(rows["nhwc"].split("|")[2]) > 0
@@ -170,7 +172,7 @@ def test_jpeg_draft_reports_speed_and_fidelity_side_by_side(tmp_path: Path) -> N
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "jpeg_draft.py"), "--width", "1600", "--height", "1200",
          "--rounds", "1", "--sizes", "32", "--bundle", str(es.bundle()), "--photos", str(photos)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=HANG_GUARD_S, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from support import HANG_GUARD_S
 from support import REPO_ROOT as ROOT
 from support.deploy_parse import (
     all_docs,
@@ -73,7 +74,7 @@ def _compose_config(*profiles: str, file: Path = COMPOSE) -> subprocess.Complete
     for p in profiles:
         args += ["--profile", p]
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "BIND_ADDR", "COMPOSE_PROFILES")}
-    return subprocess.run([*args, "config"], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run([*args, "config"], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for k in KUSTOMIZATIONS:
         if kubectl:
-            res = subprocess.run([kubectl, "kustomize", str(ROOT / k)], capture_output=True, text=True, timeout=60)
+            res = subprocess.run([kubectl, "kustomize", str(ROOT / k)], capture_output=True, text=True,
+                                 timeout=HANG_GUARD_S)
             assert res.returncode == 0, f"{k}: {res.stderr}"
             out[k] = yaml_docs(res.stdout)
         else:
@@ -153,7 +155,7 @@ def test_compose_keeps_the_reliability_promises(compose: dict[str, Any]) -> None
     assert s["embed"]["deploy"]["replicas"] >= 2
     assert any(v.startswith("excb-home:/var/lib/excb:ro") for v in s["embed"]["volumes"])
     for name, svc in s.items():  # secrets only as files
-        for k, v in (svc.get("environment") or {}).items():
+        for k in svc.get("environment") or {}:
             assert not re.search(r"PASSWORD|SECRET|TOKEN|API_KEYS$", k) or k.endswith("_FILE"), (name, k)
 
 
@@ -249,7 +251,7 @@ def test_pytorchjob_pod_templates_validate() -> None:
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert set(replicas) == {"Master", "Worker"}
-    for role, spec in replicas.items():
+    for spec in replicas.values():
         validator.validate(spec["template"])
         assert spec["template"]["spec"]["containers"][0]["name"] == "pytorch", "the operator needs `pytorch`"
     bad = json.loads(json.dumps(replicas["Master"]["template"]))
@@ -385,7 +387,7 @@ def test_dockerfile_paths_targets_and_images_exist(compose: dict[str, Any], rend
               if ln.strip() and not ln.startswith("#")]
     builds = image_builds(compose)
     assert set(builds) >= {"excb/api", "excb/embed", "excb/worker", "excb/worker-cpu"}
-    for image, (dockerfile, target) in builds.items():
+    for dockerfile, target in builds.values():
         assert dockerfile.is_file(), dockerfile
         assert target in parse_dockerfile(dockerfile), f"{dockerfile.name} has no stage {target}"
     extras = set(__import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -433,23 +435,23 @@ def test_healthcheck_script_follows_the_http_status() -> None:
     script = [sys.executable, str(ROOT / "docker" / "healthcheck.py")]
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        assert subprocess.run([*script, f"{base}/livez"], timeout=30).returncode == 0
-        assert subprocess.run([*script, f"{base}/readyz"], capture_output=True, timeout=30).returncode == 1
+        assert subprocess.run([*script, f"{base}/livez"], timeout=HANG_GUARD_S).returncode == 0
+        assert subprocess.run([*script, f"{base}/readyz"], capture_output=True, timeout=HANG_GUARD_S).returncode == 1
     finally:
         server.shutdown()
     assert subprocess.run([*script, f"http://127.0.0.1:{_free_port()}/livez", "1"],
-                          capture_output=True, timeout=30).returncode == 1
+                          capture_output=True, timeout=HANG_GUARD_S).returncode == 1
 
 
 def test_init_secrets_creates_private_files_once(tmp_path: Path) -> None:
     script = ROOT / "docker" / "init-secrets.sh"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    subprocess.run(["sh", str(script), str(tmp_path)], check=True, capture_output=True, env=env, timeout=30)
+    subprocess.run(["sh", str(script), str(tmp_path)], check=True, capture_output=True, env=env, timeout=HANG_GUARD_S)
     first = {p.name: p.read_text() for p in tmp_path.iterdir()}
     assert set(first) == {"postgres_password", "api_keys"}
     for name, text in first.items():
         assert len(text.strip()) >= 32
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o400
     assert first["postgres_password"] != first["api_keys"]
-    subprocess.run(["sh", str(script), str(tmp_path)], check=True, capture_output=True, env=env, timeout=30)
+    subprocess.run(["sh", str(script), str(tmp_path)], check=True, capture_output=True, env=env, timeout=HANG_GUARD_S)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == first, "existing secrets must be kept"

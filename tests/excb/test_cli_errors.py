@@ -13,12 +13,13 @@ import pytest
 
 from excb.cli import main
 from excb.config import TrainConfig, config_fields
+from support import HANG_GUARD_S
 
 
 def _excb(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "excb.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+                          env=env, timeout=HANG_GUARD_S)
 
 
 @pytest.mark.slow

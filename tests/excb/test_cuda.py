@@ -24,6 +24,7 @@ from excb.config import TrainConfig
 from excb.distributed import DistContext
 from excb.step import ema_update
 from excb.trainer import Run
+from support import HANG_GUARD_S
 from support import REPO_ROOT as REPO
 
 pytestmark = [pytest.mark.cuda,
@@ -64,7 +65,9 @@ def _batch(cfg: TrainConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor | No
     """Random crops shaped like the loader's output (globals [2, B, 3, G, G], locals [L, B, 3, l, l]), on the CPU."""
     gen, a, b = torch.Generator().manual_seed(seed), cfg.augment, cfg.batch_size
     g = torch.randn(2, b, 3, a.global_size, a.global_size, generator=gen)
-    return g, torch.randn(a.num_local_crops, b, 3, a.local_size, a.local_size, generator=gen) if a.num_local_crops else None
+    if not a.num_local_crops:
+        return g, None
+    return g, torch.randn(a.num_local_crops, b, 3, a.local_size, a.local_size, generator=gen)
 
 
 def _steps(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict[str, float]]:
@@ -89,7 +92,8 @@ def test_cuda_fp32_step_matches_cpu_step(tmp_path: Path) -> None:
         for key in ("changed_labels", "llb_min", "lhb_min", "confidence_tr"):
             assert row_gpu[key] == pytest.approx(row_cpu[key], abs=1e-4), key
     torch.testing.assert_close(gpu.learner.balancer.sizes.cpu(), cpu.learner.balancer.sizes, atol=1e-6, rtol=0)
-    for (name, p_cpu), p_gpu in zip(cpu.learner.teacher.state_dict().items(), gpu.learner.teacher.state_dict().values()):
+    for (name, p_cpu), p_gpu in zip(cpu.learner.teacher.state_dict().items(),
+                                    gpu.learner.teacher.state_dict().values()):
         if p_cpu.is_floating_point():
             torch.testing.assert_close(p_gpu.cpu(), p_cpu, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -112,7 +116,8 @@ def test_bf16_channels_last_fused_step_matches_fp32(tmp_path: Path, optim: str) 
     for row_ref, row_fast in zip(a, b):
         assert np.isfinite(row_fast["loss"])
         assert row_fast["loss"] == pytest.approx(row_ref["loss"], rel=5e-2)
-    for (name, p_ref), p_fast in zip(ref.learner.teacher.state_dict().items(), fast.learner.teacher.state_dict().values()):
+    for (name, p_ref), p_fast in zip(ref.learner.teacher.state_dict().items(),
+                                     fast.learner.teacher.state_dict().values()):
         if p_ref.is_floating_point():
             torch.testing.assert_close(p_fast.float(), p_ref.float(), atol=1e-3, rtol=1e-2, msg=name)
 
@@ -198,8 +203,8 @@ def test_torchrun_one_process_nccl_trains_and_checkpoints(tmp_path: Path) -> Non
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(script), str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=tmp_path)
+                           str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "steps 4 status completed" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
@@ -233,7 +238,7 @@ def test_excb_up_digits_job_on_cuda_embeds(tmp_path: Path) -> None:
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump(tiny_job(max_steps=8, device="cuda")))
         sub = subprocess.run([sys.executable, "-m", "excb.cli", "jobs", "--url", base, "submit", str(job_file),
-                              "--follow"], env=env, capture_output=True, text=True, timeout=300)
+                              "--follow"], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert sub.returncode == 0 and "SUCCEEDED" in sub.stdout, sub.stdout[-3000:] + tail(up.log)
         job = httpx.get(f"{base}/v1/jobs/{sub.stdout.split()[1]}").json()
         assert job["config"]["device"] == "cuda"

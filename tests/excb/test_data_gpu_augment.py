@@ -15,7 +15,7 @@ from excb.config import AugmentConfig
 from excb.data import gpu_augment as G
 from excb.data.augment import MultiCropTransform, blur_kernel_size, effective_blur_probs
 from excb.data.shards import RawSample
-from support import REPO_ROOT
+from support import HANG_GUARD_S, REPO_ROOT
 
 torch.set_num_threads(1)
 
@@ -284,7 +284,7 @@ def test_data_throughput_benchmark_quick(tmp_path) -> None:
     script = REPO_ROOT / "benchmarks" / "data_throughput.py"
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--json-out", str(out),
-                           "--set", "data.gpu_augment=on"], capture_output=True, text=True, timeout=120,
+                           "--set", "data.gpu_augment=on"], capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from support import HANG_GUARD_S
 from support import REPO_ROOT as ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -254,7 +255,7 @@ def _check_celery(args: list[str]) -> None:
     assert sub == "worker", args
     if sub not in _CELERY_HELP:
         res = subprocess.run([sys.executable, "-m", "celery", "--app", app_name, sub, "--help"],
-                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+                             capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT)
         assert res.returncode == 0, res.stderr
         _CELERY_HELP[sub] = res.stdout
     for opt in (a for a in args[args.index(sub) + 1:] if a.startswith("--")):

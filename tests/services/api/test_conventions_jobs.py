@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import support.embed as es
+from support import HANG_GUARD_S
 from support.services import REPO, tiny_job
 
 SHORT = {"preset": "cpu-small", "data": "digits", "max_steps": 50}
@@ -24,7 +25,7 @@ def _excb(server: Any, *args: str, stdin: str | None = None) -> subprocess.Compl
     env = {**os.environ, "EXCB_API_URL": server.url, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "excb.cli", "jobs", *args], input=stdin, capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=120)
+                          text=True, env=env, cwd=REPO, timeout=HANG_GUARD_S)
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_sdk_runs_a_job_to_its_model(plane: tuple[Any, Any], tmp_path: Path) -> 
         assert isinstance(job, Job) and job.status == "QUEUED" and job.metadata == {"team": "vision"}
         lines = list(client.logs(job.id, follow=True))
         assert any("attempt 1" in line for line in lines), lines[-20:]
-        done = client.wait(job.id, timeout=300)
+        done = client.wait(job.id, timeout=HANG_GUARD_S)
         assert done.status == "SUCCEEDED", done.error
         assert done.effective is not None and done.effective["max_steps"] == 8 and done.model_id
         assert done.progress.step == 8 and done.created_at <= done.finished_at
@@ -115,12 +116,13 @@ def test_wait_times_out_with_the_status_it_saw(plane: tuple[Any, Any]) -> None:
         with pytest.raises(TimeoutError, match="still QUEUED"):
             client.wait(job.id, timeout=1, poll_seconds=0.2)
         assert client.cancel(job.id).status == "CANCELLED"
-        assert client.wait(job.id, timeout=30).status == "CANCELLED"
+        assert client.wait(job.id, timeout=HANG_GUARD_S).status == "CANCELLED"
 
 
 def test_celery_inspect_ping_reaches_a_worker_on_redis(pg_url: str, redis_url: str, make_stack: Any) -> None:
     """Celery's own tools work on the Redis broker: `celery -A services.worker.app inspect ping` gets the
-    worker's pong (README "Coming from TEI / Infinity / Ray / LightlyTrain": the embedded transport has no broadcast)."""
+    worker's pong (README "Coming from TEI / Infinity / Ray / LightlyTrain": the embedded transport has no
+    broadcast)."""
     stack = make_stack(pg_url, redis_url)
     stack.start_api()
     worker = stack.start_worker("pingme@localhost")
@@ -128,7 +130,7 @@ def test_celery_inspect_ping_reaches_a_worker_on_redis(pg_url: str, redis_url: s
     for _ in range(60):  # the worker takes a few seconds to start consuming; each try waits 2 s for replies
         out = subprocess.run([sys.executable, "-m", "celery", "-A", "services.worker.app", "inspect", "ping",
                               "-d", "pingme@localhost", "--timeout", "2"], capture_output=True, text=True,
-                             env=stack.env, cwd=REPO, timeout=60)
+                             env=stack.env, cwd=REPO, timeout=HANG_GUARD_S)
         if out.returncode == 0:
             break
         assert worker.poll() is None, "the worker died"
@@ -149,10 +151,10 @@ def test_cli_sends_the_one_server_key(make_stack: Any, tmp_path: Path) -> None:
                    "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             env.pop("EXCB_API_TOKEN", None)
             run = [sys.executable, "-m", "excb.cli", "jobs", "list"]
-            ok = subprocess.run(run, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+            ok = subprocess.run(run, capture_output=True, text=True, env=env, cwd=REPO, timeout=HANG_GUARD_S)
             assert ok.returncode == 0, ok.stderr
             bad = subprocess.run(run, capture_output=True, text=True, env={**env, "EXCB_API_TOKEN": "other"},
-                                 cwd=REPO, timeout=120)
+                                 cwd=REPO, timeout=HANG_GUARD_S)
             assert bad.returncode == 1 and "401 unauthorized" in bad.stderr
     finally:
         app.state.plane.db.dispose()

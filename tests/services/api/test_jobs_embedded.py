@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from support import HANG_GUARD_S
 from support.live import excb_up, tail, wait_embed
 from support.services import tiny_job
 
@@ -26,15 +27,15 @@ def test_excb_up_end_to_end(tmp_path: Path) -> None:
         job_file.write_text(yaml.safe_dump(tiny_job(max_steps=8)))
         cli = [sys.executable, "-m", "excb.cli", "jobs", "--url", base]
         sub = subprocess.run(cli + ["submit", str(job_file), "optim.lr=0.001", "--follow"], env=env,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:] + tail(up.log)
         assert "excb jobs status" in sub.stdout and "SUCCEEDED" in sub.stdout  # prints what to run next
         job_id = sub.stdout.split()[1]
         job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
         assert job["status"] == "SUCCEEDED" and job["config"]["optim"]["lr"] == 0.001
-        status = subprocess.run(cli + ["status", job_id], env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(cli + ["status", job_id], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert "SUCCEEDED" in status.stdout and job["model_id"] in status.stdout
-        listing = subprocess.run(cli + ["list"], env=env, capture_output=True, text=True, timeout=60)
+        listing = subprocess.run(cli + ["list"], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert job_id in listing.stdout
         r = wait_embed(base, job["model_id"])
         body = r.json()
@@ -51,7 +52,7 @@ def _fitted_job_runs(cli: list[str], env: dict[str, str], tmp_path: Path) -> Non
     job_file.write_text(yaml.safe_dump({"data": "digits", "budget": "20s", "model": {"width": 8},
                                         "augment": {"num_local_crops": 2}, "kmeans": {"samples": 256}}))
     sub = subprocess.run(cli + ["--json", "submit", str(job_file), "--follow"], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=HANG_GUARD_S)
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
     base = cli[cli.index("--url") + 1]
     jobs = httpx.get(f"{base}/v1/jobs").json()

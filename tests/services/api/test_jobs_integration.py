@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from support import HANG_GUARD_S
 from support.services import tiny_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -180,7 +181,7 @@ def test_sigterm_to_worker_checkpoints_and_requeues(make_stack: Any, tmp_path: P
     job = c.post("/v1/jobs", json=tiny_job(max_steps=20)).json()
     stack.wait(job["id"], lambda j: (j["progress"].get("step") or 0) >= 4, 120)
     os.kill(worker.pid, signal.SIGTERM)
-    assert worker.wait(timeout=60) == 0
+    assert worker.wait(timeout=HANG_GUARD_S) == 0
     back = c.get(f"/v1/jobs/{job['id']}").json()
     assert back["status"] == "QUEUED" and back["failures"] == 0, back
     assert [a["outcome"] for a in _attempt_pids(stack, job["id"])] == ["preempted"]

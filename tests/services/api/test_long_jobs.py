@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from support import HANG_GUARD_S
 from support import embed as es
 from support.services import REPO
 
@@ -70,7 +71,7 @@ def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Pat
         t0 = time.monotonic()
         writer.start()
         reader.start()
-        out, err = follow.communicate(timeout=120)
+        out, err = follow.communicate(timeout=HANG_GUARD_S)
         writer.join(30)
         reader.join(60)
         elapsed = time.monotonic() - t0
@@ -82,7 +83,7 @@ def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Pat
         logged = [d["line"] for e, d in events if e == "log"]
         assert logged == expected and events[-1] == ("end", {"status": "SUCCEEDED"})
 
-        whole = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=60)
+        whole = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
         assert whole.returncode == 0 and whole.stdout.splitlines() == expected  # every page, not 64 KiB
         assert len(whole.stdout) > 3 * 65536
 
@@ -103,13 +104,15 @@ def test_follow_and_events_survive_the_stream_cap(make_stack: Any, tmp_path: Pat
         (tmp_path / "job.yaml").write_text("data: digits\nmax_steps: 5\n")
         jobs_cli = [sys.executable, "-m", "excb.cli", "jobs", "--url", srv.url]
         sub = subprocess.run(jobs_cli + ["--json", "submit", str(tmp_path / "job.yaml"), "--meta", "team=vision",
-                                         "--meta", "n=3"], capture_output=True, text=True, env=env, timeout=60)
+                                         "--meta", "n=3"], capture_output=True, text=True, env=env,
+                             timeout=HANG_GUARD_S)
         assert sub.returncode == 0, sub.stderr[-2000:]
         labelled = json.loads(sub.stdout)["id"]
-        status = subprocess.run(jobs_cli + ["status", labelled], capture_output=True, text=True, env=env, timeout=60)
+        status = subprocess.run(jobs_cli + ["status", labelled], capture_output=True, text=True, env=env,
+                                timeout=HANG_GUARD_S)
         assert 'metadata: {"n": 3, "team": "vision"}' in status.stdout, status.stdout
         bad = subprocess.run(jobs_cli + ["submit", str(tmp_path / "job.yaml"), "--meta", "novalue"],
-                             capture_output=True, text=True, env=env, timeout=60)
+                             capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
         assert bad.returncode == 2 and bad.stderr.startswith("excb: --meta")
         for too_big in ({"k": "x" * 17000}, {f"k{i}": i for i in range(65)}):
             r = httpx.post(f"{srv.url}/v1/jobs", json={"data": "digits", "metadata": too_big}, timeout=30)
@@ -153,7 +156,7 @@ def test_pull_a_model_bundle(make_stack: Any, tmp_path: Path) -> None:
                "EXCB_API_TOKEN": "alpha-secret"}
         pulled = subprocess.run([sys.executable, "-m", "excb.cli", "jobs", "--url", srv.url, "pull", job["id"],
                                  "--out", str(tmp_path / "home-copy")], capture_output=True, text=True, env=env,
-                                timeout=120)
+                                timeout=HANG_GUARD_S)
         assert pulled.returncode == 0, pulled.stderr[-2000:]
         got = tmp_path / "home-copy" / "m-pull"
         assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in es.bundle().iterdir())

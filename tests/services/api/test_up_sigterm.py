@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from support import HANG_GUARD_S
 from support.live import tail, wait_ready
 from support.services import free_port, tiny_job
 
@@ -41,7 +42,7 @@ def test_sigterm_preempts_the_running_job_before_exit(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, tail(log)
             time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=180)  # a hang guard: the worker gets the grace above to checkpoint
+        proc.wait(timeout=HANG_GUARD_S)  # a hang guard: the worker gets the grace above to checkpoint
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

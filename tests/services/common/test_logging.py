@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.common.logging import JsonFormatter, configure_logging, wants_json
+from support import HANG_GUARD_S
 from support import REPO_ROOT as REPO
 from support.services import free_port
 
@@ -80,7 +81,7 @@ def test_excb_up_prints_each_line_once_as_json(tmp_path: Path) -> None:
                 break
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
     lines += [x for x in err.splitlines()]
     lines = [x for x in lines if x.strip()]
     assert any(" ready." in x for x in lines), "\n".join(lines[-20:])

@@ -28,6 +28,7 @@ from services.embed.app import create_app
 from services.embed.manifest import record_model
 from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings
+from support import HANG_GUARD_S
 from support import REPO_ROOT as ROOT
 from support import embed as es
 
@@ -126,7 +127,9 @@ def test_a_large_jpeg_is_decoded_drafted_unless_jpeg_draft_is_off(home: Path, re
     full = reference.preprocess(decode_image(jpeg))
     drafted = reference.preprocess(decode_image(jpeg, min_side=side))
     assert np.abs(full - drafted).max() > 1e-3  # the two ways are told apart
-    unit = lambda v: v / np.linalg.norm(v)
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v)
+
     emb = reference.run(np.stack([full, drafted]))[0]
     assert float(unit(emb[0]) @ unit(emb[1])) > 0.99
     for draft, want in ((True, drafted), (False, full)):
@@ -335,4 +338,4 @@ def test_excb_serve_starts_empty_and_waits_for_first_bundle(tmp_path: Path) -> N
     with pytest.raises(subprocess.CalledProcessError):  # without rescanning an empty dir is still an error
         subprocess.run([sys.executable, "-m", "excb.cli", "serve", "--models-dir", str(models / "none")],
                        cwd=ROOT, env={**env, "EXCB_EMBED__RESCAN_SECONDS": "0"}, check=True, capture_output=True,
-                       timeout=120)
+                       timeout=HANG_GUARD_S)

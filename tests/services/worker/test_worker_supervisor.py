@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from services.worker.supervisor import RestartPolicy, WorkerSupervisor, exit_text
+from support import HANG_GUARD_S
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
@@ -175,7 +176,7 @@ def test_three_deaths_in_a_row_are_a_reported_crash_loop_and_the_job_fails_on_it
                 assert lease is not None and lease.attempt == i + 1
             os.kill(pid, signal.SIGKILL)
             t0 = time.monotonic()
-            _wait(lambda: _running_pid(sup) not in (None, pid), 10, f"restart #{i + 1}")
+            _wait(lambda pid=pid: _running_pid(sup) not in (None, pid), 10, f"restart #{i + 1}")
             delays.append(time.monotonic() - t0)
         job = store.get_job(db, "j-loop")
         assert job.status == "FAILED" and job.failures == 3 and job.attempt == 3  # the budget, nothing else
@@ -206,7 +207,7 @@ def test_worker_health_file_check(tmp_path: Path) -> None:
     assert not ok and "stale" not in why and "old" in why
     env = {**os.environ, "EXCB_WORKER_HEALTH_FILE": str(f), "EXCB_STALL_SECONDS": "30"}
     cli = [sys.executable, "-m", "excb.cli", "worker-health"]
-    assert subprocess.run(cli, env=env, capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run(cli, env=env, capture_output=True, timeout=HANG_GUARD_S).returncode == 0
     os.utime(f, (time.time() - 60, time.time() - 60))
-    res = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert res.returncode == 1 and "consumer" in res.stderr

@@ -54,10 +54,17 @@ import torch
 from excb import stats
 from excb.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
 from excb.config import resolve
-from excb.evaluation import (baselines, evaluate, evaluate_features, evaluate_model, extract_features, labelled_splits,
-                             model_transform, raw_pixel_features)
+from excb.evaluation import (
+    baselines,
+    evaluate,
+    evaluate_features,
+    evaluate_model,
+    extract_features,
+    labelled_splits,
+    model_transform,
+    raw_pixel_features,
+)
 from excb.trainer import train
-
 
 FASHION_MNIST_TRAIN = 60_000
 
@@ -184,7 +191,9 @@ def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
     print("\n| batch | balancing | steps | kNN (exp) | kNN (majority) | empty (assignments) | effective clusters "
           "(assignments) | empty (size est.) | effective clusters (size est.) |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        fmt = lambda v, p=False: "–" if v is None else (f"{100 * v:.1f}%" if p else f"{v:.0f}")
+        def fmt(v: float | None, p: bool = False) -> str:
+            return "–" if v is None else (f"{100 * v:.1f}%" if p else f"{v:.0f}")
+
         print(f"| {r['batch']} | {r['method']} | {r['steps']} | {100 * r['knn_acc']:.2f}% | "
               f"{100 * r['knn_majority_acc']:.2f}% | {fmt(r['assign_empty_fraction'], True)} | "
               f"{fmt(r['assign_effective_clusters'])} | {fmt(r['final_size_empty_fraction'], True)} | "
@@ -231,6 +240,10 @@ def _scores(r: dict[str, Any]) -> dict[str, float]:
     return {"knn": r["knn_acc"], "knn_majority": r["knn_majority_acc"], "linear": r["linear"]["acc"]}
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
 def suite_table(rows: list[dict[str, Any]]) -> str:
     """One markdown table: per set and split, raw pixels (as they are and whitened; the best of the two is the
     baseline), random init and ExCB (kNN k=20 and the fast linear probe), the margin over the best pixels."""
@@ -238,7 +251,7 @@ def suite_table(rows: list[dict[str, Any]]) -> str:
              "whitened kNN | best pixels kNN | random init kNN / linear | **ExCB kNN** / linear | ExCB - best pixels "
              "(kNN) | steps | train min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
+    pct = _pct
     for r in rows:
         e, raw, rnd = r["excb"], r["raw_pixels"], r["random_init"]
         lines.append(f"| {r['name']} | {r['split']} | {r['images']} / {r['test_images']} | {r['global_size']}, "
@@ -299,8 +312,8 @@ def cmd_screen(args: argparse.Namespace) -> dict[str, Any]:
         run_cfg, model, *_ = load_teacher(out, torch.device("cpu"))
         splits = labelled_splits(source, model_transform(run_cfg))
         served = evaluate_model(model, *splits, k=20, linear=True, batch_size=512)  # kNN: what the bundle serves
-        unwhitened = {kind: evaluate(lambda x, kind=kind: feature_and_embedding(model.backbone, kind, x)[1], *splits,
-                                     k=20, batch_size=512)["knn_acc"] for kind in ("final", "multiscale")}
+        unwhitened = {kind: evaluate(lambda x, kind=kind, net=model.backbone: feature_and_embedding(net, kind, x)[1],
+                                     *splits, k=20, batch_size=512)["knn_acc"] for kind in ("final", "multiscale")}
         rows.append({"name": name, "split": args.split, "steps": result.steps, "overrides": list(args.overrides),
                      "embedding": run_cfg.model.embedding, "whitening": run_cfg.model.whitening,
                      "knn": served["knn_acc"], "linear": served["linear"]["acc"],
@@ -366,7 +379,7 @@ def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
                      "raw_pixels_whitened_knn": base["raw_pixels_whitened"]["knn_acc"],
                      "random_init_whitened_knn": base["random_init"]["knn_acc"]})
         print(json.dumps(rows[-1]), flush=True)
-    pct = lambda v: f"{100 * v:.1f}%"
+    pct = _pct
     lines = ["| run | steps | kNN unwhitened -> **whitened** | linear unwhitened -> whitened | raw pixels kNN / "
              "whitened | random init (whitened) kNN |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -399,7 +412,8 @@ def append_results(path: Path, res: dict[str, Any], command: str) -> None:
                f"kNN k=20 (T=0.07, exp-weighted) on the served embedding, PCA-whitened as the trainer fits it; "
                f"linear = the fast probe (pre-extracted standardised features, 100 epochs) on the embedding before "
                f"its whitening; raw pixels at the model's input size, as they are and under the same whitening (the "
-               f"better of the two is the baseline the margin is taken against); random init = the same fitted network, untrained, its whitening fitted alike.\n\n{res['table']}\n")
+               f"better of the two is the baseline the margin is taken against); random init = the same fitted "
+               f"network, untrained, its whitening fitted alike.\n\n{res['table']}\n")
     with path.open("a") as fh:
         fh.write(section)
 

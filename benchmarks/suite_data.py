@@ -823,9 +823,9 @@ def prepare(name: str, root: str | Path | None = None, force: bool = False) -> P
         manifest["source"] = built.source
         manifest["labels"] = built.labels_from
         manifest.update(_write_set(spec, built, tmp))
+        near = f" or 64-bit difference hashes within {NEAR_BITS} bits" if built.perceptual_groups else ""
         manifest["split"] = {"method": "stratified by class, grouped (items sharing a file name base, identical "
-                                       "pixels" + (f" or 64-bit difference hashes within {NEAR_BITS} bits" if built.perceptual_groups
-                                                   else "") + " stay in one split)",
+                                       f"pixels{near} stay in one split)",
                              "seed": SEED, "test_fraction": TEST_FRACTION}
         manifest["excluded"] = built.excluded
         manifest["raw_pixel_knn"] = raw_pixel_knn(str(tmp))

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO_ROOT as ROOT
 
 from excb.checkpoint import load_teacher
 from excb.config import resolve
 from excb.evaluation import baselines, evaluate_model, labelled_splits, model_transform
 from excb.trainer import train
+from support import REPO_ROOT as ROOT
 
 SET = "icons"
 STEPS = 800

@@ -301,11 +301,11 @@ def _crops(f: _Fitter, p: DataProfile, size: int) -> None:
     area = (p.short_side or 0) * (p.long_side or 0)
     end = min(max(GLOBAL_CROP_PIXELS / area, 0.3), MAX_GLOBAL_SCALE_MIN) if area else 0.3
     local_min = min(max(LOCAL_CROP_PIXELS / area, 0.1), end / 2) if area else 0.1
-    why = None
+    scale_why: str | None = None
     if end > 0.3:
-        why = (f"{p.short_side}x{p.long_side} px images: crops keep >= {GLOBAL_CROP_PIXELS} (global) and "
-               f">= {LOCAL_CROP_PIXELS} (local) of the image's own pixels, so they are not blown-up blur")
-    f.set("augment.global_scale_min_start", round(min(end + 0.1, 0.9), 3), why)
+        scale_why = (f"{p.short_side}x{p.long_side} px images: crops keep >= {GLOBAL_CROP_PIXELS} (global) and "
+                     f">= {LOCAL_CROP_PIXELS} (local) of the image's own pixels, so they are not blown-up blur")
+    f.set("augment.global_scale_min_start", round(min(end + 0.1, 0.9), 3), scale_why)
     f.set("augment.global_scale_min_end", round(end, 3))
     f.set("augment.local_scale_min", round(local_min, 3))
 

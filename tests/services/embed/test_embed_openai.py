@@ -176,7 +176,7 @@ def test_native_routes_unchanged_and_openapi_declares_bodies(server: es.UvicornT
         for method, op in item.items():
             assert "content" in op["responses"]["200"], (path, method)
             has_security = "security" in op
-            assert has_security == (path not in ("/livez", "/readyz", "/metrics")), (path, method)
+            assert has_security == (path not in ("/livez", "/health", "/readyz", "/metrics")), (path, method)
 
 
 def test_excb_up_shape_models_list_coexists_with_control_plane(make_stack, tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
     try:
-        config = submit_mod.build_config(body, settings, run_dir, _caller_runs(cp, who))
+        config = submit_mod.build_config(body, settings, run_dir,
+                                         submit_mod.caller_runs(cp.db, who.id, cp.auth.enabled))
     except ApiError as exc:  # path errors name resolved paths: shown like every other path (issue 33 item 5)
         hide = _hide(cp)
         exc.message = hide.text(exc.message) if hide is not None else exc.message
@@ -84,15 +85,6 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
     return job_dict(job, hide=_hide(cp))
-
-
-def _caller_runs(cp: ControlPlane, who: Principal) -> submit_mod.CallerRuns:
-    """What a submit may name as its warm start: the caller's own jobs' run dirs (issue 33 item 1)."""
-    def find(ref: str) -> Path | None:
-        job = store.find_owned(cp.db, who.id, ref)
-        return Path(job.run_dir) if job is not None else None
-
-    return submit_mod.CallerRuns(find, all_runs=not cp.auth.enabled)
 
 
 def _too_many(exc: LimitReached) -> ApiError:

@@ -14,7 +14,9 @@ from typing import Any, Callable
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
 from services.common.errors import ApiError
-from services.common.paths import PathNotAllowed, resolve_in_roots, resolve_source
+from services.common.paths import SOURCE_PREFIXES, PathNotAllowed, resolve_in_roots, resolve_source
+from services.db import jobs as store
+from services.db.session import Database
 from services.settings import Settings
 
 TRASH_DIR = ".deleted"  # under runs/: where a deleted job's run dir waits for removal
@@ -66,6 +68,16 @@ class CallerRuns:
     all_runs: bool = True
 
 
+def caller_runs(db: Database, owner: str | None, keyed: bool) -> CallerRuns:
+    """The run dirs a request of ``owner`` may name (warm starts, data sources): its own jobs' (issue 33 item 1);
+    ``keyed``: API keys are on (without them there is one tenant and every run dir is its own)."""
+    def find(ref: str) -> Path | None:
+        job = store.find_owned(db, owner, ref)
+        return Path(job.run_dir) if job is not None else None
+
+    return CallerRuns(find, all_runs=not keyed)
+
+
 def build_config(body: JobSubmit, settings: Settings, run_dir: Path,
                  runs: CallerRuns = CallerRuns()) -> dict[str, Any]:
     """Validate the config part of ``body``; ``out`` is always the server's run dir for the job."""
@@ -81,7 +93,7 @@ def build_config(body: JobSubmit, settings: Settings, run_dir: Path,
     data = cfg.model_dump(mode="json")
     check_job_bounds(data)
     data["out"] = str(run_dir)
-    data["data"]["source"] = safe_source(cfg.data.source, settings)
+    data["data"]["source"] = safe_source(cfg.data.source, settings, runs)
     if cfg.checkpoint:
         data["checkpoint"] = safe_checkpoint(cfg.checkpoint, settings, runs)
     return data
@@ -98,10 +110,8 @@ def safe_checkpoint(value: str, settings: Settings, runs: CallerRuns) -> str:
         path = resolve_in_roots(value, [settings.runs_dir, *settings.data_roots], field="checkpoint")
     except PathNotAllowed as exc:
         raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
-    root = runs_root(settings)
-    if path.is_relative_to(Path(settings.home).expanduser().resolve()):  # the server's state: the caller's runs only
-        run = root / path.relative_to(root).parts[0] if path.is_relative_to(root) and path != root else None
-        if run is None or not path.exists() or not (runs.all_runs or runs.find(run.name) == run):
+    if _in_server_state(path, settings):  # the server's state: the caller's runs only
+        if not path.exists() or not _in_own_run(path, settings, runs, any_run=runs.all_runs):
             raise ApiError(404, "not_found", f"checkpoint {value!r}: no job, run or file of yours", "checkpoint")
     elif not path.exists():
         raise ApiError(422, "path_not_allowed", f"{value!r} does not exist inside the data roots", "checkpoint")
@@ -143,10 +153,34 @@ def _numbers(node: Any, prefix: str) -> list[tuple[str, float]]:
     return [(prefix.rstrip("."), float(node))] if isinstance(node, float) else []
 
 
-def safe_source(source: str, settings: Settings) -> str:
+def safe_source(source: str, settings: Settings, runs: CallerRuns = CallerRuns()) -> str:
     """Built-in data sets pass; any path (folder, ``list:FILE``, ``fashion-mnist:ROOT``, ``shards:DIR``) must lie in
-    a data root, every file it reads included (``services.common.paths.resolve_source``, as `excb index build`)."""
+    a data root, every file it reads included (``services.common.paths.resolve_source``, as `excb index build`).
+
+    With API keys, a data root that encloses the server's home (``excb up --data-root .``) does not open the
+    other tenants' state to training: a source inside the home or the models folder must lie in one of the
+    caller's own run dirs, else it is the same 404 as a checkpoint of another key's (issue 33 item 1)."""
     try:
-        return resolve_source(source, settings.data_roots)
+        resolved = resolve_source(source, settings.data_roots)
     except PathNotAllowed as exc:
         raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
+    path = Path(resolved[len(next((p for p in SOURCE_PREFIXES if resolved.startswith(p)), "")):])
+    if path.is_absolute() and _in_server_state(path, settings) and not runs.all_runs \
+            and not _in_own_run(path, settings, runs, any_run=False):
+        raise ApiError(404, "not_found", f"data source {source!r}: no data set of yours", "data.source")
+    return resolved
+
+
+def _in_server_state(path: Path, settings: Settings) -> bool:
+    """Whether ``path`` (resolved) lies in the server's home or its models folder."""
+    state = (settings.home, settings.resolved_models_dir)
+    return any(path.is_relative_to(Path(p).expanduser().resolve()) for p in state)
+
+
+def _in_own_run(path: Path, settings: Settings, runs: CallerRuns, any_run: bool) -> bool:
+    """Whether ``path`` lies inside a run dir under ``runs/`` that the caller owns (``any_run``: any run dir)."""
+    root = runs_root(settings)
+    if not path.is_relative_to(root) or path == root:
+        return False
+    run = root / path.relative_to(root).parts[0]
+    return any_run or runs.find(run.name) == run

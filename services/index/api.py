@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.api.guard import AuthFirstRoute
 from services.api.routes_models import _owned_model
 from services.api.state import Caller, Plane
-from services.api.submit import safe_source
+from services.api.submit import caller_runs, safe_source
 from services.common.errors import ApiError
 from services.index.build import DEFAULT_SAMPLE, MAX_SAMPLE
 from services.index.jobs import TASK_BUILD_INDEX
@@ -42,7 +42,7 @@ def build_index(model_id: str, body: IndexBuildRequest, cp: Plane, who: Caller) 
         raise ApiError(422, "validation_error", "name: 1-64 characters of [A-Za-z0-9._-]", "name")
     if not (Path(row.bundle_dir) / "model.onnx").is_file():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
-    source = safe_source(body.source, cp.settings)
+    source = safe_source(body.source, cp.settings, caller_runs(cp.db, who.id, cp.auth.enabled))
     root = index_root(cp.settings.resolved_models_dir, row.id, body.name)
     current = read_status(root) or {}
     age = time.time() - float(current.get("updated_at") or 0)

@@ -231,6 +231,27 @@ def test_a_key_cannot_warm_start_from_another_keys_run(keyed: Any) -> None:
         assert c.post("/v1/jobs", json={**SHORT, "checkpoint": ref}, headers=A).status_code == 201, ref
 
 
+def test_a_data_root_around_the_home_opens_no_other_keys_files(db_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """``excb up --data-root .`` puts the server's home inside a data root: before, B could name a folder in A's
+    run dir (or the models folder) as ``data.source`` and train on it. With keys, a source in the home must lie in
+    one of the caller's own run dirs; other data in the root stays usable."""
+    (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
+    stack = make_stack(db_url, None, api_keys_file=tmp_path / "keys", data_roots=json.dumps([str(tmp_path)]),
+                       max_running_jobs_per_key=5)
+    stack.client = stack.start_api()
+    server_id, run_dir = _a_running_job_with_a_checkpoint(stack)
+    for folder in (run_dir / "imgs" / "c0", stack.settings().resolved_models_dir / "m-x" / "c0",
+                   stack.data_root / "mine" / "c0"):
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(es.digit_png(0))
+    c = stack.client
+    for source in (str(run_dir / "imgs"), str(stack.settings().resolved_models_dir / "m-x")):
+        r = c.post("/v1/jobs", json={**SHORT, "data": source}, headers=B)
+        assert r.status_code == 404 and r.json()["error"]["field"] == "data.source", r.text
+    assert c.post("/v1/jobs", json={**SHORT, "data": str(run_dir / "imgs")}, headers=A).status_code == 201
+    assert c.post("/v1/jobs", json={**SHORT, "data": str(stack.data_root / "mine")}, headers=B).status_code == 201
+
+
 # --- item 4: crafted input is a 4xx or a clean answer, never a 500 or a broken stream ----------------------
 
 @pytest.fixture

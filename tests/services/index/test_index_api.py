@@ -290,3 +290,31 @@ def test_an_index_of_photos_decodes_large_jpegs_drafted_like_the_queries(tmp_pat
     assert {whole.image(i).size for i in range(len(whole))} == {(800, 600)}
     meta = build_index(es.bundle(), str(folder), tmp_path / "ix", model_id="m-a")
     assert meta["count"] == 2
+
+
+def test_an_index_source_in_the_servers_home_must_be_the_callers_own_run(models: Path, tmp_path: Path) -> None:
+    """``excb up --data-root .``: the home lies inside the data root. An index build may read the caller's own
+    run dirs, never another key's run or the models folder (issue 33 item 1: any field naming a run)."""
+    from services.api.app import create_app as create_plane
+    from services.db import jobs as store
+    from services.db.session import Database
+    from services.db.tables import ModelRow
+
+    keys = tmp_path / "keys"
+    keys.write_text("alpha-secret\nbeta-secret\n")
+    data = tmp_path / "data"
+    theirs = data / ".excb" / "runs" / "j-0123456789abcdef" / "imgs" / "c0"
+    theirs.mkdir(parents=True)
+    (theirs / "a.png").write_bytes(es.digit_png())
+    (data / "sevens").mkdir(parents=True)
+    s = Settings(home=data / ".excb", models_dir=models, api_keys_file=keys, data_roots=[data], embed=FAST)
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    meta = json.loads((models / "m-a" / "model.json").read_text())
+    store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(models / "m-a"),
+                                 sha256=meta["sha256"], model_json=meta))
+    with TestClient(create_plane(s, db=db, reaper=False)) as c:
+        for source in (".excb/runs/j-0123456789abcdef/imgs", str(theirs.parent)):
+            r = c.post("/v1/models/m-a/index", json={"source": source, "name": "stolen"}, headers=A)
+            assert r.status_code == 404 and r.json()["error"]["field"] == "data.source", r.text
+        r = c.post("/v1/models/m-a/index", json={"source": "sevens", "name": "own-folder"}, headers=A)
+        assert r.status_code == 202, r.text

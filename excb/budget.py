@@ -102,10 +102,10 @@ def _duration(seconds: float) -> str:
 
 def short_budget_warning(cal: Calibration, budget: str, needed: int) -> str | None:
     """One line when the budget, after its own set-up, buys fewer than ``needed`` steps (None otherwise), with the
-    smallest budget that would buy them on this machine."""
+    smallest budget that would buy them on this machine (set-up, the steps and the whitening fit it reserves)."""
     if cal.steps >= needed:
         return None
-    minimum = cal.seconds_before_training + needed * cal.seconds_per_step / SAFETY
+    minimum = cal.seconds_before_training + needed * cal.seconds_per_step / SAFETY + cal.seconds_for_whitening
     return (f"budget {budget} is too short: after {cal.seconds_before_training:.0f} s of set-up it trains {cal.steps} "
             f"steps ({cal.seconds_per_step:.2f} s each), fewer than the {needed} the recipe's warm-up needs; "
             f"budget={_duration(minimum)} or more would give them")

@@ -138,6 +138,18 @@ def test_steps_within_and_length() -> None:
     assert "optim" not in length_overrides(resolve(overrides=["optim.warmup_epochs=2"]), 1000, 11, fitted=True)
 
 
+def test_a_short_budget_names_a_budget_that_holds_set_up_steps_and_the_whitening_fit() -> None:
+    from excb.budget import SAFETY, Calibration, short_budget_warning
+
+    cal = Calibration(budget_seconds=30, seconds_per_step=0.1, seconds_before_training=10, steps=150,
+                      seconds_for_whitening=50)
+    line = short_budget_warning(cal, "30s", needed=200)
+    assert line is not None and "fewer than the 200" in line
+    minimum = 10 + 200 * 0.1 / SAFETY + 50  # without the fit's reserve the advice would be too short to hold it
+    assert f"budget={int(-(-minimum // 1))}s or more" in line
+    assert short_budget_warning(cal, "30s", needed=150) is None
+
+
 def test_timing_steps_leaves_the_run_untouched(tmp_path: Path) -> None:
     cfg, _ = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
     from excb.distributed import setup

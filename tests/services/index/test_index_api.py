@@ -204,10 +204,8 @@ def test_one_key_never_sees_another_keys_index(models: Path, tmp_path: Path) -> 
         (models / "manifest.json").unlink()
 
 
-def test_control_plane_serves_the_index_without_an_embed_service(models: Path, tmp_path: Path) -> None:
-    """The compose shape: the API (dashboard origin) is not embedded, embed replicas run elsewhere, all share the
-    models volume. The API answers the gallery's routes from the index and its DB rows (ownership as for models),
-    refuses upload searches with a 503 that names the embed service, and queues folder builds."""
+def _control_plane(models: Path, tmp_path: Path, home: Path, data: Path) -> TestClient:
+    """The compose-shaped control plane (two keys, one data root) over the shared models folder, with A's m-a."""
     from services.api.app import create_app as create_plane
     from services.db import jobs as store
     from services.db.session import Database
@@ -215,14 +213,21 @@ def test_control_plane_serves_the_index_without_an_embed_service(models: Path, t
 
     keys = tmp_path / "keys"
     keys.write_text("alpha-secret\nbeta-secret\n")
-    data = tmp_path / "data"
-    (data / "sevens").mkdir(parents=True)
-    s = Settings(home=tmp_path / "home", models_dir=models, api_keys_file=keys, data_roots=[data], embed=FAST)
+    s = Settings(home=home, models_dir=models, api_keys_file=keys, data_roots=[data], embed=FAST)
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     meta = json.loads((models / "m-a" / "model.json").read_text())
     store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(models / "m-a"),
                                  sha256=meta["sha256"], model_json=meta))
-    with TestClient(create_plane(s, db=db, reaper=False)) as c:
+    return TestClient(create_plane(s, db=db, reaper=False))
+
+
+def test_control_plane_serves_the_index_without_an_embed_service(models: Path, tmp_path: Path) -> None:
+    """The compose shape: the API (dashboard origin) is not embedded, embed replicas run elsewhere, all share the
+    models volume. The API answers the gallery's routes from the index and its DB rows (ownership as for models),
+    refuses upload searches with a 503 that names the embed service, and queues folder builds."""
+    data = tmp_path / "data"
+    (data / "sevens").mkdir(parents=True)
+    with _control_plane(models, tmp_path, tmp_path / "home", data) as c:
         listing = c.get("/v1/models/m-a/clusters", params={"typical": 2, "thumbs": True}, headers=A)
         assert listing.status_code == 200 and listing.json()["indexed"] == 1797
         assert listing.json()["served_assignments"] == 0
@@ -295,24 +300,12 @@ def test_an_index_of_photos_decodes_large_jpegs_drafted_like_the_queries(tmp_pat
 def test_an_index_source_in_the_servers_home_must_be_the_callers_own_run(models: Path, tmp_path: Path) -> None:
     """``excb up --data-root .``: the home lies inside the data root. An index build may read the caller's own
     run dirs, never another key's run or the models folder (issue 33 item 1: any field naming a run)."""
-    from services.api.app import create_app as create_plane
-    from services.db import jobs as store
-    from services.db.session import Database
-    from services.db.tables import ModelRow
-
-    keys = tmp_path / "keys"
-    keys.write_text("alpha-secret\nbeta-secret\n")
     data = tmp_path / "data"
     theirs = data / ".excb" / "runs" / "j-0123456789abcdef" / "imgs" / "c0"
     theirs.mkdir(parents=True)
     (theirs / "a.png").write_bytes(es.digit_png())
     (data / "sevens").mkdir(parents=True)
-    s = Settings(home=data / ".excb", models_dir=models, api_keys_file=keys, data_roots=[data], embed=FAST)
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    meta = json.loads((models / "m-a" / "model.json").read_text())
-    store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(models / "m-a"),
-                                 sha256=meta["sha256"], model_json=meta))
-    with TestClient(create_plane(s, db=db, reaper=False)) as c:
+    with _control_plane(models, tmp_path, data / ".excb", data) as c:
         for source in (".excb/runs/j-0123456789abcdef/imgs", str(theirs.parent)):
             r = c.post("/v1/models/m-a/index", json={"source": source, "name": "stolen"}, headers=A)
             assert r.status_code == 404 and r.json()["error"]["field"] == "data.source", r.text

@@ -527,29 +527,33 @@ class Faults:
         f.note = f"job {job.id} attempt {attempt}"
         self._finish(f, lambda: self._workers_back() and self._job_moved_on(job, attempt))
 
-    def trainer_kill(self, f: Fault) -> None:
-        job = self._running_job()
+    def _trainer_target(self, f: Fault, need_checkpoint: bool, missing: str) -> tuple[Job, int, int] | None:
+        """(job, its trainer's pid, its attempt) to inject ``f`` into; None (noted as not injected) when the guard
+        found no such job. Starts the fault's clock."""
+        job = self._running_job(need_checkpoint=need_checkpoint)
         f.start = time.monotonic()
         pid = self.stack.trainer_pid(job.run_dir) if job else None
         if job is None or pid is None:
-            f.note, f.end = "no trainer running within the guard: not injected", f.start
-            return
+            f.note, f.end = f"{missing} within the guard: not injected", f.start
+            return None
         job.fault = f.name
-        attempt = (self.api.job(job.id or "") or job.last)["attempt"]
+        return job, pid, (self.api.job(job.id or "") or job.last)["attempt"]
+
+    def trainer_kill(self, f: Fault) -> None:
+        target = self._trainer_target(f, need_checkpoint=False, missing="no trainer running")
+        if target is None:
+            return
+        job, pid, attempt = target
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         f.note = f"job {job.id} attempt {attempt}"
         self._finish(f, lambda: self._job_moved_on(job, attempt))
 
     def corrupt_checkpoint(self, f: Fault) -> None:
-        job = self._running_job(need_checkpoint=True)
-        f.start = time.monotonic()
-        pid = self.stack.trainer_pid(job.run_dir) if job else None
-        if job is None or pid is None:
-            f.note, f.end = "no job with a checkpoint within the guard: not injected", f.start
+        target = self._trainer_target(f, need_checkpoint=True, missing="no job with a checkpoint")
+        if target is None:
             return
-        job.fault = f.name
-        attempt = (self.api.job(job.id or "") or job.last)["attempt"]
+        job, pid, attempt = target
         last = Path(job.run_dir) / "checkpoints" / "last.pt"
         size = last.stat().st_size
         with open(last, "r+b") as fh:  # garbage over the pickle's middle, then the trainer dies: resume reads it

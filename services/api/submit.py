@@ -14,7 +14,7 @@ from typing import Any, Callable
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
 from services.common.errors import ApiError
-from services.common.paths import SOURCE_PREFIXES, PathNotAllowed, resolve_in_roots, resolve_source
+from services.common.paths import PathNotAllowed, resolve_in_roots, resolve_source, split_source
 from services.db import jobs as store
 from services.db.session import Database
 from services.settings import Settings
@@ -164,7 +164,7 @@ def safe_source(source: str, settings: Settings, runs: CallerRuns = CallerRuns()
         resolved = resolve_source(source, settings.data_roots)
     except PathNotAllowed as exc:
         raise ApiError(422, "path_not_allowed", exc.message, exc.field) from exc
-    path = Path(resolved[len(next((p for p in SOURCE_PREFIXES if resolved.startswith(p)), "")):])
+    path = Path(split_source(resolved)[1])
     if path.is_absolute() and _in_server_state(path, settings) and not runs.all_runs \
             and not _in_own_run(path, settings, runs, any_run=False):
         raise ApiError(404, "not_found", f"data source {source!r}: no data set of yours", "data.source")

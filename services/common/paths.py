@@ -94,6 +94,12 @@ def check_source_contained(source: str, roots: Iterable[Path | str], field: str 
     return len(paths)
 
 
+def split_source(source: str) -> tuple[str, str]:
+    """``(prefix, path)`` of a data set's name: ``list:``, ``fashion-mnist:``, ``shards:`` or ``""`` before it."""
+    prefix = next((p for p in SOURCE_PREFIXES if source.startswith(p)), "")
+    return prefix, source[len(prefix):]
+
+
 def resolve_source(source: str, roots: Iterable[Path | str], field: str = "data.source") -> str:
     """A data set's name as every route and command reads it: a built-in as is; otherwise the path (after an
     optional ``list:``, ``fashion-mnist:`` or ``shards:``) resolved inside ``roots`` (it must exist), and every
@@ -102,7 +108,7 @@ def resolve_source(source: str, roots: Iterable[Path | str], field: str = "data.
     source = source.strip()
     if source in BUILTIN_SOURCES:
         return source
-    prefix = next((p for p in SOURCE_PREFIXES if source.startswith(p)), "")
-    resolved = prefix + str(resolve_in_roots(source[len(prefix):], roots, field=field, must_exist=True))
+    prefix, path = split_source(source)
+    resolved = prefix + str(resolve_in_roots(path, roots, field=field, must_exist=True))
     check_source_contained(resolved, roots, field)
     return resolved

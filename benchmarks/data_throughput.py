@@ -41,8 +41,8 @@ from excb.data.augment import MultiCropTransform
 from excb.data.decode import decode_image
 from excb.data.gpu_augment import GpuMultiCrop, decode_jpegs
 from excb.data.pack import pack
-from excb.distributed import DistContext, resolve_device
-from excb.trainer import Run
+from excb.training.distributed import DistContext, resolve_device
+from excb.training.trainer import Run
 
 
 def make_jpegs(folder: Path, n: int, width: int, height: int, quality: int, seed: int = 0) -> list[bytes]:

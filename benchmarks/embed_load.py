@@ -51,11 +51,11 @@ def build_bundle(out: Path, width: int, size: int, clusters: int) -> Path:
     """A small, untrained ResNet-18 teacher in the trainer's checkpoint format, exported with parity check."""
     import torch
 
-    from excb.balancing import Balancer
-    from excb.checkpoint import save_checkpoint
     from excb.config import resolve
-    from excb.export import export_bundle
+    from excb.inference.export import export_bundle
+    from excb.method.balancing import Balancer
     from excb.models import build_model
+    from excb.training.checkpoint import save_checkpoint
 
     cfg = resolve(preset_name="cpu-small", overrides=[
         "data=digits", f"model.width={width}", f"model.num_clusters={clusters}", "model.small_images=false",
@@ -112,10 +112,10 @@ class Engines:
     def __init__(self, bundle_dir: Path, threads: int, batch: int, device: str) -> None:
         import torch
 
-        from excb.checkpoint import load_checkpoint
         from excb.config import validate
+        from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
         from excb.models import ExportWrapper, build_model
-        from excb.onnx_runtime import OrtEmbedder, load_bundle
+        from excb.training.checkpoint import load_checkpoint
 
         torch.set_num_threads(threads)
         bundle = load_bundle(bundle_dir)

@@ -44,11 +44,11 @@ def stages(bundle_dir: Path, png: bytes) -> dict[str, tuple[Callable[[], Any] | 
     import torch
     from fastapi.responses import JSONResponse
 
-    from excb.assign import Assigner
     from excb.data.augment import eval_transform
     from excb.data.decode import decode_image, header_pixels
-    from excb.eval_pixels import EvalPixels
-    from excb.onnx_runtime import OrtEmbedder, balance_paper, l2_normalize, load_bundle, top_k
+    from excb.inference.assign import Assigner
+    from excb.inference.eval_pixels import EvalPixels
+    from excb.inference.onnx_runtime import OrtEmbedder, balance_paper, l2_normalize, load_bundle, top_k
     from services.embed.inputs import EmbedOptions, EmbedRequest
     from services.embed.monitor import BalanceMonitor
     from services.embed.respond import FastJSONResponse, items

@@ -50,8 +50,8 @@ def speed(data: bytes, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
     import torch
 
     from excb.data.decode import decode_image
-    from excb.eval_pixels import EvalPixels
-    from excb.onnx_runtime import DRAFT_MARGIN
+    from excb.inference.eval_pixels import EvalPixels
+    from excb.inference.onnx_runtime import DRAFT_MARGIN
 
     torch.set_num_threads(1)
     rows = []
@@ -74,7 +74,7 @@ def speed(data: bytes, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
 def fidelity(bundle_dir: Path, photos: list[Path], margins: list[int]) -> dict[str, Any]:
     """Cosine of the served embedding to the full decode's, and top-1 cluster agreement, per margin."""
     from excb.data.decode import decode_image
-    from excb.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
+    from excb.inference.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
 
     embedder = OrtEmbedder(load_bundle(bundle_dir), ["cpu"])
     size = embedder.bundle.input_size

@@ -5,7 +5,7 @@ Studies, each printing a markdown table and a JSON line:
   suite       the default recipe (no preset, fitted to each data set) with a compute budget on every set of
               benchmarks/suite_data.py (Fashion-MNIST, two digit sets, two colour sets), then kNN (k=20) and
               the fast linear probe on ExCB features, raw pixels and a random-init network, plus kNN on the raw
-              pixels under the same PCA whitening the served embedding gets (excb.whitening); the better of the
+              pixels under the same PCA whitening the served embedding gets (excb.models.whitening); the better of the
               two pixel figures is the baseline the margin is taken against. ``--split val`` (the default) trains
               on the training split without its validation images and scores on them: every tuning choice is
               made there. ``--split test`` trains on the whole training split and scores on the test split: run
@@ -51,10 +51,8 @@ from typing import Any
 
 import torch
 
-from excb import stats
-from excb.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
 from excb.config import resolve
-from excb.evaluation import (
+from excb.evaluation.runs import (
     baselines,
     evaluate,
     evaluate_features,
@@ -64,7 +62,9 @@ from excb.evaluation import (
     model_transform,
     raw_pixel_features,
 )
-from excb.trainer import train
+from excb.method import stats
+from excb.training.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
+from excb.training.trainer import train
 
 FASHION_MNIST_TRAIN = 60_000
 
@@ -344,7 +344,7 @@ def _knn_by_fit_images(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yt
     """kNN with the whitening fitted on only ``n`` evenly spaced training embeddings, for each ``n`` in ``sizes``:
     how many images a user's data set needs before the whitening helps (the trainer fits on all, up to 10,000)."""
     from excb.data.datasets import evenly_spaced
-    from excb.whitening import Whitening
+    from excb.models.whitening import Whitening
 
     out: dict[int, float] = {}
     for n in sizes:
@@ -358,8 +358,8 @@ def _knn_by_fit_images(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yt
 
 def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
     """The same trained teachers, served embedding unwhitened vs PCA-whitened as the trainer fits it at the end
-    of a run (``excb.whitening.fit_model`` on the run's own training images), with the baselines whitened too."""
-    from excb.whitening import fit_images, fit_model
+    of a run (``excb.models.whitening.fit_model`` on the run's own training images), with the baselines whitened too."""
+    from excb.models.whitening import fit_images, fit_model
 
     rows = []
     for run in map(Path, args.runs):

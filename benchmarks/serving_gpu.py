@@ -33,11 +33,11 @@ CHECK_OVERRIDES = ["model.width=8", "model.num_clusters=64", "model.projector_hi
 
 def build_bundle(out: Path, preset: str, overrides: list[str], parity_count: int) -> Path:
     """An untrained teacher of ``preset`` saved in the trainer's checkpoint format and exported (parity checked)."""
-    from excb.balancing import Balancer
-    from excb.checkpoint import save_checkpoint
     from excb.config import resolve
-    from excb.export import export_bundle
+    from excb.inference.export import export_bundle
+    from excb.method.balancing import Balancer
     from excb.models import build_model
+    from excb.training.checkpoint import save_checkpoint
 
     cfg = resolve(preset_name=preset, overrides=["data=digits", *overrides])
     torch.manual_seed(0)
@@ -51,8 +51,8 @@ def build_bundle(out: Path, preset: str, overrides: list[str], parity_count: int
 
 def torch_engine(bundle: Path, device: torch.device) -> Callable[[np.ndarray], None]:
     """The bundle's source teacher in torch: bf16 autocast + channels_last on CUDA, fp32 on the CPU."""
-    from excb.checkpoint import load_teacher
     from excb.models import ExportWrapper
+    from excb.training.checkpoint import load_teacher
 
     meta = json.loads((bundle / "model.json").read_text())
     _, model, _, _ = load_teacher(meta["source"]["checkpoint"], device)
@@ -73,7 +73,7 @@ def torch_engine(bundle: Path, device: torch.device) -> Callable[[np.ndarray], N
 
 
 def ort_engine(bundle: Path, threads: int) -> tuple[Callable[[np.ndarray], None], list[str]]:
-    from excb.onnx_runtime import OrtEmbedder, load_bundle
+    from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
 
     emb = OrtEmbedder(load_bundle(bundle), ["cpu"], intra_op_threads=threads)
     return (lambda x: emb.run(x) and None), emb.active_providers
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="tiny net, batches 1,4, no meaningful timings")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
-    from excb.distributed import resolve_device
+    from excb.training.distributed import resolve_device
 
     device = resolve_device(args.device)
     overrides, parity = (CHECK_OVERRIDES, 16) if args.check else ([], 64)

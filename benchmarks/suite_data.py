@@ -30,7 +30,7 @@ Emoji image sets of any vendor, and every emoji / emote / smiley / face folder o
 here, are reserved for independent checks of this project: they are excluded in code (FORBIDDEN below).
 
 Each manifest carries the raw-pixel kNN baseline (k=20, cosine, DINO exp(sim/0.07) weighting, the project's
-``excb.evaluation``) on the prepared folders at the set's native size.
+``excb.evaluation.runs``) on the prepared folders at the set's native size.
 """
 
 from __future__ import annotations
@@ -701,7 +701,7 @@ def raw_pixel_knn(source: str, k: int = KNN_K, temperature: float = KNN_TEMPERAT
     from torchvision.transforms import v2
 
     from excb.data.datasets import build_dataset
-    from excb.evaluation import evaluate_features, raw_pixel_features
+    from excb.evaluation.runs import evaluate_features, raw_pixel_features
 
     to_tensor = v2.PILToTensor()
     train = raw_pixel_features(build_dataset(source, split="train", labelled=True, transform=to_tensor))

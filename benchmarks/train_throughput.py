@@ -1,4 +1,4 @@
-"""Training-step throughput: the tuned ExCB step (``excb.step.ExCBStep``) against a naive eager step.
+"""Training-step throughput: the tuned ExCB step (``excb.method.step.ExCBStep``) against a naive eager step.
 
 One step = teacher forward + balancing + student forward/backward + optimizer + EMA + size update, on
 synthetic inputs already on the device (no data loading). Both steps start from the same weights and run
@@ -8,7 +8,7 @@ noisy: only the ratio measured side by side means much (docs/performance.md, "Ho
 The naive step mirrors the reference code's eager step (method.md §4.1, §10 items 7 and 11): a plain
 for-loop optimizer, a Python loop over parameters for the EMA, the size update through
 ``one_hot(argmax, K).float().mean(0)``, the loss computed pair by pair with a log-softmax per pair
-(``excb.loss.reference_loss``), and the unused local-crop projection logits computed anyway. It runs
+(``excb.method.loss.reference_loss``), and the unused local-crop projection logits computed anyway. It runs
 fp32 on CPU and, by default, fp16 autocast + GradScaler on CUDA like the reference (``--naive-precision``).
 
 Peak memory is measured in a fresh child process per variant (2 steps after one warm-up step), so the two
@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from excb import schedules
-from excb.balancing import balance
 from excb.config import PRESET_NAMES, TrainConfig, resolve
-from excb.distributed import DistContext, resolve_device
-from excb.loss import reference_loss
+from excb.method import schedules
+from excb.method.balancing import balance
+from excb.method.loss import reference_loss
 from excb.models import build_model
-from excb.trainer import Run
+from excb.training.distributed import DistContext, resolve_device
+from excb.training.trainer import Run
 
 REFERENCE_PRESETS = ("resnet50-ep400", "vit-s16-ep800")
 DIGITS_IMAGES = 1797  # the stand-in data set only sizes the schedules; batches larger than it cannot be built

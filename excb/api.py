@@ -3,7 +3,7 @@
 The same config as ``excb train key=value ...`` and a job body (excb.config.resolve), given as keyword arguments:
 ``excb.train(data="digits", out="runs/x", budget="2m", max_steps=100, **{"model.backbone": "timm:resnet18"})``.
 Keys the caller sets are pinned, as on the command line: the fitted recipe (recipe=auto) keeps them.
-(``excb.export`` is the module behind ``excb export``, hence ``export_onnx`` / ``export_weights`` here.)
+(``excb.inference.export`` is the module behind ``excb export``, hence ``export_onnx`` / ``export_weights`` here.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class TrainedRun:
     """What ``excb.train`` returns: where the run is, how far it got, its last metrics and its files."""
 
     out: Path
-    status: str  # "completed" (an interrupted run raises excb.trainer.TrainingInterrupted)
+    status: str  # "completed" (an interrupted run raises excb.training.trainer.TrainingInterrupted)
     steps: int
     epochs: int
     metrics: dict[str, float]  # the last step row of metrics.jsonl: loss, lr, balance (s_*), img_per_s, ...
@@ -62,9 +62,9 @@ def train(data: str | None = None, out: PathLike | None = None, budget: str | No
     file), then ``data``/``out``/``budget`` and ``overrides`` (dotted keys via ``**{"optim.lr": 0.1}``, sections as
     dicts: ``model={"backbone": "torchvision:resnet34"}``, short keys such as ``max_steps``, ``arch``).
     Config mistakes raise :class:`excb.config.ConfigError` naming the field."""
-    from excb.checkpoint import CHECKPOINT_DIR, LAST
     from excb.config import deep_merge, dotted_to_tree, load_file, resolve
-    from excb.trainer import train as run_training
+    from excb.training.checkpoint import CHECKPOINT_DIR, LAST
+    from excb.training.trainer import train as run_training
 
     given = {"data": data, "out": None if out is None else str(out), "budget": budget}
     tree = dotted_to_tree([*((k, v) for k, v in given.items() if v is not None), *overrides.items()])
@@ -78,9 +78,9 @@ def train(data: str | None = None, out: PathLike | None = None, budget: str | No
 
 
 def export_onnx(run: PathLike, out: PathLike, **options: Any) -> dict[str, Any]:
-    """``excb export RUN --out DIR``: the servable ONNX bundle (raises excb.export.ParityError when parity fails);
-    returns model.json. Options: parity_images, parity_data, parity_count, opset."""
-    from excb.export import export_bundle
+    """``excb export RUN --out DIR``: the servable ONNX bundle (raises excb.inference.export.ParityError when
+    parity fails); returns model.json. Options: parity_images, parity_data, parity_count, opset."""
+    from excb.inference.export import export_bundle
 
     return export_bundle(run, out, **options)
 
@@ -94,7 +94,7 @@ def export_weights(run: PathLike, out: PathLike) -> dict[str, Any]:
 
 def embed(folder: PathLike, model: PathLike, out: PathLike, **options: Any) -> dict[str, Any]:
     """``excb embed FOLDER --model BUNDLE --out FILE`` (.npy or .parquet): every image's embedding and cluster."""
-    from excb.embed_folder import embed_folder
+    from excb.inference.embed_folder import embed_folder
 
     return embed_folder(folder, model, out, **{"progress": False, **options})
 

@@ -24,7 +24,7 @@ from excb.config import PRESET_NAMES, ConfigError, dump_yaml, format_config_fiel
 EXIT_INTERRUPTED = 143
 EXIT_CONFIG = 2
 
-_BUILTIN_VERBS = ("excb.evaluation", "excb.export", "excb.embed_folder", "excb.data.pack")
+_BUILTIN_VERBS = ("excb.evaluation.runs", "excb.inference.export", "excb.inference.embed_folder", "excb.data.pack")
 
 
 class UsageError(Exception):
@@ -141,8 +141,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(_dry_run(cfg))
         return 0
-    from excb.checkpoint import FencedOut
-    from excb.trainer import NonFiniteLossError, TrainingInterrupted, train
+    from excb.training.checkpoint import FencedOut
+    from excb.training.trainer import NonFiniteLossError, TrainingInterrupted, train
 
     flag = _StopFlag()
     flag.install()
@@ -165,8 +165,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _dry_run(cfg: Any) -> str:
     """The config a run would start with: for ``recipe=auto`` fitted to the data and this machine, the reasons
     as YAML comments on top; a budget's step count is only known after timing steps at the start."""
-    from excb.distributed import resolve_device
-    from excb.recipe import fit_config
+    from excb.training.distributed import resolve_device
+    from excb.training.recipe import fit_config
 
     fitted, recipe = fit_config(cfg, resolve_device(cfg.device))
     lines = []

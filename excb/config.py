@@ -66,7 +66,7 @@ class ModelConfig(_Section):
         "feature); 'multiscale' = the last 3 stages (ViT: blocks) pooled, each L2-normalised, concatenated")
     whitening: Literal["off", "pca"] = Field(
         "off", description="'pca': when training ends, PCA-whiten the embedding on the run's own training images "
-        "(excb.whitening; part of the checkpoint and the ONNX bundle); 'off': serve it as the backbone gives it")
+        "(excb.models.whitening; part of the checkpoint and the ONNX bundle); 'off': serve it as the backbone gives it")
 
     _on_off = field_validator("whitening", mode="before")(_yaml_on_off)
 
@@ -175,7 +175,7 @@ class KMeansConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    """Where ``logger=mlflow`` writes (excb/mlflow_logger.py)."""
+    """Where ``logger=mlflow`` writes (excb/training/mlflow_logger.py)."""
 
     tracking_uri: str | None = Field(
         None, description="an MLflow tracking URI (http://host:5000, sqlite:///PATH, databricks); None: "
@@ -220,8 +220,8 @@ class TrainConfig(_Section):
                                "recipe=off unless recipe is given")
     recipe: Literal["auto", "off", "fitted"] = Field(
         "auto", description="auto: fit input size, model, K, batch, schedules and length to the data and device "
-        "at the start of training (excb/recipe.py; keys set explicitly are kept). off: the defaults or the preset "
-        "as they are (the default with a preset). fitted: already fitted (written into the run's config.yaml)")
+        "at the start of training (excb/training/recipe.py; keys set explicitly are kept). off: the defaults or the "
+        "preset as they are (the default with a preset). fitted: already fitted (written into the run's config.yaml)")
     pinned: list[str] = Field(default_factory=list, description="dotted keys the user set explicitly; the "
                               "fitted recipe never changes them (filled in by resolve())")
     budget: str | None = Field(None, description="compute budget (600s, 10m, 2h): turned into max_steps by timing "
@@ -255,7 +255,7 @@ class TrainConfig(_Section):
         "fields; pip install 'excb[mlflow]')")
     resume: Literal["auto", "never", "must"] = Field(
         "auto", description="auto: continue the run in out if its checkpoint's config matches (fields that may "
-        "differ: excb.rerun.MAY_CHANGE_ON_RESUME); never: refuse an out that already holds a run; must: fail "
+        "differ: excb.training.rerun.MAY_CHANGE_ON_RESUME); never: refuse an out that already holds a run; must: fail "
         "without a checkpoint to continue")
     overwrite: bool = Field(False, description="start over in an out that holds a run: its checkpoints, metrics "
                             "and config are moved to out/replaced/STAMP/ first")

@@ -101,7 +101,7 @@ class SourceDataset(Dataset):
     source: str
     classes: tuple[str, ...] = ()
     labels: np.ndarray  # int64 [N], -1 where unlabelled
-    holdout: dict[str, Any] | None = None  # set by excb.evaluation.labelled_splits on a held-out split
+    holdout: dict[str, Any] | None = None  # set by excb.evaluation.runs.labelled_splits on a held-out split
 
     def __init__(self, source: str, transform: Transform | None, labelled: bool) -> None:
         self.source = source

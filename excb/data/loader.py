@@ -2,7 +2,7 @@
 
 :class:`TrainData` is what the trainer (and the budget's timing) iterates; :func:`build_train_loader` is the
 same map-style loader for one epoch on its own. Exact resume: the order is a seeded permutation that can
-start mid-epoch, and every augmentation is a function of (seed, epoch, index) (excb.seeds.derive_seed).
+start mid-epoch, and every augmentation is a function of (seed, epoch, index) (excb.training.seeds.derive_seed).
 
 Undecodable files come out of the data set as ``None``; :func:`collate_multicrop` drops them and reports
 how many in ``MultiCropBatch.skipped`` (workers are separate processes, so the count has to travel with
@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from excb.config import ConfigError, TrainConfig
-from excb.seeds import derive_seed, seeded
+from excb.training.seeds import derive_seed, seeded
 
 log = logging.getLogger("excb.data")
 

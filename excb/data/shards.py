@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from excb.errors import EmptyDatasetError
-from excb.seeds import derive_seed, seeded
+from excb.training.seeds import derive_seed, seeded
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "excb-shards/1"

@@ -12,7 +12,7 @@ from excb.config import TrainConfig
 from excb.models.backbones import build_backbone
 from excb.models.base import Backbone
 from excb.models.heads import MLP, CentroidLayer, Predictor
-from excb.whitening import Whitening
+from excb.models.whitening import Whitening
 
 GROUP_NAMES: tuple[str, ...] = ("backbone", "backbone_noreg", "projector", "projector_noreg", "centroids")
 MULTISCALE_STAGES = 3  # stages (ViT: blocks) whose pooled features make a multiscale embedding
@@ -68,7 +68,7 @@ class ExCBModel(nn.Module):
         self.is_teacher = is_teacher
         self.embedding = embedding
         self.embed_dim: int = embedding_dim(backbone, embedding)
-        # the identity until the trainer fits it at the end of the run (excb.whitening)
+        # the identity until the trainer fits it at the end of the run (excb.models.whitening)
         self.whiten = Whitening(self.embed_dim) if whitening == "pca" else None
 
     @property

@@ -110,7 +110,7 @@ def _compatible_with(cfg: Any, backbone: Backbone) -> dict[str, Any]:
 def _embedding_meta(cfg: Any, model: ExCBModel) -> dict[str, Any]:
     """The served embedding (the ONNX bundle's ``embedding``): kind, whitening, size, and how to load it."""
     from excb.models.model import MULTISCALE_STAGES, embedding_dim
-    from excb.whitening import whitening_meta
+    from excb.models.whitening import whitening_meta
 
     kind = cfg.model.embedding
     whitening = whitening_meta(getattr(model, "whiten", None))
@@ -193,7 +193,7 @@ def save_run_backbone(teacher: ExCBModel, cfg: Any, run_dir: str | os.PathLike[s
 
 def export_weights(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``excb export RUN --format torch``: the teacher weights of a run (or checkpoint); returns backbone.json."""
-    from excb.checkpoint import load_teacher
+    from excb.training.checkpoint import load_teacher
 
     cfg, model, ckpt, ckpt_path = load_teacher(source, "cpu")
     save_backbone(model, cfg, out_dir, {"checkpoint": str(ckpt_path.resolve()), "step": int(ckpt.get("step", 0))})
@@ -256,7 +256,7 @@ def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbo
     from safetensors.torch import load_file
 
     from excb.models.model import ServedEmbedding
-    from excb.whitening import Whitening
+    from excb.models.whitening import Whitening
 
     embedding = meta.get("embedding")
     if not isinstance(embedding, dict):

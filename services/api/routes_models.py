@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from excb.onnx_runtime import BundleError
+from excb.inference.onnx_runtime import BundleError
 from services.api.guard import AuthFirstRoute
 from services.api.model_sync import sync_once
 from services.api.routes_jobs import ERRORS
@@ -23,7 +23,7 @@ from services.common.active_model import read_active_id, write_active
 from services.common.auth import Principal
 from services.common.errors import ApiError
 from services.common.openai_shapes import model_entry
-from services.db import jobs as store
+from services.db import models as model_store
 from services.db.tables import ModelRow
 from services.embed.manifest import ModelRecord, record_model
 from services.embed.registry import servable_bundle
@@ -31,8 +31,9 @@ from services.embed.registry import servable_bundle
 router = APIRouter(tags=["models"], responses=ERRORS, route_class=AuthFirstRoute)
 
 
-def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
-    row = store.get_model(cp.db, model_id)
+def owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
+    """The model row ``model_id`` when the caller owns it (or keys are off); another key's is the same 404 as none."""
+    row = model_store.get_model(cp.db, model_id)
     if row is None or (who.id is not None and row.owner != who.id):
         raise ApiError(404, "not_found", f"model {model_id!r} not found", "model_id")
     return row
@@ -40,7 +41,7 @@ def _owned_model(cp: ControlPlane, who: Principal, model_id: str) -> ModelRow:
 
 @router.get("/models", response_model=ModelList, summary="Registered models, newest first")
 def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
-    rows = store.list_models(cp.db, who.id)
+    rows = model_store.list_models(cp.db, who.id)
     hide = path_hider(cp.settings, cp.auth.enabled)
     active = read_active_id(cp.settings.resolved_models_dir)
     return {"items": [model_dict(m, hide, active) for m in rows], "object": "list",
@@ -49,13 +50,13 @@ def list_models(cp: Plane, who: Caller) -> dict[str, Any]:
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model's metadata (model.json)")
 def show_model(model_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
-    return model_dict(_owned_model(cp, who, model_id), path_hider(cp.settings, cp.auth.enabled),
+    return model_dict(owned_model(cp, who, model_id), path_hider(cp.settings, cp.auth.enabled),
                       read_active_id(cp.settings.resolved_models_dir))
 
 
 @router.post("/models/{model_id}/activate", response_model=ModelOut, summary="Serve this model from now on")
 def activate_model(model_id: str, request: Request, cp: Plane, who: Caller) -> dict[str, Any]:
-    row = _owned_model(cp, who, model_id)
+    row = owned_model(cp, who, model_id)
     if not (Path(row.bundle_dir) / "model.onnx").exists():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
     hide = path_hider(cp.settings, cp.auth.enabled)
@@ -86,7 +87,7 @@ def _refused(model_id: str, exc: BundleError, hide: PathHider | None) -> ApiErro
                              "description": "tar with one directory, the model id; X-Bundle-SHA256 = model.onnx"}})
 def download_bundle(model_id: str, cp: Plane, who: Caller) -> FileResponse:
     """So a remote user can take the model home (`excb jobs pull`): the same ownership as the model routes."""
-    row = _owned_model(cp, who, model_id)
+    row = owned_model(cp, who, model_id)
     bundle = Path(row.bundle_dir)
     if not (bundle / "model.onnx").is_file():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")

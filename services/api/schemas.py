@@ -86,6 +86,14 @@ class Progress(BaseModel):
     total_steps: int | None = None
     percent: float | None = None
     eta_seconds: float | None = None
+    # corpus embedding jobs ("kind": "embed", services/corpus): chunks committed, images embedded (undecodable
+    # ones included and counted in ``errors``), this attempt's rate
+    chunks_done: int | None = None
+    chunks_total: int | None = None
+    images: int | None = None
+    images_total: int | None = None
+    errors: int | None = None
+    images_per_second: float | None = None
 
 
 class ErrorInfo(BaseModel):
@@ -120,7 +128,7 @@ class StepsOut(BaseModel):
 
 
 class RecipeOut(BaseModel):
-    """The recipe the trainer fitted (excb/recipe.py), as `excb train --dry-run` prints it."""
+    """The recipe the trainer fitted (excb/training/recipe.py), as `excb train --dry-run` prints it."""
 
     fitted: bool = Field(description="false for a preset or recipe=off: the config ran as given")
     data: str | None = Field(None, description="the data profile the recipe was fitted to")

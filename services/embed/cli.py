@@ -62,7 +62,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from excb.onnx_runtime import BundleError
+    from excb.inference.onnx_runtime import BundleError
     from services.embed.app import create_app
     from services.embed.registry import ModelRegistry
 

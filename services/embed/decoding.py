@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from excb.data.decode import ImageDecodeError, decode_image, header_pixels
-from excb.onnx_runtime import default_intra_op_threads
+from excb.inference.onnx_runtime import default_intra_op_threads
 from services.common.errors import ApiError
 from services.embed.decode_budget import BYTES_PER_PIXEL, BudgetExhausted, PixelBudget
 from services.embed.metrics import EmbedMetrics

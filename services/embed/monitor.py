@@ -1,6 +1,6 @@
 """Live balance of served traffic: a sliding window of cluster assignments, scored like training.
 
-The statistics come from :mod:`excb.stats` (the same functions the trainer logs), so a served
+The statistics come from :mod:`excb.method.stats` (the same functions the trainer logs), so a served
 ``normalized_entropy`` means exactly what it means on the training dashboard. The reference distribution
 is the final size estimate ``s`` from ``model.json``; the assignments recorded are the balance-adjusted
 ones (``argmax B(z; s)``), which is the quantity ``s`` tracks during training. The raw (unbalanced) top-1
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from excb.stats import balance_stats, drift, sorted_curve
+from excb.method.stats import balance_stats, drift, sorted_curve
 
 _SCALAR_MAX = 16  # up to this many ids per update, a Python loop beats the array operations
 

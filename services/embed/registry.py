@@ -1,7 +1,7 @@
 """The set of servable models: verified bundles by id, a ``latest`` alias, hot swap without failed requests.
 
 Layout: ``MODELS_DIR/<model_id>/{model.onnx, model.json}``. A bundle is served only if its sha256 matches,
-it holds no external-data tensors and its export parity check passed (``excb.onnx_runtime.load_bundle``).
+it holds no external-data tensors and its export parity check passed (``excb.inference.onnx_runtime.load_bundle``).
 
 Hot swap (reliability.md row 18): a new model is built completely - session, warm-up run, batcher,
 monitor - before one pointer changes under a lock. Requests hold a *lease* on the model they started
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from excb.assign import Assigner
-from excb.onnx_runtime import META_FILE, Bundle, BundleError, OrtEmbedder, load_bundle
+from excb.inference.assign import Assigner
+from excb.inference.onnx_runtime import META_FILE, Bundle, BundleError, OrtEmbedder, load_bundle
 from services.common.active_model import read_active_id
 from services.common.auth import CURRENT_PRINCIPAL
 from services.common.periodic import Periodic

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from fastapi.responses import JSONResponse
 
-from excb.assign import Assignment
+from excb.inference.assign import Assignment
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 

@@ -8,7 +8,7 @@ few tens of MB. Which images: a uniform sample without replacement drawn with ``
 source, cap and seed always index the same images.
 
 The embedding path is the service's: the same defensive decoder (through ``excb.data``), the same eval
-preprocessing and the same verified ONNX bundle (``excb.onnx_runtime``), so an indexed image and the same
+preprocessing and the same verified ONNX bundle (``excb.inference.onnx_runtime``), so an indexed image and the same
 image sent to ``POST /v1/embed`` have the same vector and cluster.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from excb.onnx_runtime import OrtEmbedder, balance_paper, l2_normalize, load_bundle
+from excb.inference.onnx_runtime import OrtEmbedder, balance_paper, l2_normalize, load_bundle
 from services.index.store import IndexData, write_index, write_status
 
 log = logging.getLogger("excb.index")

@@ -48,7 +48,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from excb.onnx_runtime import BundleError
+    from excb.inference.onnx_runtime import BundleError
     from services.common.paths import PathNotAllowed, resolve_source
     from services.index.build import build_index
     from services.index.store import index_root, valid_name, write_status

@@ -9,7 +9,12 @@
 - ``GET /v1/models/{id}/clusters/{c}``: one cluster: size, members nearest the centroid and a few from its edge.
 - ``GET /v1/models/{id}/index/images/{i}`` and ``.../thumbnail``: one indexed image.
 
-Tenancy is the registry's (a key sees its own, shared and ownerless models; anything else is a 404, exactly like
+The routes are host-agnostic: :func:`build_index_router` takes an :class:`IndexHost`, which two hosts provide:
+the embed service (``services.embed.service.EmbedService``, mounted by ``services/embed/app.py``; it has the
+sessions) and the control plane's read-only view when it runs without an embed service
+(``services/api/index_view.py``; no session, so a search by an uploaded image is its 503).
+
+Tenancy is the host's (a key sees its own, shared and ownerless models; anything else is a 404, exactly like
 a model that does not exist), so an index is visible exactly when its model is. Thumbnails come from the index
 (never from the data folder) through these authenticated routes; the JSON routes can inline them as
 ``data:`` URIs (``thumbs=true``), which is how the dashboard shows them with the API key it already sends.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import numpy as np
@@ -27,12 +32,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from excb.onnx_runtime import balance_paper, l2_normalize
-from services.common.body import parse_json_object, validate_as
+from excb.inference.onnx_runtime import balance_paper, l2_normalize
+from services.common.auth import ApiKeyAuth
+from services.common.body import is_raw, parse_json_object, read_capped, validate_as
 from services.common.errors import ApiError
 from services.common.errors import Error as ErrorBody
-from services.embed.registry import LoadedModel, ModelNotFound
-from services.embed.sources import Source
 from services.index.schemas import ClusterDetail, ClusterList, IndexImage, IndexInfo, SearchResponse
 from services.index.store import (
     DEFAULT_NAME,
@@ -43,12 +47,68 @@ from services.index.store import (
     read_status,
     valid_name,
 )
+from services.settings import Settings
 
 MAX_K = 100
 MAX_MEMBERS = 200
 MAX_PER_CLUSTER = 24
 MAX_CLUSTERS_PAGE = 1000
 OVERFULL_RELATIVE = 2.0  # a cluster holding >= 2x its uniform share of the index is flagged over-full
+
+
+class BundleFacts(Protocol):
+    """What the routes read from a model's bundle."""
+
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def num_clusters(self) -> int: ...
+    @property
+    def sizes(self) -> np.ndarray: ...
+
+
+class ServedCounts(Protocol):
+    def counts(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(balanced counts, raw counts, assignments in the window) of served traffic."""
+        ...
+
+
+class IndexedModel(Protocol):
+    """A model as the routes see it (the embed service's ``LoadedModel``, the control plane's ``PlaneModel``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def bundle(self) -> BundleFacts: ...
+    @property
+    def monitor(self) -> ServedCounts: ...
+
+
+# An image as the host resolved it (uploaded bytes, or what ``resolve_image`` made of a string): only the host reads it.
+Image = Any
+
+
+class IndexHost(Protocol):
+    """What a host gives the routes: its settings and auth, the caller's models, images read and embedded its way."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def auth(self) -> ApiKeyAuth: ...
+
+    def find_model(self, model_id: str | None) -> IndexedModel | None:
+        """The caller's model (``None``/``latest``: the latest); None when there is none (a 404)."""
+        ...
+
+    async def resolve_image(self, text: str, field: str) -> Image:
+        """An image named by a string, as the host's image routes read one."""
+        ...
+
+    async def embed_image(self, model_id: str, image: Image) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding [1, D], centroid similarities [1, K]) of one image; the host's 4xx/503 for what it cannot."""
+        ...
 
 
 class SearchRequest(BaseModel):
@@ -90,19 +150,19 @@ def item_dict(idx: LoadedIndex, i: int, model_id: str, thumbs: bool) -> dict[str
 
 
 class IndexRoutes:
-    """The routes' shared state: the embed service (models, decoding, batching) and the loaded indexes."""
+    """The routes' shared state: the host (models, and for search its images and embeddings) and the loaded indexes."""
 
-    def __init__(self, svc: Any) -> None:
-        self.svc = svc
-        self.cache = IndexCache(svc.settings.resolved_models_dir)
+    def __init__(self, host: IndexHost) -> None:
+        self.host = host
+        self.cache = IndexCache(host.settings.resolved_models_dir)
 
-    def model(self, model_id: str | None) -> LoadedModel:
-        try:
-            return self.svc.registry.get(model_id)
-        except ModelNotFound as exc:
-            raise ApiError(404, "not_found", f"model {model_id or 'latest'!r} not found", "model") from exc
+    def model(self, model_id: str | None) -> IndexedModel:
+        model = self.host.find_model(model_id)
+        if model is None:
+            raise ApiError(404, "not_found", f"model {model_id or 'latest'!r} not found", "model")
+        return model
 
-    def index(self, model: LoadedModel, name: str) -> LoadedIndex:
+    def index(self, model: IndexedModel, name: str) -> LoadedIndex:
         if not valid_name(name):
             raise ApiError(422, "validation_error", "index: 1-64 characters of [A-Za-z0-9._-]", "index")
         try:
@@ -128,31 +188,12 @@ class IndexRoutes:
 
     # -- search ------------------------------------------------------------------------------------------
 
-    async def embed_query(self, model: LoadedModel, data: Source) -> tuple[np.ndarray, np.ndarray]:
-        """(normalised embedding [1, D], centroid similarities [1, K]) of one image, through the service's own
-        decode budget, micro-batcher and session; every bad image is the service's 4xx."""
-        svc = self.svc
-        if not hasattr(svc, "decode_all"):  # the control plane's read-only view (services/index/plane.py)
-            raise ApiError(503, "unavailable", "search by an uploaded image runs on the embed service (POST /v1/search "
-                                               "there); here, search by image_id", "image",
-                           {"Retry-After": "1"})
-        try:
-            lease = svc.registry.use(model.id)
-            leased = lease.__enter__()
-        except ModelNotFound as exc:  # unloaded between the lookup and the lease
-            raise ApiError(404, "not_found", f"model {model.id!r} not found", "model") from exc
-        try:
-            leased.batcher.announce()
-            try:
-                x = await svc.decoder.decode([("image", data)], leased, svc.fetch_image)
-            finally:
-                leased.batcher.withdraw()
-            emb, sims = await svc._wait(svc._submit(leased, x))  # noqa: SLF001 - the service's error mapping
-        finally:
-            lease.__exit__(None, None, None)
+    async def embed_query(self, model: IndexedModel, data: Image) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised embedding [1, D], centroid similarities [1, K]) of one image, embedded by the host."""
+        emb, sims = await self.host.embed_image(model.id, data)
         return l2_normalize(emb).astype(np.float32), sims
 
-    async def search(self, req: SearchRequest, data: Source | None) -> dict[str, Any]:
+    async def search(self, req: SearchRequest, data: Image | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         model = self.model(req.model)
         idx = await anyio.to_thread.run_sync(self.index, model, req.index)
@@ -181,7 +222,7 @@ class IndexRoutes:
 
     # -- clusters ----------------------------------------------------------------------------------------
 
-    def cluster_table(self, model: LoadedModel, idx: LoadedIndex, assignment: str) -> dict[str, np.ndarray]:
+    def cluster_table(self, model: IndexedModel, idx: LoadedIndex, assignment: str) -> dict[str, np.ndarray]:
         """Per cluster: size in the index, its share, the uniform-relative size, training and served share."""
         k = model.bundle.num_clusters
         labels = idx.cluster if assignment == "balanced" else idx.raw_cluster
@@ -201,7 +242,7 @@ class IndexRoutes:
         order = np.argsort(-sims[rows], kind="stable")
         return rows[order], sims[rows[order]]
 
-    def cluster_entry(self, model: LoadedModel, idx: LoadedIndex, table: dict[str, np.ndarray], c: int,
+    def cluster_entry(self, model: IndexedModel, idx: LoadedIndex, table: dict[str, np.ndarray], c: int,
                       assignment: str, typical: int, thumbs: bool) -> dict[str, Any]:
         size = int(table["size"][c])
         status = "empty" if size == 0 else ("over-full" if table["relative"][c] >= OVERFULL_RELATIVE else "ok")
@@ -213,15 +254,12 @@ class IndexRoutes:
                 "typical": [item_dict(idx, int(r), model.id, thumbs) for r in rows[:typical]]}
 
 
-async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, Source | None]:
+async def _parse_search(request: Request, host: IndexHost) -> tuple[SearchRequest, Image | None]:
     """JSON (``image`` named as every image route names one, or ``image_id``), multipart (``file`` + the same
     fields) or the raw image as the body (``image/*``, ``application/octet-stream``; the fields as query
     parameters), exactly the bodies ``POST /v1/embed`` takes."""
-    from services.embed.inputs import is_raw, read_capped
-    from services.embed.sources import resolve_inputs
-
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    e = svc.embed
+    e = host.settings.embed
     if ctype not in ("multipart/form-data", "application/json") and not is_raw(ctype):
         raise ApiError(415, "unsupported_media_type", "send application/json, multipart/form-data (file) or the "
                                                       "image as the body (image/*)")
@@ -234,9 +272,7 @@ async def _parse_search(request: Request, svc: Any) -> tuple[SearchRequest, Sour
         req = parse_json_object(body, SearchRequest)
         if req.image is None:
             return req, None
-        policy = getattr(svc, "fetch_policy", None)
-        items = await resolve_inputs([req.image], ["image"], svc.settings, bool(policy and policy.enabled))
-        return req, items[0][1]
+        return req, await host.resolve_image(req.image, "image")
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
     except Exception as exc:  # Starlette raises HTTPException(400) for malformed or oversized forms
@@ -261,13 +297,13 @@ def _ok(model: type[BaseModel], description: str) -> dict[int | str, dict[str, A
     return {200: {"model": model, "description": description}, 404: error, 422: error}
 
 
-def build_index_router(svc: Any) -> APIRouter:
-    """The routes above, bound to one embed service."""
+def build_index_router(host: IndexHost) -> APIRouter:
+    """The routes above, bound to one host (the embed service, or the control plane's read-only view)."""
     router = APIRouter(tags=["search"])
-    state = IndexRoutes(svc)
+    state = IndexRoutes(host)
 
     async def require_key(request: Request) -> None:
-        svc.auth.authenticate(request)  # async: the principal must reach the route's task (see embed app)
+        host.auth.authenticate(request)  # async: the principal must reach the route's task (see embed app)
 
     upload = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"},
                                                "model": {"type": "string"}, "index": {"type": "string"},
@@ -288,7 +324,7 @@ def build_index_router(svc: Any) -> APIRouter:
     async def search(request: Request) -> dict[str, Any]:
         """Nearest indexed images to a query image (an upload, the raw image as the body, or a string naming one
         as every image route does) or to an indexed image's id."""
-        req, data = await _parse_search(request, svc)
+        req, data = await _parse_search(request, host)
         return await state.search(req, data)
 
     @router.get("/v1/models/{model_id}/index", dependencies=[Depends(require_key)], response_model=None,
@@ -299,7 +335,7 @@ def build_index_router(svc: Any) -> APIRouter:
         if not valid_name(index):
             raise ApiError(422, "validation_error", "index: 1-64 characters of [A-Za-z0-9._-]", "index")
         status = read_status(index_root(state.cache.models_dir, model.id, index))
-        if status is not None and svc.auth.enabled:  # server paths stay hidden with API keys (as job responses)
+        if status is not None and host.auth.enabled:  # server paths stay hidden with API keys (as job responses)
             status.pop("source", None)
         try:
             idx = await anyio.to_thread.run_sync(state.index, model, index)
@@ -308,7 +344,7 @@ def build_index_router(svc: Any) -> APIRouter:
                 raise
             return {"model": model.id, "index": index, "ready": False, "status": status}
         return {"model": model.id, "index": index, "ready": True, "status": status,
-                "meta": {k: v for k, v in idx.meta.items() if k not in ("source",) or not svc.auth.enabled}}
+                "meta": {k: v for k, v in idx.meta.items() if k not in ("source",) or not host.auth.enabled}}
 
     @router.get("/v1/models/{model_id}/clusters", dependencies=[Depends(require_key)], response_model=None,
                 responses=_ok(ClusterList, "a page of clusters"))

@@ -1,11 +1,11 @@
 """What a job runs, read from its run directory for the control plane (issue 27 item 1).
 
-A job submitted without a preset is fitted at train time (``recipe=auto``, excb/recipe.py) and a budget sets its
-step count after timing real steps (excb/budget.py), so the submitted config is not what runs. The trainer writes
-what runs to ``RUN/config.yaml`` and the choices with their reasons to ``RUN/recipe.json`` (always that pair, the
-config first; docs/internals.md "Trainer run directory"), at the start and again when the budget sets or corrects
-the length. :class:`RunPlan` notices each new ``recipe.json`` with one ``stat`` per progress sync and turns the
-pair into the job's ``effective_config`` and ``recipe`` columns.
+A job submitted without a preset is fitted at train time (``recipe=auto``, excb/training/recipe.py) and a budget sets
+its step count after timing real steps (excb/training/budget.py), so the submitted config is not what runs. The trainer
+writes what runs to ``RUN/config.yaml`` and the choices with their reasons to ``RUN/recipe.json`` (always that pair, the
+config first; docs/internals.md "Trainer run directory"), at the start and again when the budget sets or corrects the
+length. :class:`RunPlan` notices each new ``recipe.json`` with one ``stat`` per progress sync and turns the pair into
+the job's ``effective_config`` and ``recipe`` columns.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from excb.config import RUN_CONFIG, TrainConfig, validate
-from excb.recipe import DataProfile
-from excb.trainer import PLAN_FILE
+from excb.training.recipe import DataProfile
+from excb.training.trainer import PLAN_FILE
 
 log = logging.getLogger("excb.worker")
 

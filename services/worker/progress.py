@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from excb.stats import balance_stats
+from excb.method.stats import balance_stats
 
 _META_KEYS = {"type", "step", "epoch", "time", "total_steps", "steps_per_epoch", "epochs"}
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from excb.checkpoint import load_teacher
 from excb.config import resolve
-from excb.evaluation import baselines, evaluate_model, labelled_splits, model_transform
-from excb.trainer import train
+from excb.evaluation.runs import baselines, evaluate_model, labelled_splits, model_transform
+from excb.training.checkpoint import load_teacher
+from excb.training.trainer import train
 from support import REPO_ROOT as ROOT
 
 SET = "icons"

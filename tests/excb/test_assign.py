@@ -1,12 +1,12 @@
-"""excb.assign: one assignment for the service and `excb embed`, bit-identical to the training operator."""
+"""excb.inference.assign: one assignment for the service and `excb embed`, bit-identical to the training operator."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from excb.assign import Assigner
-from excb.balancing import balance
+from excb.inference.assign import Assigner
+from excb.method.balancing import balance
 
 
 def test_balanced_scores_are_the_training_operator_bit_for_bit() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from excb.balancing import Balancer, _guard_zero, balance, relative_sizes
+from excb.method.balancing import Balancer, _guard_zero, balance, relative_sizes
 
 torch.set_num_threads(1)
 

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from excb.config import TrainConfig
-from excb.distributed import DistContext
-from excb.step import ema_update
-from excb.trainer import Run
+from excb.method.step import ema_update
+from excb.training.distributed import DistContext
+from excb.training.trainer import Run
 from support import HANG_GUARD_S
 from support import REPO_ROOT as REPO
 
@@ -196,7 +196,7 @@ def test_torchrun_one_process_nccl_trains_and_checkpoints(tmp_path: Path) -> Non
         assert float(t) == 1.0
         from pathlib import Path
         from support.training import tiny
-        from excb.trainer import train
+        from excb.training.trainer import train
         res = train(tiny(Path(sys.argv[1]), "device=cuda", "max_steps=4"))
         print("backend", backend, "steps", res.steps, "status", res.status)
         dist.destroy_process_group()
@@ -212,8 +212,8 @@ def test_torchrun_one_process_nccl_trains_and_checkpoints(tmp_path: Path) -> Non
 
 def test_export_from_a_cuda_checkpoint_passes_parity(tmp_path: Path) -> None:
     """A CUDA-trained checkpoint (bf16, channels_last, fused) loads on the CPU, exports and passes parity."""
-    from excb.export import export_bundle
-    from excb.trainer import train
+    from excb.inference.export import export_bundle
+    from excb.training.trainer import train
 
     result = train(_tiny(tmp_path / "run", "device=cuda", "precision=bf16", "channels_last=true", "max_steps=4"))
     assert result.summary["device"].startswith("cuda")

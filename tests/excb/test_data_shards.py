@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from excb.checkpoint import load_checkpoint
 from excb.cli import main as cli_main
 from excb.data.pack import pack
 from excb.data.shards import RawSample, ShardFormatError, ShardStream, open_shards, plan_epoch, read_index, shuffled
+from excb.training.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -230,7 +230,7 @@ TINY = [
 
 def _train(out: Path, *extra: str) -> dict:
     from excb.config import resolve
-    from excb.trainer import train
+    from excb.training.trainer import train
 
     cfg = resolve(preset_name="cpu-small", overrides=[*TINY, f"out={out}", *extra])
     result = train(cfg)
@@ -252,7 +252,7 @@ def test_trainer_gpu_path_on_a_map_style_set_resumes_exactly(tmp_path: Path) -> 
     """digits through ToUint8Tensor + GpuMultiCrop: draws are a function of (seed, rank, epoch, batch)."""
     base = ["data=digits", "data.limit=40", "data.gpu_augment=on", "kmeans.enabled=false"]
     from excb.config import resolve
-    from excb.trainer import TrainingInterrupted, train
+    from excb.training.trainer import TrainingInterrupted, train
 
     full = _train(tmp_path / "a", *base, "max_steps=4")
     calls = {"n": 0}

@@ -10,7 +10,7 @@ import pytest
 
 from excb.cli import main as excb_main
 from excb.data.decode import decode_image
-from excb.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
+from excb.inference.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
 from support import embed as es
 
 

@@ -1,4 +1,5 @@
-"""excb.eval_pixels: the serving path's eval transform gives exactly the pixels of torchvision's EvalTransform."""
+"""excb.inference.eval_pixels: the serving path's eval transform gives exactly the pixels of torchvision's
+EvalTransform."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from excb.data.augment import eval_transform
-from excb.eval_pixels import EvalPixels
+from excb.inference.eval_pixels import EvalPixels
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -11,11 +11,11 @@ import onnx
 import pytest
 import torch
 
-from excb import export as export_mod
-from excb.balancing import balance
 from excb.cli import main as excb_main
 from excb.fileio import sha256_file
-from excb.onnx_runtime import BundleError, OrtEmbedder, balance_paper, load_bundle
+from excb.inference import export as export_mod
+from excb.inference.onnx_runtime import BundleError, OrtEmbedder, balance_paper, load_bundle
+from excb.method.balancing import balance
 from support import embed as es
 
 torch.set_num_threads(1)
@@ -42,9 +42,9 @@ def test_bundle_from_training_run_has_contract_fields_and_passes_parity() -> Non
 
 
 def test_ort_session_matches_torch_teacher_for_any_batch_size() -> None:
-    from excb.checkpoint import load_checkpoint
     from excb.config import validate
     from excb.models import ExportWrapper, build_model
+    from excb.training.checkpoint import load_checkpoint
 
     bundle = load_bundle(es.bundle())
     emb = OrtEmbedder(bundle, intra_op_threads=1)

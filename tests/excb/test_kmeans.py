@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from excb.kmeans import spherical_kmeans
+from excb.method.kmeans import spherical_kmeans
 
 
 def _blobs(num: int, per: int, dim: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

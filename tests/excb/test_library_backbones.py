@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from excb.config import ConfigError, resolve
-from excb.export import export_bundle
+from excb.inference.export import export_bundle
+from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
 from excb.models import build_model, load_backbone
 from excb.models.external import to_library_keys
 from excb.models.weights import META_FILE, WEIGHTS_FILE, export_weights
-from excb.onnx_runtime import OrtEmbedder, load_bundle
-from excb.trainer import train
+from excb.training.trainer import train
 from support import embed as es
 
 torch.set_num_threads(1)

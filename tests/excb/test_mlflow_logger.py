@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient  # the test extra installs excb[mlflow]'s package: no skip
 
-from excb.trainer import TrainingInterrupted, train
+from excb.training.trainer import TrainingInterrupted, train
 from support.training import read_rows, tiny
 
 torch.set_num_threads(1)

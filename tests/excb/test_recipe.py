@@ -1,4 +1,4 @@
-"""The recipe fitted to the data (excb/recipe.py) and the compute budget (excb/budget.py)."""
+"""The recipe fitted to the data (excb/training/recipe.py) and the compute budget (excb/training/budget.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from excb.budget import length_overrides, steps_within, time_steps
 from excb.config import ConfigError, budget_seconds, dump_yaml, load_file, resolve
-from excb.recipe import DataProfile, fit, fit_config, inspect_data
-from excb.trainer import Run, TrainingInterrupted, train
+from excb.training.budget import length_overrides, steps_within, time_steps
+from excb.training.recipe import DataProfile, fit, fit_config, inspect_data
+from excb.training.trainer import Run, TrainingInterrupted, train
 
 torch.set_num_threads(1)
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -139,7 +139,7 @@ def test_steps_within_and_length() -> None:
 
 
 def test_a_short_budget_names_a_budget_that_holds_set_up_steps_and_the_whitening_fit() -> None:
-    from excb.budget import SAFETY, Calibration, short_budget_warning
+    from excb.training.budget import SAFETY, Calibration, short_budget_warning
 
     cal = Calibration(budget_seconds=30, seconds_per_step=0.1, seconds_before_training=10, steps=150,
                       seconds_for_whitening=50)
@@ -152,7 +152,7 @@ def test_a_short_budget_names_a_budget_that_holds_set_up_steps_and_the_whitening
 
 def test_timing_steps_leaves_the_run_untouched(tmp_path: Path) -> None:
     cfg, _ = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
-    from excb.distributed import setup
+    from excb.training.distributed import setup
 
     run = Run(cfg, setup("cpu"))
     before = {k: v.clone() for k, v in run.learner.student_core.state_dict().items()}
@@ -227,7 +227,7 @@ def _glyphs(n: int, mirrored_half: bool) -> torch.Tensor:
 
 
 def test_mirror_ratio_tells_handed_data_from_data_seen_both_ways() -> None:
-    from excb.mirror import MIRROR_RATIO_MAX, mirror_ratio
+    from excb.training.mirror import MIRROR_RATIO_MAX, mirror_ratio
 
     handed, both = mirror_ratio(_glyphs(200, False)), mirror_ratio(_glyphs(200, True))
     assert handed is not None and both is not None
@@ -263,10 +263,10 @@ def test_the_budget_check_keeps_the_first_plans_warm_up(tmp_path: Path) -> None:
     stays, so the learning rate at the check is at its peak, not back in warm-up (issue 28 item 4)."""
     import time
 
-    from excb.budget import BudgetCheck
-    from excb.distributed import setup
-    from excb.schedules import learning_rate
-    from excb.trainer import RunLogger, _correct_length, _set_length
+    from excb.method.schedules import learning_rate
+    from excb.training.budget import BudgetCheck
+    from excb.training.distributed import setup
+    from excb.training.trainer import RunLogger, _correct_length, _set_length
 
     cfg, recipe = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
     run, plan = Run(cfg, setup("cpu")), recipe.to_json()
@@ -288,7 +288,7 @@ def test_the_budget_check_keeps_the_first_plans_warm_up(tmp_path: Path) -> None:
 def test_a_budget_holds_the_whitening_fit_and_the_summary_says_where_the_time_went(tmp_path: Path) -> None:
     """budget=20s: the calibration reserves the end-of-run whitening fit before it counts steps, and summary.json
     and the run's last log line give set-up, training and fitting time (issue 28 item 4)."""
-    from excb.budget import steps_within
+    from excb.training.budget import steps_within
 
     out = tmp_path / "run"
     result = train(resolve(overrides=["data=digits", f"out={out}", "budget=20s", *SMALL]))

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from excb.checkpoint import load_checkpoint
 from excb.config import ConfigError, dump_yaml, load_file, resolve
-from excb.rerun import RunConfigMismatch, config_differences, may_change, warm_start, without_keys
-from excb.trainer import Run, TrainingInterrupted, train
+from excb.training.checkpoint import load_checkpoint
+from excb.training.rerun import RunConfigMismatch, config_differences, may_change, warm_start, without_keys
+from excb.training.trainer import Run, TrainingInterrupted, train
 from support.training import TINY, tiny
 
 torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def test_checkpoint_warm_start(tmp_path: Path) -> None:
     src = tmp_path / "src"
     train(tiny(src, "max_steps=3"))
     source = load_checkpoint(src / "checkpoints" / "last.pt")
-    from excb.distributed import setup
+    from excb.training.distributed import setup
 
     run = Run(tiny(tmp_path / "w", "max_steps=2"), setup("cpu"))
     info = warm_start(run.learner, str(src))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from excb import schedules
-from excb.loss import excb_loss, pair_count, reference_loss
+from excb.method import schedules
+from excb.method.loss import excb_loss, pair_count, reference_loss
 
 
 def test_lr_warmup_then_cosine() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from excb import stats
+from excb.method import stats
 
 
 def test_uniform_counts() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from excb.trainer import TrainingInterrupted, train
+from excb.training.trainer import TrainingInterrupted, train
 from support.training import read_rows, tiny
 
 torch.set_num_threads(1)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from excb.checkpoint import latest_checkpoint, load_checkpoint
 from excb.config import COMPILE_MIN_STEPS, resolve
-from excb.step import compile_decision
-from excb.trainer import TrainingInterrupted, train
+from excb.method.step import compile_decision
+from excb.training.checkpoint import latest_checkpoint, load_checkpoint
+from excb.training.trainer import TrainingInterrupted, train
 from support import HANG_GUARD_S
 from support.training import TINY, read_rows, tiny
 
@@ -204,7 +204,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[1])
 from support.training import tiny  # noqa: E402
-from excb.trainer import train  # noqa: E402
+from excb.training.trainer import train  # noqa: E402
 
 train(tiny(Path(sys.argv[2]), "max_steps=2", "model.sync_bn=false"))
 print("group after the run:", dist.is_initialized(), flush=True)

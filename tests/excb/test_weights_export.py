@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from excb.cli import main as excb_main
+from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
 from excb.models import build_model, load_backbone
 from excb.models.weights import META_FILE, WEIGHTS_FILE, WHITENING_FILE, save_backbone, save_run_backbone
-from excb.onnx_runtime import OrtEmbedder, load_bundle
 from support import embed as es
 
 torch.set_num_threads(1)
@@ -113,7 +113,7 @@ def _default_recipe_run(root: Path) -> Path:
     """A short fixed-step run of the default recipe (no preset: recipe=auto) with the embedding it serves on a
     CPU pinned, so a GPU machine trains the same: multiscale, PCA-whitened at the end of the run."""
     from excb.config import resolve
-    from excb.trainer import train
+    from excb.training.trainer import train
 
     out = root / "run"
     train(resolve(overrides=["data=digits", "data.limit=256", "max_steps=3", "device=cpu", "progress=false",
@@ -124,7 +124,7 @@ def _default_recipe_run(root: Path) -> Path:
 
 def test_default_recipe_weights_give_the_served_embedding(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from excb.export import export_bundle
+    from excb.inference.export import export_bundle
 
     run = _default_recipe_run(tmp_path)
     model_json = export_bundle(run, tmp_path / "bundle", parity_count=32)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from excb.checkpoint import load_teacher
 from excb.config import resolve
 from excb.models import build_model
-from excb.trainer import train
-from excb.whitening import Whitening, fit_images, fit_model, fit_pca
+from excb.models.whitening import Whitening, fit_images, fit_model, fit_pca
+from excb.training.checkpoint import load_teacher
+from excb.training.trainer import train
 from support.training import read_rows, tiny
 
 torch.set_num_threads(1)
@@ -81,8 +81,8 @@ def test_fit_model_whitens_what_the_model_serves() -> None:
 
 
 def test_a_run_fits_its_whitening_at_the_end_and_the_bundle_serves_it(tmp_path: Path) -> None:
-    from excb.export import export_bundle
-    from excb.onnx_runtime import OrtEmbedder, load_bundle
+    from excb.inference.export import export_bundle
+    from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
 
     out = tmp_path / "run"
     train(tiny(out, "max_steps=4", "model.whitening=pca", "data.limit=300"))
@@ -100,7 +100,7 @@ def test_a_run_fits_its_whitening_at_the_end_and_the_bundle_serves_it(tmp_path: 
 
 
 def test_an_interrupted_run_keeps_the_identity(tmp_path: Path) -> None:
-    from excb.trainer import TrainingInterrupted
+    from excb.training.trainer import TrainingInterrupted
 
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
@@ -110,10 +110,10 @@ def test_an_interrupted_run_keeps_the_identity(tmp_path: Path) -> None:
 
 
 def test_baselines_whiten_the_random_network_and_report_whitened_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
-    import excb.whitening
-    from excb.evaluation import baselines
+    import excb.models.whitening
+    from excb.evaluation.runs import baselines
 
-    monkeypatch.setattr(excb.whitening, "FIT_IMAGES", 150)  # fitted like the trainer: at most FIT_IMAGES images
+    monkeypatch.setattr(excb.models.whitening, "FIT_IMAGES", 150)  # fitted like the trainer: at most FIT_IMAGES images
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     out = baselines(cfg, "digits", torch.device("cpu"), train_limit=400, test_limit=100)
     assert set(out) == {"raw_pixels", "raw_pixels_whitened", "random_init"}
@@ -123,7 +123,13 @@ def test_baselines_whiten_the_random_network_and_report_whitened_pixels(monkeypa
 
 
 def test_evaluate_model_ranks_on_the_served_embedding_and_probes_before_whitening() -> None:
-    from excb.evaluation import evaluate_features, evaluate_model, extract_features, labelled_splits, model_transform
+    from excb.evaluation.runs import (
+        evaluate_features,
+        evaluate_model,
+        extract_features,
+        labelled_splits,
+        model_transform,
+    )
 
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     model = build_model(cfg, teacher=True).eval()
@@ -145,9 +151,9 @@ def test_too_few_decodable_images_leave_the_identity() -> None:
 
 
 def test_the_fit_time_estimate_leaves_the_model_as_it_was() -> None:
-    """A budgeted run reserves the fit's time (excb.budget.calibrate): the estimate times a real pass over a
+    """A budgeted run reserves the fit's time (excb.training.budget.calibrate): the estimate times a real pass over a
     sample of the fit images, without fitting or changing the model; no whitening costs nothing."""
-    from excb.whitening import estimate_fit_seconds
+    from excb.models.whitening import estimate_fit_seconds
 
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     model = build_model(cfg, teacher=True).train()

@@ -49,7 +49,7 @@ def workdir() -> Path:
 def trained_run() -> Path:
     """A real (short) ExCB training run on sklearn digits: 6 steps, ResNet-18 width 8, K = 32."""
     from excb.config import resolve
-    from excb.trainer import train
+    from excb.training.trainer import train
 
     out = workdir() / "run"
     train(resolve(preset_name="cpu-small", overrides=[*TINY, f"out={out}"]))
@@ -59,7 +59,7 @@ def trained_run() -> Path:
 @functools.lru_cache(maxsize=1)
 def bundle() -> Path:
     """The bundle exported (with its parity check) from :func:`trained_run`."""
-    from excb.export import export_bundle
+    from excb.inference.export import export_bundle
 
     out = workdir() / "models" / "digits-a"
     export_bundle(trained_run(), out, parity_count=128)
@@ -69,10 +69,10 @@ def bundle() -> Path:
 def handmade_checkpoint(path: Path, backbone: str = "resnet18", seed: int = 1, size: int = 16,
                         overrides: tuple[str, ...] = ()) -> Path:
     """A checkpoint in the trainer's format for an untrained teacher (other weights, same contract)."""
-    from excb.balancing import Balancer
-    from excb.checkpoint import save_checkpoint
     from excb.config import resolve
+    from excb.method.balancing import Balancer
     from excb.models import build_model
+    from excb.training.checkpoint import save_checkpoint
 
     extra = ["model.patch_size=4", "model.mlp_bn=false"] if backbone.startswith("vit") else []
     cfg = resolve(preset_name="cpu-small", overrides=[*TINY, f"model.backbone={backbone}",
@@ -88,7 +88,7 @@ def handmade_checkpoint(path: Path, backbone: str = "resnet18", seed: int = 1, s
 @functools.lru_cache(maxsize=1)
 def second_bundle() -> Path:
     """Another servable bundle with the same input size but different weights (for hot swap)."""
-    from excb.export import export_bundle
+    from excb.inference.export import export_bundle
 
     ckpt = handmade_checkpoint(workdir() / "other.pt", seed=7)
     out = workdir() / "models" / "digits-b"

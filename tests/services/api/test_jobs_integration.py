@@ -108,7 +108,7 @@ def test_cancel_mid_training_checkpoints_and_frees_the_cpu(make_stack: Any, tmp_
     assert step_at_cancel <= done["progress"]["step"] < 5000, done["progress"]
     ckpt = Path(done["artifacts"]["checkpoint"])
     assert ckpt.is_file()
-    from excb.checkpoint import load_checkpoint
+    from excb.training.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt)
     assert int(state.get("step", 0)) >= step_at_cancel

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from excb.stats import balance_stats
+from excb.method.stats import balance_stats
 from services.embed.app import create_app
 from services.embed.monitor import BalanceMonitor
 from services.settings import EmbedSettings, Settings

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from excb.data.decode import decode_image
-from excb.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
+from excb.inference.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
 from services.embed.app import create_app
 from services.embed.registry import ModelRegistry
 from services.settings import EmbedSettings, Settings

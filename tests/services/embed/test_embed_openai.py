@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from excb.data.decode import decode_image
-from excb.onnx_runtime import OrtEmbedder, load_bundle
+from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
 from services.embed.app import create_app
 from services.embed.manifest import record_model
 from services.settings import EmbedSettings, Settings
@@ -183,15 +183,15 @@ def test_excb_up_shape_models_list_coexists_with_control_plane(make_stack, tmp_p
     """In `excb up` the control plane owns GET /v1/models (its `items`); the OpenAI `object` + `data` ride
     beside them, so the official client lists models and embeds through the mounted embed app."""
     from services.api.app import create_app as create_plane
-    from services.db import jobs as store
+    from services.db import models as model_store
     from services.db.tables import ModelRow
 
     stack = make_stack(f"sqlite:///{tmp_path / 'up.sqlite'}", None)
     bundle_dir = stack.home / "models" / "digits-a"
     shutil.copytree(es.bundle(), bundle_dir)
     app = create_plane(stack.settings(), embedded=True, reaper=False)
-    store.add_model(app.state.plane.db, ModelRow(id="digits-a", status="READY", bundle_dir=str(bundle_dir),
-                                                 model_json={}))
+    model_store.add_model(app.state.plane.db, ModelRow(id="digits-a", status="READY", bundle_dir=str(bundle_dir),
+                                                       model_json={}))
     with es.UvicornThread(app) as srv:
         raw = httpx.get(srv.url + "/v1/models", timeout=30).json()
         assert [m["id"] for m in raw["items"]] == ["digits-a"] and raw["object"] == "list"

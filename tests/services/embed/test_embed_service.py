@@ -19,10 +19,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from excb.balancing import balance
 from excb.data.decode import decode_image
-from excb.onnx_runtime import OrtEmbedder, available_providers, load_bundle
-from excb.stats import balance_stats
+from excb.inference.onnx_runtime import OrtEmbedder, available_providers, load_bundle
+from excb.method.balancing import balance
+from excb.method.stats import balance_stats
 from services.common.active_model import ACTIVE_FILE
 from services.embed.app import create_app
 from services.embed.manifest import record_model

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from excb.onnx_runtime import BundleError, load_bundle
+from excb.inference.onnx_runtime import BundleError, load_bundle
 from services.common.auth import hash_key
 from services.embed.app import create_app
 from services.embed.manifest import read_manifest, record_model, update_manifest

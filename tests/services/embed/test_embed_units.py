@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from excb.stats import balance_stats, drift
+from excb.method.stats import balance_stats, drift
 from services.embed.batcher import MicroBatcher, QueueFull, QueueTimeout
 from services.embed.fetch import FetchError, FetchPolicy, check_url, fetch_url, is_public
 from services.embed.monitor import BalanceMonitor
@@ -111,7 +111,7 @@ def test_bounded_queue_and_timeouts() -> None:
 
 
 def test_batcher_drives_a_real_ort_session() -> None:
-    from excb.onnx_runtime import OrtEmbedder, load_bundle
+    from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
 
     e = OrtEmbedder(load_bundle(es.bundle()), intra_op_threads=1)
     b = MicroBatcher(e.run, max_batch=4, max_delay_ms=20, queue_size=64)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from excb.onnx_runtime import load_bundle
+from excb.inference.onnx_runtime import load_bundle
 from services.common.auth import hash_key
 from services.embed.app import create_app
 from services.embed.manifest import record_model
@@ -207,7 +207,7 @@ def test_one_key_never_sees_another_keys_index(models: Path, tmp_path: Path) -> 
 def _control_plane(models: Path, tmp_path: Path, home: Path, data: Path) -> TestClient:
     """The compose-shaped control plane (two keys, one data root) over the shared models folder, with A's m-a."""
     from services.api.app import create_app as create_plane
-    from services.db import jobs as store
+    from services.db import models as model_store
     from services.db.session import Database
     from services.db.tables import ModelRow
 
@@ -216,8 +216,8 @@ def _control_plane(models: Path, tmp_path: Path, home: Path, data: Path) -> Test
     s = Settings(home=home, models_dir=models, api_keys_file=keys, data_roots=[data], embed=FAST)
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     meta = json.loads((models / "m-a" / "model.json").read_text())
-    store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(models / "m-a"),
-                                 sha256=meta["sha256"], model_json=meta))
+    model_store.add_model(db, ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY",
+                                             bundle_dir=str(models / "m-a"), sha256=meta["sha256"], model_json=meta))
     return TestClient(create_plane(s, db=db, reaper=False))
 
 
@@ -280,7 +280,7 @@ def test_worker_indexes_a_jobs_training_images(models: Path, tmp_path: Path) -> 
 def test_an_index_of_photos_decodes_large_jpegs_drafted_like_the_queries(tmp_path: Path) -> None:
     from PIL import Image
 
-    from excb.onnx_runtime import OrtEmbedder
+    from excb.inference.onnx_runtime import OrtEmbedder
     from services.index.build import _Source
 
     folder = tmp_path / "photos"

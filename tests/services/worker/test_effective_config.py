@@ -1,6 +1,6 @@
 """The job's effective config (issue 27 item 1): a job submitted without a preset is fitted at train time
-(excb/recipe.py) and sized by its budget; the worker reports what runs (the run's config.yaml after both) and the
-recipe's reasons back to the job row as soon as the trainer writes them. Real SQLite job store, real trainer."""
+(excb/training/recipe.py) and sized by its budget; the worker reports what runs (the run's config.yaml after both)
+and the recipe's reasons back to the job row as soon as the trainer writes them. Real SQLite job store, real trainer."""
 
 from __future__ import annotations
 

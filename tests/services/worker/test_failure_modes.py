@@ -26,7 +26,7 @@ class _Evil:
 
 def test_row16_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
     """Row 16: a tampered last.pt is refused by the one checkpoint loader, and its payload never runs."""
-    from excb.checkpoint import load_checkpoint
+    from excb.training.checkpoint import load_checkpoint
 
     marker = tmp_path / "pwned"
     path = tmp_path / "run" / "checkpoints" / "last.pt"
@@ -190,7 +190,7 @@ def test_row14_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Pat
     checkpoint loadable and no temp file behind. Keeping the last two checkpoints is not implemented."""
     import errno
 
-    from excb import checkpoint as ck
+    from excb.training import checkpoint as ck
 
     path = ck.checkpoint_dir(tmp_path) / ck.LAST
     ck.save_checkpoint(path, {"step": 10, "w": torch.ones(1000)})
@@ -254,8 +254,8 @@ def test_row3_a_stale_trainer_cannot_overwrite_the_new_checkpoint(tmp_path: Path
     """Row 3 (file half): the worker claims the run directory with its lease token and hands the token to its
     trainer (EXCB_FENCE_TOKEN). When a redelivered attempt claims it with a newer token, the old trainer, still
     running, refuses its next checkpoint write and stops: the new attempt's checkpoint is never overwritten."""
-    from excb.checkpoint import FENCE_ENV, FencedOut, load_checkpoint, write_fence
-    from excb.trainer import train
+    from excb.training.checkpoint import FENCE_ENV, FencedOut, load_checkpoint, write_fence
+    from excb.training.trainer import train
     from services.worker.runner import _child_env
     from support.training import tiny
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from excb.checkpoint import load_checkpoint
 from excb.config import RUN_CONFIG, resolve, validate
+from excb.training.checkpoint import load_checkpoint
 from services.db import jobs as store
 from services.db.session import Database
 from services.settings import Settings

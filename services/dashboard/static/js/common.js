@@ -10,7 +10,7 @@ window.Excb = (function () {
   };
   const KEY_STORAGE = "excb.apiKey";
   const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
-  // Same threshold as excb/stats.py EMPTY_RELATIVE_SIZE: an EMA below K*s = 0.01 counts as an empty cluster.
+  // Same threshold as excb/method/stats.py EMPTY_RELATIVE_SIZE: an EMA below K*s = 0.01 counts as an empty cluster.
   const EMPTY_RELATIVE_SIZE = 0.01;
 
   class ApiError extends Error {

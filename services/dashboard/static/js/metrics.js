@@ -1,5 +1,5 @@
 /* Which training signals get a chart, with the reading from method.md §7 as the help text.
- * Keys are those of excb/trainer.py `_step_row` (balance stats of the size estimate carry the prefix s_). */
+ * Keys are those of excb/training/trainer.py `_step_row` (balance stats of the size estimate carry the prefix s_). */
 "use strict";
 
 (function (Excb) {

@@ -1,5 +1,5 @@
 /* Model page: balance of the traffic a served model has assigned, and how far it drifted from training.
- * Polls GET /v1/models/{id}/balance (the embed service's live monitor; statistics from excb/stats.py). */
+ * Polls GET /v1/models/{id}/balance (the embed service's live monitor; statistics from excb/method/stats.py). */
 "use strict";
 
 (function (Excb) {

@@ -1,6 +1,6 @@
 """jobs.effective_config and jobs.recipe: what a job runs, beside what was submitted (issue 27 item 1)
 
-A job submitted without a preset is fitted at train time (excb/recipe.py) and a budget sets its step count, so
+A job submitted without a preset is fitted at train time (excb/training/recipe.py) and a budget sets its step count, so
 the submitted config (``jobs.config``) is not what runs. The worker copies the run's ``config.yaml`` (after the
 recipe and the budget) into ``effective_config`` and a summary of ``recipe.json`` (the reasons, the data
 profile, the step count the budget chose) into ``recipe`` as soon as the trainer writes them. Both stay NULL
@@ -9,8 +9,8 @@ until then (and for rows written before this revision).
 Revision ID: 0005
 Revises: 0004
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0005"
 down_revision = "0004"

@@ -1,7 +1,7 @@
 """Owns a training run: its directory, state, checkpoints, logging and the loop; ``train()`` is the entry point.
 
 One code path for a laptop CPU, one GPU and many GPUs under torchrun. What a step does lives in
-``excb.step.ExCBStep``; how batches are made lives in ``excb.data.loader.TrainData``. Resume is exact: the
+``excb.method.step.ExCBStep``; how batches are made lives in ``excb.data.loader.TrainData``. Resume is exact: the
 data order, every augmentation and every random draw are functions of (seed, epoch, index) or of saved
 generator states.
 """
@@ -20,8 +20,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from excb import stats
-from excb.checkpoint import (
+from excb.config import RUN_CONFIG, ConfigError, TrainConfig, dump_yaml
+from excb.data.loader import TrainData
+from excb.fileio import atomic_write
+from excb.method import stats
+from excb.method.step import ExCBStep
+from excb.training.checkpoint import (
     LAST,
     FencedOut,
     check_fence,
@@ -30,12 +34,8 @@ from excb.checkpoint import (
     load_resumable,
     save_checkpoint,
 )
-from excb.config import RUN_CONFIG, ConfigError, TrainConfig, dump_yaml
-from excb.data.loader import TrainData
-from excb.distributed import DistContext, all_reduce_sum_int, barrier, cleanup, setup
-from excb.fileio import atomic_write
-from excb.seeds import seed_everything
-from excb.step import ExCBStep
+from excb.training.distributed import DistContext, all_reduce_sum_int, barrier, cleanup, setup
+from excb.training.seeds import seed_everything
 
 log = logging.getLogger("excb.trainer")
 
@@ -139,7 +139,7 @@ class Run:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
-    # -- data and steps (also driven by excb.budget.time_steps)
+    # -- data and steps (also driven by excb.training.budget.time_steps)
     def batches(self, epoch: int, start_batch: int, schedule_epoch: int | None = None) -> Iterator[Any]:
         """This rank's loader batches of ``epoch`` from ``start_batch`` on (see TrainData.batches)."""
         return self.data.batches(epoch, start_batch, self.total_epochs, schedule_epoch)
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Tr
     """Train (or resume) a run described by ``cfg``; see docs/internals.md for the run-directory layout."""
     cfg = cfg.model_copy(deep=True)  # private copy: the caller's config is never changed (validated once, by resolve)
     if cfg.checkpoint:
-        from excb.rerun import warm_source
+        from excb.training.rerun import warm_source
 
         warm_source(cfg.checkpoint)  # a wrong path fails before anything is written
     ctx = setup(cfg.device)
@@ -193,7 +193,7 @@ def _logged_train(cfg: TrainConfig, ctx: DistContext, should_stop: Callable[[], 
 
 def _start_over(run_dir: Path, ctx: DistContext) -> None:
     """``overwrite=true``: rank 0 moves the old run aside (before train.log is reopened), the others wait."""
-    from excb.rerun import set_aside
+    from excb.training.rerun import set_aside
 
     if ctx.is_main:
         set_aside(run_dir)
@@ -268,10 +268,10 @@ def _sinks(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resumed_at: int | 
     if cfg.logger == "jsonl" or not ctx.is_main:
         return []
     if cfg.logger == "mlflow":
-        from excb.mlflow_logger import MlflowLogger
+        from excb.training.mlflow_logger import MlflowLogger
 
         return [MlflowLogger(run_dir, cfg, resumed_at)]
-    from excb.tb_logger import TensorBoardLogger
+    from excb.training.tb_logger import TensorBoardLogger
 
     return [TensorBoardLogger(run_dir / "tb", purge_step=resumed_at + 1 if resumed_at is not None else None)]
 
@@ -280,8 +280,8 @@ def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
                           plan: dict[str, Any]) -> dict[str, Any] | None:
     """The run's own last checkpoint when this config may continue it, None for a fresh start; a config that
     differs in a field that may not change on resume (or resume=never on an existing run) is a ConfigError,
-    so two runs never mix in one directory (excb/rerun.py)."""
-    from excb.rerun import check_resumable
+    so two runs never mix in one directory (excb/training/rerun.py)."""
+    from excb.training.rerun import check_resumable
 
     last = checkpoint_dir(run_dir) / LAST
     if not has_checkpoint(run_dir):
@@ -312,7 +312,7 @@ def _resume(run: Run, logger: RunLogger, ckpt: dict[str, Any] | None) -> bool:
 
 def _warm_start(run: Run, logger: RunLogger) -> dict[str, Any]:
     """``checkpoint=PATH`` on a fresh run: another run's weights, this run's optimizer and step 0."""
-    from excb.rerun import warm_start
+    from excb.training.rerun import warm_start
 
     assert run.cfg.checkpoint is not None
     info = warm_start(run.learner, run.cfg.checkpoint)
@@ -322,9 +322,9 @@ def _warm_start(run: Run, logger: RunLogger) -> dict[str, Any]:
 
 def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The recipe of this run: the one stored with its checkpoint (a resume trains the same recipe and step
-    count), or one fitted now to the data and device (``recipe=auto``; excb/recipe.py)."""
-    from excb.recipe import apply, fit_config
-    from excb.rerun import without_keys
+    count), or one fitted now to the data and device (``recipe=auto``; excb/training/recipe.py)."""
+    from excb.training.recipe import apply, fit_config
+    from excb.training.rerun import without_keys
 
     stored = run_dir / PLAN_FILE
     if cfg.resume != "never" and stored.exists() and has_checkpoint(run_dir):
@@ -344,9 +344,9 @@ def _write_plan(run_dir: Path, ctx: DistContext, cfg: TrainConfig, plan: dict[st
 def _set_length(run: Run, plan: dict[str, Any], steps: int) -> None:
     """End the run after ``steps`` (max_steps, epochs and a fitted recipe's warm-up follow) and record that
     length in recipe.json and config.yaml, where a resume finds it. A second call (the budget check) keeps the
-    first plan's warm-up (excb.budget.corrected_length)."""
-    from excb.budget import corrected_length, length_overrides
-    from excb.recipe import apply
+    first plan's warm-up (excb.training.budget.corrected_length)."""
+    from excb.training.budget import corrected_length, length_overrides
+    from excb.training.recipe import apply
 
     if "length" in plan:
         plan["length"] = corrected_length(plan["length"], steps, run.steps_per_epoch)
@@ -358,7 +358,7 @@ def _set_length(run: Run, plan: dict[str, Any], steps: int) -> None:
 
 def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLogger) -> None:
     """Time real steps, then set max_steps (and a fitted recipe's warm-up) so the schedules end with the budget."""
-    from excb.budget import calibrate, short_budget_warning, steps_for_warmup
+    from excb.training.budget import calibrate, short_budget_warning, steps_for_warmup
 
     cal = calibrate(run.cfg, run, started)
     plan["calibration"] = cal.to_json()
@@ -374,15 +374,15 @@ def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLo
 
 
 def _budget_check(run: Run, budget: str, plan: dict[str, Any], started: float) -> Any:
-    from excb.budget import BudgetCheck
     from excb.config import budget_seconds
+    from excb.training.budget import BudgetCheck
 
     reserve = plan.get("calibration", {}).get("seconds_for_whitening", 0.0)
     return BudgetCheck(budget_seconds(budget), started, run.total_steps, run.step, plan, reserve)
 
 
 def _correct_length(run: Run, check: Any, logger: RunLogger, progress: Any) -> None:
-    """Move the end of a budgeted run once, from the loop's measured pace (excb.budget.BudgetCheck)."""
+    """Move the end of a budgeted run once, from the loop's measured pace (excb.training.budget.BudgetCheck)."""
     steps = check.corrected_steps(run.step)
     log.info("budget check at step %d: %d -> %d steps at the loop's pace", run.step, run.total_steps, steps)
     check.plan["corrected_at_step"] = run.step
@@ -479,12 +479,12 @@ def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, p
 
 def _fit_whitening(run: Run, logger: RunLogger) -> None:
     """The served embedding's PCA whitening, fitted by the finished teacher on the run's own images
-    (``model.whitening=pca``, excb.whitening), then written into the last checkpoint."""
+    (``model.whitening=pca``, excb.models.whitening), then written into the last checkpoint."""
     if getattr(run.learner.teacher, "whiten", None) is None:
         return
     if run.ctx.is_main:
         from excb.data.loader import dataloader_settings
-        from excb.whitening import fit_images, fit_model
+        from excb.models.whitening import fit_images, fit_model
 
         workers = dataloader_settings(run.device)["num_workers"]
         logger.emit(run.row("whitening", **fit_model(run.learner.teacher, fit_images(run.cfg), run.device, workers)))
@@ -525,7 +525,7 @@ def _end_epoch(run: Run, logger: RunLogger) -> None:
     every = run.cfg.eval.knn_every_epochs
     if every and run.epoch % every == 0:
         if run.ctx.is_main:
-            from excb.evaluation import online_knn
+            from excb.evaluation.runs import online_knn
 
             knn = online_knn(run.learner.teacher, run.cfg, run.device)
             if knn is not None:

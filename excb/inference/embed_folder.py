@@ -1,7 +1,7 @@
 """``excb embed FOLDER --model BUNDLE --out FILE``: embed a folder offline with the same runtime as the service.
 
 Images are decoded with the same defensive decoder and preprocessed with the same eval transform as the
-embed service, then run through the same verified ONNX bundle (``excb.onnx_runtime``), so offline and
+embed service, then run through the same verified ONNX bundle (``excb.inference.onnx_runtime``), so offline and
 served embeddings of one file are identical. Unreadable files are skipped and listed, never fatal.
 
 Output: ``.npy`` -> the float32 matrix [N, D] plus ``<out>.meta.json`` (paths, clusters, skipped files);
@@ -20,8 +20,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from excb.assign import Assigner
-from excb.onnx_runtime import BundleError, OrtEmbedder, load_bundle
+from excb.inference.assign import Assigner
+from excb.inference.onnx_runtime import BundleError, OrtEmbedder, load_bundle
 
 FORMATS = ("npy", "parquet")
 

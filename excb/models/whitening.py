@@ -100,7 +100,7 @@ def fit_pca(features: Tensor, shrink: float = SHRINK) -> tuple[Tensor, Tensor]:
 
 def fit_images(cfg: Any, max_images: int = FIT_IMAGES) -> Dataset:
     """Up to ``max_images`` of the run's training data, evenly spaced, through the eval transform."""
-    from excb.evaluation import model_transform
+    from excb.evaluation.runs import model_transform
 
     source = cfg.data.source.strip()
     transform = model_transform(cfg)
@@ -118,7 +118,7 @@ def fit_images(cfg: Any, max_images: int = FIT_IMAGES) -> Dataset:
 
 def _embeddings(encode: Any, dataset: Dataset, device: torch.device, num_workers: int) -> Tensor:
     """``encode`` over ``dataset`` (labels, if any, dropped); nothing decodable gives [0, 0]."""
-    from excb.evaluation import extract_features
+    from excb.evaluation.runs import extract_features
 
     try:
         return extract_features(encode, dataset, batch_size=256, device=device, num_workers=num_workers)[0]
@@ -156,7 +156,7 @@ def fit_model(model: nn.Module, dataset: Dataset, device: torch.device, num_work
 def estimate_fit_seconds(model: nn.Module, cfg: Any, device: torch.device, num_workers: int = 0,
                          sample: int = ESTIMATE_IMAGES) -> float:
     """Seconds :func:`fit_model` on ``fit_images(cfg)`` will take at the end of the run, from a timed pass over
-    ``sample`` of those images, scaled to their number: a budgeted run reserves it (excb.budget.calibrate).
+    ``sample`` of those images, scaled to their number: a budgeted run reserves it (excb.training.budget.calibrate).
     0 for a model without whitening; the model is left as it was."""
     if getattr(model, "whiten", None) is None:
         return 0.0

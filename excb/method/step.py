@@ -1,7 +1,7 @@
 """Owns one ExCB optimisation step: student, teacher (EMA), balancer, loss, optimizer and the step metrics.
 
 The trainer's loop only says *when* to step; this module says *what* a step is (dinov2's ``SSLMetaArch``
-plays the same role). ``excb.budget`` times it, ``benchmarks/train_throughput.py`` measures it.
+plays the same role). ``excb.training.budget`` times it, ``benchmarks/train_throughput.py`` measures it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from excb import schedules, stats
-from excb.balancing import Balancer
 from excb.config import COMPILE_MIN_STEPS, TrainConfig
-from excb.distributed import DistContext, all_gather_cat, all_reduce_sum_int
-from excb.kmeans import spherical_kmeans
-from excb.loss import excb_loss
+from excb.method import schedules, stats
+from excb.method.balancing import Balancer
+from excb.method.kmeans import spherical_kmeans
+from excb.method.loss import excb_loss
 from excb.models import build_model
 from excb.models.model import ExCBModel
-from excb.seeds import derive_seed
+from excb.training.distributed import DistContext, all_gather_cat, all_reduce_sum_int
+from excb.training.seeds import derive_seed
 
 log = logging.getLogger("excb.trainer")
 

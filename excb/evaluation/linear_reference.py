@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from excb.data.loader import collate_skipping
-from excb.evaluation import LinearHead, extract_features, labelled_splits
+from excb.evaluation.runs import LinearHead, extract_features, labelled_splits
 
 EPOCHS = 100
 MOMENTUM = 0.9

@@ -124,7 +124,7 @@ def _fitting(source: Mapping[str, torch.Tensor],
 
 def warm_source(path: str) -> Path:
     """The checkpoint file ``checkpoint=PATH`` names (a run directory or a .pt file), or a ConfigError."""
-    from excb.checkpoint import latest_checkpoint
+    from excb.training.checkpoint import latest_checkpoint
 
     source = latest_checkpoint(path) if Path(path).exists() else None
     if source is None:
@@ -136,7 +136,7 @@ def warm_start(learner: Any, path: str) -> dict[str, Any]:
     """Load another run's student and teacher weights (and its cluster-size estimate when K matches) into a
     fresh run: the optimizer, schedules and counters start at step 0. Only the centroids may fail to fit (a
     different num_clusters; k-means then initialises them); any other mismatch is a config error."""
-    from excb.checkpoint import load_checkpoint
+    from excb.training.checkpoint import load_checkpoint
 
     source = warm_source(path)
     ckpt = load_checkpoint(source, map_location=learner.device)

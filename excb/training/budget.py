@@ -128,7 +128,7 @@ def time_whitening(run: Any) -> float:
     if not run.ctx.is_main:
         return 0.0
     from excb.data.loader import dataloader_settings
-    from excb.whitening import estimate_fit_seconds
+    from excb.models.whitening import estimate_fit_seconds
 
     workers = dataloader_settings(run.device)["num_workers"]
     return estimate_fit_seconds(run.learner.teacher, run.cfg, run.device, workers)

@@ -11,7 +11,7 @@ Why these rules (benchmarks/RESULTS.md has the runs behind them):
   limits quality within a budget; smaller images are upsampled to feed a cheap stride-2 stem) and 32-224 px on
   a GPU;
 - K ~ one cluster per 64 images (1024 for Fashion-MNIST's 60k, where it was tuned; 64 for a few thousand);
-- the number of steps comes from a compute budget (``excb.budget``), because short runs on small folders
+- the number of steps comes from a compute budget (``excb.training.budget``), because short runs on small folders
   were the main cause of features worse than raw pixels;
 - the CPU recipe is the tuned ``cpu-small`` model and schedules; grey data switches off colour-only
   augmentations (solarize);
@@ -19,9 +19,9 @@ Why these rules (benchmarks/RESULTS.md has the runs behind them):
   scales cut out a few pixels and blow them up;
 - on a CPU, the multiscale embedding (``model.embedding``): a budgeted run stops early, where the last stage
   alone is not yet the best feature;
-- horizontal flips only where the data holds both orientations (``excb.mirror``): off for digits and text,
+- horizontal flips only where the data holds both orientations (``excb.training.mirror``): off for digits and text,
   +1.8 kNN points on OpenCV's digits at 800 steps, measured side by side;
-- the served embedding PCA-whitened on the run's own images at the end (``excb.whitening``): measured on the
+- the served embedding PCA-whitened on the run's own images at the end (``excb.models.whitening``): measured on the
   same ten-minute teachers, kNN rose on all five suite sets (Fashion-MNIST 85.8 -> 89.6 %).
 """
 
@@ -36,8 +36,8 @@ import torch
 
 from excb.config import TrainConfig
 from excb.data.datasets import evenly_spaced
-from excb.mirror import MIRROR_RATIO_MAX, mirror_ratio, pil_thumbnail, thumbnails
 from excb.models.external import is_external
+from excb.training.mirror import MIRROR_RATIO_MAX, mirror_ratio, pil_thumbnail, thumbnails
 
 log = logging.getLogger("excb.recipe")
 
@@ -67,7 +67,7 @@ class DataProfile:
     long_side: int | None
     grey: bool | None                 # None: unknown
     sampled: int = 0
-    mirror_ratio: float | None = None  # excb.mirror.mirror_ratio of the sample (None: not measured)
+    mirror_ratio: float | None = None  # excb.training.mirror.mirror_ratio of the sample (None: not measured)
 
     def describe(self) -> str:
         size = f"median {self.short_side}x{self.long_side} px" if self.short_side else "size unknown"

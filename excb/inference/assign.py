@@ -2,7 +2,7 @@
 
 One call turns the model's outputs (embedding [N, D], cosines to the K centroids [N, K]) into what both
 report: the (optionally L2-normalised) embedding, the raw assignment (argmax cosine), the balanced one
-(``excb.balancing.balance`` in ``paper`` mode with the bundle's final size estimate ``s``) and the top-k
+(``excb.method.balancing.balance`` in ``paper`` mode with the bundle's final size estimate ``s``) and the top-k
 nearest clusters.
 
 Why NumPy and not a call to the torch operator: on the serving path the torch call cost ~50-150 us per
@@ -43,14 +43,14 @@ class Assigner:
     def __init__(self, sizes: np.ndarray) -> None:
         import torch
 
-        from excb.balancing import balance_factors
+        from excb.method.balancing import balance_factors
 
         lo, hi = balance_factors(torch.from_numpy(np.ascontiguousarray(sizes, dtype=np.float32)))
         self.lo = lo.numpy().astype(np.float32, copy=True)
         self.hi = hi.numpy().astype(np.float32, copy=True)
 
     def balanced(self, sims: np.ndarray) -> np.ndarray:
-        """B(z; s) in ``paper`` mode: ``excb.balancing.balance``'s float32 operations, in its order."""
+        """B(z; s) in ``paper`` mode: ``excb.method.balancing.balance``'s float32 operations, in its order."""
         z = np.asarray(sims, dtype=np.float32)
         out = _ONE - (_ONE - z) * self.lo
         return (_ONE + out) * self.hi - _ONE

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from excb.data.loader import collate_skipping
 
-if TYPE_CHECKING:  # for annotations only: excb.models imports excb.whitening, which imports this module
+if TYPE_CHECKING:  # for annotations only: excb.models imports excb.models.whitening, which imports this module
     from excb.models.model import ExCBModel
 
 logger = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def evaluate_model(model: ExCBModel, train_ds: Dataset, test_ds: Dataset, k: int
                    linear_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """kNN on the embedding ``model`` serves; the linear probe on that embedding before its whitening.
 
-    Why the probe skips the whitening (excb.whitening): a linear map followed by a linear classifier is still
+    Why the probe skips the whitening (excb.models.whitening): a linear map followed by a linear classifier is still
     linear, so whitening cannot add to what a probe can separate; the probe standardises its input itself, and on
     whitened input its SGD fits the noise of the shrunken low-variance directions (icons, one ten-minute teacher:
     48.0 % unwhitened, 38.4 % whitened). A model without whitening is evaluated exactly as :func:`evaluate` does.
@@ -443,7 +443,7 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
 
     from excb.data.datasets import evenly_spaced, evenly_spaced_subset
     from excb.models import build_model
-    from excb.whitening import FIT_IMAGES, Whitening, fit_model
+    from excb.models.whitening import FIT_IMAGES, Whitening, fit_model
 
     size = cfg.augment.global_size
     pixels = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
@@ -467,11 +467,11 @@ def baselines(cfg: Any, data: str, device: torch.device, k: int = 20, temperatur
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from excb.distributed import resolve_device
+    from excb.training.distributed import resolve_device
 
     try:
         device = resolve_device(args.device)
-        from excb.checkpoint import load_teacher
+        from excb.training.checkpoint import load_teacher
 
         teacher = load_teacher(args.source, device)
         cfg, model, info = teacher.cfg, teacher.model, teacher.info
@@ -486,7 +486,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                 linear=fast_linear, batch_size=args.batch_size, device=device,
                                 progress=not args.json and sys.stderr.isatty())
         if args.linear and args.protocol == "reference":
-            from excb.linear_reference import reference_linear_probe
+            from excb.evaluation.linear_reference import reference_linear_probe
 
             result["linear"] = reference_linear_probe(model, cfg, data, device, epochs=args.linear_epochs,
                                                       train_limit=train_limit, test_limit=test_limit)

@@ -27,7 +27,7 @@ def relative_sizes(s: Tensor) -> Tensor:
 def balance_factors(s: Tensor) -> tuple[Tensor, Tensor]:
     """The per-cluster factors of B(z; s): ``lo = min(K s_k, 1)`` scales the cosine distance of under-sized
     clusters, ``hi = min(1 / (K s_k), 1)`` the ``1 + z`` of over-sized ones (1 where a factor does not apply).
-    Serving computes them once per model (``excb.assign``)."""
+    Serving computes them once per model (``excb.inference.assign``)."""
     c = relative_sizes(s)
     lo = c.clamp(max=1.0)  # < 1 only for under-sized clusters
     hi = torch.where(c > 0, 1.0 / c, torch.ones_like(c)).clamp(max=1.0)  # < 1 only for over-sized ones

@@ -1,5 +1,5 @@
-"""``logger=mlflow``: the run's metric rows as MLflow metrics, beside metrics.jsonl (as excb/tb_logger.py does
-for TensorBoard, with the same rows: :func:`excb.tb_logger.scalars`).
+"""``logger=mlflow``: the run's metric rows as MLflow metrics, beside metrics.jsonl (as excb/training/tb_logger.py does
+for TensorBoard, with the same rows: :func:`excb.training.tb_logger.scalars`).
 
 Where: ``mlflow.tracking_uri``, else ``EXCB_MLFLOW_TRACKING_URI``, else a local store in ``out/mlruns/``. That
 local store is a SQLite file (``out/mlruns/mlflow.db``, artifacts beside it in ``out/mlruns/artifacts``) rather
@@ -24,7 +24,7 @@ from typing import Any
 
 from excb.config import ConfigError, TrainConfig
 from excb.fileio import atomic_write
-from excb.tb_logger import scalars
+from excb.training.tb_logger import scalars
 
 ENV_TRACKING_URI = "EXCB_MLFLOW_TRACKING_URI"
 STORE_DIR = "mlruns"

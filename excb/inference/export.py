@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from excb.fileio import atomic_write, sha256_bytes, sha256_file
-from excb.onnx_runtime import BUNDLE_FORMAT, INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, check_no_external_data
+from excb.inference.onnx_runtime import (
+    BUNDLE_FORMAT,
+    INPUT_NAME,
+    META_FILE,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    check_no_external_data,
+)
 
 if TYPE_CHECKING:  # for annotations only: excb.models is imported where it is used (torch-heavy)
     from excb.models.model import ExCBModel
@@ -58,7 +65,7 @@ class ParityError(RuntimeError):
 
 def _load_source(source: str | os.PathLike[str]) -> tuple[Any, ExCBModel, np.ndarray, dict[str, Any]]:
     """Run dir or checkpoint -> (cfg, eval-mode teacher, final sizes s, source info)."""
-    from excb.checkpoint import load_teacher
+    from excb.training.checkpoint import load_teacher
 
     cfg, model, ckpt, ckpt_path = load_teacher(source, "cpu", require=("config", "teacher", "balancer"))
     sizes = ckpt["balancer"]["sizes"].detach().float().cpu().numpy()
@@ -158,7 +165,7 @@ def check_parity(wrapper: nn.Module, onnx_bytes: bytes, images: torch.Tensor, si
     """Compare torch eval vs ORT CPU on the same inputs; batches of varying size exercise the dynamic axis."""
     import onnxruntime as ort
 
-    from excb.onnx_runtime import balance_paper, session_options
+    from excb.inference.onnx_runtime import balance_paper, session_options
 
     sess = ort.InferenceSession(onnx_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
@@ -223,7 +230,7 @@ def export_bundle(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
     Raises :class:`ParityError` (after writing model.json with ``parity.passed = false``) when the check fails.
     """
     from excb.models import ExportWrapper
-    from excb.whitening import whitening_meta
+    from excb.models.whitening import whitening_meta
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset: must be >= {MIN_OPSET}, got {opset}")

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from excb.assign import l2_normalize  # noqa: F401 - re-exported: callers import them from here
 from excb.fileio import sha256_bytes
+from excb.inference.assign import l2_normalize  # noqa: F401 - re-exported: callers import them from here
 
 if TYPE_CHECKING:
-    from excb.eval_pixels import EvalPixels
+    from excb.inference.eval_pixels import EvalPixels
 
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
@@ -276,27 +276,27 @@ class OrtEmbedder:
 
 
 def preprocessor(meta: dict[str, Any]) -> "EvalPixels":
-    """The eval transform recorded in the bundle, returning NumPy: ``excb.eval_pixels`` gives the pixels of
+    """The eval transform recorded in the bundle, returning NumPy: ``excb.inference.eval_pixels`` gives the pixels of
     torchvision's ``EvalTransform`` bit for bit (the model sees exactly what parity saw) without its per-image
     dispatch cost; ``fn(image, out=batch[i])`` writes straight into a batch."""
-    from excb.eval_pixels import EvalPixels
+    from excb.inference.eval_pixels import EvalPixels
 
     inp = meta["input"]
     return EvalPixels(int(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# post-processing (the service and `excb embed` use excb.assign; this torch form serves export parity)
+# post-processing (the service and `excb embed` use excb.inference.assign; this torch form serves export parity)
 
 
 def balance_paper(z: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``excb.balancing.balance(z, s, mode="paper")`` on NumPy arrays: serving assigns with the training formula.
+    """``excb.method.balancing.balance(z, s, mode="paper")`` on NumPy arrays: serving assigns with the training formula.
 
-    The views share memory. ``excb.assign.Assigner`` gives the same values in NumPy (per-request path).
+    The views share memory. ``excb.inference.assign.Assigner`` gives the same values in NumPy (per-request path).
     """
     import torch
 
-    from excb.balancing import balance
+    from excb.method.balancing import balance
 
     z_t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     s_t = torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32))

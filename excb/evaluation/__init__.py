@@ -1,0 +1,1 @@
+"""Measuring a representation: kNN and linear probes, the eval runs and ``excb eval``, the reference probe."""

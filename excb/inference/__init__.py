@@ -1,0 +1,1 @@
+"""Serving a trained run: the ONNX export and runtime, eval pixels, cluster assignment, embedding a folder."""

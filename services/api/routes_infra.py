@@ -18,6 +18,7 @@ from services.common.auth import CURRENT_PRINCIPAL, Principal
 from services.common.errors import ApiError
 from services.common.metrics import ScrapeScope, metrics_response, register_runtime_collectors
 from services.db import jobs as store
+from services.db import models as model_store
 from services.db.tables import JOB_STATUSES, Job
 
 router = APIRouter(tags=["infra"])
@@ -100,7 +101,7 @@ def _visible_models(request: Request, caller: Principal) -> Callable[[str], bool
         return None
     if caller.id is None:
         return lambda _model: False
-    visible = {m.id for m in store.list_models(cp.db, caller.id)}
+    visible = {m.id for m in model_store.list_models(cp.db, caller.id)}
     embed_app = request.app.state.embed_app
     if embed_app is not None:  # the embed registry's rule: own, shared and ownerless loaded models
         token = CURRENT_PRINCIPAL.set(caller)

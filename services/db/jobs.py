@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.db.session import Database
-from services.db.tables import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, ModelRow, utcnow
+from services.db.tables import ACTIVE, TERMINAL, Job, JobAttempt, JobMetric, utcnow
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -338,26 +338,6 @@ def replace_metrics(db: Database, job_id: str, rows: list[dict[str, Any]]) -> No
     with db.session() as s:
         s.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step >= first))
         s.add_all([JobMetric(job_id=job_id, step=step, data=row) for step, row in sorted(latest.items())])
-
-
-def add_model(db: Database, row: ModelRow) -> None:
-    """Register a bundle. Which model is active is not stored here: ``<models_dir>/active.json`` alone says it
-    (services/common/active_model.py), written after this row by the worker and by the activate route."""
-    with db.session() as s:
-        s.add(row)
-
-
-def list_models(db: Database, owner: str | None) -> list[ModelRow]:
-    q = select(ModelRow).order_by(ModelRow.created_at.desc())
-    if owner is not None:
-        q = q.where(ModelRow.owner == owner)
-    with db.session() as s:
-        return list(s.scalars(q))
-
-
-def get_model(db: Database, model_id: str) -> ModelRow | None:
-    with db.session() as s:
-        return s.get(ModelRow, model_id)
 
 
 # --- reaper ----------------------------------------------------------------------------------------------

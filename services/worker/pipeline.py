@@ -18,6 +18,7 @@ from typing import Any
 from excb.fileio import sha256_file
 from services.common.active_model import write_active
 from services.db import jobs as store
+from services.db import models as model_store
 from services.db.session import Database
 from services.db.tables import ModelRow
 from services.embed.manifest import record_model
@@ -69,8 +70,8 @@ def register_bundle(db: Database, settings: Settings, job_id: str, run_dir: Path
     # The trusted record first, then the bundle appears: the embed service serves only recorded hashes.
     record_model(final.parent, model_id, digest, job.owner if job else None)
     os.replace(staging, final)
-    store.add_model(db, ModelRow(id=model_id, job_id=job_id, owner=job.owner if job else None, status="READY",
-                                 bundle_dir=str(final), sha256=digest, model_json=meta))
+    model_store.add_model(db, ModelRow(id=model_id, job_id=job_id, owner=job.owner if job else None, status="READY",
+                                       bundle_dir=str(final), sha256=digest, model_json=meta))
     write_active(final.parent, model_id, final, digest)
     artifacts = {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
                  "metrics": str(run_dir / "metrics.jsonl"), "bundle_dir": str(final),

@@ -128,6 +128,7 @@ def test_pull_a_model_bundle(make_stack: Any, tmp_path: Path) -> None:
     from services.api.app import create_app
     from services.common.auth import hash_key
     from services.db import jobs as store
+    from services.db import models as model_store
     from services.db.tables import Job, ModelRow
 
     (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
@@ -142,8 +143,8 @@ def test_pull_a_model_bundle(make_stack: Any, tmp_path: Path) -> None:
     sha = hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()
     with es.UvicornThread(app) as srv:
         job = httpx.post(f"{srv.url}/v1/jobs", json={"data": "digits", "max_steps": 5}, headers=a, timeout=30).json()
-        store.add_model(db, ModelRow(id="m-pull", owner=owner, status="READY", bundle_dir=str(bundle), sha256=sha,
-                                     model_json={}))
+        model_store.add_model(db, ModelRow(id="m-pull", owner=owner, status="READY", bundle_dir=str(bundle), sha256=sha,
+                                           model_json={}))
         row = store.find_owned(db, owner, job["id"])
         assert row is not None
         with db.session() as s, s.begin():

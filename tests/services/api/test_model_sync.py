@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.api import model_sync
-from services.db import jobs as store
+from services.db import models as model_store
 from services.db.session import Database
 from services.db.tables import ModelRow
 
@@ -44,8 +44,8 @@ def test_sync_follows_the_pointer_and_backs_off_after_a_failure(tmp_path: Path, 
     models.mkdir()
     registry = FlakyRegistry()
     sync = model_sync.ModelSync(db, registry, models)
-    store.add_model(db, ModelRow(id="m-a", status="READY", bundle_dir=str(models / "m-a"), sha256="0" * 64,
-                                 model_json={}))
+    model_store.add_model(db, ModelRow(id="m-a", status="READY", bundle_dir=str(models / "m-a"), sha256="0" * 64,
+                                       model_json={}))
     _point(models, "m-a")
     assert sync.stale()
     sync.sync_if_changed()  # refused
@@ -56,8 +56,8 @@ def test_sync_follows_the_pointer_and_backs_off_after_a_failure(tmp_path: Path, 
     assert sync.stale()
     sync.sync_if_changed()
     assert registry.calls == ["m-a", "m-a"] and registry.latest_id == "m-a" and not sync.stale()
-    store.add_model(db, ModelRow(id="m-b", status="READY", bundle_dir=str(models / "m-b"), sha256="0" * 64,
-                                 model_json={}))
+    model_store.add_model(db, ModelRow(id="m-b", status="READY", bundle_dir=str(models / "m-b"), sha256="0" * 64,
+                                       model_json={}))
     assert not sync.stale()  # the DB alone is not the event: the worker replaces active.json last
     _point(models, "m-b")
     assert sync.stale()
@@ -79,8 +79,8 @@ def test_the_watcher_activates_on_the_file_event(tmp_path: Path) -> None:
         while not sync._tried and time.monotonic() < deadline:  # noqa: SLF001 - imports, first sync, then watches
             time.sleep(0.05)
         time.sleep(0.3)
-        store.add_model(db, ModelRow(id="m-c", status="READY", bundle_dir=str(models / "m-c"), sha256="0" * 64,
-                                     model_json={}))
+        model_store.add_model(db, ModelRow(id="m-c", status="READY", bundle_dir=str(models / "m-c"), sha256="0" * 64,
+                                           model_json={}))
         t0 = time.monotonic()
         _point(models, "m-c")
         while registry.latest_id != "m-c" and time.monotonic() - t0 < 10:
@@ -110,7 +110,7 @@ def test_migration_drops_the_active_copy_and_keeps_the_models(tmp_path: Path) ->
     db = Database(url)
     try:
         assert "active" not in {c["name"] for c in inspect(db.engine).get_columns("models")}
-        row = store.get_model(db, "m-old")
+        row = model_store.get_model(db, "m-old")
         assert row is not None and row.bundle_dir == "/m/m-old" and row.status == "READY"
     finally:
         db.dispose()

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from services.api.app import create_app as create_plane
 from services.common.active_model import read_active_id, write_active
 from services.common.auth import hash_key
-from services.db import jobs as store
+from services.db import models as model_store
 from services.db.session import Database
 from services.db.tables import ModelRow
 from services.settings import Settings
@@ -47,8 +47,8 @@ def test_active_follows_the_pointer_and_activate_replaces_it(tmp_path: Path) -> 
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     for model_id, owner in (("m-a1", A_ID), ("m-a2", A_ID), ("m-b1", B_ID)):
         bundle = _bundle(models, model_id)
-        store.add_model(db, ModelRow(id=model_id, owner=owner, status="READY", bundle_dir=str(bundle),
-                                     sha256=_sha(bundle), model_json={}))
+        model_store.add_model(db, ModelRow(id=model_id, owner=owner, status="READY", bundle_dir=str(bundle),
+                                           sha256=_sha(bundle), model_json={}))
     with TestClient(create_plane(settings, db=db, reaper=False)) as c:
         assert _active(c.get("/v1/models", headers=A).json()) == {"m-a1": False, "m-a2": False}  # no pointer yet
         write_active(models, "m-a1", models / "m-a1", "0" * 64)  # what the worker does after a verified export

@@ -320,7 +320,7 @@ def test_activating_a_bundle_that_fails_verification_is_a_409(make_stack: Any, t
 
     from services.api.app import create_app
     from services.common.active_model import read_active_id
-    from services.db import jobs as store
+    from services.db import models as model_store
     from services.db.tables import ModelRow
 
     (tmp_path / "keys").write_text("alpha-secret\n")
@@ -333,9 +333,9 @@ def test_activating_a_bundle_that_fails_verification_is_a_409(make_stack: Any, t
         for name in ("m-good", "m-bad"):
             shutil.copytree(es.bundle(), models / name)
             sha = json.loads((models / name / "model.json").read_text())["sha256"]
-            store.add_model(app.state.plane.db, ModelRow(id=name, job_id=None, owner=_principal("alpha-secret"),
-                                                         status="READY", bundle_dir=str(models / name),
-                                                         sha256=sha, model_json={}))
+            model_store.add_model(app.state.plane.db, ModelRow(id=name, job_id=None, owner=_principal("alpha-secret"),
+                                                               status="READY", bundle_dir=str(models / name),
+                                                               sha256=sha, model_json={}))
         with (models / "m-bad" / "model.onnx").open("ab") as fh:
             fh.write(b"tampered")
         r = c.post("/v1/models/m-bad/activate", headers=A)
@@ -359,7 +359,7 @@ def test_metrics_info_and_errors_show_a_key_only_its_own(make_stack: Any, tmp_pa
     from fastapi.testclient import TestClient
 
     from services.api.app import create_app
-    from services.db import jobs as store
+    from services.db import models as model_store
     from services.db.tables import ModelRow
 
     (tmp_path / "keys").write_text("alpha-secret\nbeta-secret\n")
@@ -376,10 +376,9 @@ def test_metrics_info_and_errors_show_a_key_only_its_own(make_stack: Any, tmp_pa
         for name, key, headers in (("m-alpha", "alpha-secret", A), ("m-beta", "beta-secret", B)):
             shutil.copytree(es.bundle(), models / name)
             sha = json.loads((models / name / "model.json").read_text())["sha256"]
-            store.add_model(app.state.plane.db, ModelRow(id=name, job_id=None, owner=_principal(key), status="READY",
-                                                         bundle_dir=str(models / name), sha256=sha,
-                                                         model_json=json.loads((models / name / "model.json")
-                                                                               .read_text())))
+            model_store.add_model(app.state.plane.db, ModelRow(
+                      id=name, job_id=None, owner=_principal(key), status="READY", bundle_dir=str(models / name),
+                      sha256=sha, model_json=json.loads((models / name / "model.json").read_text())))
             assert c.post(f"/v1/models/{name}/activate", headers=headers).status_code == 200
 
         def series(headers: dict[str, str]) -> set[str]:

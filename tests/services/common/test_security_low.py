@@ -164,7 +164,7 @@ def test_default_memory_limit_per_job(make_stack: Any, tmp_path: Path) -> None:
 
 def test_server_paths_stay_out_of_responses_with_keys(make_stack: Any, tmp_path: Path) -> None:
     """Item 11: with API keys, job and model responses show ids and relative paths, not the server's layout."""
-    from services.db import jobs as store
+    from services.db import models as model_store
     from services.db.tables import ModelRow
 
     (tmp_path / "keys").write_text("alpha-secret\n")
@@ -178,8 +178,8 @@ def test_server_paths_stay_out_of_responses_with_keys(make_stack: Any, tmp_path:
     server_id = job["config"]["out"].split("/", 1)[1]
     db = stack.app.state.plane.db
     bundle = stack.home / "models" / "m-1"
-    store.add_model(db, ModelRow(id="m-1", job_id=server_id, owner="key-" + hash_key("alpha-secret")[:16],
-                                 status="READY", bundle_dir=str(bundle), sha256="0" * 64, model_json={}))
+    model_store.add_model(db, ModelRow(id="m-1", job_id=server_id, owner="key-" + hash_key("alpha-secret")[:16],
+                                       status="READY", bundle_dir=str(bundle), sha256="0" * 64, model_json={}))
     texts = [c.get(f"/v1/jobs/{job['id']}", headers=a).text, c.get("/v1/jobs", headers=a).text,
              c.get("/v1/models/m-1", headers=a).text, c.get("/v1/models", headers=a).text]
     assert c.get("/v1/models/m-1", headers=a).json()["bundle_dir"] == "models/m-1"

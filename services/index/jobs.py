@@ -13,10 +13,16 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
-from services.index.store import index_root, write_status
+import yaml
+from celery import Celery
+
+from excb.config import RUN_CONFIG
+from services.common.errors import ApiError
+from services.index.store import index_root, read_status, write_status
 from services.settings import Settings
 
 log = logging.getLogger("excb.index")
@@ -46,8 +52,6 @@ def run_build(settings: Settings, argv: list[str], root: Path, source: str, log_
         write_status(root, "failed", source=source, error=f"could not start the build: {exc}")
         return False
     if proc.returncode != 0:
-        from services.index.store import read_status
-
         status = read_status(root) or {}
         if status.get("state") != "failed":  # the child died before it could say why
             write_status(root, "failed", source=source, error=f"excb index build exited with {proc.returncode}")
@@ -63,10 +67,6 @@ def _background() -> None:
 def _job_data(run_dir: Path) -> dict[str, Any]:
     """The ``data`` section of the run's resolved config (``config.yaml``; a job body may use short keys such as
     ``data: digits``, this file never does)."""
-    import yaml
-
-    from excb.config import RUN_CONFIG
-
     config = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
     data = config.get("data") if isinstance(config, dict) else None
     return data if isinstance(data, dict) else {}
@@ -93,15 +93,23 @@ def index_after_job(settings: Settings, model_id: str, run_dir: Path) -> bool:
     return ok
 
 
-def register_task(app: Any) -> None:
-    """The Celery task behind ``POST /v1/models/{id}/index`` (registered by services/worker/app.py)."""
+def queue_build(celery: Celery, settings: Settings, model_id: str, source: str, *, asked: str, name: str,
+                sample: int, seed: int) -> None:
+    """Queue the build ``POST /v1/models/{id}/index`` asks for (``source`` resolved and checked by the caller,
+    ``asked`` as the client wrote it, for ``status.json``); 409 while one is queued or running and younger than
+    the build timeout. A worker runs it through :func:`build_requested`."""
+    root = index_root(settings.resolved_models_dir, model_id, name)
+    current = read_status(root) or {}
+    age = time.time() - float(current.get("updated_at") or 0)
+    if current.get("state") in ("queued", "running") and age < settings.index.timeout_seconds:
+        raise ApiError(409, "conflict", f"an index build of {model_id}/{name} is already {current['state']}")
+    write_status(root, "queued", source=asked, sample=sample, seed=seed)
+    celery.send_task(TASK_BUILD_INDEX, args=[model_id, source, name, sample, seed], queue=settings.celery_queue)
 
-    @app.task(name=TASK_BUILD_INDEX, acks_late=False)
-    def build_index_task(model_id: str, source: str, name: str, sample: int, seed: int) -> str:
-        from services.settings import get_settings
 
-        settings = get_settings()
-        root = index_root(settings.resolved_models_dir, model_id, name)
-        argv = build_command(settings.resolved_models_dir, model_id, source, name=name, sample=sample, seed=seed)
-        ok = run_build(settings, argv, root, source, None)
-        return "succeeded" if ok else "failed"
+def build_requested(settings: Settings, model_id: str, source: str, name: str, sample: int, seed: int) -> str:
+    """The build ``POST /v1/models/{id}/index`` queued (the worker's Celery task ``excb.build_index`` runs it):
+    ``"succeeded"`` or ``"failed"``, with the reason in the index's ``status.json``."""
+    root = index_root(settings.resolved_models_dir, model_id, name)
+    argv = build_command(settings.resolved_models_dir, model_id, source, name=name, sample=sample, seed=seed)
+    return "succeeded" if run_build(settings, argv, root, source, None) else "failed"

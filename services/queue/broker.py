@@ -15,6 +15,7 @@ child, JSON only, no result backend, a visibility timeout far above any job (the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from celery import Celery
 
@@ -39,9 +40,11 @@ def _transport_options(settings: Settings) -> dict[str, object]:
     return {"connect_args": {"timeout": 30}}
 
 
-def make_celery(settings: Settings) -> Celery:
-    """Build the app from settings (tests build one per Redis db / queue)."""
-    app = Celery("excb", broker=broker_url(settings), include=["services.worker.tasks"])
+def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
+    """Build the app from settings (tests build one per Redis db / queue). ``include``: the modules that define
+    tasks, imported when a worker starts (services/worker/app.py names them); a publisher needs none, it sends
+    tasks by name."""
+    app = Celery("excb", broker=broker_url(settings), include=list(include))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -1,5 +1,9 @@
 """The workers' Celery app: the shared broker settings (services/queue/broker.py) plus what only a worker
-process needs, its consumer heartbeat and logging in the project's format."""
+process needs, its consumer heartbeat, logging in the project's format and the modules its tasks live in.
+
+Tasks are registered by the modules in :data:`TASK_MODULES` (Celery imports them when the worker starts; this
+module imports none of them, so they may import ``app``): ``services.worker.tasks`` holds the job and index-build
+tasks. A new kind of task adds its module here."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from services.queue.broker import TASK_RUN_JOB, make_celery
 from services.settings import get_settings
 from services.worker.liveness import ConsumerHeartbeat
 
-__all__ = ["TASK_RUN_JOB", "app"]
+__all__ = ["TASK_MODULES", "TASK_RUN_JOB", "app"]
+
+TASK_MODULES: tuple[str, ...] = ("services.worker.tasks",)
 
 
 @setup_logging.connect
@@ -25,5 +31,5 @@ def _one_log_format(**_: Any) -> None:
 
 _settings = get_settings()
 configure_if_unset(_settings.log_level, _settings.log_json)  # the worker's start-up warnings too
-app = make_celery(_settings)
+app = make_celery(_settings, include=TASK_MODULES)
 app.steps["consumer"].add(ConsumerHeartbeat)  # worker liveness for /readyz, /v1/workers, the health check

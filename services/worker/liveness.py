@@ -22,6 +22,7 @@ from celery import bootsteps
 from services.common.periodic import Periodic
 from services.db import workers as worker_store
 from services.settings import Settings, get_settings
+from services.worker.database import database
 
 log = logging.getLogger("excb.worker")
 
@@ -65,8 +66,6 @@ class HeartbeatThread(Periodic):
 
     def beat(self) -> None:
         """The health file and the DB row, each tried on its own; a failure is a warning, retried next beat."""
-        from services.worker.tasks import database
-
         if self.settings.worker_health_file is not None:
             try:
                 touch(self.settings.worker_health_file)
@@ -105,8 +104,6 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
         if settings.worker_health_file is not None:
             settings.worker_health_file.unlink(missing_ok=True)
         try:
-            from services.worker.tasks import database
-
             worker_store.mark(database(), thread.who.name, "stopped", "consumer stopped")
         except Exception as exc:
             log.warning("could not mark worker %s stopped: %s", thread.who.name, exc)

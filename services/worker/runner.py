@@ -19,16 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from excb.checkpoint import FENCE_ENV, write_fence
+from celery import Celery
+from celery.worker import state as celery_state
+
 from excb.cli import EXIT_CONFIG
 from excb.config import RUN_CONFIG, dump_yaml, validate
 from excb.fileio import atomic_write
+from excb.training.checkpoint import FENCE_ENV, write_fence
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.common.tail import FileTail
 from services.db import jobs as store
 from services.db.jobs import Lease
 from services.db.session import Database
 from services.db.tables import utcnow
+from services.index.jobs import index_after_job
+from services.queue.broker import make_celery
+from services.queue.publish import publish
 from services.settings import Settings
 from services.worker import child, pipeline
 from services.worker.plan import RunPlan
@@ -48,11 +54,7 @@ def worker_name() -> str:
 def _celery_stopping() -> bool:
     if SHUTDOWN.is_set():
         return True
-    try:
-        from celery.worker import state
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(state.should_stop or state.should_terminate)
+    return bool(celery_state.should_stop or celery_state.should_terminate)
 
 
 @dataclass
@@ -69,12 +71,14 @@ class Outcome:
 
 
 class JobRunner:
-    """Everything one attempt of one job does, from lease to final commit."""
+    """Everything one attempt of one job does, from lease to final commit. ``celery``: the app a job released for
+    retry is published on again (the worker's own; by default a publisher on the settings' broker, as the API's)."""
 
-    def __init__(self, db: Database, settings: Settings, job_id: str) -> None:
+    def __init__(self, db: Database, settings: Settings, job_id: str, celery: Celery | None = None) -> None:
         self.db = db
         self.settings = settings
         self.job_id = job_id
+        self.celery = celery
         self.worker = worker_name()
         self.plan: RunPlan | None = None  # what the trainer runs (config.yaml + recipe.json), set per attempt
 
@@ -106,7 +110,7 @@ class JobRunner:
         if refused:
             return self._commit_failure(lease, "path_not_allowed", refused, count=False)
         self.plan = RunPlan(run_dir)  # before config.yaml is rewritten: only this attempt's trainer counts
-        cfg_path = run_dir / RUN_CONFIG  # the trainer reads it and writes back the recipe it fitted (excb/trainer.py)
+        cfg_path = run_dir / RUN_CONFIG  # the trainer reads it and writes back its recipe (excb/training/trainer.py)
         atomic_write(cfg_path, dump_yaml(cfg))
         request = job.request or {}
         argv = child.trainer_command(cfg_path, int(request.get("gpus") or 0))
@@ -248,12 +252,10 @@ class JobRunner:
         return self._settle(lease, out, run_dir, tracker, tail)
 
     def _finish_success(self, lease: Lease, run_dir: Path, model_id: str, export_rc: int = 0) -> str:
-        from services.worker.pipeline import PipelineError
-
         try:
             model_id, artifacts = pipeline.register_bundle(self.db, self.settings, self.job_id, run_dir, model_id,
                                                            export_rc)
-        except PipelineError as exc:
+        except pipeline.PipelineError as exc:
             self._commit_terminal(lease, "FAILED", {"type": exc.type, "message": exc.message}, {})
             store.end_attempt(self.db, lease, "failed", exc.message)
             return "failed"
@@ -264,8 +266,6 @@ class JobRunner:
         return "succeeded" if done else "lease_lost"
 
     def _index_training_images(self, run_dir: Path, model_id: str) -> None:
-        from services.index.jobs import index_after_job
-
         try:
             index_after_job(self.settings, model_id, run_dir)
         except Exception:  # an index is a convenience: it must never turn a finished job into a worker error
@@ -296,10 +296,7 @@ class JobRunner:
     def _republish(self, status: str) -> None:
         if status != "QUEUED":
             return
-        from services.queue.publish import publish
-        from services.worker.app import app as celery_app
-
-        publish(celery_app, self.db, self.job_id, self.settings.celery_queue)
+        publish(self.celery or make_celery(self.settings), self.db, self.job_id, self.settings.celery_queue)
 
 
 def _child_env(fence_token: int | None = None) -> dict[str, str]:

@@ -1,26 +1,21 @@
-"""Celery tasks. The message carries only the job id; everything else is read from the DB under a lease."""
+"""Celery tasks (the module services/worker/app.py includes). A message carries only ids; everything else is
+read from the DB (a job, under a lease) or the models folder (an index build)."""
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
 from celery.signals import worker_shutting_down
 
-from services.db.session import Database, default_url
+from services.corpus import tasks as corpus_tasks  # its excb.corpus_chunk task; corpus jobs' coordinator
+from services.index import jobs as index_jobs
 from services.settings import get_settings
 from services.worker import liveness
 from services.worker.app import TASK_RUN_JOB, app
+from services.worker.database import database
 from services.worker.runner import SHUTDOWN, JobRunner
 
 log = logging.getLogger("excb.worker")
-
-
-@lru_cache(maxsize=1)
-def database() -> Database:
-    """One engine per worker process (migrations run once, under the cross-process lock)."""
-    settings = get_settings()
-    return Database(settings.database_url or default_url(settings.home))
 
 
 @worker_shutting_down.connect
@@ -33,13 +28,15 @@ def run_job(self, job_id: str) -> str:
     """Run (or skip, if it is a duplicate delivery) one training job."""
     liveness.CURRENT_JOB = job_id
     try:
-        outcome = JobRunner(database(), get_settings(), job_id).run()
+        outcome = corpus_tasks.run_if_corpus(database(), get_settings(), job_id, app) \
+            or JobRunner(database(), get_settings(), job_id, celery=app).run()
     finally:
         liveness.CURRENT_JOB = None
     log.info("job %s: %s", job_id, outcome)
     return outcome
 
 
-from services.index.jobs import register_task  # noqa: E402 - POST /v1/models/{id}/index builds run here too
-
-register_task(app)
+@app.task(name=index_jobs.TASK_BUILD_INDEX, acks_late=False)
+def build_index(model_id: str, source: str, name: str, sample: int, seed: int) -> str:
+    """``POST /v1/models/{id}/index``: build the index the control plane queued (services/index/jobs.py)."""
+    return index_jobs.build_requested(get_settings(), model_id, source, name, sample, seed)

@@ -15,7 +15,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry
 
-from services.api import routes_infra, routes_jobs, routes_models
+from services.api import routes_index, routes_infra, routes_jobs, routes_models
+from services.api.index_view import build_plane_index_router
 from services.api.model_sync import ModelSync
 from services.api.state import ControlPlane, OpsCaller
 from services.common.auth import ApiKeyAuth
@@ -131,14 +132,10 @@ def _shape(path: str) -> str:
 
 
 def _include_index_build(app: FastAPI, reader: ControlPlane | None) -> None:
-    """POST /v1/models/{id}/index (services/index): queue an image-index build on the workers. ``reader``: without
-    an embedded embed service, also serve the index's read routes here (the dashboard's gallery, compose shape)."""
-    try:
-        from services.index.api import router as index_router
-        from services.index.plane import build_plane_index_router
-    except ImportError:
-        return
-    app.include_router(index_router, prefix="/v1")
+    """POST /v1/models/{id}/index (routes_index.py): queue an image-index build on the workers. ``reader``: without
+    an embedded embed service, also serve the index's read routes here (index_view.py: the dashboard's gallery,
+    compose shape)."""
+    app.include_router(routes_index.router, prefix="/v1")
     if reader is not None:
         app.include_router(build_plane_index_router(reader))
 

@@ -74,3 +74,28 @@ def parse_json_object(body: bytes, model: type[M], expected: str = "a JSON objec
     if not isinstance(raw, dict):
         raise ApiError(422, "validation_error", f"the body must be {expected}")
     return validate_as(model, raw)
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """Read the body, counting bytes as they stream (Content-Length is not trusted); 413 past ``cap``.
+
+    The body is cached on the request so ``request.form()`` parses it from memory afterwards.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, "payload_too_large", f"the request body is {declared} bytes; the limit is {cap}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {cap} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 - Starlette's documented cache for stream()/form()
+    return body
+
+
+def is_raw(ctype: str) -> bool:
+    """A body that is one encoded image (``image/*`` or ``application/octet-stream``), not JSON or a form."""
+    return ctype.startswith("image/") or ctype == "application/octet-stream"

@@ -1,10 +1,10 @@
 """What a client sends to the embed service, read and bounded: the request options, the JSON / multipart / raw
-image bodies, base64 and data URIs, and the streamed body cap. Every malformed input becomes a 4xx here, before a
-model is touched (the routes in ``app.py`` only choose the parser)."""
+image bodies, base64 and data URIs (the streamed body cap is ``services.common.body.read_capped``). Every malformed
+input becomes a 4xx here, before a model is touched (the routes in ``app.py`` only choose the parser)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,13 +12,22 @@ from starlette.datastructures import UploadFile
 
 from services.common.body import parse_json_object, validate_as
 from services.common.errors import ApiError
+from services.embed.fetch import FetchPolicy
 from services.embed.sources import Item, resolve_inputs
-
-if TYPE_CHECKING:
-    from services.embed.app import EmbedService
+from services.settings import Settings
 
 MAX_FORM_PARTS = 1000
 MAX_FORM_FIELD_BYTES = 64 * 1024
+
+
+class Admission(Protocol):
+    """What the parsers ask of the service (``services.embed.service.EmbedService``): the image-count limit before
+    any image is read, and what a string may name (the data roots in ``settings``, URLs when fetching is on)."""
+
+    settings: Settings
+    fetch_policy: FetchPolicy
+
+    def check_count(self, n: int, field: str) -> None: ...
 
 
 class EmbedOptions(BaseModel):
@@ -42,27 +51,7 @@ class EmbedRequest(EmbedOptions):
     user: str | None = Field(None, max_length=256, description="accepted for OpenAI-client compatibility")
 
 
-async def read_capped(request: Request, cap: int) -> bytes:
-    """Read the body, counting bytes as they stream (Content-Length is not trusted); 413 past ``cap``.
-
-    The body is cached on the request so ``request.form()`` parses it from memory afterwards.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise ApiError(413, "payload_too_large", f"the request body is {declared} bytes; the limit is {cap}")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > cap:
-            raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {cap} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # noqa: SLF001 - Starlette's documented cache for stream()/form()
-    return body
-
-
-async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[Item], EmbedOptions]:
+async def parse_multipart(request: Request, svc: Admission) -> tuple[list[Item], EmbedOptions]:
     try:
         form = await request.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS,
                                   max_part_size=MAX_FORM_FIELD_BYTES)
@@ -89,7 +78,7 @@ async def parse_multipart(request: Request, svc: "EmbedService") -> tuple[list[I
     return items, opts
 
 
-async def parse_json(body: bytes, svc: "EmbedService") -> tuple[list[Item], EmbedOptions]:
+async def parse_json(body: bytes, svc: Admission) -> tuple[list[Item], EmbedOptions]:
     req = parse_json_object(body, EmbedRequest, "a JSON object with an 'input' field")
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     svc.check_count(len(inputs), "input")
@@ -98,13 +87,9 @@ async def parse_json(body: bytes, svc: "EmbedService") -> tuple[list[Item], Embe
     return items, req  # an EmbedRequest is an EmbedOptions: no second validation
 
 
-def parse_raw(body: bytes, request: Request, svc: "EmbedService") -> tuple[list[Item], EmbedOptions]:
+def parse_raw(body: bytes, request: Request, svc: Admission) -> tuple[list[Item], EmbedOptions]:
     """``Content-Type: image/*`` or ``application/octet-stream``: the body is one encoded image, the options
     are query parameters. No base64 (a third more bytes to send and to decode), no JSON, no multipart parser."""
     svc.check_count(1 if body else 0, "body")
     opts = validate_as(EmbedOptions, dict(request.query_params))
     return [("body", body)], opts
-
-
-def is_raw(ctype: str) -> bool:
-    return ctype.startswith("image/") or ctype == "application/octet-stream"

@@ -23,10 +23,10 @@ from starlette.exceptions import HTTPException
 from services.common.body import capped_receive, declared_length
 from services.common.errors import ApiError, field_from_loc
 from services.common.openai_shapes import OpenAIModel, OpenAIModelList, model_entry
-from services.embed.app import EmbedService
 from services.embed.inputs import EmbedOptions
 from services.embed.registry import LoadedModel, ModelNotFound
 from services.embed.schemas import EmbeddingsRequest, EmbeddingsResponse, OpenAIError
+from services.embed.service import EmbedService
 from services.embed.sources import resolve_inputs
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]

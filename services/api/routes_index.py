@@ -1,10 +1,10 @@
 """``POST /v1/models/{id}/index`` on the control plane: queue an index build of a folder under the data roots
-(or a built-in data set) for a model the caller owns. A worker runs it (Celery task ``excb.build_index``);
-``GET /v1/models/{id}/index`` (embed service) shows its state and, once built, what it holds."""
+(or a built-in data set) for a model the caller owns. A worker runs it (``services.index.jobs.queue_build`` sends
+the Celery task ``excb.build_index``); ``GET /v1/models/{id}/index`` (services/index/routes.py) shows its state and,
+once built, what it holds."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.guard import AuthFirstRoute
-from services.api.routes_models import _owned_model
+from services.api.routes_models import owned_model
 from services.api.state import Caller, Plane
 from services.api.submit import caller_runs, safe_source
 from services.common.errors import ApiError
 from services.index.build import DEFAULT_SAMPLE, MAX_SAMPLE
-from services.index.jobs import TASK_BUILD_INDEX
-from services.index.store import DEFAULT_NAME, index_root, read_status, valid_name, write_status
+from services.index.jobs import queue_build
+from services.index.store import DEFAULT_NAME, valid_name
 
 router = APIRouter(tags=["models"], route_class=AuthFirstRoute)
 
@@ -37,20 +37,14 @@ class IndexBuildRequest(BaseModel):
 
 @router.post("/models/{model_id}/index", status_code=202, summary="Queue an index build for this model")
 def build_index(model_id: str, body: IndexBuildRequest, cp: Plane, who: Caller) -> JSONResponse:
-    row = _owned_model(cp, who, model_id)
+    row = owned_model(cp, who, model_id)
     if not valid_name(body.name):
         raise ApiError(422, "validation_error", "name: 1-64 characters of [A-Za-z0-9._-]", "name")
     if not (Path(row.bundle_dir) / "model.onnx").is_file():
         raise ApiError(409, "conflict", f"bundle of {model_id} is missing on disk")
     source = safe_source(body.source, cp.settings, caller_runs(cp.db, who.id, cp.auth.enabled))
-    root = index_root(cp.settings.resolved_models_dir, row.id, body.name)
-    current = read_status(root) or {}
-    age = time.time() - float(current.get("updated_at") or 0)
-    if current.get("state") in ("queued", "running") and age < cp.settings.index.timeout_seconds:
-        raise ApiError(409, "conflict", f"an index build of {model_id}/{body.name} is already {current['state']}")
-    write_status(root, "queued", source=body.source, sample=body.sample, seed=body.seed)
-    cp.celery.send_task(TASK_BUILD_INDEX, args=[row.id, source, body.name, body.sample, body.seed],
-                        queue=cp.settings.celery_queue)
+    queue_build(cp.celery, cp.settings, row.id, source, asked=body.source, name=body.name, sample=body.sample,
+                seed=body.seed)
     status_url = f"/v1/models/{row.id}/index?index={body.name}"
     body_out: dict[str, Any] = {"model": row.id, "index": body.name, "state": "queued", "sample": body.sample,
                                 "seed": body.seed, "status_url": status_url}

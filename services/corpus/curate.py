@@ -1,0 +1,189 @@
+"""Curation of an embedded corpus from the clusters ExCB balances: near-duplicate groups and balanced subsets.
+
+Both read a loaded :class:`services.corpus.index.CorpusIndex` (its vectors and the corpus's columns), never an
+N x N similarity matrix:
+
+- :func:`near_duplicates`: every image's ``k`` nearest neighbours through the index, a query batch at a time, and
+  the pairs with cosine >= ``threshold`` joined by union-find. A neighbour list rather than ``range_search``:
+  a range search's answer is unbounded (m copies of one image give m^2 pairs), while k neighbours per image
+  bound memory to ``batch x k`` and still connect a group of any size (each copy links to others of it).
+- :func:`balanced_subset`: N images spread evenly over the balanced clusters (water-filling: a cluster smaller
+  than its share gives all it has and the rest is spread over the others), and within each cluster either the
+  most typical (nearest the cluster's mean embedding) or the most diverse (farthest-point sampling, from the
+  most typical one).
+
+A subset is written as a ``list:`` file (``excb.data.datasets``: one path per line, ``#`` comments), which
+``excb train data=list:FILE`` and labelling tools read as is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from excb.fileio import atomic_write
+from services.corpus.index import CorpusIndex
+
+DEFAULT_THRESHOLD = 0.95
+DEFAULT_NEIGHBOURS = 16
+QUERY_BATCH = 4096
+MAX_SAMPLE = 20
+Strategy = Literal["typical", "diverse"]
+
+
+class _UnionFind:
+    """Components over n items in two int arrays (no Python object per image)."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = int(parent[root])
+        while parent[x] != root:  # path compression
+            parent[x], x = root, int(parent[x])
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the lowest id is the root: groups come out in corpus order
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class DuplicateGroup:
+    rows: np.ndarray     # corpus rows, ascending
+    min_score: float     # lowest cosine of the pairs that joined the group (transitive groups can drift)
+    max_score: float
+
+
+def near_duplicates(idx: CorpusIndex, threshold: float = DEFAULT_THRESHOLD, neighbours: int = DEFAULT_NEIGHBOURS,
+                    batch: int = QUERY_BATCH) -> list[DuplicateGroup]:
+    """Groups of two or more images whose embeddings have cosine >= ``threshold`` (transitively), largest first."""
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold: a cosine in [-1, 1], got {threshold}")
+    n = idx.count
+    k = min(neighbours + 1, n)  # + the image itself
+    uf = _UnionFind(n)
+    lo = np.full(n, np.inf, dtype=np.float32)
+    hi = np.full(n, -np.inf, dtype=np.float32)
+    for start in range(0, n, batch):
+        ids = np.arange(start, min(n, start + batch), dtype=np.int64)
+        scores, found = idx.faiss.search(idx.vectors(ids), k)
+        qi, col = np.nonzero((scores >= threshold) & (found >= 0) & (found != ids[:, None]))
+        a, b, s = ids[qi], found[qi, col], scores[qi, col]
+        for x, y in zip(a.tolist(), b.tolist()):
+            uf.union(x, y)
+        for ends in (a, b):
+            np.minimum.at(lo, ends, s)
+            np.maximum.at(hi, ends, s)
+    roots = uf.roots()
+    grouped = np.flatnonzero(np.bincount(roots, minlength=n)[roots] >= 2)
+    order = grouped[np.argsort(roots[grouped], kind="stable")]
+    out = [DuplicateGroup(rows=np.sort(idx.rows[ids]), min_score=float(lo[ids].min()), max_score=float(hi[ids].max()))
+           for ids in np.split(order, np.flatnonzero(np.diff(roots[order])) + 1) if len(ids)]
+    out.sort(key=lambda g: (-len(g.rows), int(g.rows[0])))
+    return out
+
+
+def dedup_report(idx: CorpusIndex, threshold: float = DEFAULT_THRESHOLD, neighbours: int = DEFAULT_NEIGHBOURS,
+                 sample: int = 5, limit: int = 100) -> dict[str, Any]:
+    """The near-duplicate groups as the API and CLI show them: counts, then the ``limit`` largest groups with a
+    sample of ``sample`` paths each (the first is the one to keep: the lowest corpus row)."""
+    t0 = time.perf_counter()
+    groups = near_duplicates(idx, threshold, neighbours)
+    cols = idx.columns
+    return {
+        "threshold": threshold, "neighbours": neighbours, "indexed": idx.count, "groups": len(groups),
+        "images_in_groups": int(sum(len(g.rows) for g in groups)),
+        "removable": int(sum(len(g.rows) - 1 for g in groups)),
+        "data": [{"count": int(len(g.rows)), "keep": cols.path(int(g.rows[0])),
+                  "sample": [{"row": int(r), "path": cols.path(int(r))} for r in g.rows[:sample]],
+                  "min_score": round(g.min_score, 6), "max_score": round(g.max_score, 6)} for g in groups[:limit]],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def quotas(sizes: np.ndarray, n: int) -> np.ndarray:
+    """Per-cluster counts summing to min(n, sizes.sum()), as even as the sizes allow (water-filling); the
+    remainder of an uneven split goes to the largest clusters first."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    take = np.zeros_like(sizes)
+    left = int(min(n, sizes.sum()))
+    open_ = sizes > 0
+    while left > 0 and open_.any():
+        share = left // int(open_.sum())
+        if share == 0:  # fewer left than open clusters: one each, largest remaining capacity first
+            room = np.where(open_, sizes - take, -1)
+            for c in np.argsort(-room, kind="stable")[:left]:
+                take[c] += 1
+            break
+        add = np.where(open_, np.minimum(share, sizes - take), 0)
+        take += add
+        left -= int(add.sum())
+        open_ = take < sizes
+    return take
+
+
+def farthest_points(vectors: np.ndarray, m: int, first: int) -> np.ndarray:
+    """``m`` indices into ``vectors`` (unit rows), each the farthest (lowest max cosine) from those picked."""
+    m = min(m, len(vectors))
+    picked = [first]
+    closest = vectors @ vectors[first]
+    for _ in range(m - 1):
+        nxt = int(np.argmin(closest))
+        picked.append(nxt)
+        closest = np.maximum(closest, vectors @ vectors[nxt])
+    return np.array(picked, dtype=np.int64)
+
+
+def balanced_subset(idx: CorpusIndex, n: int, strategy: Strategy = "typical") -> dict[str, Any]:
+    """Corpus rows of ``n`` images spread evenly over the balanced clusters; per cluster its size, quota and rows."""
+    if n < 1:
+        raise ValueError(f"n: at least 1, got {n}")
+    if strategy not in ("typical", "diverse"):
+        raise ValueError(f"strategy: typical or diverse, got {strategy!r}")
+    cluster = idx.columns.balanced_cluster[idx.rows]  # faiss id order: rows that have a vector
+    labels, sizes = np.unique(cluster, return_counts=True)
+    take = quotas(sizes, n)
+    order = np.argsort(cluster, kind="stable")
+    starts = np.searchsorted(cluster[order], labels)
+    chosen: list[np.ndarray] = []
+    per_cluster = []
+    for c, s, size, q in zip(labels, starts, sizes, take):
+        if q == 0:
+            per_cluster.append({"cluster": int(c), "size": int(size), "taken": 0})
+            continue
+        ids = order[s:s + size]
+        vecs = idx.vectors(ids)
+        mean = vecs.mean(0)
+        typical = vecs @ (mean / max(float(np.linalg.norm(mean)), 1e-12))
+        if strategy == "typical":
+            pick = np.argsort(-typical, kind="stable")[:q]
+        else:
+            pick = farthest_points(vecs, int(q), int(np.argmax(typical)))
+        chosen.append(idx.rows[ids[pick]])
+        per_cluster.append({"cluster": int(c), "size": int(size), "taken": int(q)})
+    rows = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+    return {"rows": rows, "clusters": per_cluster, "strategy": strategy, "requested": int(n), "count": int(len(rows))}
+
+
+def write_list(idx: CorpusIndex, rows: np.ndarray, path: Path, header: dict[str, Any], root: Path | None) -> Path:
+    """A ``list:`` file of the rows' paths (absolute when ``root`` is the folder the corpus paths are relative
+    to), with the subset's provenance as ``#`` comment lines."""
+    cols = idx.columns
+    lines = [f"# {k}: {v}" for k, v in header.items()]
+    for r in rows:
+        p = cols.path(int(r))
+        lines.append(str(root / p) if root is not None and not Path(p).is_absolute() else p)
+    atomic_write(path, "\n".join(lines) + "\n", mode=0o644)
+    return path

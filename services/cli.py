@@ -12,7 +12,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     """Add the service verbs; each module owns its own arguments and handler."""
     import importlib
 
-    for name in ("services.api.cli", "services.embed.cli", "services.worker.cli", "services.index.cli"):
+    for name in ("services.api.cli", "services.embed.cli", "services.worker.cli", "services.index.cli",
+                 "services.corpus.cli"):
         try:
             module = importlib.import_module(name)
         except ImportError:  # a service not (yet) installed must not break `excb train`

@@ -219,6 +219,10 @@ def status_lines(job: dict[str, Any]) -> list[str]:
 
 def _progress_text(job: dict[str, Any]) -> str:
     pr = job.get("progress") or {}
+    if pr.get("chunks_total") is not None or (job.get("requested") or {}).get("kind") == "embed":
+        from services.corpus.progress import progress_line
+
+        return progress_line(pr, job["status"])
     step, total = pr.get("step"), pr.get("total_steps")
     if step is None and job["status"] in ("QUEUED", "STARTING"):
         return "not started"

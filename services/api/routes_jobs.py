@@ -22,6 +22,7 @@ from services.api.streams import StreamSlots, held
 from services.common.auth import Principal
 from services.common.errors import ERROR_SCHEMA, ApiError
 from services.common.tail import FileTail
+from services.corpus import api as corpus_api
 from services.db import jobs as store
 from services.db.jobs import Conflict, LimitReached
 from services.db.tables import TERMINAL, Job
@@ -52,7 +53,10 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> dict[str, Any]:
     """Validate the config exactly like `excb train`, store the job QUEUED, publish it; idempotent on
     ``job_id`` or the ``Idempotency-Key`` header within the caller's key (a repeat returns the first job
-    with 200). The server always picks the run dir, so a job never sees another job's files."""
+    with 200). The server always picks the run dir, so a job never sees another job's files.
+    ``"kind": "embed"`` submits a corpus embedding job instead (services/corpus/api.py)."""
+    if corpus_api.is_corpus_body(body):
+        return corpus_api.submit_corpus(body, response, cp, who, idempotency_key)
     settings = cp.settings
     existing = _existing(cp, who, body.job_id, idempotency_key)
     if existing is not None:

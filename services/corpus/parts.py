@@ -53,7 +53,7 @@ def schema(embed_dim: int) -> Any:
         pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
         pa.field("cluster", pa.int32()),
         pa.field("balanced_cluster", pa.int32()),
-        pa.field("similarity", pa.float32()),
+        pa.field("similarity", pa.float32()),  # cosine to the centroid of balanced_cluster
         pa.field("error", pa.string()),
     ])
 
@@ -100,15 +100,20 @@ def write_part(root: Path, index: int, table: Any) -> Path:
     return final
 
 
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    """A JSON file replaced atomically (the manifest, a chunk's completion record)."""
+def write_text(path: Path, text: str) -> None:
+    """A text file replaced atomically (readers see the old or the new file, never a partial one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """A JSON file replaced atomically (the manifest, a chunk's completion record)."""
+    write_text(path, json.dumps(doc, indent=1))
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:

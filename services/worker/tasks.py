@@ -7,6 +7,7 @@ import logging
 
 from celery.signals import worker_shutting_down
 
+from services.corpus import tasks as corpus_tasks  # its excb.corpus_chunk task; corpus jobs' coordinator
 from services.index import jobs as index_jobs
 from services.settings import get_settings
 from services.worker import liveness
@@ -27,7 +28,8 @@ def run_job(self, job_id: str) -> str:
     """Run (or skip, if it is a duplicate delivery) one training job."""
     liveness.CURRENT_JOB = job_id
     try:
-        outcome = JobRunner(database(), get_settings(), job_id, celery=app).run()
+        outcome = corpus_tasks.run_if_corpus(database(), get_settings(), job_id, app) \
+            or JobRunner(database(), get_settings(), job_id, celery=app).run()
     finally:
         liveness.CURRENT_JOB = None
     log.info("job %s: %s", job_id, outcome)

@@ -47,6 +47,14 @@
     return box;
   }
 
+  /** A corpus embedding job's progress (services/corpus): chunks, images, undecodable ones, rate. */
+  function corpusLine(p, status) {
+    const parts = ["chunks " + (p.chunks_done || 0) + "/" + p.chunks_total, "images " + (p.images || 0) + "/" + (p.images_total || 0)];
+    if (p.errors) parts.push(p.errors + " undecodable");
+    if (p.images_per_second && status === "RUNNING") parts.push(Math.round(p.images_per_second) + " images/s");
+    return parts.join(" \u00b7 ");
+  }
+
   function latestRow() { return state.rows.length ? state.rows[state.rows.length - 1] : (state.job && state.job.latest_metrics) || null; }
 
   function renderHeader() {
@@ -63,6 +71,7 @@
       el("dt", { text: "epoch" }), el("dd", { text: String(p.epoch === undefined ? "\u2013" : p.epoch) }),
     ]);
     if (job.name) dl.append(el("dt", { text: "name" }), el("dd", { text: job.name }));
+    if (p.chunks_total !== undefined && p.chunks_total !== null) dl.append(el("dt", { text: "corpus" }), el("dd", { id: "corpus-progress", text: corpusLine(p, job.status) }));
     for (const [k, v] of cfgSummary(job)) dl.append(el("dt", { text: k }), el("dd", { "data-fact": k, text: String(v) }));
     const links = el("p", { class: "actions" }, [
       job.model_id ? el("a", { class: "button", href: "/dashboard/models/" + encodeURIComponent(job.model_id), text: "Served model \u2192" }) : null,

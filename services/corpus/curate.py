@@ -177,13 +177,10 @@ def balanced_subset(idx: CorpusIndex, n: int, strategy: Strategy = "typical") ->
     return {"rows": rows, "clusters": per_cluster, "strategy": strategy, "requested": int(n), "count": int(len(rows))}
 
 
-def write_list(idx: CorpusIndex, rows: np.ndarray, path: Path, header: dict[str, Any], root: Path | None) -> Path:
-    """A ``list:`` file of the rows' paths (absolute when ``root`` is the folder the corpus paths are relative
-    to), with the subset's provenance as ``#`` comment lines."""
-    cols = idx.columns
+def write_list(idx: CorpusIndex, rows: np.ndarray, path: Path, header: dict[str, Any]) -> Path:
+    """A ``list:`` file of the rows' paths (as the corpus job wrote them: absolute for files), with the subset's
+    provenance as ``#`` comment lines."""
     lines = [f"# {k}: {v}" for k, v in header.items()]
-    for r in rows:
-        p = cols.path(int(r))
-        lines.append(str(root / p) if root is not None and not Path(p).is_absolute() else p)
+    lines += [idx.columns.path(int(r)) for r in rows]
     atomic_write(path, "\n".join(lines) + "\n", mode=0o644)
     return path

@@ -32,6 +32,7 @@ from services.common.body import is_raw, read_capped
 from services.common.cors import install_cors
 from services.common.errors import ApiError, install_error_docs, install_error_handlers
 from services.common.metrics import install_http_metrics, metrics_response, register_runtime_collectors
+from services.corpus.search import CorpusSearch
 from services.embed.inputs import EmbedOptions, parse_json, parse_multipart, parse_raw
 from services.embed.metrics import EmbedMetrics
 from services.embed.openai_compat import build_openai_router
@@ -168,7 +169,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.state.embed = svc
     app.include_router(build_router(svc))
     app.include_router(build_openai_router(svc))
-    app.include_router(build_index_router(svc))  # search and the cluster gallery (services/index)
+    app.include_router(build_index_router(svc, CorpusSearch()))  # search (+ corpora) and the cluster gallery
     install_openapi(app)
     install_error_docs(app)
     if cors:

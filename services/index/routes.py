@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, Literal, Protocol
+from typing import Any, Awaitable, Callable, Literal, Protocol
 
 import anyio
 import numpy as np
@@ -124,11 +124,16 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K, description="how many neighbours")
     exclude_self: bool = Field(True, description="with image_id: leave the query image out of the results")
     thumbs: bool = Field(False, description="inline each result's thumbnail as a data: URI")
+    corpus: str | None = Field(None, max_length=64, description="search this embedded corpus (the id of your "
+                                                                "embedding job) instead of a model's index; "
+                                                                "image_id is then a corpus row")
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
         if (self.image is None) == (self.image_id is None):
             raise ValueError("give exactly one of image and image_id")
+        if self.corpus is not None and (self.model is not None or self.index != DEFAULT_NAME):
+            raise ValueError("a corpus search uses the corpus's own model: give corpus without model and index")
         return self
 
 
@@ -297,7 +302,12 @@ def _ok(model: type[BaseModel], description: str) -> dict[int | str, dict[str, A
     return {200: {"model": model, "description": description}, 404: error, 422: error}
 
 
-def build_index_router(host: IndexHost) -> APIRouter:
+# ``POST /v1/search`` with ``corpus`` (services/corpus/search.py), handed in by whoever mounts the routes so this
+# module stays a leaf: (host, request, query image) -> the response.
+CorpusSearcher = Callable[[IndexHost, SearchRequest, Any], Awaitable[dict[str, Any]]]
+
+
+def build_index_router(host: IndexHost, corpus_search: CorpusSearcher | None = None) -> APIRouter:
     """The routes above, bound to one host (the embed service, or the control plane's read-only view)."""
     router = APIRouter(tags=["search"])
     state = IndexRoutes(host)
@@ -325,6 +335,10 @@ def build_index_router(host: IndexHost) -> APIRouter:
         """Nearest indexed images to a query image (an upload, the raw image as the body, or a string naming one
         as every image route does) or to an indexed image's id."""
         req, data = await _parse_search(request, host)
+        if req.corpus is not None:
+            if corpus_search is None:
+                raise ApiError(404, "not_found", "this service searches no corpora", "corpus")
+            return await corpus_search(host, req, data)
         return await state.search(req, data)
 
     @router.get("/v1/models/{model_id}/index", dependencies=[Depends(require_key)], response_model=None,

@@ -180,7 +180,7 @@ def test_balanced_subset_is_more_even_across_classes_than_random(corpus: Corpus,
     assert out["diverse"][1] >= rand_entropy + 0.05
     assert out["diverse"][2] < rand_ratio
     listing = write_list(idx, balanced_subset(idx, 30, "diverse")["rows"], tmp_path / "subset.txt",
-                         {"corpus": "c1", "strategy": "diverse"}, None)
+                         {"corpus": "c1", "strategy": "diverse"})
     from excb.data.datasets import build_dataset
 
     ds = build_dataset(f"list:{listing}", split="all", labelled=False)

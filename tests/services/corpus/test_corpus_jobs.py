@@ -1,0 +1,216 @@
+"""Corpus embedding jobs (services/corpus) end to end: real Redis, real Celery worker processes, a real job store
+and a real ONNX bundle (support/embed.py's second bundle: exported, parity-checked, untrained weights).
+
+What must hold: every image of the source is in exactly one part exactly once after a worker is killed with
+SIGKILL mid-chunk and every chunk message is delivered a second time; undecodable files are counted rows, not a
+failure; cancel stops the job and a retry resumes it without embedding finished chunks again; bad input is a 4xx;
+another key can neither use my model nor see my corpus job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.common.auth import hash_key
+from support import HANG_GUARD_S
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+A = {"Authorization": "Bearer alpha-secret"}
+B = {"Authorization": "Bearer beta-secret"}
+A_ID = "key-" + hash_key("alpha-secret")[:16]
+BAD = 5  # undecodable files in every corpus
+
+
+def _keys(tmp_path: Path) -> Path:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alpha-secret\nbeta-secret\n")
+    return keys
+
+
+def _images(folder: Path, n: int, bad: int = BAD) -> set[str]:
+    """``n`` small PNGs in two sub-folders plus ``bad`` files that are not images; returns every path."""
+    rng = np.random.default_rng(0)
+    paths = set()
+    for i in range(n):
+        path = folder / f"c{i % 2}" / f"img{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+        paths.add(str(path))
+    for i in range(bad):
+        path = folder / f"broken{i}.png"
+        path.write_bytes(b"not an image at all" * (i + 1))
+        paths.add(str(path))
+    return paths
+
+
+def _model(stack: Any, owner: str) -> str:
+    """Register the shared test bundle as ``owner``'s model ``m-a`` (what a finished training job would do)."""
+    from services.db.tables import ModelRow
+    from support import embed as es
+
+    bundle = es.second_bundle()
+    meta = json.loads((bundle / "model.json").read_text())
+    with stack.app.state.plane.db.session() as s:
+        s.add(ModelRow(id="m-a", job_id=None, owner=owner, status="READY", bundle_dir=str(bundle),
+                       sha256=meta["sha256"], model_json=meta))
+    return "m-a"
+
+
+def _rows(root: Path) -> list[dict[str, Any]]:
+    from services.corpus.parts import read_parts
+
+    return [row for table in read_parts(root) for row in table.to_pylist()]
+
+
+def _check_exactly_once(root: Path, expected: set[str]) -> None:
+    rows = _rows(root)
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)), "an image appears twice"
+    assert set(paths) == expected
+    bad = [r for r in rows if r["error"] is not None]
+    assert len(bad) == BAD and all(r["embedding"] is None and "broken" in r["path"] for r in bad)
+    good = [r for r in rows if r["error"] is None]
+    norms = np.linalg.norm(np.array([r["embedding"] for r in good]), axis=1)
+    # L2-normalised; the untrained test network maps a few noise images to the zero vector, which stays zero
+    assert np.all(np.isclose(norms, 1.0, atol=1e-4) | (norms == 0)) and np.mean(norms > 0) > 0.9
+    assert all(r["cluster"] is not None and r["balanced_cluster"] is not None for r in good)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["owner"] == A_ID
+    assert all(c["status"] == "done" for c in manifest["chunks"])
+    assert sum(c["items"] for c in manifest["chunks"]) == len(expected)
+
+
+def _submit(c: Any, **body: Any) -> dict[str, Any]:
+    r = c.post("/v1/jobs", json={"kind": "embed", "model": "m-a", "source": "imgs", **body}, headers=A)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _wait(stack: Any, job_id: str, check: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        job = stack.client.get(f"/v1/jobs/{job_id}", headers=A).json()
+        if check(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id}: condition not met; last {job}\n{stack.logs(job_id)}")
+
+
+def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """Two workers; the coordinator's worker is killed with SIGKILL while it holds a chunk, and every chunk message
+    is sent a second time: the surviving worker finishes the job and every image is in exactly one part once."""
+    from services.corpus.runner import TASK_EMBED_CHUNK
+    from services.db import jobs as store
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
+    c = stack.start_api()
+    _model(stack, A_ID)
+    expected = _images(stack.data_root / "imgs", 1200)
+    workers = {w.pid: w for w in (stack.start_worker(), stack.start_worker())}
+    job = _submit(c, chunk_size=25, batch_size=4)
+    root = stack.home / "runs" / job["id"] / "corpus"
+    db = stack.app.state.plane.db
+    deadline = time.monotonic() + HANG_GUARD_S
+    victim = None
+    while victim is None and time.monotonic() < deadline:  # the coordinator, while it embeds a chunk of its own
+        row = store.get_job(db, job["id"])
+        owner = row.lease_owner if row is not None else None
+        held = [p for p in (root / "claims").glob("0*")] if (root / "claims").is_dir() else []
+        for claim in held:
+            try:
+                holder = claim.read_text().split()[0]
+            except (OSError, IndexError):
+                continue
+            if owner and holder == owner and not (root / "done" / f"{claim.name}.json").exists():
+                victim = int(owner.rsplit(":", 1)[1])
+        time.sleep(0.02)
+    assert victim in workers, f"no coordinator claim seen (owner {owner}); {stack.logs(job['id'])}"
+    os.kill(victim, signal.SIGKILL)
+    workers[victim].wait()
+    manifest = json.loads((root / "manifest.json").read_text())
+    for _ in range(2):  # the same chunk task delivered again (twice), whatever state its chunk is in
+        for chunk in manifest["chunks"]:
+            stack.app.state.plane.celery.send_task(TASK_EMBED_CHUNK, args=[job["id"], chunk["index"]],
+                                                   queue=stack.env["EXCB_CELERY_QUEUE"])
+    done = _wait(stack, job["id"], lambda j: j["status"] in ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "SUCCEEDED", done["error"]
+    outcomes = [a["outcome"] for a in done["attempts"]]
+    assert outcomes[0] == "worker_lost" and outcomes[-1] == "succeeded", outcomes
+    p = done["progress"]
+    assert p["chunks_done"] == p["chunks_total"] == len(manifest["chunks"]) == 49
+    assert p["images"] == len(expected) and p["errors"] == BAD and p["percent"] == 100.0
+    _check_exactly_once(root, expected)
+
+
+def test_cancel_then_retry_resumes_without_redoing_chunks(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
+    c = stack.start_api()
+    _model(stack, A_ID)
+    expected = _images(stack.data_root / "imgs", 1500)
+    stack.start_worker()
+    job = _submit(c, chunk_size=30, batch_size=2)
+    root = stack.home / "runs" / job["id"] / "corpus"
+    running = _wait(stack, job["id"], lambda j: (j["progress"]["chunks_done"] or 0) >= 2 or j["status"] in
+                    ("SUCCEEDED", "FAILED"))
+    assert running["status"] == "RUNNING", running
+    assert running["progress"]["images_per_second"] > 0 and running["progress"]["chunks_total"] == 51
+    assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=B).status_code == 404  # not B's job
+    assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=A).status_code == 202
+    cancelled = _wait(stack, job["id"], lambda j: j["status"] in ("CANCELLED", "SUCCEEDED", "FAILED"))
+    assert cancelled["status"] == "CANCELLED"
+    manifest = json.loads((root / "manifest.json").read_text())
+    finished = {int(p.stem): p.stat().st_mtime_ns for p in (root / "done").glob("*.json")}
+    assert manifest["status"] == "cancelled" and 2 <= len(finished) < 51
+    assert sorted(c["index"] for c in manifest["chunks"] if c["status"] == "done") == sorted(finished)
+    assert c.post(f"/v1/jobs/{job['id']}/retry", headers=A).status_code == 202
+    done = _wait(stack, job["id"], lambda j: j["status"] in ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "SUCCEEDED", done["error"]
+    again = {int(p.stem): p.stat().st_mtime_ns for p in (root / "done").glob("*.json")}
+    assert {i: again[i] for i in finished} == finished  # finished chunks were not embedded again
+    assert "already done" in (root.parent / "job.log").read_text()
+    _check_exactly_once(root, expected)
+
+
+def test_bad_input_and_other_keys(make_stack: Any, tmp_path: Path) -> None:
+    """4xx for bad bodies; another key can neither embed with my model, nor read my run dirs as data, nor see
+    or cancel my corpus job. No worker: the jobs stay queued."""
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", None, api_keys_file=_keys(tmp_path),
+                       data_roots=json.dumps([str(tmp_path)]), server_paths_in_responses="on")
+    c = stack.start_api()
+    _model(stack, A_ID)
+    _images(stack.data_root / "imgs", 3)
+    ok = {"kind": "embed", "model": "m-a", "source": str(stack.data_root / "imgs")}
+    for bad, status in [({"chunk_size": 0}, 422), ({"chunk_size": 10**9}, 422), ({"batch_size": "x"}, 422),
+                        ({"source": None}, 422), ({"sauce": "x"}, 422), ({"gpus": 1}, 422),
+                        ({"overrides": ["a=b"]}, 422), ({"source": "/etc"}, 422), ({"source": "nope"}, 422),
+                        ({"model": "m-missing"}, 404), ({"model": ""}, 422), ({"kind": "embedding"}, 422)]:
+        r = c.post("/v1/jobs", json={**ok, **bad}, headers=A)
+        assert r.status_code == status, (bad, r.text)
+        assert r.json()["error"]["type"] in ("validation_error", "path_not_allowed", "not_found"), r.text
+    assert c.post("/v1/jobs", json=ok, headers=B).status_code == 404  # A's model
+    job = c.post("/v1/jobs", json=ok, headers=A)
+    assert job.status_code == 201, job.text
+    body = job.json()
+    assert body["requested"]["kind"] == "embed" and body["status"] == "QUEUED"
+    run = stack.home / "runs" / body["id"]
+    (run / "corpus").mkdir(parents=True)
+    _images(run / "corpus" / "stolen", 2, bad=0)
+    other = c.post("/v1/jobs", json={**ok, "source": str(run / "corpus" / "stolen")}, headers=B)
+    assert other.status_code == 404, other.text  # a run dir of A's is no data of B's
+    assert c.get(f"/v1/jobs/{body['id']}", headers=B).status_code == 404
+    assert c.post(f"/v1/jobs/{body['id']}/cancel", headers=B).status_code == 404
+    assert body["id"] not in [j["id"] for j in c.get("/v1/jobs", headers=B).json()["items"]]
+    assert c.post(f"/v1/jobs/{body['id']}/cancel", headers=A).json()["status"] == "CANCELLED"
+    idem = {"Idempotency-Key": "k1", **A}
+    first, second = (c.post("/v1/jobs", json=ok, headers=idem) for _ in range(2))
+    assert (first.status_code, second.status_code) == (201, 200) and first.json()["id"] == second.json()["id"]

@@ -18,7 +18,15 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, NoReturn
 
 from excb import __version__
-from excb.config import PRESET_NAMES, ConfigError, dump_yaml, format_config_fields, load_file, resolve
+from excb.config import (
+    PRESET_NAMES,
+    ConfigError,
+    TrainConfig,
+    dump_yaml,
+    format_config_fields,
+    load_file,
+    resolve,
+)
 
 # Exit status of a run stopped by SIGTERM/SIGINT after checkpointing: the job can be retried and resumes.
 EXIT_INTERRUPTED = 143
@@ -88,12 +96,27 @@ def _add_train(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p.add_argument("--help-config", action=_HelpConfig,
                    help="list every config field (dotted name, type, default, description) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--resolved-config", metavar="JSON",
+                   help="a whole TrainConfig as JSON, resolved and validated where it entered (a job the control "
+                        "plane accepted: the worker starts its trainer this way); trained as it is, so no --config, "
+                        "--preset or key=value with it")
     p.set_defaults(func=_cmd_train)
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
+    if args.resolved_config is not None:
+        return _resolved_config(args)
     raw = _config_file(args.config) if args.config else {}
     return resolve(raw, args.overrides, args.preset)
+
+
+def _resolved_config(args: argparse.Namespace) -> TrainConfig:
+    """``--resolved-config``: the config is not resolved again (no preset, file or overrides merged, ``pinned``
+    kept as it came); pydantic only rebuilds the object from its JSON dump."""
+    if args.config or args.preset or args.overrides:
+        raise ConfigError("--resolved-config", "a resolved config is trained as it is: no --config, --preset or "
+                          "key=value with it")
+    return TrainConfig.model_validate_json(args.resolved_config)
 
 
 def _config_file(path: str) -> dict[str, Any]:

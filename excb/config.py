@@ -544,7 +544,7 @@ def _unknown_field(field: str) -> str:
     return f"not a config field{hint} (excb train --help-config lists them all)"
 
 
-RUN_CONFIG = "config.yaml"  # RUN_DIR/config.yaml: the worker writes the job's config, the trainer the recipe it fitted
+RUN_CONFIG = "config.yaml"  # RUN_DIR/config.yaml: written by the trainer alone (the config it runs, recipe fitted)
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from services.common.process import die_with_parent
 
 
-def trainer_command(config_path: Path, gpus: int) -> list[str]:
-    """The argv of the trainer: one process, or torchrun with one process per GPU."""
+def trainer_command(config: dict[str, Any], gpus: int) -> list[str]:
+    """The argv of the trainer: one process, or torchrun with one process per GPU. ``config`` is the job's stored,
+    validated config, handed over as it is (``excb train --resolved-config``): no file, no second resolve."""
+    train = ["-m", "excb.cli", "train", "--resolved-config", json.dumps(config, separators=(",", ":"))]
     if gpus > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                "-m", "excb.cli", "train", "--config", str(config_path)]
-    return [sys.executable, "-m", "excb.cli", "train", "--config", str(config_path)]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *train]
+    return [sys.executable, *train]
 
 
 def start(argv: list[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -38,8 +38,8 @@ def _signature(path: Path) -> Signature | None:
 class RunPlan:
     """The run's ``config.yaml`` + ``recipe.json`` once this attempt's trainer has (re)written them.
 
-    The signature of ``recipe.json`` is taken before the trainer starts, so a previous attempt's file is not
-    mistaken for this one's (the worker rewrites ``config.yaml`` with the submitted config at every attempt)."""
+    The signature of ``recipe.json`` is taken before the trainer starts, so a previous attempt's pair (still there
+    until this attempt's trainer replaces it; the trainer is the only writer of both) is not mistaken for this one's."""
 
     def __init__(self, run_dir: Path) -> None:
         self.config_path = run_dir / RUN_CONFIG

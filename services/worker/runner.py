@@ -23,8 +23,6 @@ from celery import Celery
 from celery.worker import state as celery_state
 
 from excb.cli import EXIT_CONFIG
-from excb.config import RUN_CONFIG, dump_yaml, validate
-from excb.fileio import atomic_write
 from excb.training.checkpoint import FENCE_ENV, write_fence
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.common.tail import FileTail
@@ -80,7 +78,7 @@ class JobRunner:
         self.job_id = job_id
         self.celery = celery
         self.worker = worker_name()
-        self.plan: RunPlan | None = None  # what the trainer runs (config.yaml + recipe.json), set per attempt
+        self.plan: RunPlan | None = None  # what the trainer runs (its config.yaml + recipe.json), set per attempt
 
     def run(self) -> str:
         """Run the job if it is ours to run; returns what happened (for the task log)."""
@@ -105,16 +103,17 @@ class JobRunner:
         assert job is not None
         run_dir = Path(job.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = validate({**job.config, "out": str(run_dir)})
-        refused = self._outside_roots(cfg.data.source)
+        # Validated once, where it entered (POST /v1/jobs: services/api/submit.py), and stored so: trusted here and
+        # by the trainer (`excb train --resolved-config`), which alone writes RUN/config.yaml. Only what can change
+        # since the submit is checked again: the data's containment in the data roots.
+        config = {**job.config, "out": str(run_dir)}
+        refused = self._outside_roots(str(config["data"]["source"]))
         if refused:
             return self._commit_failure(lease, "path_not_allowed", refused, count=False)
-        self.plan = RunPlan(run_dir)  # before config.yaml is rewritten: only this attempt's trainer counts
-        cfg_path = run_dir / RUN_CONFIG  # the trainer reads it and writes back its recipe (excb/training/trainer.py)
-        atomic_write(cfg_path, dump_yaml(cfg))
+        self.plan = RunPlan(run_dir)  # before this attempt's trainer starts: only what it writes counts
         request = job.request or {}
-        argv = child.trainer_command(cfg_path, int(request.get("gpus") or 0))
-        tracker = ProgressTracker(total_steps=cfg.max_steps, epochs=cfg.epochs)
+        argv = child.trainer_command(config, int(request.get("gpus") or 0))
+        tracker = ProgressTracker(total_steps=config.get("max_steps"), epochs=config.get("epochs"))
         tail = FileTail(run_dir / "metrics.jsonl")  # read as JSON rows by _sync_progress
         with (run_dir / "job.log").open("ab") as logf:
             logf.write(f"--- attempt {lease.attempt} on {self.worker} (token {lease.token})\n".encode())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from excb.cli import main
-from excb.config import TrainConfig, config_fields
+from excb.config import TrainConfig, config_fields, dump_yaml, resolve
 from support import HANG_GUARD_S
 
 
@@ -77,6 +77,17 @@ def test_overrides_on_both_sides_of_a_flag(tmp_path: Path, capsys: pytest.Captur
         main(["train", "data=digits", "--dry-run", "--bogus", f"out={out}"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_resolved_config_is_trained_as_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resolved-config`` (how the worker starts a job's trainer, issue 31): the config stored at submit, taken
+    whole, not merged again; it goes alone (a preset or key=value beside it is the one config-error line)."""
+    stored = resolve({"preset": "cpu-small", "data": "digits", "max_steps": 5, "out": str(tmp_path / "r")})
+    text = stored.model_dump_json()
+    assert main(["train", "--dry-run", "--resolved-config", text]) == 0
+    assert capsys.readouterr().out == dump_yaml(stored)
+    assert main(["train", "--resolved-config", text, "max_steps=6"]) == 2
+    assert capsys.readouterr().err.startswith("excb: config error: --resolved-config: a resolved config is trained")
 
 
 def test_help_config_lists_every_field_from_the_schema(capsys: pytest.CaptureFixture[str]) -> None:

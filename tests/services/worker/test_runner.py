@@ -49,8 +49,8 @@ def test_a_source_outside_the_data_roots_fails_the_job_before_any_file_is_writte
 
 @pytest.mark.slow
 def test_the_run_has_one_config_file_which_the_trainer_completes(tmp_path: Path) -> None:
-    """The worker writes the validated job config to RUN/config.yaml, the trainer reads it and writes back what
-    it resolved; the file re-resolves to the config the trainer ran (no second job file)."""
+    """The worker hands the trainer the job's stored config (validated once, at submit) and writes no config file;
+    the trainer writes RUN/config.yaml, which re-resolves to the config it ran (no second job file)."""
     settings = _settings(tmp_path)
     db = Database(settings.database_url)
     run_dir = _create(db, settings, "j-one", tiny_job(max_steps=2, **{"data.limit": 64}))
@@ -74,8 +74,9 @@ def test_a_folder_where_nothing_decodes_fails_the_job_with_one_clear_line(tmp_pa
         (bad / f"{i:03d}.jpg").write_bytes(os.urandom(2000))
     body = tiny_job(**{"data.source": str(bad)})
     body.pop("preset", None)  # the default recipe, as a user submits it
-    _create(db, settings, "j-bad", body)
+    run_dir = _create(db, settings, "j-bad", body)
     assert JobRunner(db, settings, "j-bad").run() == "failed"
+    assert not (run_dir / RUN_CONFIG).exists()  # the trainer, its one writer, stopped before fitting a recipe
     job = store.get_job(db, "j-bad")
     assert job.status == "FAILED" and job.attempt == 1 and job.error["type"] == "trainer_error"
     assert job.error["message"].startswith(f"data source '{bad}': 0 of 50 files decode as images (first error: ")

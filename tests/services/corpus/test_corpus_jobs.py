@@ -90,6 +90,26 @@ def _check_exactly_once(root: Path, expected: set[str]) -> None:
     assert sum(c["items"] for c in manifest["chunks"]) == len(expected)
 
 
+def _holder_pid(db: Any, job_id: str, root: Path, coordinator: bool) -> int:
+    """The pid of a worker that holds a claim on an unfinished chunk: the job's coordinator (its lease owner)
+    or a helper (any other worker)."""
+    from services.db import jobs as store
+
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        row = store.get_job(db, job_id)
+        owner = row.lease_owner if row is not None else None
+        for claim in (root / "claims").glob("0*") if (root / "claims").is_dir() else []:
+            try:
+                holder = claim.read_text().split()[0]
+            except (OSError, IndexError):
+                continue
+            if owner and (holder == owner) == coordinator and not (root / "done" / f"{claim.name}.json").exists():
+                return int(holder.rsplit(":", 1)[1])
+        time.sleep(0.02)
+    raise AssertionError(f"no {'coordinator' if coordinator else 'helper'} claim seen on {job_id}")
+
+
 def _submit(c: Any, **body: Any) -> dict[str, Any]:
     r = c.post("/v1/jobs", json={"kind": "embed", "model": "m-a", "source": "imgs", **body}, headers=A)
     assert r.status_code == 201, r.text
@@ -110,7 +130,6 @@ def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack:
     """Two workers; the coordinator's worker is killed with SIGKILL while it holds a chunk, and every chunk message
     is sent a second time: the surviving worker finishes the job and every image is in exactly one part once."""
     from services.corpus.runner import TASK_EMBED_CHUNK
-    from services.db import jobs as store
 
     stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
     c = stack.start_api()
@@ -120,21 +139,8 @@ def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack:
     job = _submit(c, chunk_size=25, batch_size=4)
     root = stack.home / "runs" / job["id"] / "corpus"
     db = stack.app.state.plane.db
-    deadline = time.monotonic() + HANG_GUARD_S
-    victim = None
-    while victim is None and time.monotonic() < deadline:  # the coordinator, while it embeds a chunk of its own
-        row = store.get_job(db, job["id"])
-        owner = row.lease_owner if row is not None else None
-        held = [p for p in (root / "claims").glob("0*")] if (root / "claims").is_dir() else []
-        for claim in held:
-            try:
-                holder = claim.read_text().split()[0]
-            except (OSError, IndexError):
-                continue
-            if owner and holder == owner and not (root / "done" / f"{claim.name}.json").exists():
-                victim = int(owner.rsplit(":", 1)[1])
-        time.sleep(0.02)
-    assert victim in workers, f"no coordinator claim seen (owner {owner}); {stack.logs(job['id'])}"
+    victim = _holder_pid(db, job["id"], root, coordinator=True)
+    assert victim in workers, stack.logs(job["id"])
     os.kill(victim, signal.SIGKILL)
     workers[victim].wait()
     manifest = json.loads((root / "manifest.json").read_text())
@@ -149,6 +155,26 @@ def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack:
     p = done["progress"]
     assert p["chunks_done"] == p["chunks_total"] == len(manifest["chunks"]) == 49
     assert p["images"] == len(expected) and p["errors"] == BAD and p["percent"] == 100.0
+    _check_exactly_once(root, expected)
+
+
+def test_helper_killed_mid_chunk_is_taken_over(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """A helper (not the coordinator) dies with SIGKILL holding a chunk: its claim goes stale and the coordinator
+    embeds that chunk itself; the job succeeds in its first attempt with every image once."""
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
+    c = stack.start_api()
+    _model(stack, A_ID)
+    expected = _images(stack.data_root / "imgs", 1200)
+    workers = {w.pid: w for w in (stack.start_worker(), stack.start_worker())}
+    job = _submit(c, chunk_size=25, batch_size=4)
+    root = stack.home / "runs" / job["id"] / "corpus"
+    victim = _holder_pid(stack.app.state.plane.db, job["id"], root, coordinator=False)
+    assert victim in workers
+    os.kill(victim, signal.SIGKILL)
+    workers[victim].wait()
+    done = _wait(stack, job["id"], lambda j: j["status"] in ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "SUCCEEDED", done["error"]
+    assert [a["outcome"] for a in done["attempts"]] == ["succeeded"]
     _check_exactly_once(root, expected)
 
 

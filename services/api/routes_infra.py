@@ -5,11 +5,15 @@ from __future__ import annotations
 import platform
 from typing import Any, Callable, Iterable
 
+import celery
+import fastapi
+import sqlalchemy
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select, text
 
+import excb
 from services.api.job_metrics import JobHistoryCollector, visible_jobs
 from services.api.liveness import workers_view
 from services.api.serialize import path_hider
@@ -114,12 +118,6 @@ def _visible_models(request: Request, caller: Principal) -> Callable[[str], bool
 
 @router.get("/v1/info", summary="Versions and mode (no secrets); in `excb up` also the embed service's")
 def info(request: Request, caller: OpsCaller, cp: ControlPlane = Depends(plane)) -> dict[str, Any]:
-    import celery
-    import fastapi
-    import sqlalchemy
-
-    import excb
-
     s = cp.settings
     return {
         "service": "excb-control-plane",

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from excb.config import SHORT_KEYS, TrainConfig
 from services.common.openai_shapes import OpenAIModel
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -36,8 +37,6 @@ def training_fields(schema: dict[str, Any]) -> None:
     """OpenAPI for ``POST /v1/jobs``: TrainConfig's fields beside the wrapper's (validation stays
     ``excb.config.resolve``'s; before, the spec showed only the wrapper), the server-owned ``out`` left out and
     each short key (``data: digits``) accepted as the scalar it stands for."""
-    from excb.config import SHORT_KEYS, TrainConfig
-
     train = TrainConfig.model_json_schema()
     props = _inline_refs(train["properties"], train.get("$defs", {}))
     props.pop("out", None)

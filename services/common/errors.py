@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from excb.errors import ConfigError
+
 log = logging.getLogger("excb.errors")
 
 # HTTP status -> default error type, for HTTPExceptions raised without an ApiError.
@@ -117,8 +119,6 @@ async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error through the shared shape (call once per FastAPI app)."""
-    from excb.config import ConfigError
-
     # why the ignore below: Starlette types a handler as taking Exception; each takes the class it is registered for
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

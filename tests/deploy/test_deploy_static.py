@@ -186,7 +186,7 @@ def test_redis_flags_do_what_they_claim(compose: dict[str, Any], rendered: dict[
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_GUARD_S
         while True:
             try:
                 client.ping()
@@ -198,7 +198,7 @@ def test_redis_flags_do_what_they_claim(compose: dict[str, Any], rendered: dict[
         assert (cfg["appendonly"], cfg["appendfsync"], cfg["maxmemory-policy"]) == ("yes", "everysec", "noeviction")
         assert int(cfg["maxmemory"]) > 0, "noeviction needs a maxmemory to refuse writes before the OOM killer"
         client.set("excb-probe-key", "v")
-        deadline = time.monotonic() + 10  # everysec: on disk within about a second (longer on a busy box)
+        deadline = time.monotonic() + HANG_GUARD_S  # everysec: on disk within about a second (longer on a busy box)
         while not any(b"excb-probe-key" in p.read_bytes() for p in tmp_path.rglob("*.aof")):
             assert time.monotonic() < deadline, "the write never reached the AOF"
             time.sleep(0.1)

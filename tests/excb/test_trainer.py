@@ -156,7 +156,7 @@ def test_cli_sigterm_checkpoints_and_exits_retryable(tmp_path: Path) -> None:
     metrics = out / "metrics.jsonl"
     import time
 
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while time.time() < deadline:
         if metrics.exists() and sum(1 for ln in metrics.read_text().splitlines() if '"type": "step"' in ln) >= 3:
             break

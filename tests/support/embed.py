@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from support import HANG_GUARD_S
+
 torch.set_num_threads(1)
 
 TINY = [
@@ -141,7 +143,7 @@ class UvicornThread:
 
     def __enter__(self) -> "UvicornThread":
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_GUARD_S
         while not self.server.started:
             if time.monotonic() > deadline:
                 raise RuntimeError("uvicorn did not start")

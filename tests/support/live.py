@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from support import REPO_ROOT
+from support import HANG_GUARD_S, REPO_ROOT
 
 
 def digit_png(path: Path) -> None:
@@ -46,12 +46,12 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float, what: 
 
 
 def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    wait_http_ok(f"{base}/readyz", proc, 90, "excb up", lambda: tail(log), every=0.5)
+    wait_http_ok(f"{base}/readyz", proc, HANG_GUARD_S, "excb up", lambda: tail(log), every=0.5)
 
 
 def wait_embed(base: str, model_id: str) -> httpx.Response:
     """The embed service picks the new bundle up within a rescan period; then it answers."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_GUARD_S
     r = None
     while time.monotonic() < deadline:
         r = httpx.get(f"{base}/embed", params={"uri": "seven.png"}, timeout=30)

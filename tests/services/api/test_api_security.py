@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from support import HANG_GUARD_S
 from support.services import REPO, free_port
 
 SHORT = {"preset": "cpu-small", "data": "digits", "max_steps": 50}
@@ -159,7 +160,7 @@ def api_process(make_stack: Any, tmp_path: Path) -> Iterator[tuple[subprocess.Po
                             env=stack.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_GUARD_S
         while True:
             try:
                 status, _ = _request(port, b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n", None, 0, False)

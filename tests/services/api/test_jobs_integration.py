@@ -46,7 +46,7 @@ def test_job_succeeds_registers_model_and_reports_progress(pg_url: str, redis_ur
     c = stack.start_api()
     stack.start_worker()
     job = c.post("/v1/jobs", json=tiny_job(max_steps=12)).json()
-    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, 240)
+    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, HANG_GUARD_S)
     assert done["status"] == "SUCCEEDED", done["error"]
     assert done["attempt"] == 1 and done["model_id"]
     assert done["progress"]["step"] == 12 and done["progress"]["total_steps"] == 12
@@ -98,7 +98,7 @@ def test_cancel_mid_training_checkpoints_and_frees_the_cpu(make_stack: Any, tmp_
     t0 = time.monotonic()
     r = c.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 202 and r.json()["status"] in ("CANCELLING", "CANCELLED")
-    done = stack.wait_status(job["id"], {"CANCELLED", "FAILED", "SUCCEEDED"}, 60)
+    done = stack.wait_status(job["id"], {"CANCELLED", "FAILED", "SUCCEEDED"}, HANG_GUARD_S)
     elapsed = time.monotonic() - t0
     assert done["status"] == "CANCELLED"
     assert not _alive(pid)  # the trainer is gone: the CPU is free
@@ -133,9 +133,9 @@ def test_kill9_worker_resumes_elsewhere_from_checkpoint(pg_url: str, redis_url: 
     time.sleep(0.5)
     assert not _alive(attempt1["pid"]), "the trainer of a killed worker must die with it"
     stack.start_worker("second@localhost")
-    resumed = stack.wait(job["id"], lambda j: j["attempt"] == 2 and j["status"] == "RUNNING", 120)
+    resumed = stack.wait(job["id"], lambda j: j["attempt"] == 2 and j["status"] == "RUNNING", HANG_GUARD_S)
     t_resume = time.monotonic() - t_kill
-    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, 240)
+    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, HANG_GUARD_S)
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 2, done
     attempts = _attempt_pids(stack, job["id"])
     assert [a["attempt"] for a in attempts] == [1, 2]
@@ -155,7 +155,7 @@ def test_redis_restart_with_queued_jobs_loses_nothing(private_redis: Any, make_s
     private_redis.start()
     stack.start_worker()
     for jid in ids:
-        done = stack.wait_status(jid, {"SUCCEEDED", "FAILED"}, 240)
+        done = stack.wait_status(jid, {"SUCCEEDED", "FAILED"}, HANG_GUARD_S)
         assert done["status"] == "SUCCEEDED", done["error"]
 
 
@@ -164,7 +164,7 @@ def test_always_crashing_job_fails_after_attempt_limit(make_stack: Any, tmp_path
     c = stack.start_api()
     stack.start_worker()
     job = c.post("/v1/jobs", json={**tiny_job(), "memory_limit_mb": 1}).json()
-    done = stack.wait_status(job["id"], {"FAILED", "SUCCEEDED"}, 120)
+    done = stack.wait_status(job["id"], {"FAILED", "SUCCEEDED"}, HANG_GUARD_S)
     assert done["status"] == "FAILED" and done["attempt"] == 3 and done["failures"] == 3
     assert done["error"]["type"] == "out_of_memory"
     time.sleep(3)  # no endless loop: nothing restarts it
@@ -186,5 +186,5 @@ def test_sigterm_to_worker_checkpoints_and_requeues(make_stack: Any, tmp_path: P
     assert back["status"] == "QUEUED" and back["failures"] == 0, back
     assert [a["outcome"] for a in _attempt_pids(stack, job["id"])] == ["preempted"]
     stack.start_worker("arriving@localhost")
-    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, 240)
+    done = stack.wait_status(job["id"], {"SUCCEEDED", "FAILED"}, HANG_GUARD_S)
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 2 and done["failures"] == 0

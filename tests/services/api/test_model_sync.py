@@ -12,6 +12,7 @@ from services.api import model_sync
 from services.db import models as model_store
 from services.db.session import Database
 from services.db.tables import ModelRow
+from support import HANG_GUARD_S
 
 
 class FlakyRegistry:
@@ -75,7 +76,7 @@ def test_the_watcher_activates_on_the_file_event(tmp_path: Path) -> None:
     sync = model_sync.ModelSync(db, registry, models)
     sync.start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_GUARD_S
         while not sync._tried and time.monotonic() < deadline:  # noqa: SLF001 - imports, first sync, then watches
             time.sleep(0.05)
         time.sleep(0.3)

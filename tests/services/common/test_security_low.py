@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from services.common.auth import hash_key
 from services.embed.fetch import FetchError, FetchPolicy, check_url
 from services.settings import EmbedSettings, Settings
+from support import HANG_GUARD_S
 from support import embed as es
 
 DEEP = '{"input": ' + "[" * 3000 + "]" * 3000 + "}"
@@ -146,7 +147,7 @@ def test_live_streams_are_capped_per_key(make_stack: Any, tmp_path: Path) -> Non
             with c.stream("GET", f"/v1/jobs/{bjob}/events", headers=b) as other:  # B has its own slots
                 assert other.status_code == 200
         slots = app.state.stream_slots
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_GUARD_S
         while slots.active("key-" + hash_key("alpha-secret")[:16]) and time.monotonic() < deadline:
             time.sleep(0.2)  # closed streams free their slots once the server notices the disconnect
         with c.stream("GET", f"/v1/jobs/{job}/events", headers=a) as again:

@@ -287,7 +287,7 @@ def test_excb_serve_runs_the_service_alone(tmp_path: Path) -> None:
                              str(port), "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + HANG_GUARD_S
         while True:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             try:
@@ -318,7 +318,7 @@ def test_excb_serve_starts_empty_and_waits_for_first_bundle(tmp_path: Path) -> N
                              str(port), "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + HANG_GUARD_S
         status = None
         while status is None:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from support import HANG_GUARD_S
+
 SHORT = {"preset": "cpu-small", "data": "digits", "max_steps": 5}
 
 
@@ -63,7 +65,7 @@ def test_row7_enqueue_failure_leaves_a_queued_row_the_outbox_delivers(private_re
     assert store.get_job(db, server_id).enqueued_at is None  # the outbox mark is not set
     private_redis.start()  # same port
     # The app's own reaper thread (every second here) publishes it: one message, once.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + HANG_GUARD_S
     while store.get_job(db, server_id).enqueued_at is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert store.get_job(db, server_id).enqueued_at is not None
@@ -93,7 +95,7 @@ def test_row8_two_workers_four_jobs_both_busy_at_once(redis_url: str, make_stack
             return list(s.scalars(select(Job).where(Job.status == "RUNNING")))
 
     stack.start_worker()  # alone first: with a prefetch of 4 it would reserve all four jobs now
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD_S
     while time.monotonic() < deadline and not running():
         time.sleep(0.2)
     time.sleep(1.0)
@@ -106,7 +108,8 @@ def test_row8_two_workers_four_jobs_both_busy_at_once(redis_url: str, make_stack
         c.post(f"/v1/jobs/{job_id}/cancel")
     assert len(owners) == 2, f"never two workers busy at once: {owners}"
     for job_id in ids:
-        assert stack.wait_status(job_id, {"CANCELLED", "SUCCEEDED"}, 120)["status"] in {"CANCELLED", "SUCCEEDED"}
+        settled = {"CANCELLED", "SUCCEEDED"}
+        assert stack.wait_status(job_id, settled, HANG_GUARD_S)["status"] in settled
 
 
 @pytest.mark.integration
@@ -122,18 +125,18 @@ def test_row4_broker_lost_mid_task(private_redis: Any, make_stack: Any, tmp_path
     c = stack.start_api()
     stack.start_worker()
     job = c.post("/v1/jobs", json=tiny_job(max_steps=150)).json()["id"]
-    stack.wait(job, lambda j: j["status"] == "RUNNING" and (j["progress"]["step"] or 0) >= 1, 120)
+    stack.wait(job, lambda j: j["status"] == "RUNNING" and (j["progress"]["step"] or 0) >= 1, HANG_GUARD_S)
     private_redis.stop()
     assert c.get(f"/v1/jobs/{job}").json()["status"] == "RUNNING"  # lost mid-task, not after
     time.sleep(2.0)
     private_redis.start()
-    done = stack.wait_status(job, {"SUCCEEDED", "FAILED"}, 240)
+    done = stack.wait_status(job, {"SUCCEEDED", "FAILED"}, HANG_GUARD_S)
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 1, done["error"]
     server_id = Path(done["config"]["out"]).name
     attempts = store.attempts(stack.app.state.plane.db, server_id)
     assert [a.attempt for a in attempts] == [1], [(a.attempt, a.outcome) for a in attempts]
     after = c.post("/v1/jobs", json=tiny_job(max_steps=3)).json()["id"]
-    assert stack.wait_status(after, {"SUCCEEDED", "FAILED"}, 240)["status"] == "SUCCEEDED"
+    assert stack.wait_status(after, {"SUCCEEDED", "FAILED"}, HANG_GUARD_S)["status"] == "SUCCEEDED"
 
 
 def _requests_total(text: str, route: str) -> float:
@@ -231,7 +234,7 @@ def test_row3_duplicate_delivery_of_a_running_job_gets_no_second_lease(redis_url
     stack.start_worker()
     job = c.post("/v1/jobs", json=tiny_job(max_steps=300)).json()
     server_id = Path(job["config"]["out"]).name
-    stack.wait(job["id"], lambda j: j["status"] == "RUNNING", 120)
+    stack.wait(job["id"], lambda j: j["status"] == "RUNNING", HANG_GUARD_S)
     stack.start_worker()
     time.sleep(3.0)  # the second worker is up and idle
     settings = stack.settings()

@@ -52,18 +52,12 @@ from typing import Any
 import torch
 
 from excb.config import resolve
-from excb.evaluation.runs import (
-    baselines,
-    evaluate,
-    evaluate_features,
-    evaluate_model,
-    extract_features,
-    labelled_splits,
-    model_transform,
-    raw_pixel_features,
-)
+from excb.evaluation.metrics import evaluate, evaluate_features, extract_features, raw_pixel_features
+from excb.evaluation.runs import baselines, evaluate_model
+from excb.evaluation.splits import labelled_splits, model_transform
 from excb.method import stats
-from excb.training.checkpoint import latest_checkpoint, load_checkpoint, load_teacher
+from excb.training.checkpoint import latest_checkpoint, load_checkpoint
+from excb.training.teacher import load_teacher
 from excb.training.trainer import train
 
 FASHION_MNIST_TRAIN = 60_000
@@ -358,8 +352,9 @@ def _knn_by_fit_images(tr: torch.Tensor, ytr: torch.Tensor, te: torch.Tensor, yt
 
 def cmd_whiten(args: argparse.Namespace) -> dict[str, Any]:
     """The same trained teachers, served embedding unwhitened vs PCA-whitened as the trainer fits it at the end
-    of a run (``excb.models.whitening.fit_model`` on the run's own training images), with the baselines whitened too."""
-    from excb.models.whitening import fit_images, fit_model
+    of a run (``excb.evaluation.whitening_fit.fit_model`` on the run's own training images), with the baselines
+    whitened too."""
+    from excb.evaluation.whitening_fit import fit_images, fit_model
 
     rows = []
     for run in map(Path, args.runs):

@@ -52,7 +52,7 @@ def build_bundle(out: Path, preset: str, overrides: list[str], parity_count: int
 def torch_engine(bundle: Path, device: torch.device) -> Callable[[np.ndarray], None]:
     """The bundle's source teacher in torch: bf16 autocast + channels_last on CUDA, fp32 on the CPU."""
     from excb.models import ExportWrapper
-    from excb.training.checkpoint import load_teacher
+    from excb.training.teacher import load_teacher
 
     meta = json.loads((bundle / "model.json").read_text())
     _, model, _, _ = load_teacher(meta["source"]["checkpoint"], device)

@@ -701,7 +701,7 @@ def raw_pixel_knn(source: str, k: int = KNN_K, temperature: float = KNN_TEMPERAT
     from torchvision.transforms import v2
 
     from excb.data.datasets import build_dataset
-    from excb.evaluation.runs import evaluate_features, raw_pixel_features
+    from excb.evaluation.metrics import evaluate_features, raw_pixel_features
 
     to_tensor = v2.PILToTensor()
     train = raw_pixel_features(build_dataset(source, split="train", labelled=True, transform=to_tensor))

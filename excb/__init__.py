@@ -6,14 +6,14 @@ API (excb/api.py), imported on first use so that ``import excb`` stays light.
 
 from typing import Any
 
-__version__ = "0.1.0"
+from excb.version import __version__ as __version__  # re-exported
 
 _API = ("train", "export_onnx", "export_weights", "embed", "TrainedRun")
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from excb import api
+        from excb import api  # lazy, on first use: api imports torch, ``import excb`` does not
 
         return getattr(api, name)
     raise AttributeError(f"module 'excb' has no attribute {name!r}")

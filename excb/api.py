@@ -16,6 +16,9 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+# The trainer, the exporters and the models are imported by the function that uses them: reaching
+# ``excb.TrainedRun`` (excb/__init__.py re-exports this module lazily) loads no torchvision or ONNX.
+
 PathLike = str | os.PathLike[str]
 
 
@@ -87,7 +90,7 @@ def export_onnx(run: PathLike, out: PathLike, **options: Any) -> dict[str, Any]:
 
 def export_weights(run: PathLike, out: PathLike) -> dict[str, Any]:
     """``excb export RUN --format torch --out DIR``: the teacher's weights for fine-tuning; returns backbone.json."""
-    from excb.models.weights import export_weights as export
+    from excb.inference.weights_export import export_weights as export
 
     return export(run, out)
 

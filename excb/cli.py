@@ -17,7 +17,6 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any, Callable, NoReturn
 
-from excb import __version__
 from excb.config import (
     PRESET_NAMES,
     ConfigError,
@@ -27,12 +26,13 @@ from excb.config import (
     load_file,
     resolve,
 )
+from excb.version import __version__
 
 # Exit status of a run stopped by SIGTERM/SIGINT after checkpointing: the job can be retried and resumes.
 EXIT_INTERRUPTED = 143
 EXIT_CONFIG = 2
 
-_BUILTIN_VERBS = ("excb.evaluation.runs", "excb.inference.export", "excb.inference.embed_folder", "excb.data.pack")
+_BUILTIN_VERBS = ("excb.evaluation.cli", "excb.inference.export", "excb.inference.embed_folder", "excb.data.pack")
 
 
 class UsageError(Exception):
@@ -164,6 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(_dry_run(cfg))
         return 0
+    # lazy, here and in the other verbs: building the parser (``excb --help``, every verb) loads no trainer
     from excb.training.checkpoint import FencedOut
     from excb.training.trainer import NonFiniteLossError, TrainingInterrupted, train
 

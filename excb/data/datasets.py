@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 from excb.config import ConfigError
 from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, load_image
+from excb.data.shards import INDEX_NAME, read_index
 from excb.errors import EmptyDatasetError, UndecodableDataError  # re-exported under their old module
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class SourceDataset(Dataset):
     source: str
     classes: tuple[str, ...] = ()
     labels: np.ndarray  # int64 [N], -1 where unlabelled
-    holdout: dict[str, Any] | None = None  # set by excb.evaluation.runs.labelled_splits on a held-out split
+    holdout: dict[str, Any] | None = None  # set by excb.evaluation.splits.labelled_splits on a held-out split
 
     def __init__(self, source: str, transform: Transform | None, labelled: bool) -> None:
         self.source = source
@@ -361,8 +362,6 @@ def source_paths(source: str) -> list[Path]:
         base = list_file.resolve().parent
         return [list_file] + [Path(p) if Path(p).is_absolute() else base / p for p, _ in _read_list(list_file)]
     if source.startswith("shards:"):
-        from excb.data.shards import INDEX_NAME, read_index
-
         if "://" in source:
             raise ValueError(f"data source {source!r}: not a local path")
         index = read_index(source[len("shards:"):])

@@ -25,6 +25,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from excb.config import ConfigError, TrainConfig
+from excb.data.augment import MultiCropTransform
+from excb.data.datasets import build_dataset
+from excb.data.gpu_augment import GpuMultiCrop, ToUint8Tensor, augment_batch, collate_raw
+from excb.data.shards import open_shards
 from excb.training.seeds import derive_seed, seeded
 
 log = logging.getLogger("excb.data")
@@ -244,9 +248,6 @@ class TrainData:
     """
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
-        from excb.data.augment import MultiCropTransform
-        from excb.data.gpu_augment import GpuMultiCrop, collate_raw
-
         self.cfg, self.rank, self.device = cfg, rank, device
         self.gpu_augment = use_gpu_augment(cfg, device)
         self.transform: Any = GpuMultiCrop(cfg.augment) if self.gpu_augment else MultiCropTransform(cfg.augment)
@@ -272,8 +273,6 @@ class TrainData:
                  "device" if self.gpu_augment else "CPU", dataloader_settings(device, cfg.data.num_workers))
 
     def _open_stream(self, local_batch: int, world_size: int) -> Any:
-        from excb.data.shards import open_shards
-
         cfg = self.cfg
         return open_shards(cfg.data.source.strip(), transform=None if self.gpu_augment else self.transform,
                            mode="raw" if self.gpu_augment else "pil", seed=cfg.seed, rank=self.rank,
@@ -282,9 +281,6 @@ class TrainData:
                            max_pixels=cfg.data.max_image_pixels)
 
     def _open_dataset(self) -> Dataset:
-        from excb.data.datasets import build_dataset
-        from excb.data.gpu_augment import ToUint8Tensor
-
         cfg = self.cfg
         item_transform = ToUint8Tensor(4 * cfg.augment.global_size) if self.gpu_augment else self.transform
         return build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=item_transform,
@@ -309,8 +305,6 @@ class TrainData:
         """``(globals, locals, skipped)`` on the device; the GPU path decodes and multi-crops here, with draws
         that are a function of (seed, rank, epoch, batch) so a resume replays them."""
         if self.gpu_augment:
-            from excb.data.gpu_augment import augment_batch
-
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "gpu-augment", self.rank, epoch, index))
             return augment_batch(batch, self.transform, self.device, gen)
         g = batch.globals.to(self.device, non_blocking=True)

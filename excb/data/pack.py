@@ -69,7 +69,7 @@ def encode_sample(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bytes, bool]
 
 def list_inputs(source: str) -> tuple[list[str], list[int], list[str]]:
     """Files, labels and class names of a folder (class = first sub-folder) or a ``list:FILE``."""
-    from excb.data.datasets import ImageFileDataset, build_dataset
+    from excb.data.datasets import ImageFileDataset, build_dataset  # lazy: excb/cli.py imports this module
 
     ds = build_dataset(source, split="all", labelled=False)
     if not isinstance(ds, ImageFileDataset):

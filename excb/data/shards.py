@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, decode_image
 from excb.errors import EmptyDatasetError
 from excb.training.seeds import derive_seed, seeded
 
@@ -330,8 +331,6 @@ class ShardStream(IterableDataset):
             data = (torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8) if image_bytes
                     else torch.empty(0, dtype=torch.uint8))
             return RawSample(key, data, label)
-        from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, decode_image
-
         try:
             image = decode_image(image_bytes, max_bytes=max(len(image_bytes), 1), max_pixels=self.max_pixels,
                                  allowed_formats=DEFAULT_FORMATS)

@@ -19,9 +19,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
 
 from excb.data.loader import collate_skipping
-from excb.evaluation.runs import LinearHead, extract_features, labelled_splits
+from excb.evaluation.metrics import LinearHead, extract_features
+from excb.evaluation.splits import labelled_splits
 
 EPOCHS = 100
 MOMENTUM = 0.9
@@ -30,8 +32,6 @@ VIT_LR, VIT_BATCH = 0.004, 1024
 
 
 def _transforms(cfg: Any) -> tuple[Any, Any]:
-    from torchvision.transforms import InterpolationMode, v2
-
     size = cfg.augment.global_size
     norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.augment.mean),
                                                                               list(cfg.augment.std))]

@@ -41,6 +41,7 @@ class Assigner:
     """Assignments for one model: holds the balance factors of its size estimate ``s`` [K]."""
 
     def __init__(self, sizes: np.ndarray) -> None:
+        # lazy: torch only to derive the factors once per model; the per-request path is NumPy
         import torch
 
         from excb.method.balancing import balance_factors

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from excb.data.decode import ImageDecodeError, load_image
 from excb.inference.assign import Assigner
 from excb.inference.onnx_runtime import BundleError, OrtEmbedder, load_bundle
 
@@ -28,7 +29,7 @@ FORMATS = ("npy", "parquet")
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted, directory symlinks not followed)."""
-    from excb.data.datasets import IMAGE_EXTENSIONS
+    from excb.data.datasets import IMAGE_EXTENSIONS  # lazy: excb/cli.py imports this module for ``excb --help``
 
     root = Path(folder)
     if not root.is_dir():
@@ -44,8 +45,6 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
 
 def _load(path: Path, embedder: OrtEmbedder, max_bytes: int, max_pixels: int) -> np.ndarray | str:
     """Preprocessed image, or the reason it was skipped."""
-    from excb.data.decode import ImageDecodeError, load_image
-
     try:
         image = load_image(path, max_bytes=max_bytes, max_pixels=max_pixels, min_side=embedder.decode_min_side)
         return embedder.preprocess(image)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from excb.data.decode import load_image
 from excb.fileio import atomic_write, sha256_bytes, sha256_file
 from excb.inference.onnx_runtime import (
     BUNDLE_FORMAT,
@@ -34,10 +35,15 @@ from excb.inference.onnx_runtime import (
     META_FILE,
     MODEL_FILE,
     OUTPUT_NAMES,
+    balance_paper,
     check_no_external_data,
+    session_options,
 )
+from excb.version import __version__
 
-if TYPE_CHECKING:  # for annotations only: excb.models is imported where it is used (torch-heavy)
+# excb.models (and what builds one: the teacher loader, the weights export) is imported where it is used:
+# excb/cli.py imports this module to register ``excb export``, and ``excb --help`` should not load torchvision.
+if TYPE_CHECKING:  # for annotations only
     from excb.models.model import ExCBModel
 
 log = logging.getLogger("excb.export")
@@ -65,7 +71,7 @@ class ParityError(RuntimeError):
 
 def _load_source(source: str | os.PathLike[str]) -> tuple[Any, ExCBModel, np.ndarray, dict[str, Any]]:
     """Run dir or checkpoint -> (cfg, eval-mode teacher, final sizes s, source info)."""
-    from excb.training.checkpoint import load_teacher
+    from excb.training.teacher import load_teacher
 
     cfg, model, ckpt, ckpt_path = load_teacher(source, "cpu", require=("config", "teacher", "balancer"))
     sizes = ckpt["balancer"]["sizes"].detach().float().cpu().numpy()
@@ -134,8 +140,6 @@ def _parity_batch(cfg: Any, parity_images: Sequence[Any] | None, parity_data: st
     a = cfg.augment
     transform = eval_transform(a.global_size, tuple(a.mean), tuple(a.std))
     if parity_images is not None:
-        from excb.data.decode import load_image
-
         tensors = [transform(load_image(p) if isinstance(p, (str, os.PathLike)) else p.convert("RGB"))
                    for p in parity_images]
         if not tensors:
@@ -164,8 +168,6 @@ def check_parity(wrapper: nn.Module, onnx_bytes: bytes, images: torch.Tensor, si
                  batch_size: int = 32) -> dict[str, Any]:
     """Compare torch eval vs ORT CPU on the same inputs; batches of varying size exercise the dynamic axis."""
     import onnxruntime as ort
-
-    from excb.inference.onnx_runtime import balance_paper, session_options
 
     sess = ort.InferenceSession(onnx_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
@@ -213,10 +215,8 @@ def _batch_sizes(total: int, batch_size: int) -> list[int]:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
+    import onnx  # lazy: only the export itself needs the ONNX packages, not ``excb --help``
     import onnxruntime
-
-    from excb import __version__
 
     return {"excb": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__}
@@ -307,7 +307,7 @@ def register_cli(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
 
 def _cmd_export(args: argparse.Namespace) -> int:
     if getattr(args, "format", "onnx") == "torch":
-        from excb.models.weights import cmd_export_weights
+        from excb.inference.weights_export import cmd_export_weights
 
         return cmd_export_weights(args.source, args.out)
     try:

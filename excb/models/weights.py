@@ -19,16 +19,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from excb.config import ModelConfig
+from excb.fileio import atomic_write
+from excb.models.backbones import build_backbone, resolve_small_images
 from excb.models.base import Backbone
-from excb.models.external import LibraryBackbone
-
-if TYPE_CHECKING:  # for annotations only: excb.models.model imports this module's package
-    from excb.models.model import ExCBModel
+from excb.models.external import LibraryBackbone, from_library_keys, split_arch, to_library_keys
+from excb.models.model import MULTISCALE_STAGES, ExCBModel, ServedEmbedding, embedding_dim
+from excb.models.whitening import Whitening, whitening_meta
 
 WEIGHTS_FILE = "backbone.safetensors"
 WHITENING_FILE = "whitening.safetensors"  # the served embedding's PCA whitening (model.whitening=pca only)
@@ -50,8 +53,6 @@ def _is_vit(arch: str) -> bool:
 
 def _library(arch: str) -> str | None:
     """"torchvision" / "timm" for a backbone brought by name (excb.models.external), None for ours."""
-    from excb.models.external import split_arch
-
     found = split_arch(arch)
     return found[0] if found else None
 
@@ -70,8 +71,6 @@ def to_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
     """Our backbone state dict -> torchvision (ResNet: identical) or timm (ViT) key names; a library's own
     architecture (``torchvision:NAME``, ``timm:NAME``) -> its own names."""
     if _library(arch):
-        from excb.models.external import to_library_keys
-
         return to_library_keys(state)
     if not _is_vit(arch):
         return dict(state)
@@ -81,8 +80,6 @@ def to_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
 def from_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor]:
     """The inverse of :func:`to_ecosystem_keys`."""
     if _library(arch):
-        from excb.models.external import from_library_keys
-
         return from_library_keys(state)
     if not _is_vit(arch):
         return dict(state)
@@ -93,8 +90,6 @@ def from_ecosystem_keys(state: dict[str, Tensor], arch: str) -> dict[str, Tensor
 def _compatible_with(cfg: Any, backbone: Backbone) -> dict[str, Any]:
     """Which third-party constructor these exact tensors load into with strict=True (None: none does)."""
     m, size = cfg.model, int(cfg.augment.global_size)
-    from excb.models.backbones import resolve_small_images
-
     out: dict[str, Any] = {"torchvision": None, "timm": None}
     library = _library(m.backbone)
     if library is not None and isinstance(backbone, LibraryBackbone):  # the library's own module: always
@@ -109,9 +104,6 @@ def _compatible_with(cfg: Any, backbone: Backbone) -> dict[str, Any]:
 
 def _embedding_meta(cfg: Any, model: ExCBModel) -> dict[str, Any]:
     """The served embedding (the ONNX bundle's ``embedding``): kind, whitening, size, and how to load it."""
-    from excb.models.model import MULTISCALE_STAGES, embedding_dim
-    from excb.models.whitening import whitening_meta
-
     kind = cfg.model.embedding
     whitening = whitening_meta(getattr(model, "whiten", None))
     if whitening["kind"] == "pca":
@@ -163,10 +155,6 @@ def save_backbone(model: ExCBModel, cfg: Any, out_dir: str | os.PathLike[str],
                   source: dict[str, Any] | None = None) -> Path:
     """Write the weights of ``model`` (an ExCB teacher, usually) to ``out_dir``: ``backbone.safetensors``, the
     whitening (when the model has one) and ``backbone.json``; returns the backbone weights path."""
-    from safetensors.torch import save
-
-    from excb.fileio import atomic_write
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arch = cfg.model.backbone
@@ -191,31 +179,6 @@ def save_run_backbone(teacher: ExCBModel, cfg: Any, run_dir: str | os.PathLike[s
     return save_backbone(inner, cfg, run_dir, source)
 
 
-def export_weights(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``excb export RUN --format torch``: the teacher weights of a run (or checkpoint); returns backbone.json."""
-    from excb.training.checkpoint import load_teacher
-
-    cfg, model, ckpt, ckpt_path = load_teacher(source, "cpu")
-    save_backbone(model, cfg, out_dir, {"checkpoint": str(ckpt_path.resolve()), "step": int(ckpt.get("step", 0))})
-    return json.loads((Path(out_dir) / META_FILE).read_text())
-
-
-def cmd_export_weights(source: str, out: str) -> int:
-    """CLI body of ``excb export RUN --format torch --out DIR``: one JSON line, or ``excb export: ...`` + 2."""
-    import sys
-
-    try:
-        meta = export_weights(source, out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"excb export: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"weights": str((Path(out) / WEIGHTS_FILE).resolve()), "architecture": meta["architecture"],
-                      "embed_dim": meta["embed_dim"], "embedding": meta["embedding"]["kind"],
-                      "whitening": meta["embedding"]["whitening"]["kind"], "backbone_dim": meta["backbone"]["dim"],
-                      "loads_into": meta["loads_into"]}))
-    return 0
-
-
 def read_backbone_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """backbone.json of a weights dir, with a clear error when it is not one."""
     meta_path = Path(path) / META_FILE
@@ -235,11 +198,6 @@ def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cp
     bundle's ``embedding`` (multiscale and whitened when the run served them). ``features="backbone"``: the raw
     backbone (output: its pooled last stage), the module to fine-tune.
     """
-    from safetensors.torch import load_file
-
-    from excb.config import ModelConfig
-    from excb.models.backbones import build_backbone
-
     if features not in FEATURES:
         raise ValueError(f"features: expected one of {', '.join(FEATURES)}, got {features!r}")
     meta = read_backbone_meta(path)
@@ -253,11 +211,6 @@ def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cp
 
 def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbone: Backbone) -> nn.Module:
     """The backbone wrapped into what the bundle serves, as ``backbone.json``'s ``embedding`` describes it."""
-    from safetensors.torch import load_file
-
-    from excb.models.model import ServedEmbedding
-    from excb.models.whitening import Whitening
-
     embedding = meta.get("embedding")
     if not isinstance(embedding, dict):
         raise ValueError(f"{Path(path) / META_FILE}: written before the served embedding was recorded; export it "
@@ -270,5 +223,5 @@ def _served_embedding(path: str | os.PathLike[str], meta: dict[str, Any], backbo
 
 
 __all__ = ["WEIGHTS_FILE", "WHITENING_FILE", "META_FILE", "FEATURES", "backbone_meta", "save_backbone",
-           "save_run_backbone", "export_weights", "cmd_export_weights", "load_backbone", "read_backbone_meta",
+           "save_run_backbone", "load_backbone", "read_backbone_meta",
            "to_ecosystem_keys", "from_ecosystem_keys"]

@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import torch
 
 from excb.config import TrainConfig, budget_seconds
+from excb.data.loader import dataloader_settings
+from excb.evaluation.whitening_fit import estimate_fit_seconds
 
 WARMUP_STEPS = 3          # first steps pay for allocator warm-up / compilation: timed separately
 MEASURED_STEPS = 12
@@ -127,9 +129,6 @@ def time_whitening(run: Any) -> float:
     """Seconds the run's end-of-training whitening fit will take on rank 0 (the one that fits; 0 elsewhere)."""
     if not run.ctx.is_main:
         return 0.0
-    from excb.data.loader import dataloader_settings
-    from excb.models.whitening import estimate_fit_seconds
-
     workers = dataloader_settings(run.device)["num_workers"]
     return estimate_fit_seconds(run.learner.teacher, run.cfg, run.device, workers)
 

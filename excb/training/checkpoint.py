@@ -1,4 +1,6 @@
-"""Owns checkpoint files (atomic saves, ``weights_only`` loads, where the last one is) and the teacher loader."""
+"""Owns checkpoint files: atomic saves, ``weights_only`` loads, where the last one is, the run-dir fence.
+
+Building a model from one is excb.training.teacher."""
 
 from __future__ import annotations
 
@@ -6,14 +8,11 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import torch
 
 from excb.fileio import atomic_write
-
-if TYPE_CHECKING:  # for annotations only: excb.models imports this module (weights -> checkpoint)
-    from excb.models.model import ExCBModel
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -104,44 +103,3 @@ def latest_checkpoint(run_dir_or_file: str | Path) -> Path | None:
         return p
     last = checkpoint_dir(p) / LAST
     return last if last.is_file() else None
-
-
-class Teacher(NamedTuple):
-    """A run's teacher as loaded for evaluation, export or serving benchmarks."""
-
-    cfg: Any
-    model: ExCBModel
-    checkpoint: dict[str, Any]
-    path: Path
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """Where the weights came from, for reports (``excb eval --json``)."""
-        return {"checkpoint": str(self.path.resolve()), "step": int(self.checkpoint.get("step", 0))}
-
-
-def load_teacher(source: str | os.PathLike[str], device: str | torch.device = "cpu",
-                 require: tuple[str, ...] = ("config", "teacher")) -> Teacher:
-    """Run dir or checkpoint -> ``Teacher(cfg, eval-mode teacher on device, checkpoint dict, its path)``.
-
-    The one loader behind ``excb eval``, ``excb export`` and the weights export: clear errors for a missing
-    run, a run without a checkpoint, or a checkpoint without the parts the caller needs.
-    """
-    from excb.config import validate
-    from excb.models import build_model
-
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run directory or checkpoint")
-    ckpt_path = latest_checkpoint(path)
-    if ckpt_path is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found (expected {CHECKPOINT_DIR}/{LAST})")
-    ckpt = load_checkpoint(ckpt_path)
-    for key in require:
-        if key not in ckpt:
-            raise ValueError(f"{ckpt_path}: checkpoint lacks {key!r}")
-    cfg = validate(ckpt["config"])
-    model = build_model(cfg, teacher=True)
-    model.load_state_dict(ckpt["teacher"])
-    model.to(device).eval()
-    return Teacher(cfg, model, ckpt, ckpt_path)

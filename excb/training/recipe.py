@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from excb.config import TrainConfig
-from excb.data.datasets import evenly_spaced
+from excb.config import TrainConfig, deep_merge, validate
+from excb.data.datasets import ArrayDataset, DecodeTally, ImageFileDataset, build_dataset, evenly_spaced
+from excb.data.shards import read_index
 from excb.models.external import is_external
 from excb.training.mirror import MIRROR_RATIO_MAX, mirror_ratio, pil_thumbnail, thumbnails
 
@@ -115,8 +116,6 @@ def _profile_arrays(images: Any) -> DataProfile:
 def _profile_files(ds: Any) -> DataProfile:
     """Decode an evenly spaced sample of files (the same safe decoder training uses); too few decodable images
     stop here with one line (excb.data.datasets.DecodeTally.check), before anything is fitted to them."""
-    from excb.data.datasets import DecodeTally
-
     shorts, longs, greys, thumbs = [], [], 0, []
     tally = DecodeTally(ds.source, len(ds))
     for image in ds.decoded_sample(SAMPLE_IMAGES, tally):
@@ -134,8 +133,6 @@ def _profile_files(ds: Any) -> DataProfile:
 
 
 def _open(cfg: TrainConfig) -> Any:
-    from excb.data.datasets import build_dataset
-
     return build_dataset(cfg.data.source.strip(), split=cfg.data.split, limit=cfg.data.limit,
                          max_pixels=cfg.data.max_image_pixels)
 
@@ -144,13 +141,9 @@ def inspect_data(cfg: TrainConfig) -> DataProfile:
     """Count, size and colour of ``cfg.data`` (shards: count only, from their index)."""
     source = cfg.data.source.strip()
     if source.startswith("shards:"):
-        from excb.data.shards import read_index
-
         index = read_index(source[len("shards:"):])
         total = sum(index.counts)
         return DataProfile(images=min(total, cfg.data.limit or total), short_side=None, long_side=None, grey=None)
-    from excb.data.datasets import ArrayDataset
-
     ds = _open(cfg)
     if isinstance(ds, ArrayDataset):
         return _profile_arrays(ds.images)
@@ -160,8 +153,6 @@ def inspect_data(cfg: TrainConfig) -> DataProfile:
 def check_data(cfg: TrainConfig) -> None:
     """The data check of a run whose recipe is not fitted now (a preset): as :func:`inspect_data` does, stop with
     one line when too few files decode, on a smaller sample (nothing else is measured from it)."""
-    from excb.data.datasets import DecodeTally, ImageFileDataset
-
     if cfg.data.source.strip().startswith("shards:"):
         return
     ds = _open(cfg)
@@ -386,8 +377,6 @@ def fit(cfg: TrainConfig, profile: DataProfile, device: torch.device, world_size
 
 def apply(cfg: TrainConfig, choices: dict[str, Any], length: dict[str, Any] | None = None) -> TrainConfig:
     """``cfg`` with fitted choices (pinned keys are never in them) and a budget's length merged in."""
-    from excb.config import deep_merge, validate
-
     tree = deep_merge(deep_merge(cfg.model_dump(mode="json"), choices), length or {})
     if choices:
         tree["recipe"] = "fitted"

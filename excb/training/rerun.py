@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from excb.config import ConfigError, leaf_keys
+from excb.training.checkpoint import latest_checkpoint, load_checkpoint
 
 log = logging.getLogger("excb.rerun")
 
@@ -124,8 +125,6 @@ def _fitting(source: Mapping[str, torch.Tensor],
 
 def warm_source(path: str) -> Path:
     """The checkpoint file ``checkpoint=PATH`` names (a run directory or a .pt file), or a ConfigError."""
-    from excb.training.checkpoint import latest_checkpoint
-
     source = latest_checkpoint(path) if Path(path).exists() else None
     if source is None:
         raise ConfigError("checkpoint", f"{path}: no checkpoint there (a run directory or a .pt file)")
@@ -136,8 +135,6 @@ def warm_start(learner: Any, path: str) -> dict[str, Any]:
     """Load another run's student and teacher weights (and its cluster-size estimate when K matches) into a
     fresh run: the optimizer, schedules and counters start at step 0. Only the centroids may fail to fit (a
     different num_clusters; k-means then initialises them); any other mismatch is a config error."""
-    from excb.training.checkpoint import load_checkpoint
-
     source = warm_source(path)
     ckpt = load_checkpoint(source, map_location=learner.device)
     if "student" not in ckpt or "teacher" not in ckpt:

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from excb.config import ConfigError
+
 SECTIONS = {"step": "train", "epoch": "epoch", "budget": "budget", "kmeans": "kmeans"}
 SKIP_KEYS = {"step", "time", "epoch", "type"}
 
@@ -35,8 +37,6 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # tensorboard not installed: a config error the user can fix
-            from excb.config import ConfigError
-
             raise ConfigError("logger",
                               "tensorboard needs the tensorboard package: pip install 'excb[tensorboard]'") from exc
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

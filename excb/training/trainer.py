@@ -484,7 +484,7 @@ def _fit_whitening(run: Run, logger: RunLogger) -> None:
         return
     if run.ctx.is_main:
         from excb.data.loader import dataloader_settings
-        from excb.models.whitening import fit_images, fit_model
+        from excb.evaluation.whitening_fit import fit_images, fit_model
 
         workers = dataloader_settings(run.device)["num_workers"]
         logger.emit(run.row("whitening", **fit_model(run.learner.teacher, fit_images(run.cfg), run.device, workers)))

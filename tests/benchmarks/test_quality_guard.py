@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from excb.config import resolve
-from excb.evaluation.runs import baselines, evaluate_model, labelled_splits, model_transform
-from excb.training.checkpoint import load_teacher
+from excb.evaluation.runs import baselines, evaluate_model
+from excb.evaluation.splits import labelled_splits, model_transform
+from excb.training.teacher import load_teacher
 from excb.training.trainer import train
 from support import REPO_ROOT as ROOT
 

@@ -237,7 +237,7 @@ def test_the_validation_view_is_carved_from_train_grouped_and_leaves_test_alone(
     names = lambda files: {f.split("__")[-1] for f in files}  # noqa: E731
     assert not names(val_files) & names(rest)  # grouped as the test split is
     assert {f.split("/")[0] for f in val_files} == {f.split("/")[0] for f in rest}  # every class in both
-    from excb.evaluation.runs import labelled_splits
+    from excb.evaluation.splits import labelled_splits
 
     tr, va = labelled_splits(str(view), None)
     assert (len(tr), len(va)) == (len(rest), len(val_files))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from excb.evaluation.runs import (
+from excb.evaluation.metrics import (
     evaluate,
     extract_features,
     knn_accuracies,
@@ -282,7 +282,7 @@ def test_eval_on_a_folder_without_split_holds_out_a_disjoint_seeded_test_set(
     import json
 
     from excb.cli import main
-    from excb.evaluation.runs import holdout_note, labelled_splits
+    from excb.evaluation.splits import holdout_note, labelled_splits
 
     folder = _labelled_folder(tmp_path / "digits10")
     train_ds, test_ds = labelled_splits(str(folder), None)
@@ -326,7 +326,7 @@ def test_reference_linear_protocol(tmp_path: Path, capsys: pytest.CaptureFixture
     assert lin["protocol"] == "reference" and lin["epochs"] == 2 and lin["weight_decay"] == 0.0
     assert lin["lr"] == pytest.approx(0.3) and lin["batch_size"] == 256 and 0.0 <= lin["acc"] <= 1.0
     cfg_args = dict(data="digits", device=torch.device("cpu"), epochs=2, train_limit=200, test_limit=100)
-    from excb.training.checkpoint import load_teacher
+    from excb.training.teacher import load_teacher
 
     loaded = load_teacher(run_dir, "cpu")
     again = reference_linear_probe(loaded.model, loaded.cfg, **cfg_args)

@@ -16,9 +16,10 @@ from torch import nn
 from excb.config import ConfigError, resolve
 from excb.inference.export import export_bundle
 from excb.inference.onnx_runtime import OrtEmbedder, load_bundle
+from excb.inference.weights_export import export_weights
 from excb.models import build_model, load_backbone
 from excb.models.external import to_library_keys
-from excb.models.weights import META_FILE, WEIGHTS_FILE, export_weights
+from excb.models.weights import META_FILE, WEIGHTS_FILE
 from excb.training.trainer import train
 from support import embed as es
 

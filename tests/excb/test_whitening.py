@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from excb.config import resolve
+from excb.evaluation.whitening_fit import fit_images, fit_model
 from excb.models import build_model
-from excb.models.whitening import Whitening, fit_images, fit_model, fit_pca
-from excb.training.checkpoint import load_teacher
+from excb.models.whitening import Whitening, fit_pca
+from excb.training.teacher import load_teacher
 from excb.training.trainer import train
 from support.training import read_rows, tiny
 
@@ -110,10 +111,10 @@ def test_an_interrupted_run_keeps_the_identity(tmp_path: Path) -> None:
 
 
 def test_baselines_whiten_the_random_network_and_report_whitened_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
-    import excb.models.whitening
+    import excb.evaluation.runs
     from excb.evaluation.runs import baselines
 
-    monkeypatch.setattr(excb.models.whitening, "FIT_IMAGES", 150)  # fitted like the trainer: at most FIT_IMAGES images
+    monkeypatch.setattr(excb.evaluation.runs, "FIT_IMAGES", 150)  # fitted like the trainer: at most FIT_IMAGES images
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     out = baselines(cfg, "digits", torch.device("cpu"), train_limit=400, test_limit=100)
     assert set(out) == {"raw_pixels", "raw_pixels_whitened", "random_init"}
@@ -123,13 +124,9 @@ def test_baselines_whiten_the_random_network_and_report_whitened_pixels(monkeypa
 
 
 def test_evaluate_model_ranks_on_the_served_embedding_and_probes_before_whitening() -> None:
-    from excb.evaluation.runs import (
-        evaluate_features,
-        evaluate_model,
-        extract_features,
-        labelled_splits,
-        model_transform,
-    )
+    from excb.evaluation.metrics import evaluate_features, extract_features
+    from excb.evaluation.runs import evaluate_model
+    from excb.evaluation.splits import labelled_splits, model_transform
 
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     model = build_model(cfg, teacher=True).eval()
@@ -153,7 +150,7 @@ def test_too_few_decodable_images_leave_the_identity() -> None:
 def test_the_fit_time_estimate_leaves_the_model_as_it_was() -> None:
     """A budgeted run reserves the fit's time (excb.training.budget.calibrate): the estimate times a real pass over a
     sample of the fit images, without fitting or changing the model; no whitening costs nothing."""
-    from excb.models.whitening import estimate_fit_seconds
+    from excb.evaluation.whitening_fit import estimate_fit_seconds
 
     cfg = resolve(overrides=["data=digits", "model.whitening=pca", "model.width=8", "augment.global_size=16"])
     model = build_model(cfg, teacher=True).train()

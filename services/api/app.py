@@ -23,6 +23,7 @@ from services.common.auth import ApiKeyAuth
 from services.common.cors import install_cors
 from services.common.errors import install_error_docs, install_error_handlers
 from services.common.metrics import install_http_metrics
+from services.corpus import routes as corpus_routes
 from services.db.session import Database, default_url
 from services.queue.broker import make_celery
 from services.queue.reaper import Reaper
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, embedded: bool = False, db: 
         app.include_router(routes_jobs.router, prefix=prefix, include_in_schema=visible)
         app.include_router(routes_models.router, prefix=prefix, include_in_schema=visible)
     _include_index_build(app, cp if embed_app is None else None)
+    app.include_router(corpus_routes.router, prefix="/v1")  # corpus index, dedup, subsets (services/corpus)
     _include_dashboard(app)
     if embed_app is not None:
         app.mount("/", embed_app)

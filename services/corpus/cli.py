@@ -1,5 +1,5 @@
 """``excb corpus embed|status``: corpus embedding jobs through the control plane (like ``excb jobs submit``), or
-``--local`` in this process."""
+``--local`` in this process; ``index|search|dedup|subset`` come from cli_curate.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import sys
 import time
 from typing import Any
+
+from services.corpus.cli_curate import add_commands
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -31,6 +33,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     s.add_argument("job_id")
     s.add_argument("--json", action="store_true", help="the job as JSON")
     s.set_defaults(func=_cmd_status)
+    add_commands(sub)  # index, search, dedup, subset (services/corpus/cli_curate.py)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:

@@ -137,7 +137,7 @@ def bench_end_to_end(cfg: TrainConfig, device: torch.device, steps: int, rounds:
     def real() -> int:
         n = 0
         for _ in range(steps):
-            g, l, _ = run.device_views(next_batch(), state["epoch"], state["batch"])
+            g, l, _ = run.data.device_views(next_batch(), state["epoch"], state["batch"])
             float(run.train_step(g, l, want_metrics=False)["loss"])
             n += g.shape[1]
         return n

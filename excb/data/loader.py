@@ -1,8 +1,9 @@
 """Owns the training batches: "this rank's batches of epoch e from step s" for folders and shards alike.
 
-:class:`TrainData` is what the trainer (and the budget's timing) iterates; :func:`build_train_loader` is the
-same map-style loader for one epoch on its own. Exact resume: the order is a seeded permutation that can
-start mid-epoch, and every augmentation is a function of (seed, epoch, index) (excb.training.seeds.derive_seed).
+:class:`TrainData` is what the trainer (and the budget's timing) iterates; for a folder or file list it opens
+:func:`build_train_loader`, this rank's map-style loader of one epoch, each epoch. Exact resume: the order is a
+seeded permutation that can start mid-epoch, and every augmentation is a function of (seed, epoch, index)
+(excb.training.seeds.derive_seed).
 
 Undecodable files come out of the data set as ``None``; :func:`collate_multicrop` drops them and reports
 how many in ``MultiCropBatch.skipped`` (workers are separate processes, so the count has to travel with
@@ -204,16 +205,15 @@ def _local_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def _apply_epoch(dataset: Dataset, epoch: int, epochs: int) -> None:
-    """Move the transform's crop scale to this epoch (before the workers are forked)."""
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_epoch"):
-        transform.set_epoch(epoch, epochs)
-
-
 def build_train_loader(cfg: TrainConfig, dataset: Dataset, rank: int = 0, world_size: int = 1, seed: int | None = None,
-                       epoch: int = 0, start_batch: int = 0) -> DataLoader:
-    """A loader for one epoch: this rank's disjoint share, per-rank batch ``cfg.batch_size // world_size``."""
+                       epoch: int = 0, start_batch: int = 0, *, device: str | torch.device | None = None,
+                       collate: Callable[[list[Any]], Any] = collate_multicrop) -> DataLoader:
+    """This rank's loader of ``epoch`` from ``start_batch`` on: its disjoint share of a seeded permutation, per-rank
+    batch ``cfg.batch_size // world_size``, each item augmented as a function of (seed, epoch, index).
+
+    The transform's crop scale is the caller's to set before the call (``TrainData.batches``; on its own,
+    ``dataset.transform.set_epoch``): the loader forks its workers afterwards, so they see it.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size} is not a valid distributed setting")
     per_rank = cfg.batch_size // world_size
@@ -223,13 +223,12 @@ def build_train_loader(cfg: TrainConfig, dataset: Dataset, rank: int = 0, world_
     if n // world_size < per_rank:
         raise ValueError(f"batch_size: the data set has {n} images, fewer than one batch "
                          f"({per_rank} per rank x {world_size} ranks, batch_size={cfg.batch_size})")
-    _apply_epoch(dataset, epoch, cfg.epochs)
     seed = cfg.seed if seed is None else seed
     items = SeededItems(dataset, seed)
     sampler = ResumableSampler(n, per_rank, rank, world_size, seed)
     items.epoch = sampler.epoch = epoch
     sampler.start_batch = start_batch
-    return _map_loader(items, sampler, cfg, cfg.device, collate_multicrop)
+    return _map_loader(items, sampler, cfg, cfg.device if device is None else device, collate)
 
 
 def use_gpu_augment(cfg: TrainConfig, device: torch.device) -> bool:
@@ -248,23 +247,20 @@ class TrainData:
     """
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> None:
-        self.cfg, self.rank, self.device = cfg, rank, device
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.gpu_augment = use_gpu_augment(cfg, device)
         self.transform: Any = GpuMultiCrop(cfg.augment) if self.gpu_augment else MultiCropTransform(cfg.augment)
         self.collate = collate_raw if self.gpu_augment else collate_multicrop
         local_batch = _local_batch(cfg.batch_size, world_size)
         self.stream: Any = None
-        self.items: SeededItems | None = None
-        self.sampler: ResumableSampler | None = None
+        self.dataset: Dataset | None = None
         if cfg.data.source.strip().startswith("shards:"):
             self.stream = self._open_stream(local_batch, world_size)
             self.num_images = len(self.stream)
         else:
-            base = self._open_dataset()
-            self.items = SeededItems(base, cfg.seed)
+            self.dataset = self._open_dataset()
             # why the ignore below: torch's Dataset declares no __len__; the sets here are map-style
-            self.sampler = ResumableSampler(len(base), local_batch, rank, world_size, cfg.seed)  # type: ignore[arg-type]
-            self.num_images = len(base)  # type: ignore[arg-type]  # as above
+            self.num_images = len(self.dataset)  # type: ignore[arg-type]
         self.steps_per_epoch = (self.num_images // world_size) // local_batch
         if self.steps_per_epoch < 1:
             raise ConfigError("batch_size", f"{cfg.batch_size} is larger than the data set ({self.num_images} images "
@@ -295,10 +291,9 @@ class TrainData:
             self.stream.set_epoch(epoch)
             loader = _stream_loader(self.stream, self.cfg, self.device)
         else:
-            assert self.items is not None and self.sampler is not None
-            self.items.epoch = epoch
-            self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
-            loader = _map_loader(self.items, self.sampler, self.cfg, self.device, self.collate)
+            assert self.dataset is not None
+            loader = build_train_loader(self.cfg, self.dataset, self.rank, self.world_size, self.cfg.seed, epoch,
+                                        start_batch, device=self.device, collate=self.collate)
         return itertools.islice(loader, max(self.steps_per_epoch - start_batch, 0))
 
     def device_views(self, batch: Any, epoch: int, index: int) -> tuple[Tensor, Tensor | None, int]:

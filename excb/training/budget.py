@@ -53,7 +53,7 @@ def time_steps(run: Any, steps: int = MEASURED_STEPS, warmup: int = WARMUP_STEPS
     started = time.perf_counter()
     batches = itertools.islice(_batches_across_epochs(run), warmup + steps)
     for done, (epoch, index, batch) in enumerate(batches, start=1):
-        g, l, _ = run.device_views(batch, epoch, index)
+        g, l, _ = run.data.device_views(batch, epoch, index)
         run.train_step(g, l, want_metrics=True)  # the loop logs every step by default: time that too
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)

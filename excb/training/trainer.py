@@ -1,9 +1,10 @@
-"""Owns a training run: its directory, state, checkpoints, logging and the loop; ``train()`` is the entry point.
+"""Owns a training run: its state, checkpoints, resume and the loop; ``train()`` is the entry point.
 
 One code path for a laptop CPU, one GPU and many GPUs under torchrun. What a step does lives in
-``excb.method.step.ExCBStep``; how batches are made lives in ``excb.data.loader.TrainData``. Resume is exact: the
-data order, every augmentation and every random draw are functions of (seed, epoch, index) or of saved
-generator states.
+``excb.method.step.ExCBStep``; how batches are made in ``excb.data.loader.TrainData``; the recipe and the length a
+budget sets in ``excb.training.plan``; what the run writes about itself (metrics.jsonl, train.log, timing) in
+``excb.training.run_log``; the progress display in ``excb.training.progress``. Resume is exact: the data order,
+every augmentation and every random draw are functions of (seed, epoch, index) or of saved generator states.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from excb.config import RUN_CONFIG, ConfigError, TrainConfig, dump_yaml
-from excb.data.loader import TrainData
+from excb.config import ConfigError, TrainConfig
+from excb.data.loader import TrainData, dataloader_settings
+from excb.evaluation.runs import online_knn
+from excb.evaluation.whitening_fit import fit_images, fit_model
 from excb.fileio import atomic_write
 from excb.method import stats
 from excb.method.step import ExCBStep
+from excb.models.weights import save_run_backbone
 from excb.training.checkpoint import (
     LAST,
     FencedOut,
@@ -35,12 +39,14 @@ from excb.training.checkpoint import (
     save_checkpoint,
 )
 from excb.training.distributed import DistContext, all_reduce_sum_int, barrier, cleanup, setup
+from excb.training.plan import budget_check, correct_length, fit_to_budget, plan_config, write_plan
+from excb.training.progress import progress_bar
+from excb.training.rerun import check_resumable, set_aside, warm_source, warm_start
+from excb.training.run_log import RunLogger, make_sinks, timing, timing_text, train_log
 from excb.training.seeds import seed_everything
 
 log = logging.getLogger("excb.trainer")
 
-Sink = Callable[[dict[str, Any]], None]
-PLAN_FILE = "recipe.json"  # the fitted choices and the budget's step count: a resume reuses them
 COUNTERS = ("step", "epoch", "epoch_batch", "images_seen", "skipped", "wall_time")
 
 
@@ -59,37 +65,6 @@ class TrainResult:
     epochs_completed: int
     status: str
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-class RunLogger:
-    """Writes metrics.jsonl on rank 0, the one stream of a run's events (the worker tails it; ``excb eval`` and the
-    dashboard read it), and hands each row to ``sinks`` (``logger=tensorboard`` or ``logger=mlflow``)."""
-
-    def __init__(self, run_dir: Path, ctx: DistContext) -> None:
-        self.run_dir, self.ctx = run_dir, ctx
-        self.sinks: list[Sink] = []
-        self.metrics_path = run_dir / "metrics.jsonl"
-
-    def rewind(self, step: int) -> None:
-        """After a resume, drop rows logged past the checkpoint so the series has no duplicates."""
-        if not self.ctx.is_main or not self.metrics_path.exists():
-            return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write(self.metrics_path, "".join(ln + "\n" for ln in kept))
-
-    def reset(self) -> None:
-        """A fresh start: rows a crashed start left before its first checkpoint belong to no run."""
-        if self.ctx.is_main and self.metrics_path.exists():
-            self.metrics_path.unlink()
-
-    def emit(self, event: dict[str, Any]) -> None:
-        if not self.ctx.is_main:
-            return
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(event) + "\n")
-        for sink in self.sinks:
-            sink(event)
 
 
 class Run:
@@ -144,16 +119,13 @@ class Run:
         """This rank's loader batches of ``epoch`` from ``start_batch`` on (see TrainData.batches)."""
         return self.data.batches(epoch, start_batch, self.total_epochs, schedule_epoch)
 
-    def device_views(self, batch: Any, epoch: int, index: int) -> tuple[Tensor, Tensor | None, int]:
-        return self.data.device_views(batch, epoch, index)
-
     def train_step(self, globals_: Tensor, locals_: Tensor | None, want_metrics: bool) -> dict[str, Tensor]:
         return self.learner(globals_, locals_, self.step, self.total_steps, self.warmup_steps, want_metrics)
 
     def init_centroids(self) -> dict[str, float]:
         """k-means on a shuffle of its own (epoch = cfg.epochs, as in the reference), epoch 0's crop scale."""
         epoch = self.cfg.epochs
-        views = (self.device_views(batch, epoch, i)[0][i % 2]
+        views = (self.data.device_views(batch, epoch, i)[0][i % 2]
                  for i, batch in enumerate(self.batches(epoch, 0, schedule_epoch=0)))
         return self.learner.init_centroids(views)
 
@@ -166,8 +138,6 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Tr
     """Train (or resume) a run described by ``cfg``; see docs/internals.md for the run-directory layout."""
     cfg = cfg.model_copy(deep=True)  # private copy: the caller's config is never changed (validated once, by resolve)
     if cfg.checkpoint:
-        from excb.training.rerun import warm_source
-
         warm_source(cfg.checkpoint)  # a wrong path fails before anything is written
     ctx = setup(cfg.device)
     try:
@@ -182,56 +152,39 @@ def _logged_train(cfg: TrainConfig, ctx: DistContext, should_stop: Callable[[], 
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
         _start_over(run_dir, ctx)
-    handler = _setup_file_log(run_dir, ctx)
-    try:
+    with train_log(run_dir, ctx):
         return _train(cfg, ctx, run_dir, should_stop)
-    finally:
-        if handler is not None:
-            logging.getLogger("excb").removeHandler(handler)
-            handler.close()
 
 
 def _start_over(run_dir: Path, ctx: DistContext) -> None:
     """``overwrite=true``: rank 0 moves the old run aside (before train.log is reopened), the others wait."""
-    from excb.training.rerun import set_aside
-
     if ctx.is_main:
         set_aside(run_dir)
     barrier()
 
 
-def _setup_file_log(run_dir: Path, ctx: DistContext) -> logging.Handler | None:
-    if not ctx.is_main:
-        return None
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("excb").addHandler(handler)
-    logging.getLogger("excb").setLevel(logging.INFO)
-    return handler
-
-
 def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Callable[[], bool] | None) -> TrainResult:
     started = time.time()
     seed_everything(cfg.seed + ctx.rank)  # per-rank seeds (the reference seeds every rank alike, §10.5)
-    cfg, plan = _plan_config(cfg, ctx, run_dir)
+    cfg, plan = plan_config(cfg, ctx, run_dir)
     ckpt = _checkpoint_to_resume(cfg, ctx, run_dir, plan)  # before anything in run_dir is rewritten
-    _write_plan(run_dir, ctx, cfg, plan)
+    write_plan(run_dir, ctx, cfg, plan)
     run = Run(cfg, ctx)
     logger = RunLogger(run_dir, ctx)
     resumed = _resume(run, logger, ckpt)
-    sinks = _sinks(cfg, ctx, run_dir, run.step if resumed else None)
+    sinks = make_sinks(cfg, ctx, run_dir, run.step if resumed else None)
     logger.sinks.extend(sinks)
     warm = _warm_start(run, logger) if not resumed and cfg.checkpoint else {}
     if not resumed and not warm.get("centroids_loaded") and cfg.kmeans.enabled and cfg.model.num_clusters > 1:
         logger.emit({"type": "kmeans", "step": 0, "time": time.time(), **run.init_centroids()})
     if not resumed and cfg.budget and "length" not in plan:
-        _fit_to_budget(run, plan, started, logger)
+        fit_to_budget(run, plan, started, logger)
     log.info("run %s: %d steps (%d per epoch), device %s, world %d, precision %s", run_dir, run.total_steps,
              run.steps_per_epoch, ctx.device, ctx.world_size, run.learner.amp_dtype or "fp32")
     if not resumed:
         run.save()
-    progress = _progress_bar(run) if ctx.is_main and cfg.progress else None
-    check = _budget_check(run, cfg.budget, plan, started) if cfg.budget and not resumed else None
+    progress = progress_bar(run.total_steps, run.step) if ctx.is_main and cfg.progress else None
+    check = budget_check(run, cfg.budget, plan, started) if cfg.budget and not resumed else None
     status = "completed"
     clock = [started, time.time()]  # start, loop start, loop end, whitening end: the summary's timing
     try:
@@ -253,27 +206,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, should_stop: Calla
         summary = _summary(run, status, clock)
         if ctx.is_main and status != "superseded":
             atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-            log.info("run %s %s after %d steps: %s", run_dir, status, run.step, _timing_text(summary["timing"]))
+            log.info("run %s %s after %d steps: %s", run_dir, status, run.step, timing_text(summary["timing"]))
     if ctx.is_main:  # weights for fine-tuning next to the checkpoints (excb.models.load_backbone reads them)
-        from excb.models.weights import save_run_backbone
-
         save_run_backbone(run.learner.teacher, run.cfg, run_dir, run.step)
     logger.emit({"type": "done", "step": run.step, "time": time.time(), "summary": summary})
     return TrainResult(run_dir, run.step, run.epoch, status, summary)
-
-
-def _sinks(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resumed_at: int | None) -> list[Any]:
-    """Where rows go besides metrics.jsonl, on rank 0: ``logger=tensorboard`` (its writer purges events a crashed
-    start wrote past the checkpoint it resumes from) or ``logger=mlflow`` (the same MLflow run across resumes)."""
-    if cfg.logger == "jsonl" or not ctx.is_main:
-        return []
-    if cfg.logger == "mlflow":
-        from excb.training.mlflow_logger import MlflowLogger
-
-        return [MlflowLogger(run_dir, cfg, resumed_at)]
-    from excb.training.tb_logger import TensorBoardLogger
-
-    return [TensorBoardLogger(run_dir / "tb", purge_step=resumed_at + 1 if resumed_at is not None else None)]
 
 
 def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
@@ -281,8 +218,6 @@ def _checkpoint_to_resume(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     """The run's own last checkpoint when this config may continue it, None for a fresh start; a config that
     differs in a field that may not change on resume (or resume=never on an existing run) is a ConfigError,
     so two runs never mix in one directory (excb/training/rerun.py)."""
-    from excb.training.rerun import check_resumable
-
     last = checkpoint_dir(run_dir) / LAST
     if not has_checkpoint(run_dir):
         if cfg.resume == "must":
@@ -312,134 +247,10 @@ def _resume(run: Run, logger: RunLogger, ckpt: dict[str, Any] | None) -> bool:
 
 def _warm_start(run: Run, logger: RunLogger) -> dict[str, Any]:
     """``checkpoint=PATH`` on a fresh run: another run's weights, this run's optimizer and step 0."""
-    from excb.training.rerun import warm_start
-
     assert run.cfg.checkpoint is not None
     info = warm_start(run.learner, run.cfg.checkpoint)
     logger.emit({"type": "warm_start", "step": 0, "time": time.time(), **info})
     return info
-
-
-def _plan_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The recipe of this run: the one stored with its checkpoint (a resume trains the same recipe and step
-    count), or one fitted now to the data and device (``recipe=auto``; excb/training/recipe.py)."""
-    from excb.training.recipe import apply, fit_config
-    from excb.training.rerun import without_keys
-
-    stored = run_dir / PLAN_FILE
-    if cfg.resume != "never" and stored.exists() and has_checkpoint(run_dir):
-        plan = json.loads(stored.read_text())
-        choices = without_keys(plan.get("choices", {}), cfg.pinned)  # what the user typed now is compared
-        return apply(cfg, choices, plan.get("length", {})), plan
-    fitted, recipe = fit_config(cfg, ctx.device, ctx.world_size)
-    return fitted, (recipe.to_json() if recipe is not None else {})
-
-
-def _write_plan(run_dir: Path, ctx: DistContext, cfg: TrainConfig, plan: dict[str, Any]) -> None:
-    if ctx.is_main:
-        atomic_write(run_dir / RUN_CONFIG, dump_yaml(cfg))
-        atomic_write(run_dir / PLAN_FILE, json.dumps(plan, indent=2))
-
-
-def _set_length(run: Run, plan: dict[str, Any], steps: int) -> None:
-    """End the run after ``steps`` (max_steps, epochs and a fitted recipe's warm-up follow) and record that
-    length in recipe.json and config.yaml, where a resume finds it. A second call (the budget check) keeps the
-    first plan's warm-up (excb.training.budget.corrected_length)."""
-    from excb.training.budget import corrected_length, length_overrides
-    from excb.training.recipe import apply
-
-    if "length" in plan:
-        plan["length"] = corrected_length(plan["length"], steps, run.steps_per_epoch)
-    else:
-        plan["length"] = length_overrides(run.cfg, steps, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
-    run.set_length(apply(run.cfg, {}, plan["length"]))
-    _write_plan(run.run_dir, run.ctx, run.cfg, plan)
-
-
-def _fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLogger) -> None:
-    """Time real steps, then set max_steps (and a fitted recipe's warm-up) so the schedules end with the budget."""
-    from excb.training.budget import calibrate, short_budget_warning, steps_for_warmup
-
-    cal = calibrate(run.cfg, run, started)
-    plan["calibration"] = cal.to_json()
-    log.info("budget %s: %.3f s/step measured, %.0f s of set-up -> %d steps", run.cfg.budget, cal.seconds_per_step,
-             cal.seconds_before_training, cal.steps)
-    assert run.cfg.budget is not None
-    needed = steps_for_warmup(run.cfg, run.steps_per_epoch, fitted=run.cfg.recipe == "fitted")
-    warning = short_budget_warning(cal, run.cfg.budget, needed)
-    if warning is not None:
-        log.warning("%s", warning)
-    logger.emit({"type": "budget", "step": 0, "time": time.time(), **cal.to_json()})
-    _set_length(run, plan, cal.steps)
-
-
-def _budget_check(run: Run, budget: str, plan: dict[str, Any], started: float) -> Any:
-    from excb.config import budget_seconds
-    from excb.training.budget import BudgetCheck
-
-    reserve = plan.get("calibration", {}).get("seconds_for_whitening", 0.0)
-    return BudgetCheck(budget_seconds(budget), started, run.total_steps, run.step, plan, reserve)
-
-
-def _correct_length(run: Run, check: Any, logger: RunLogger, progress: Any) -> None:
-    """Move the end of a budgeted run once, from the loop's measured pace (excb.training.budget.BudgetCheck)."""
-    steps = check.corrected_steps(run.step)
-    log.info("budget check at step %d: %d -> %d steps at the loop's pace", run.step, run.total_steps, steps)
-    check.plan["corrected_at_step"] = run.step
-    _set_length(run, check.plan, steps)
-    logger.emit({"type": "budget", "step": run.step, "time": time.time(), "steps": steps})
-    if progress is not None:
-        progress.total = run.total_steps
-
-
-PROGRESS_LOG_SECONDS = 30.0  # without a terminal: one progress line this often (and one at the end)
-
-
-class LogProgress:
-    """tqdm's interface (``update``, ``set_postfix``, ``total``, ``close``) as plain log lines, for a log file.
-
-    A tqdm bar redrawn with carriage returns is one line of thousands of characters in a job's log; this writes
-    ``progress: step 120/2000 (6%), 3.1 steps/s, eta 10m05s, loss 4.123`` every ``interval`` seconds instead.
-    """
-
-    def __init__(self, total: int, initial: int = 0, interval: float = PROGRESS_LOG_SECONDS) -> None:
-        self.total, self.n, self.interval = total, initial, interval
-        self.postfix: dict[str, Any] = {}
-        self.started = self.last = time.monotonic()
-        self.first, self.logged = initial, initial
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.interval or self.n >= self.total:
-            self._log(now)
-
-    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
-        self.postfix = values
-
-    def close(self) -> None:
-        if self.n != self.logged:
-            self._log(time.monotonic())
-
-    def _log(self, now: float) -> None:
-        rate = (self.n - self.first) / max(now - self.started, 1e-9)
-        left = max(self.total - self.n, 0) / rate if rate > 0 else None
-        eta = f", eta {int(left // 60)}m{int(left % 60):02d}s" if left is not None else ""
-        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        percent = 100 * self.n / max(self.total, 1)
-        log.info("progress: step %d/%d (%.0f%%), %.2f steps/s%s%s", self.n, self.total, percent, rate, eta, extra)
-        self.last, self.logged = now, self.n
-
-
-def _progress_bar(run: Run) -> Any:
-    """A tqdm bar on a terminal; plain log lines (:class:`LogProgress`) when stderr is a file or a pipe (a job)."""
-    import sys
-
-    if not sys.stderr.isatty():
-        return LogProgress(run.total_steps, run.step)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=run.total_steps, initial=run.step, desc="excb train", unit="step", dynamic_ncols=True)
 
 
 def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, progress: Any,
@@ -463,7 +274,7 @@ def _loop(run: Run, logger: RunLogger, should_stop: Callable[[], bool] | None, p
             if run.step % cfg.histogram_every_steps == 0 or run.step == run.total_steps:
                 logger.emit(run.row("cluster_sizes", **run.learner.size_curve()))
             if check is not None and check.due(run.step):
-                _correct_length(run, check, logger, progress)
+                correct_length(run, check, logger, progress)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(tensors['loss']):.3f}", refresh=False)
@@ -483,9 +294,6 @@ def _fit_whitening(run: Run, logger: RunLogger) -> None:
     if getattr(run.learner.teacher, "whiten", None) is None:
         return
     if run.ctx.is_main:
-        from excb.data.loader import dataloader_settings
-        from excb.evaluation.whitening_fit import fit_images, fit_model
-
         workers = dataloader_settings(run.device)["num_workers"]
         logger.emit(run.row("whitening", **fit_model(run.learner.teacher, fit_images(run.cfg), run.device, workers)))
     run.save()
@@ -493,7 +301,7 @@ def _fit_whitening(run: Run, logger: RunLogger) -> None:
 
 def _step(run: Run, batch: Any, want: bool) -> tuple[dict[str, Tensor], int]:
     """One optimisation step on ``batch`` and the counters it moves; a non-finite loss saves nan.pt and stops."""
-    g, l, skipped = run.device_views(batch, run.epoch, run.epoch_batch)
+    g, l, skipped = run.data.device_views(batch, run.epoch, run.epoch_batch)
     distributed = run.ctx.distributed
     run.skipped += all_reduce_sum_int(skipped, run.device) if distributed else skipped
     tensors = run.train_step(g, l, want)
@@ -525,8 +333,6 @@ def _end_epoch(run: Run, logger: RunLogger) -> None:
     every = run.cfg.eval.knn_every_epochs
     if every and run.epoch % every == 0:
         if run.ctx.is_main:
-            from excb.evaluation.runs import online_knn
-
             knn = online_knn(run.learner.teacher, run.cfg, run.device)
             if knn is not None:
                 logger.emit(run.row("eval", **knn))
@@ -535,26 +341,9 @@ def _end_epoch(run: Run, logger: RunLogger) -> None:
         run.save(f"epoch{run.epoch:04d}.pt")
 
 
-def _timing(clock: list[float]) -> dict[str, float | None]:
-    """Seconds of set-up (from the start of train() to the first step: data, model, k-means, the budget's timing),
-    training (the loop) and the whitening fit; the phase a stopped run was in counts until now, one it never
-    reached is None."""
-    ends = [*clock, time.time()]
-    phases = [round(b - a, 2) for a, b in zip(ends, ends[1:])] + [None, None, None]
-    return {"setup_seconds": phases[0], "training_seconds": phases[1], "whitening_seconds": phases[2],
-            "total_seconds": round(ends[-1] - ends[0], 2)}
-
-
-def _timing_text(t: dict[str, float | None]) -> str:
-    """The summary's timing as the run's last log line says it."""
-    said = {k: "-" if v is None else f"{v:.1f} s" for k, v in t.items()}
-    return (f"set-up {said['setup_seconds']}, training {said['training_seconds']}, whitening fit "
-            f"{said['whitening_seconds']}, total {said['total_seconds']}")
-
-
 def _summary(run: Run, status: str, clock: list[float]) -> dict[str, Any]:
     return {
-        "timing": _timing(clock),
+        "timing": timing(clock),
         "status": status,
         "steps": run.step,
         "total_steps": run.total_steps,

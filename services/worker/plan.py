@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from excb.config import RUN_CONFIG, TrainConfig, validate
+from excb.training.plan import PLAN_FILE
 from excb.training.recipe import DataProfile
-from excb.training.trainer import PLAN_FILE
 
 log = logging.getLogger("excb.worker")
 

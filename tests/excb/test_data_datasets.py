@@ -224,6 +224,7 @@ def test_epoch_scale_reaches_worker_processes():
     data = _IndexItems(8)
     scales = {}
     for epoch in (0, 4):
+        data.transform.set_epoch(epoch, cfg.epochs)  # in the parent, as TrainData.batches does, before the fork
         batch = next(iter(build_train_loader(cfg, data, 0, 1, seed=0, epoch=epoch)))
         scales[epoch] = float(batch.globals[0, 0, 0, 0, 1])
     assert scales[0] == pytest.approx(0.5) and scales[4] == pytest.approx(0.3)

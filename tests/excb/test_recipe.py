@@ -266,17 +266,18 @@ def test_the_budget_check_keeps_the_first_plans_warm_up(tmp_path: Path) -> None:
     from excb.method.schedules import learning_rate
     from excb.training.budget import BudgetCheck
     from excb.training.distributed import setup
-    from excb.training.trainer import RunLogger, _correct_length, _set_length
+    from excb.training.plan import correct_length, set_length
+    from excb.training.run_log import RunLogger
 
     cfg, recipe = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
     run, plan = Run(cfg, setup("cpu")), recipe.to_json()
-    _set_length(run, plan, 200)  # the first plan: 200 steps, a warm-up of 5% of them
+    set_length(run, plan, 200)  # the first plan: 200 steps, a warm-up of 5% of them
     first = json.loads((tmp_path / "recipe.json").read_text())["length"]
     warmup = run.warmup_steps
     assert warmup == 10 and first["max_steps"] == 200
     check = BudgetCheck(600.0, time.time(), run.total_steps, 0, plan)
     run.step = check.check_step  # the loop reached the check after a fraction of a second: far faster than planned
-    _correct_length(run, check, RunLogger(tmp_path, run.ctx), None)
+    correct_length(run, check, RunLogger(tmp_path, run.ctx), None)
     assert run.total_steps > 2 * 200 and run.warmup_steps == warmup
     stored = json.loads((tmp_path / "recipe.json").read_text())
     assert stored["length"]["optim"] == first["optim"] and stored["length"]["max_steps"] == run.total_steps

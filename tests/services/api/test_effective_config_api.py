@@ -12,8 +12,8 @@ import torch
 
 from excb.config import RUN_CONFIG, dump_yaml, validate
 from excb.fileio import atomic_write
+from excb.training.plan import PLAN_FILE
 from excb.training.recipe import fit_config
-from excb.training.trainer import PLAN_FILE
 from services.api.cli import status_lines
 from services.db import jobs as store
 from services.db.session import Database
@@ -32,7 +32,7 @@ def _stack(make_stack: Any, tmp_path: Path) -> Any:
 
 
 def _trainer_writes_its_plan(run_dir: Path, requested: dict[str, Any]) -> None:
-    """What excb/training/trainer.py's _write_plan leaves in the run dir at the start of a budgeted recipe=auto run."""
+    """What excb/training/plan.py's write_plan leaves in the run dir at the start of a budgeted recipe=auto run."""
     fitted, recipe = fit_config(validate({**requested, "out": str(run_dir)}), torch.device("cpu"))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / RUN_CONFIG, dump_yaml(fitted))

@@ -3,7 +3,7 @@
 :class:`TrainData` is what the trainer (and the budget's timing) iterates; for a folder or file list it opens
 :func:`build_train_loader`, this rank's map-style loader of one epoch, each epoch. Exact resume: the order is a
 seeded permutation that can start mid-epoch, and every augmentation is a function of (seed, epoch, index)
-(excb.training.seeds.derive_seed).
+(excb.seeds.derive_seed).
 
 Undecodable files come out of the data set as ``None``; :func:`collate_multicrop` drops them and reports
 how many in ``MultiCropBatch.skipped`` (workers are separate processes, so the count has to travel with
@@ -30,7 +30,7 @@ from excb.data.augment import MultiCropTransform
 from excb.data.datasets import build_dataset
 from excb.data.gpu_augment import GpuMultiCrop, ToUint8Tensor, augment_batch, collate_raw
 from excb.data.shards import open_shards
-from excb.training.seeds import derive_seed, seeded
+from excb.seeds import derive_seed, seeded
 
 log = logging.getLogger("excb.data")
 

@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from excb.data.decode import DEFAULT_FORMATS, ImageDecodeError, decode_image
 from excb.errors import EmptyDatasetError
-from excb.training.seeds import derive_seed, seeded
+from excb.seeds import derive_seed, seeded
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "excb-shards/1"

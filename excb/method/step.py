@@ -23,8 +23,8 @@ from excb.method.kmeans import spherical_kmeans
 from excb.method.loss import excb_loss
 from excb.models import build_model
 from excb.models.model import ExCBModel
+from excb.seeds import derive_seed
 from excb.training.distributed import DistContext, all_gather_cat, all_reduce_sum_int
-from excb.training.seeds import derive_seed
 
 log = logging.getLogger("excb.trainer")
 

@@ -29,6 +29,7 @@ from excb.fileio import atomic_write
 from excb.method import stats
 from excb.method.step import ExCBStep
 from excb.models.weights import save_run_backbone
+from excb.seeds import seed_everything
 from excb.training.checkpoint import (
     LAST,
     FencedOut,
@@ -43,7 +44,6 @@ from excb.training.plan import budget_check, correct_length, fit_to_budget, plan
 from excb.training.progress import progress_bar
 from excb.training.rerun import check_resumable, set_aside, warm_source, warm_start
 from excb.training.run_log import RunLogger, make_sinks, timing, timing_text, train_log
-from excb.training.seeds import seed_everything
 
 log = logging.getLogger("excb.trainer")
 

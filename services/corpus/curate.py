@@ -3,10 +3,11 @@
 Both read a loaded :class:`services.corpus.index.CorpusIndex` (its vectors and the corpus's columns), never an
 N x N similarity matrix:
 
-- :func:`near_duplicates`: every image's ``k`` nearest neighbours through the index, a query batch at a time, and
-  the pairs with cosine >= ``threshold`` joined by union-find. A neighbour list rather than ``range_search``:
-  a range search's answer is unbounded (m copies of one image give m^2 pairs), while k neighbours per image
-  bound memory to ``batch x k`` and still connect a group of any size (each copy links to others of it).
+- :func:`near_duplicates`: the pairs with cosine >= ``threshold`` joined by union-find. Exact index (small
+  corpora): every image's ``k`` nearest through the index, a query batch at a time. IVF index (large ones): the
+  images of each inverted list against each other, a block at a time. At most ``k`` pairs per image rather than
+  a ``range_search``: a range search's answer is unbounded (m copies of one image give m^2 pairs), while k per
+  image bound memory and still connect a group of any size (each copy links to others of it).
 - :func:`balanced_subset`: N images spread evenly over the balanced clusters (water-filling: a cluster smaller
   than its share gives all it has and the rest is spread over the others), and within each cluster either the
   most typical (nearest the cluster's mean embedding) or the most diverse (farthest-point sampling, from the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from services.corpus.index import CorpusIndex
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_NEIGHBOURS = 16
 QUERY_BATCH = 4096
+BLOCK_FLOATS = 1 << 24  # similarities per matrix product in the IVF pass (64 MB)
 MAX_SAMPLE = 20
 Strategy = Literal["typical", "diverse"]
 
@@ -66,21 +68,73 @@ class DuplicateGroup:
     max_score: float
 
 
-def near_duplicates(idx: CorpusIndex, threshold: float = DEFAULT_THRESHOLD, neighbours: int = DEFAULT_NEIGHBOURS,
-                    batch: int = QUERY_BATCH) -> list[DuplicateGroup]:
-    """Groups of two or more images whose embeddings have cosine >= ``threshold`` (transitively), largest first."""
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold: a cosine in [-1, 1], got {threshold}")
+Pairs = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (faiss ids a, faiss ids b, cosine), a != b
+
+
+def _capped(sims: np.ndarray, threshold: float, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the entries >= threshold, at most ``neighbours`` per row (its highest)."""
+    hit = sims >= threshold
+    if hit.sum(1).max(initial=0) > neighbours:
+        top = np.argpartition(-sims, neighbours - 1, axis=1)[:, :neighbours]
+        keep = np.zeros_like(hit)
+        np.put_along_axis(keep, top, True, axis=1)
+        hit &= keep
+    rows, cols = np.nonzero(hit)
+    return rows, cols
+
+
+def _knn_pairs(idx: CorpusIndex, threshold: float, neighbours: int, batch: int) -> Pairs:
+    """Exact index: each image's ``neighbours`` nearest through the index, a query batch at a time (BLAS)."""
     n = idx.count
     k = min(neighbours + 1, n)  # + the image itself
-    uf = _UnionFind(n)
-    lo = np.full(n, np.inf, dtype=np.float32)
-    hi = np.full(n, -np.inf, dtype=np.float32)
     for start in range(0, n, batch):
         ids = np.arange(start, min(n, start + batch), dtype=np.int64)
         scores, found = idx.faiss.search(idx.vectors(ids), k)
         qi, col = np.nonzero((scores >= threshold) & (found >= 0) & (found != ids[:, None]))
-        a, b, s = ids[qi], found[qi, col], scores[qi, col]
+        yield ids[qi], found[qi, col], scores[qi, col]
+
+
+def _list_pairs(idx: CorpusIndex, threshold: float, neighbours: int) -> Pairs:
+    """IVF index: the images of each inverted list against each other (one matrix product per block of
+    ``BLOCK_FLOATS``). A near-duplicate almost always shares its original's nearest centroid, so this finds
+    the pairs a k-NN pass would, at a matrix product's speed instead of a probe per image (at 1M images: tens
+    of seconds instead of a quarter of an hour); pairs split across two lists are missed (benchmarks/RESULTS.md
+    counts planted pairs)."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(idx.faiss)
+    lists, d = ivf.invlists, ivf.d
+    assert lists is not None
+    for ell in range(ivf.nlist):
+        size = int(lists.list_size(ell))
+        if size < 2:
+            continue
+        ids = faiss.rev_swig_ptr(lists.get_ids(ell), size).copy()
+        vecs = faiss.rev_swig_ptr(lists.get_codes(ell), size * ivf.code_size).copy().view(np.float32).reshape(size, d)
+        step = max(1, BLOCK_FLOATS // size)
+        for start in range(0, size, step):
+            sims = vecs[start:start + step] @ vecs.T
+            np.fill_diagonal(sims[:, start:start + step], -np.inf)  # not an image with itself
+            qi, col = _capped(sims, threshold, neighbours)
+            yield ids[start + qi], ids[col], sims[qi, col]
+
+
+def near_duplicates(idx: CorpusIndex, threshold: float = DEFAULT_THRESHOLD, neighbours: int = DEFAULT_NEIGHBOURS,
+                    batch: int = QUERY_BATCH) -> list[DuplicateGroup]:
+    """Groups of two or more images whose embeddings have cosine >= ``threshold`` (transitively), largest first."""
+    import faiss
+
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold: a cosine in [-1, 1], got {threshold}")
+    if neighbours < 1:
+        raise ValueError(f"neighbours: at least 1, got {neighbours}")
+    n = idx.count
+    uf = _UnionFind(n)
+    lo = np.full(n, np.inf, dtype=np.float32)
+    hi = np.full(n, -np.inf, dtype=np.float32)
+    ivf = isinstance(idx.faiss, faiss.IndexIVF)
+    pairs = _list_pairs(idx, threshold, neighbours) if ivf else _knn_pairs(idx, threshold, neighbours, batch)
+    for a, b, s in pairs:
         for x, y in zip(a.tolist(), b.tolist()):
             uf.union(x, y)
         for ends in (a, b):

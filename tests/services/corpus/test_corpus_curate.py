@@ -97,6 +97,13 @@ def test_ivf_index_above_the_exact_bound_agrees_with_exact(corpus: Corpus, tmp_p
     print(f"IVF nlist=8 nprobe=2 recall@10 vs exact on {exact.count} vectors: {recall:.3f}")
     assert recall >= 0.9
     assert (got[:, 0] == want[:, 0]).mean() >= 0.97  # an indexed image finds itself (or its exact copy)
+    # near-duplicates through the inverted lists (the large-corpus pass) find the planted pairs too
+    sets = [{ivf.columns.path(int(r)) for r in g.rows} for g in near_duplicates(ivf, threshold=0.95)]
+    found = sum(any(a in s and b in s for s in sets) for a, b in corpus.planted)
+    copies = {b for _, b in corpus.planted}
+    print(f"IVF near-duplicates: planted pairs found {found}/{PLANTED}, groups without a planted copy "
+          f"{sum(not (s & copies) for s in sets)}")
+    assert found / PLANTED >= 0.9 and sum(not (s & copies) for s in sets) <= 2
 
 
 def test_stale_or_missing_index_is_rebuilt_small_and_refused_large(corpus: Corpus, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from excb.data.augment import MultiCropTransform
 from excb.data.decode import decode_image
 from excb.data.gpu_augment import GpuMultiCrop, decode_jpegs
 from excb.data.pack import pack
-from excb.training.distributed import DistContext, resolve_device
+from excb.distributed import DistContext, resolve_device
 from excb.training.trainer import Run
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="tiny net, batches 1,4, no meaningful timings")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
-    from excb.training.distributed import resolve_device
+    from excb.distributed import resolve_device
 
     device = resolve_device(args.device)
     overrides, parity = (CHECK_OVERRIDES, 16) if args.check else ([], 64)

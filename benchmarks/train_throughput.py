@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from excb.config import PRESET_NAMES, TrainConfig, resolve
+from excb.distributed import DistContext, resolve_device
 from excb.method import schedules
 from excb.method.balancing import balance
 from excb.method.loss import reference_loss
 from excb.models import build_model
-from excb.training.distributed import DistContext, resolve_device
 from excb.training.trainer import Run
 
 REFERENCE_PRESETS = ("resnet50-ep400", "vit-s16-ep800")

@@ -189,7 +189,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _dry_run(cfg: Any) -> str:
     """The config a run would start with: for ``recipe=auto`` fitted to the data and this machine, the reasons
     as YAML comments on top; a budget's step count is only known after timing steps at the start."""
-    from excb.training.distributed import resolve_device
+    from excb.distributed import resolve_device
     from excb.training.recipe import fit_config
 
     fitted, recipe = fit_config(cfg, resolve_device(cfg.device))

@@ -11,10 +11,10 @@ from typing import Any
 def _cmd_eval(args: argparse.Namespace) -> int:
     # lazy: excb/cli.py imports this module to register the verb, and ``excb --help`` (every verb) should not
     # load torchvision with excb.models
+    from excb.distributed import resolve_device
     from excb.evaluation.linear_reference import reference_linear_probe
     from excb.evaluation.runs import baselines, evaluate_model
     from excb.evaluation.splits import holdout_note, labelled_splits, model_transform
-    from excb.training.distributed import resolve_device
     from excb.training.teacher import load_teacher
 
     try:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from excb.config import COMPILE_MIN_STEPS, TrainConfig
+from excb.distributed import DistContext, all_gather_cat, all_reduce_sum_int
 from excb.method import schedules, stats
 from excb.method.balancing import Balancer
 from excb.method.kmeans import spherical_kmeans
@@ -24,7 +25,6 @@ from excb.method.loss import excb_loss
 from excb.models import build_model
 from excb.models.model import ExCBModel
 from excb.seeds import derive_seed
-from excb.training.distributed import DistContext, all_gather_cat, all_reduce_sum_int
 
 log = logging.getLogger("excb.trainer")
 

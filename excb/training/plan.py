@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from excb.config import RUN_CONFIG, TrainConfig, budget_seconds, dump_yaml
+from excb.distributed import DistContext
 from excb.fileio import atomic_write
 from excb.training.budget import (
     BudgetCheck,
@@ -22,7 +23,6 @@ from excb.training.budget import (
     steps_for_warmup,
 )
 from excb.training.checkpoint import has_checkpoint
-from excb.training.distributed import DistContext
 from excb.training.recipe import apply, fit_config
 from excb.training.rerun import without_keys
 from excb.training.run_log import RunLogger

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from excb.config import TrainConfig
+from excb.distributed import DistContext
 from excb.fileio import atomic_write
-from excb.training.distributed import DistContext
 from excb.training.mlflow_logger import MlflowLogger
 from excb.training.tb_logger import TensorBoardLogger
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from excb.config import ConfigError, TrainConfig
 from excb.data.loader import TrainData, dataloader_settings
+from excb.distributed import DistContext, all_reduce_sum_int, barrier, cleanup, setup
 from excb.evaluation.runs import online_knn
 from excb.evaluation.whitening_fit import fit_images, fit_model
 from excb.fileio import atomic_write
@@ -39,7 +40,6 @@ from excb.training.checkpoint import (
     load_resumable,
     save_checkpoint,
 )
-from excb.training.distributed import DistContext, all_reduce_sum_int, barrier, cleanup, setup
 from excb.training.plan import budget_check, correct_length, fit_to_budget, plan_config, write_plan
 from excb.training.progress import progress_bar
 from excb.training.rerun import check_resumable, set_aside, warm_source, warm_start

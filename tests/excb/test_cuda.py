@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from excb.config import TrainConfig
+from excb.distributed import DistContext
 from excb.method.step import ema_update
-from excb.training.distributed import DistContext
 from excb.training.trainer import Run
 from support import HANG_GUARD_S
 from support import REPO_ROOT as REPO

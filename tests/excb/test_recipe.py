@@ -152,7 +152,7 @@ def test_a_short_budget_names_a_budget_that_holds_set_up_steps_and_the_whitening
 
 def test_timing_steps_leaves_the_run_untouched(tmp_path: Path) -> None:
     cfg, _ = fit_config(resolve(overrides=["data=digits", f"out={tmp_path}", "max_steps=5", *SMALL]), CPU)
-    from excb.training.distributed import setup
+    from excb.distributed import setup
 
     run = Run(cfg, setup("cpu"))
     before = {k: v.clone() for k, v in run.learner.student_core.state_dict().items()}
@@ -263,9 +263,9 @@ def test_the_budget_check_keeps_the_first_plans_warm_up(tmp_path: Path) -> None:
     stays, so the learning rate at the check is at its peak, not back in warm-up (issue 28 item 4)."""
     import time
 
+    from excb.distributed import setup
     from excb.method.schedules import learning_rate
     from excb.training.budget import BudgetCheck
-    from excb.training.distributed import setup
     from excb.training.plan import correct_length, set_length
     from excb.training.run_log import RunLogger
 

@@ -112,7 +112,7 @@ def test_checkpoint_warm_start(tmp_path: Path) -> None:
     src = tmp_path / "src"
     train(tiny(src, "max_steps=3"))
     source = load_checkpoint(src / "checkpoints" / "last.pt")
-    from excb.training.distributed import setup
+    from excb.distributed import setup
 
     run = Run(tiny(tmp_path / "w", "max_steps=2"), setup("cpu"))
     info = warm_start(run.learner, str(src))

@@ -148,6 +148,7 @@ class WorkerSupervisor(threading.Thread):
         self.command, self.spawn, self.clock = command, spawn, clock
         self.slots = [Slot(i, f"excb-up-{i}@%h", RestartPolicy.from_settings(settings)) for i in range(count)]
         self._halt = threading.Event()
+        self._grace = 0.0  # set by stop() before the thread is told to end
         self._lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -164,13 +165,20 @@ class WorkerSupervisor(threading.Thread):
                     self._check(slot)
                 except Exception:  # the DB is busy or down: the next poll tries again
                     log.exception("supervisor pass failed for worker slot %d", slot.index)
+        # Stopped from here, before this thread ends: a worker it restarted has PDEATHSIG bound to this *thread*
+        # (prctl), so ending first SIGKILLed it mid-job (its job then sat RUNNING until the reaper counted it lost).
+        self._stop_workers(self._grace)
 
     def stop(self, grace: float) -> None:
         """Stop supervising, then SIGTERM every worker (jobs checkpoint and go back to QUEUED), SIGKILL after
         ``grace`` seconds."""
+        self._grace = grace
         self._halt.set()
         if self.is_alive():
-            self.join(timeout=5)
+            self.join(timeout=grace + 10)
+        self._stop_workers(grace)  # the thread never ran (or is stuck): whatever still runs
+
+    def _stop_workers(self, grace: float) -> None:
         procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)

@@ -211,3 +211,32 @@ def test_worker_health_file_check(tmp_path: Path) -> None:
     os.utime(f, (time.time() - 60, time.time() - 60))
     res = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert res.returncode == 1 and "consumer" in res.stderr
+
+
+# Stands in for a Celery worker's warm shutdown: SIGTERM -> finish (here: write a line) and exit 0.
+WARM = [sys.executable, "-c", "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('warm shutdown', flush=True), sys.exit(0)))\n"
+        "time.sleep(120)"]
+
+
+def test_a_restarted_worker_gets_the_warm_stop_too(plane: tuple[Any, Any, Any]) -> None:
+    """`excb up`'s real spawn (own group + PDEATHSIG) from the supervisor thread: a worker restarted after a
+    kill -9 has its death signal bound to that thread, so stop() must SIGTERM it (exit 0 after its warm shutdown)
+    before the thread ends; otherwise it is SIGKILLed mid-job and its job waits for the reaper as lost (the
+    exporting job reaped after an API restart in the soak, issue 33)."""
+    from services.api.embedded import _spawn as up_spawn
+
+    db, celery, settings = plane
+    sup = WorkerSupervisor(db, celery, settings, 1, lambda node: WARM, up_spawn)
+    sup.start_workers()
+    try:
+        first = _running_pid(sup)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: _running_pid(sup) not in (None, first), HANG_GUARD_S, "the restart")
+        restarted = sup.slots[0].proc
+        assert restarted is not None
+        time.sleep(0.5)  # its SIGTERM handler is installed
+    finally:
+        sup.stop(HANG_GUARD_S)
+    assert restarted.poll() == 0, f"the restarted worker ended with {restarted.returncode}, not a warm stop"

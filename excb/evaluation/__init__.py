@@ -1,1 +1,2 @@
-"""Measuring a representation: kNN and linear probes, the eval runs and ``excb eval``, the reference probe."""
+"""Measuring a representation: kNN and linear probes, the eval runs and ``excb eval``, the reference probe, and
+fitting the served embedding's whitening on a run's own images."""

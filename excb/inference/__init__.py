@@ -1,1 +1,2 @@
-"""Serving a trained run: the ONNX export and runtime, eval pixels, cluster assignment, embedding a folder."""
+"""Using a trained run: the ONNX export and runtime, eval pixels, cluster assignment, embedding a folder, the
+fine-tuning weights export."""

@@ -1,1 +1,1 @@
-"""One training run: the loop, budgets and recipes, checkpoints and resume, distribution, seeds, run loggers."""
+"""One training run: the loop, its plan (recipe, budget), checkpoints and resume, the teacher loader, run logs."""

@@ -30,7 +30,7 @@ Emoji image sets of any vendor, and every emoji / emote / smiley / face folder o
 here, are reserved for independent checks of this project: they are excluded in code (FORBIDDEN below).
 
 Each manifest carries the raw-pixel kNN baseline (k=20, cosine, DINO exp(sim/0.07) weighting, the project's
-``excb.evaluation.runs``) on the prepared folders at the set's native size.
+``excb.evaluation.metrics``) on the prepared folders at the set's native size.
 """
 
 from __future__ import annotations

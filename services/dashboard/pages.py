@@ -34,6 +34,7 @@ PAGES: dict[str, Page] = {
                     "compare"),
     "model": Page("Model", ("vendor/uPlot.min.css", "css/dashboard.css"), (*CHARTS, "js/model.js")),
     "gallery": Page("Clusters", ("css/dashboard.css", "css/gallery.css"), ("js/common.js", "js/gallery.js")),
+    "corpus": Page("Corpus", ("css/dashboard.css", "css/corpus.css"), ("js/common.js", "js/corpus.js")),
 }
 
 

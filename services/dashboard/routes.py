@@ -95,6 +95,12 @@ def similar_page(model_id: str, image_id: int) -> Response:
     return _bad_id("model_id", model_id) or _page("gallery")
 
 
+@router.get("/corpora/{corpus_id}")
+def corpus_page(corpus_id: str) -> Response:
+    """One embedded corpus: search it by image, its near-duplicate groups, balanced subsets to train on or label."""
+    return _bad_id("corpus_id", corpus_id) or _page("corpus")
+
+
 def resolve_static(rel_path: str) -> Path | None:
     """The file under STATIC_DIR that ``rel_path`` names, or None (missing, a folder, or escaping the root)."""
     if not rel_path or "\x00" in rel_path or "\\" in rel_path:

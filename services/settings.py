@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(
         300.0, gt=0, description="a QUEUED job whose message is older than this is published again (lost messages)")
     reaper_interval_seconds: float = Field(10.0, gt=0, description="period of the stall/lost-message sweeper")
+    retry_backoff_seconds: float = Field(
+        10.0, ge=0, description="a job released after a counted failure (disk full, crash) is due again after this "
+                                "long, doubled per failure; 0 = at once")
+    retry_backoff_max_seconds: float = Field(300.0, gt=0, description="cap of that back-off")
     progress_interval_seconds: float = Field(1.0, gt=0, description="how often a worker copies metrics into the DB")
     api_url: str = Field("http://127.0.0.1:8000", description="where `excb jobs ...` finds the control plane")
     api_token: str | None = Field(None, description="bearer key `excb jobs ...` sends")

@@ -174,11 +174,14 @@ def _admit(s: Session, owner: str | None, max_active: int | None) -> None:
         raise LimitReached(f"this key already has {max_active} queued or running jobs")
 
 
-def mark_published(db: Database, job_id: str) -> None:
-    """Record that a Celery message for this QUEUED job was handed to the broker (the outbox mark)."""
+def mark_published(db: Database, job_id: str, due_in: float = 0.0) -> None:
+    """Record that a Celery message for this QUEUED job was handed to the broker (the outbox mark). A message
+    due later (a retry's back-off) is marked at its due time, so the reaper's lost-message sweep does not
+    publish it again early."""
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id, Job.status == "QUEUED")
-                  .values(enqueued_at=utcnow(), publish_count=Job.publish_count + 1))
+                  .values(enqueued_at=utcnow() + dt.timedelta(seconds=max(0.0, due_in)),
+                          publish_count=Job.publish_count + 1))
 
 
 def request_cancel(db: Database, job_id: str) -> Job:
@@ -243,16 +246,23 @@ def attempts(db: Database, job_id: str) -> list[JobAttempt]:
 
 # --- worker side (every write fenced by the lease token) -------------------------------------------------
 
+# A retry is due at its publisher's clock; a worker whose clock is behind by less than this still takes it.
+CLOCK_SKEW_SECONDS = 1.0
+
+
 def acquire(db: Database, job_id: str, worker: str) -> Lease | None:
     """QUEUED -> STARTING with ``attempt+1`` and a new fencing token; None if the job is not ours to run.
 
-    A duplicate delivery (job already leased, finished or cancelled) gets None and must exit at once.
+    A duplicate delivery (job already leased, finished or cancelled) gets None and must exit at once. So does a
+    message that comes before a retry is due (``enqueued_at`` in the future: release_for_retry's back-off): the
+    message published for the due time runs it, an older duplicate must not skip the back-off.
     """
     now = utcnow()
+    due = or_(Job.enqueued_at.is_(None), Job.enqueued_at <= now + dt.timedelta(seconds=CLOCK_SKEW_SECONDS))
     with db.session() as s:
         res = s.execute(update(Job)
                         .where(Job.id == job_id, Job.status == "QUEUED", Job.cancel_requested.is_(False),
-                               Job.failures < Job.max_attempts)
+                               Job.failures < Job.max_attempts, due)
                         .values(status="STARTING", attempt=Job.attempt + 1, lease_token=Job.lease_token + 1,
                                 lease_owner=worker, heartbeat_at=now, updated_at=now, error=None,
                                 started_at=func.coalesce(Job.started_at, now)))
@@ -308,12 +318,15 @@ def set_attempt_pid(db: Database, lease: Lease, pid: int) -> None:
                                            JobAttempt.lease_token == lease.token).values(pid=pid))
 
 
-def release_for_retry(db: Database, lease: Lease, *, count_failure: bool, error: dict[str, Any] | None) -> str:
-    """Give the job back: QUEUED (to be published again) or FAILED when the failure budget is spent.
+def release_for_retry(db: Database, lease: Lease, *, count_failure: bool, error: dict[str, Any] | None,
+                      due_in: float = 0.0) -> str:
+    """Give the job back: QUEUED (to be published again) or FAILED when the failure budget is spent. ``due_in``:
+    the retry's back-off; until then ``acquire`` refuses the job (the caller publishes a message due then).
 
     Returns the new status, or ``"LOST"`` when the lease had already been taken away.
     """
     now = utcnow()
+    due = now + dt.timedelta(seconds=due_in) if due_in > 0 else None
     bump = 1 if count_failure else 0
     with db.session() as s:
         fence = (Job.id == lease.job_id, Job.lease_token == lease.token, Job.status.in_(list(ACTIVE)))
@@ -324,7 +337,7 @@ def release_for_retry(db: Database, lease: Lease, *, count_failure: bool, error:
         if _rowcount(res) == 1:
             return "FAILED"
         res = s.execute(update(Job).where(*fence)
-                        .values(status="QUEUED", failures=Job.failures + bump, lease_owner=None, enqueued_at=None,
+                        .values(status="QUEUED", failures=Job.failures + bump, lease_owner=None, enqueued_at=due,
                                 updated_at=now, error=error))
         return "QUEUED" if _rowcount(res) == 1 else "LOST"
 

@@ -34,7 +34,7 @@ from services.index.jobs import index_after_job
 from services.queue.broker import make_celery
 from services.queue.publish import publish
 from services.settings import Settings
-from services.worker import child, pipeline
+from services.worker import child, pipeline, retry
 from services.worker.plan import RunPlan
 from services.worker.progress import ProgressTracker
 
@@ -93,6 +93,11 @@ class JobRunner:
         try:
             return self._run_leased(lease)
         except Exception as exc:  # a bug in the worker itself: never leave the job RUNNING forever
+            if isinstance(exc, OSError) and retry.is_disk_full(exc):  # not a bug: counted, retried after a back-off
+                log.warning("job %s: disk full in its run directory: %s", self.job_id, exc)
+                where = f" ({Path(exc.filename).name})" if exc.filename else ""
+                what = f"the worker's write to the run directory{where} failed: {exc.strerror or exc}"
+                return self._commit_failure(lease, "disk_full", retry.disk_full_message(what), count=True)
             log.exception("worker error on job %s", self.job_id)
             self._commit_failure(lease, "worker_error", f"{type(exc).__name__}: {exc}", count=True)
             return "error"
@@ -227,6 +232,9 @@ class JobRunner:
         if out.oom:
             return self._commit_failure(lease, "out_of_memory", "trainer exceeded its memory limit and was killed",
                                         count=True)
+        if retry.mentions_disk_full(detail):  # a transient fault, whatever the exit status says
+            what = f"the trainer exited with {out.rc} ({out.stage})"
+            return self._commit_failure(lease, "disk_full", retry.disk_full_message(what), count=True)
         if out.rc < 0 or out.rc >= 128 or out.preempted:
             return self._commit_failure(lease, "crashed", f"trainer exited with {out.rc}: {detail}", count=True)
         message = _stated_error(out.rc, detail) or f"trainer exited with {out.rc}: {detail}"
@@ -285,17 +293,27 @@ class JobRunner:
     def _commit_failure(self, lease: Lease, kind: str, message: str, count: bool) -> str:
         error = {"type": kind, "message": message[-2000:]}
         if count:
-            status = store.release_for_retry(self.db, lease, count_failure=True, error=error)
-            self._republish(status)
+            delay = self._retry_delay()
+            status = store.release_for_retry(self.db, lease, count_failure=True, error=error, due_in=delay)
+            if status == "QUEUED":
+                log.warning("job %s: %s (%s); attempt again in %.1fs", self.job_id, kind, message[:200], delay)
+            self._republish(status, delay)
         else:
             status = "FAILED" if self._commit_terminal(lease, "FAILED", error, {}) else "LOST"
         store.end_attempt(self.db, lease, kind, message[-2000:])
         return status.lower()
 
-    def _republish(self, status: str) -> None:
+    def _retry_delay(self) -> float:
+        """The back-off before the retry this counted failure releases (doubling per failure, capped)."""
+        job = store.get_job(self.db, self.job_id)
+        failures = (job.failures if job is not None else 0) + 1
+        return retry.retry_delay(failures, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+
+    def _republish(self, status: str, delay: float = 0.0) -> None:
         if status != "QUEUED":
             return
-        publish(self.celery or make_celery(self.settings), self.db, self.job_id, self.settings.celery_queue)
+        publish(self.celery or make_celery(self.settings), self.db, self.job_id, self.settings.celery_queue,
+                countdown=delay)
 
 
 def _child_env(fence_token: int | None = None) -> dict[str, str]:

@@ -95,6 +95,24 @@ def test_preemption_does_not_spend_the_budget(db_url: str) -> None:
     assert store.get_job(db, "j1").attempt == 3
 
 
+def test_a_retry_is_not_leased_before_its_back_off_is_over(db_url: str) -> None:
+    """A counted retry released with a back-off: a message that comes early (the submit's duplicate, a republish)
+    gets no lease; once due, the job is leased; the lost-message sweep leaves it alone meanwhile."""
+    db = Database(db_url)
+    _job(db)
+    lease = store.acquire(db, "j1", "w1")
+    assert lease is not None
+    err = {"type": "disk_full", "message": "disk full"}
+    assert store.release_for_retry(db, lease, count_failure=True, error=err, due_in=60) == "QUEUED"
+    assert store.acquire(db, "j1", "w2") is None
+    assert "j1" not in store.unpublished_jobs(db, 5)
+    with db.session() as s:  # the back-off is over
+        s.execute(update(Job).where(Job.id == "j1")
+                  .values(enqueued_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+    again = store.acquire(db, "j1", "w2")
+    assert again is not None and again.attempt == 2
+
+
 def test_cancel_flag_and_unpublished_sweep(db_url: str) -> None:
     db = Database(db_url)
     _job(db, "a")

@@ -1,0 +1,45 @@
+"""A counted retry waits (issue 33's soak: a full run directory burned a job's three attempts in 34 ms): real
+Redis, the control plane and a real Celery worker process; the full disk is a real ENOSPC (the run's job.log is a
+link to /dev/full, whose every write fails with ENOSPC), no fault hook."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from services.db.jobs import CLOCK_SKEW_SECONDS
+from services.worker.retry import retry_delay
+from support import HANG_GUARD_S
+
+
+def test_retry_delay_doubles_per_failure_and_is_capped() -> None:
+    assert [retry_delay(n, 10.0, 300.0) for n in (1, 2, 3, 5, 6, 40)] == [10.0, 20.0, 40.0, 160.0, 300.0, 300.0]
+    assert retry_delay(3, 0.0, 300.0) == 0.0  # back-off off
+
+
+def test_a_full_run_directory_is_retried_after_a_back_off_and_says_disk_full(redis_url: str, make_stack: Any,
+                                                                            tmp_path: Path) -> None:
+    from services.db import jobs as store
+    from support.services import tiny_job
+
+    base, cap = 3.0, 4.0
+    stack = make_stack(f"sqlite:///{tmp_path / 'full.sqlite'}", redis_url, max_attempts=3,
+                       retry_backoff_seconds=base, retry_backoff_max_seconds=cap)
+    c = stack.start_api()
+    r = c.post("/v1/jobs", json=tiny_job(max_steps=3))
+    assert r.status_code == 201, r.text
+    run_dir = Path(r.json()["config"]["out"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.symlink("/dev/full", run_dir / "job.log")  # the worker's first write into the run directory: ENOSPC
+    stack.start_worker()
+    done = stack.wait_status(r.json()["id"], {"FAILED", "SUCCEEDED"}, HANG_GUARD_S)
+    assert done["status"] == "FAILED" and done["error"]["type"] == "disk_full", done["error"]
+    assert done["error"]["message"].startswith("disk full: "), done["error"]["message"]
+    attempts = store.attempts(stack.app.state.plane.db, run_dir.name)
+    assert [a.outcome for a in attempts] == ["disk_full"] * 3, [(a.attempt, a.outcome) for a in attempts]
+    gaps = [(b.started_at - a.ended_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    # the second attempt waits the base, the third twice that, capped (before: both gaps were milliseconds); the
+    # submit's own duplicate message (the reaper republishes a QUEUED job after 5 s here) may not skip it either
+    assert gaps[0] >= base - CLOCK_SKEW_SECONDS and gaps[1] >= cap - CLOCK_SKEW_SECONDS, gaps
+    print(f"disk full: attempts started {gaps[0]:.2f}s and {gaps[1]:.2f}s after the previous one ended")

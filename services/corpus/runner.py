@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from services.common.paths import PathNotAllowed, check_source_contained
+from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.corpus import claims
 from services.corpus.embed import DEFAULT_BATCH_SIZE, Stopped, embedder_for
 from services.corpus.parts import MANIFEST, read_manifest, write_json, write_part
-from services.corpus.plan import DEFAULT_CHUNK_SIZE, chunk_items, plan_chunks, source_kind
+from services.corpus.plan import DEFAULT_CHUNK_SIZE, chunk_items, plan_chunks
 from services.db import jobs as store
 from services.db.jobs import Lease
 from services.db.session import Database
@@ -127,6 +127,7 @@ class CorpusJob:
         self.send_chunk, self.republish, self.stopping = send_chunk, republish, stopping
         self.stop_reason: str | None = None  # cancelled, lease_lost, preempted
         self.last_beat = 0.0
+        self.listed = -1  # completion records the manifest lists as done
 
     def run(self) -> str:
         lease = store.acquire(self.db, self.job_id, self.worker)
@@ -155,7 +156,7 @@ class CorpusJob:
             return self._fail(lease, "model_not_found", f"model {config.get('model_id')!r} no longer exists",
                               count=False)
         source = job_source(config)
-        if source_kind(source) != "builtin":  # the tree may have changed since the API checked it
+        if source not in BUILTIN_SOURCES:  # the tree may have changed since the API checked it
             try:
                 check_source_contained(source, self.settings.data_roots)
             except PathNotAllowed as exc:
@@ -256,6 +257,9 @@ class CorpusJob:
             self.stop_reason = "lease_lost"
         elif cancel:
             self.stop_reason = "cancelled"
+        elif len(done) != self.listed:  # readers of a running corpus see its committed chunks as done
+            self.listed = len(done)
+            self._write_manifest(done, "running")
 
     def _progress(self, done: dict[int, dict[str, Any]]) -> dict[str, Any]:
         chunks = self.manifest["chunks"]

@@ -190,6 +190,7 @@ def test_cancel_then_retry_resumes_without_redoing_chunks(redis_url: str, make_s
                     ("SUCCEEDED", "FAILED"))
     assert running["status"] == "RUNNING", running
     assert running["progress"]["images_per_second"] > 0 and running["progress"]["chunks_total"] == 51
+    assert running["progress"]["eta_seconds"] > 0 and 0 < running["progress"]["percent"] < 100
     assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=B).status_code == 404  # not B's job
     assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=A).status_code == 202
     cancelled = _wait(stack, job["id"], lambda j: j["status"] in ("CANCELLED", "SUCCEEDED", "FAILED"))
@@ -205,6 +206,27 @@ def test_cancel_then_retry_resumes_without_redoing_chunks(redis_url: str, make_s
     assert {i: again[i] for i in finished} == finished  # finished chunks were not embedded again
     assert "already done" in (root.parent / "job.log").read_text()
     _check_exactly_once(root, expected)
+
+
+def test_worker_shutdown_hands_the_job_back_uncounted(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """SIGTERM (a rollout, `docker stop`) to the only worker mid-job: the coordinator stops between batches and
+    requeues the job without counting a failure; the next worker resumes it from the committed chunks."""
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
+    c = stack.start_api()
+    _model(stack, A_ID)
+    expected = _images(stack.data_root / "imgs", 1500)
+    first = stack.start_worker()
+    job = _submit(c, chunk_size=30, batch_size=2)
+    _wait(stack, job["id"], lambda j: (j["progress"]["chunks_done"] or 0) >= 2)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=HANG_GUARD_S) is not None
+    handed = _wait(stack, job["id"], lambda j: j["status"] != "RUNNING")
+    assert handed["status"] == "QUEUED" and handed["failures"] == 0, handed
+    assert handed["attempts"][0]["outcome"] == "preempted"
+    stack.start_worker()
+    done = _wait(stack, job["id"], lambda j: j["status"] in ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "SUCCEEDED" and done["failures"] == 0, done["error"]
+    _check_exactly_once(stack.home / "runs" / job["id"] / "corpus", expected)
 
 
 def test_bad_input_and_other_keys(make_stack: Any, tmp_path: Path) -> None:

@@ -43,3 +43,21 @@ def test_a_full_run_directory_is_retried_after_a_back_off_and_says_disk_full(red
     # submit's own duplicate message (the reaper republishes a QUEUED job after 5 s here) may not skip it either
     assert gaps[0] >= base - CLOCK_SKEW_SECONDS and gaps[1] >= cap - CLOCK_SKEW_SECONDS, gaps
     print(f"disk full: attempts started {gaps[0]:.2f}s and {gaps[1]:.2f}s after the previous one ended")
+
+
+
+def test_a_trainer_traceback_from_a_full_disk_is_recognised() -> None:
+    """What the runner reads in a dead trainer's log tail: a real ENOSPC traceback (a child writing to /dev/full)
+    is a full disk, another error is not. (A trainer run against /dev/full is not used: the worker tails the
+    run's files, and /dev/full reads as endless zeros.)"""
+    import subprocess
+    import sys
+
+    from services.worker.retry import mentions_disk_full
+
+    full = subprocess.run([sys.executable, "-c", "f = open('/dev/full', 'w'); f.write('x'); f.flush()"],
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert full.returncode == 1 and mentions_disk_full(full.stderr), full.stderr
+    other = subprocess.run([sys.executable, "-c", "open('/nonexistent/x', 'w')"], capture_output=True, text=True,
+                           timeout=HANG_GUARD_S)
+    assert other.returncode == 1 and not mentions_disk_full(other.stderr), other.stderr

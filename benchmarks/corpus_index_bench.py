@@ -38,8 +38,19 @@ K = 10
 CHUNK = 50_000
 
 
+SUBSPACE = 0  # > 0: the centres lie in a random subspace of this dimension (set from --subspace)
+
+
 def mixture(n: int, dim: int, centres: int, seed: int, noise: float) -> np.ndarray:
-    c = np.random.default_rng(12345).standard_normal((centres, dim)).astype(np.float32)
+    """n unit vectors around ``centres`` fixed centres; with SUBSPACE the centres span only that many dimensions,
+    so clusters overlap and neighbours are not one cluster's members (harder for an IVF index than orthogonal
+    centres, where every list is one cluster)."""
+    g = np.random.default_rng(12345)
+    if SUBSPACE:
+        c = (g.standard_normal((centres, SUBSPACE)) @ g.standard_normal((SUBSPACE, dim)) / np.sqrt(SUBSPACE))
+        c = c.astype(np.float32)
+    else:
+        c = g.standard_normal((centres, dim)).astype(np.float32)
     rng = np.random.default_rng(seed)
     x = c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -120,6 +131,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--centres", type=int, default=1000)
     ap.add_argument("--noise", type=float, default=0.35)
+    ap.add_argument("--subspace", type=int, default=0, help="centres in a random subspace of this dimension")
     ap.add_argument("--dups", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--exact-queries", type=int, default=200)
@@ -129,6 +141,8 @@ def main() -> None:
     ap.add_argument("--skip-dedup", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    global SUBSPACE
+    SUBSPACE = args.subspace
     import faiss
 
     from services.corpus.curate import near_duplicates
@@ -138,6 +152,7 @@ def main() -> None:
     root = work / "corpus"
     shutil.rmtree(root, ignore_errors=True)
     report: dict[str, Any] = {"n": args.n, "dim": args.dim, "centres": args.centres, "noise": args.noise,
+                              "subspace": args.subspace,
                               "planted": args.dups, "faiss": faiss.__version__,
                               "omp_threads": faiss.omp_get_max_threads(),
                               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",

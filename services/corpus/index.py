@@ -137,24 +137,26 @@ def nlist_for(n: int) -> int:
     return int(2 ** math.floor(math.log2(target)))
 
 
-def make_index(vectors: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = NPROBE, seed: int = 0) -> Any:
-    """Exact inner product up to ``exact_max`` vectors, IVF-Flat above it (see the module docstring)."""
+def _embedded_count(corpus_dir: Path) -> int:
+    """Rows with an embedding, from the small ``error`` column (the contract: embedding null exactly when set)."""
+    return sum(int(t.column("error").null_count) for t in _tables(corpus_dir, ["error"]))
+
+
+def _trained_ivf(corpus_dir: Path, n: int, d: int, nprobe: int, seed: int) -> Any:
+    """An empty IVF-Flat index whose coarse quantizer is trained on a uniform sample of the corpus's vectors
+    (read part by part: only the sample is held)."""
     import faiss
 
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = x.shape
-    if n <= exact_max:
-        flat = faiss.IndexFlatIP(d)
-        flat.add(x)
-        return flat
     nlist = nlist_for(n)
-    quantizer = faiss.IndexFlatIP(d)
-    ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    train_n = min(n, nlist * TRAIN_PER_LIST)
-    pick = np.sort(np.random.default_rng(seed).choice(n, size=train_n, replace=False))
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, nlist * TRAIN_PER_LIST), replace=False))
+    sample, offset = [], 0
+    for _, vecs in iter_embeddings(corpus_dir):
+        here = pick[(pick >= offset) & (pick < offset + len(vecs))] - offset
+        sample.append(vecs[here])
+        offset += len(vecs)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed = seed
-    ivf.train(x[pick])
-    ivf.add(x)
+    ivf.train(np.ascontiguousarray(np.concatenate(sample), dtype=np.float32))
     ivf.nprobe = min(nprobe, nlist)
     return ivf
 
@@ -163,33 +165,37 @@ def index_root(corpus_dir: Path) -> Path:
     return Path(corpus_dir) / INDEX_DIR
 
 
-def build_corpus_index(corpus_dir: Path, *, exact_max: int = EXACT_MAX, nprobe: int = NPROBE) -> dict[str, Any]:
-    """Read every embedding of the corpus's parts, index them and make that version current; returns its meta."""
+def build_corpus_index(corpus_dir: Path, *, exact_max: int = EXACT_MAX, nprobe: int = NPROBE,
+                       seed: int = 0) -> dict[str, Any]:
+    """Index every embedding of the corpus's committed parts and make that version current; returns its meta."""
     import faiss
 
     t0 = time.perf_counter()
     fingerprint = parts_fingerprint(corpus_dir)
     if not fingerprint:
         raise CorpusIndexNotFound(f"{corpus_dir}: no parts to index")
-    rows_l, vecs_l = [], []
-    for rows, vecs in iter_embeddings(corpus_dir):
-        rows_l.append(rows)
-        vecs_l.append(vecs)
-    if not vecs_l:
+    n = _embedded_count(corpus_dir)
+    manifest = read_manifest(Path(corpus_dir)) or {}
+    d = int(manifest.get("embed_dim") or 0)
+    if n == 0 or d <= 0:
         raise ValueError(f"{corpus_dir}: no row has an embedding (every image failed)")
+    # Exact up to exact_max, IVF-Flat above (module docstring); either way the vectors are added a part at a time,
+    # so a build holds the index and one part (at 1M x 384-d: 1.5 GB, not three copies of it).
+    index = faiss.IndexFlatIP(d) if n <= exact_max else _trained_ivf(corpus_dir, n, d, nprobe, seed)
+    t_train = time.perf_counter() - t0
+    rows_l = []
+    for rows, vecs in iter_embeddings(corpus_dir):
+        index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+        rows_l.append(rows)
     rows = np.concatenate(rows_l)
-    vectors = np.concatenate(vecs_l)
-    del vecs_l
-    t_read = time.perf_counter() - t0
-    index = make_index(vectors, exact_max, nprobe)
-    t_build = time.perf_counter() - t0 - t_read
+    t_add = time.perf_counter() - t0 - t_train
     meta: dict[str, Any] = {
-        "format": FORMAT, "count": int(len(rows)), "dim": int(vectors.shape[1]), "index_type": type(index).__name__,
+        "format": FORMAT, "count": int(len(rows)), "dim": d, "index_type": type(index).__name__,
         "nlist": int(getattr(index, "nlist", 0)), "nprobe": int(getattr(index, "nprobe", 0)),
         "exact_max": int(exact_max), "library": f"faiss-cpu {faiss.__version__}",
         "metric": "inner product of L2-normalised embeddings (cosine)", "parts": fingerprint,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": {"read": round(t_read, 3), "build": round(t_build, 3)},
+        "seconds": {"train": round(t_train, 3), "add": round(t_add, 3)},
     }
     _write_version(index_root(corpus_dir), index, rows, meta)
     return meta

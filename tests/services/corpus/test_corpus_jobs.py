@@ -262,3 +262,41 @@ def test_bad_input_and_other_keys(make_stack: Any, tmp_path: Path) -> None:
     idem = {"Idempotency-Key": "k1", **A}
     first, second = (c.post("/v1/jobs", json=ok, headers=idem) for _ in range(2))
     assert (first.status_code, second.status_code) == (201, 200) and first.json()["id"] == second.json()["id"]
+
+
+def test_cli_submits_through_the_control_plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`excb corpus embed SOURCE --model ID` and `excb corpus status` against a real HTTP control plane (uvicorn;
+    no worker, so the job stays queued), with the key as `excb jobs` reads it."""
+    from excb.cli import main
+    from services.api.app import create_app
+    from services.db.session import Database
+    from services.db.tables import ModelRow
+    from services.settings import Settings, get_settings
+    from support import embed as es
+
+    data = tmp_path / "data"
+    _images(data / "imgs", 4)
+    s = Settings(home=tmp_path / "home", api_keys_file=_keys(tmp_path), data_roots=[data])
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    meta = json.loads((es.second_bundle() / "model.json").read_text())
+    with db.session() as session:
+        session.add(ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(es.second_bundle()),
+                             sha256=meta["sha256"], model_json=meta))
+    with es.UvicornThread(create_app(s, db=db, reaper=False)) as server:
+        monkeypatch.setenv("EXCB_API_URL", server.url)
+        monkeypatch.setenv("EXCB_API_TOKEN", "alpha-secret")
+        get_settings.cache_clear()
+        try:
+            assert main(["corpus", "embed", "imgs", "--model", "m-a", "--chunk-size", "2"]) == 0
+            job_id, status = capsys.readouterr().out.split()[:2]
+            assert status == "QUEUED" and job_id.startswith("j-")
+            assert main(["corpus", "status", job_id]) == 0
+            assert f"{job_id}  QUEUED  not started" in capsys.readouterr().out
+            assert main(["corpus", "embed", "imgs", "--model", "m-other"]) == 2
+            assert "404 not_found" in capsys.readouterr().err
+            monkeypatch.setenv("EXCB_API_TOKEN", "beta-secret")
+            get_settings.cache_clear()
+            assert main(["corpus", "status", job_id]) == 2  # another key's job: not found
+        finally:
+            get_settings.cache_clear()

@@ -75,6 +75,7 @@
     for (const [k, v] of cfgSummary(job)) dl.append(el("dt", { text: k }), el("dd", { "data-fact": k, text: String(v) }));
     const links = el("p", { class: "actions" }, [
       job.model_id ? el("a", { class: "button", href: "/dashboard/models/" + encodeURIComponent(job.model_id), text: "Served model \u2192" }) : null,
+      p.chunks_total !== undefined && p.chunks_total !== null ? el("a", { class: "button", id: "corpus-link", href: "/dashboard/corpora/" + encodeURIComponent(job.id), text: "Search and curate the corpus \u2192" }) : null,
       el("a", { class: "button secondary", href: "/dashboard/compare?a=" + encodeURIComponent(job.id), text: "Compare with another run" }),
     ]);
     clear(host).append(

@@ -14,6 +14,14 @@ tried), ``errors`` its rows that did not decode. Every item of the source is in 
 part is written to a temporary name and ``os.replace``-d into place (all or nothing), and a chunk done twice (a
 redelivered task, a worker killed after the commit) writes the same rows to the same name.
 
+Also in the manifest (informative, not needed to read the parts): ``model_sha256``, ``chunk_size``, ``batch_size``,
+``images`` and ``errors`` (totals), ``updated``; per chunk the plan (``start``/``stop`` into ``listing.txt``, or
+``shard``). While the job runs the coordinator rewrites the manifest whenever chunks complete, so a running
+corpus lists its committed chunks as ``done`` too.
+
+Columns: ``similarity`` is the cosine to the centroid of ``balanced_cluster`` (as the sample index stores it). An
+``embedding`` is L2-normalised; a network output of exactly zero stays the zero vector.
+
 Readers should go through :func:`read_parts`: it yields only committed parts of ``done`` chunks, in chunk order.
 """
 

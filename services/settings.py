@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="where `excb jobs ...` finds the control plane")
     api_token: str | None = Field(None, description="bearer key `excb jobs ...` sends")
     export_parity_images: int = Field(256, ge=1, description="images the ONNX-vs-PyTorch parity check compares")
+    export_staging_stale_seconds: float = Field(
+        3600.0, gt=0, description="an export staging dir (models/.m-<id>.tmp) unwritten this long is what a killed "
+                                  "export left: the next export removes it (keep it far above the longest export)")
     worker_restart_backoff_seconds: float = Field(
         1.0, gt=0, description="`excb up`: wait before restarting a worker that died; doubles per death in a row")
     worker_restart_backoff_max_seconds: float = Field(60.0, gt=0, description="cap of that back-off")

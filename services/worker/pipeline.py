@@ -8,9 +8,11 @@ replaced atomically), which works across processes and machines sharing the volu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from services.db.tables import ModelRow
 from services.embed.manifest import record_model
 from services.settings import Settings
 
+log = logging.getLogger("excb.worker")
 
 class PipelineError(Exception):
     """Export or parity failed: the job ends FAILED with this type and message (not retried)."""
@@ -41,6 +44,26 @@ def new_model_id() -> str:
 def staging_dir(settings: Settings, model_id: str) -> Path:
     """Where the export child writes; hidden (leading dot) so the embed registry's rescan ignores it."""
     return settings.resolved_models_dir / f".{model_id}.tmp"
+
+
+def remove_stale_staging(models_dir: Path, older_than_s: float) -> list[str]:
+    """Remove export staging dirs (``.m-<id>.tmp``) nothing has written to for ``older_than_s``: what an export
+    killed with its worker (kill -9, OOM, node loss) left behind; the registry skips them, so nothing else would.
+    Age is the newest mtime inside, so a running export (writing its files) is never taken."""
+    removed = []
+    now = time.time()
+    for staging in models_dir.glob(".m-*.tmp"):
+        try:
+            newest = max([staging.lstat().st_mtime] + [p.lstat().st_mtime for p in staging.rglob("*")])
+        except OSError:  # removed meanwhile (its export finished or another worker cleaned it)
+            continue
+        if now - newest > older_than_s:
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging.name)
+    if removed:
+        log.warning("removed %d stale export staging dir(s) older than %.0fs: %s", len(removed), older_than_s,
+                    ", ".join(sorted(removed)))
+    return removed
 
 
 def export_command(run_dir: Path, staging: Path, parity_images: int) -> list[str]:

@@ -245,6 +245,7 @@ class JobRunner:
         model_id = pipeline.new_model_id()
         staging = pipeline.staging_dir(self.settings, model_id)
         staging.parent.mkdir(parents=True, exist_ok=True)
+        pipeline.remove_stale_staging(staging.parent, self.settings.export_staging_stale_seconds)
         argv = pipeline.export_command(run_dir, staging, self.settings.export_parity_images)
         with (run_dir / "job.log").open("ab") as logf:
             logf.write(f"--- export to {model_id}\n".encode())

@@ -46,9 +46,14 @@ def embed_chunk_task(job_id: str, index: int) -> str:
     """``excb.corpus_chunk(job_id, index)``: late ack, so a chunk whose worker died is delivered again (and then
     finds its chunk done, claimed, or still to do)."""
     from services.settings import get_settings
+    from services.worker import liveness
     from services.worker.database import database
     from services.worker.runner import worker_name
 
-    outcome = run_chunk(database(), get_settings(), job_id, int(index), worker_name(), _stopping)
+    liveness.CURRENT_JOB = job_id  # GET /v1/workers shows helpers on the job too
+    try:
+        outcome = run_chunk(database(), get_settings(), job_id, int(index), worker_name(), _stopping)
+    finally:
+        liveness.CURRENT_JOB = None
     log.info("corpus job %s chunk %d: %s", job_id, index, outcome)
     return outcome

@@ -82,6 +82,18 @@ def load_resumable(run_dir: str | Path, map_location: str | torch.device = "cpu"
     return None
 
 
+def damage(path: str | Path) -> str | None:
+    """Why a checkpoint file cannot be loaded, found without unpickling or holding it in memory (the zip
+    structure torch.save writes, and every member's CRC); None when it reads whole. For a worker deciding, before
+    its trainer starts, whether a run still has a checkpoint to resume from."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{bad} fails its CRC check" if bad else None
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     folder = checkpoint_dir(run_dir)
     return (folder / LAST).is_file() or (folder / PREVIOUS).is_file()

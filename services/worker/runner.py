@@ -34,7 +34,7 @@ from services.index.jobs import index_after_job
 from services.queue.broker import make_celery
 from services.queue.publish import publish
 from services.settings import Settings
-from services.worker import child, pipeline, retry
+from services.worker import child, pipeline, recover, retry
 from services.worker.plan import RunPlan
 from services.worker.progress import ProgressTracker
 
@@ -115,6 +115,10 @@ class JobRunner:
         refused = self._outside_roots(str(config["data"]["source"]))
         if refused:
             return self._commit_failure(lease, "path_not_allowed", refused, count=False)
+        aside = recover.set_aside_if_unreadable(run_dir, config)  # damaged checkpoints: start over, keep the files
+        if aside is not None:
+            log.warning("job %s: %s", self.job_id, aside.message(run_dir, config),
+                        extra={"event": "checkpoint_set_aside", "job": self.job_id, "set_aside": str(aside.dest)})
         self.plan = RunPlan(run_dir)  # before this attempt's trainer starts: only what it writes counts
         request = job.request or {}
         argv = child.trainer_command(config, int(request.get("gpus") or 0))
@@ -122,6 +126,8 @@ class JobRunner:
         tail = FileTail(run_dir / "metrics.jsonl")  # read as JSON rows by _sync_progress
         with (run_dir / "job.log").open("ab") as logf:
             logf.write(f"--- attempt {lease.attempt} on {self.worker} (token {lease.token})\n".encode())
+            if aside is not None:
+                logf.write(f"excb-worker: {aside.message(run_dir, config)}\n".encode())
             logf.flush()
             write_fence(run_dir, lease.token)  # this attempt's checkpoints win; a stale trainer's are refused
             proc = child.start(argv, logf, env=_child_env(lease.token))

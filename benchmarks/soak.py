@@ -739,7 +739,7 @@ def _models(api: Api) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ report
 
 FAULT_SIGNS = {  # what a FAILED job's error says when a fault is the stated reason
-    "disk_full": ("No space left", "Errno 28", "ENOSPC"),
+    "disk_full": ("No space left", "Errno 28", "ENOSPC", "disk full"),
     "corrupt_checkpoint": ("corrupt", "checkpoint", "Unpickl", "pickle"),
 }
 

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 
+from services.api.serialize import path_hider
 from services.common.body import is_raw, read_capped
 from services.common.cors import install_cors
 from services.common.errors import ApiError, install_error_docs, install_error_handlers
@@ -98,8 +99,13 @@ def build_router(svc: EmbedService) -> APIRouter:
 
     @router.get("/v1/info", dependencies=[Depends(require_key)], tags=["embed"])
     async def info() -> dict[str, Any]:
-        """Runtime, providers (requested, available, active per model), threads, batching and models."""
-        return svc.info()
+        """Runtime, providers (requested, available, active per model), threads, batching and models; with API keys
+        the models' server paths are shown relative to models/ (or the data roots), as the control plane does."""
+        body = svc.info()
+        hide = path_hider(svc.settings, svc.auth.enabled)
+        if hide is not None:
+            body["models"] = hide.deep(body["models"])
+        return body
 
     @router.get("/v1/models/{model_id}/balance", dependencies=[Depends(require_key)], tags=["embed"])
     async def balance(model_id: str, max_points: int = Query(256, ge=2, le=4096)) -> dict[str, Any]:

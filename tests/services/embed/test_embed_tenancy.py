@@ -124,6 +124,14 @@ def test_each_key_has_its_own_default_model(two_tenants: TestClient) -> None:
     assert [m["id"] for m in c.get("/v1/info", headers=A).json()["models"]] == ["m-a"]
 
 
+def test_info_shows_no_server_paths_with_keys(two_tenants: TestClient, models: Path) -> None:
+    """Before: the standalone embed service's /v1/info named the bundle's absolute path (and model.json's run
+    dir) with keys configured, where the control plane shows paths relative to models/."""
+    info = two_tenants.get("/v1/info", headers=A).json()
+    assert info["models"][0]["bundle_dir"] == "models/m-a"
+    assert str(models.parent) not in json.dumps(info), json.dumps(info)[:2000]
+
+
 def test_other_keys_models_are_404(two_tenants: TestClient) -> None:
     """Before: B could embed with A's model and read its live balance."""
     c = two_tenants

@@ -151,6 +151,7 @@ class Stack:
             "EXCB_HEARTBEAT_SECONDS": "0.5", "EXCB_STALL_SECONDS": "6", "EXCB_PROGRESS_INTERVAL_SECONDS": "0.5",
             "EXCB_REAPER_INTERVAL_SECONDS": "1", "EXCB_REQUEUE_AFTER_SECONDS": "5",
             "EXCB_CANCEL_GRACE_SECONDS": "20", "EXCB_LOG_JSON": "false", "OMP_NUM_THREADS": "1",
+            "EXCB_RETRY_BACKOFF_SECONDS": "0.5",  # a counted retry's wait (10 s by default; a test may set its own)
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         })
         if redis_url:

@@ -37,6 +37,7 @@ class Up:
         self.env = {k: v for k, v in os.environ.items() if k not in ("EXCB_REDIS_URL", "EXCB_DATABASE_URL")}
         self.env.update({"OMP_NUM_THREADS": "1", "EXCB_EXPORT_PARITY_IMAGES": "16", "EXCB_LOG_JSON": "true",
                          "EXCB_REAPER_INTERVAL_SECONDS": "1", "EXCB_HEARTBEAT_SECONDS": "1",
+                         "EXCB_RETRY_BACKOFF_SECONDS": "1",  # a counted retry's wait (10 s by default)
                          "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env})
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "excb.cli", "up", "--port", self.base.rsplit(":", 1)[1],

@@ -5,13 +5,14 @@ A corpus (``services/corpus``: ``manifest.json`` + ``parts/part-NNNNN.parquet``,
 millions of images, where the model's sample index (``services/index``, at most 200,000) stops. Which index:
 
 - up to :data:`EXACT_MAX` vectors, exact (``IndexFlatIP``): built in well under a second, recall 1.0, and a
-  query scans 50,000 x 384-d in a few ms.
+  query scans 100,000 x 384-d in 64 ms (p50, two loaded cores), so ~30 ms at the bound; small corpora are built
+  on their first search.
 - above it, ``IndexIVFFlat`` (inverted lists over a k-means of the vectors; ``nlist`` ~ sqrt(N), a power of two;
-  ``nprobe`` lists scanned per query). Not HNSW, although the sample index uses it: at 1M x 384-d an IVF index
-  builds in about a minute on two cores (HNSW in tens of minutes, single-threaded adds beside serving), needs no
-  graph links in memory, and answers ``range_search`` exactly within the probed lists, which curation's
-  near-duplicate pass relies on. Recall@10 and latency against exact at 1M are in benchmarks/RESULTS.md
-  ("Corpus index", ``benchmarks/corpus_index_bench.py``), which is where :data:`NPROBE` comes from.
+  ``nprobe`` lists scanned per query). Not HNSW, although the sample index uses it: at 100k x 384-d HNSW took 103 s
+  to build on two loaded cores against IVF's 6 s, and IVF builds 1M in 75 s; IVF holds just the vectors (no graph),
+  and its inverted lists make curation's near-duplicate pass a set of matrix products. Recall@10 and latency
+  against exact at 1M (0.987 at :data:`NPROBE` = 32, p50 6 ms) are in benchmarks/RESULTS.md ("Corpus search and
+  curation", ``benchmarks/corpus_index_bench.py``).
 
 Layout: ``<corpus>/index/CURRENT`` names ``v-<stamp>/`` holding ``vectors.faiss``, ``rows.npy`` (the corpus row
 of each faiss id: failed rows have no vector) and ``meta.json`` (type, count, the parts it was built from). A

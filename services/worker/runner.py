@@ -49,7 +49,9 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _celery_stopping() -> bool:
+def celery_stopping() -> bool:
+    """True once this worker is shutting down (our SIGTERM handler or Celery's warm/cold shutdown): the trainer
+    and the corpus chunks check it between steps and batches to hand their job back."""
     if SHUTDOWN.is_set():
         return True
     return bool(celery_state.should_stop or celery_state.should_terminate)
@@ -167,7 +169,7 @@ class JobRunner:
                 log.warning("job %s exceeded its memory limit of %.0f MiB: killed", self.job_id, limit_mb)
                 child.signal_group(proc, signal.SIGKILL)
                 return Outcome(proc.wait(), oom=True)
-            if _celery_stopping():
+            if celery_stopping():
                 log.info("worker shutting down: checkpointing job %s", self.job_id)
                 return Outcome(child.stop(proc, self.settings.cancel_grace_seconds), preempted=True)
             now = time.monotonic()

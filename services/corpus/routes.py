@@ -126,7 +126,7 @@ def dedup(corpus_id: str, body: DedupRequest, cp: Plane, who: Caller) -> dict[st
             path = item["path"]
             item["path"] = hide.path(path) if hide is not None else path
             if body.thumbs:
-                item["thumbnail"] = thumb_uri(path)
+                item["thumbnail"] = thumb_uri(path, list(cp.settings.data_roots))
     return {"corpus": corpus_id, **report}
 
 
@@ -148,7 +148,8 @@ def subset(corpus_id: str, body: SubsetRequest, cp: Plane, who: Caller) -> dict[
             "clusters_total": len(sub["clusters"]), "clusters_used": len(taken),
             "per_cluster_min": min(taken, default=0), "per_cluster_max": max(taken, default=0),
             "clusters": sub["clusters"],
-            "preview": [row_dict(idx, int(r), hide, body.thumbs) for r in sub["rows"][:body.preview]]}
+            "preview": [row_dict(idx, int(r), hide, body.thumbs, list(cp.settings.data_roots))
+                        for r in sub["rows"][:body.preview]]}
 
 
 @router.get("/corpora/{corpus_id}/subsets/{name}", response_class=PlainTextResponse,

@@ -69,17 +69,22 @@ def shown_path(hide: PathHider | None, path: str) -> str:
     return hide.path(path) if hide is not None else path
 
 
-def thumb_uri(path: str) -> str | None:
+def thumb_uri(path: str, roots: list[Path]) -> str | None:
     """A ``data:`` JPEG thumbnail of a corpus image read from its file (through excb's safe decoder), or None
-    when the file is gone or no longer decodes."""
+    when the file is gone, no longer decodes, or (data roots configured) no longer resolves inside one: the job
+    checked its files at submit, a link swapped since must not make this route read elsewhere."""
     try:
-        image = load_image(path, max_bytes=THUMB_MAX_BYTES)
+        real = Path(path).resolve()
+        if roots and not any(real.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
+            return None
+        image = load_image(real, max_bytes=THUMB_MAX_BYTES)
     except (OSError, ImageDecodeError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(thumbnail(image)).decode("ascii")
 
 
-def row_dict(idx: CorpusIndex, row: int, hide: PathHider | None, thumbs: bool) -> dict[str, Any]:
+def row_dict(idx: CorpusIndex, row: int, hide: PathHider | None, thumbs: bool,
+             roots: list[Path] | None = None) -> dict[str, Any]:
     """One corpus row as the API shows it."""
     cols = idx.columns
     path = cols.path(row)
@@ -87,7 +92,7 @@ def row_dict(idx: CorpusIndex, row: int, hide: PathHider | None, thumbs: bool) -
                            "balanced_cluster": int(cols.balanced_cluster[row]),
                            "similarity": round(float(cols.similarity[row]), 6)}
     if thumbs:
-        out["thumbnail"] = thumb_uri(path)
+        out["thumbnail"] = thumb_uri(path, roots or [])
     return out
 
 
@@ -134,7 +139,8 @@ class CorpusSearch:
             for score, row in zip(scores[0], rows[0]):
                 if row < 0 or (extra and int(row) == self_row):
                     continue
-                out.append({**row_dict(idx, int(row), hide, req.thumbs), "score": round(float(score), 6)})
+                out.append({**row_dict(idx, int(row), hide, req.thumbs, list(host.settings.data_roots)),
+                            "score": round(float(score), 6)})
             return out[:req.k]
 
         data = await anyio.to_thread.run_sync(results)

@@ -117,13 +117,21 @@ def test_another_key_cannot_search_my_corpus(setup: Setup, tmp_path: Path) -> No
     record_model(models, "m-cur", load_bundle(models / "m-cur").sha256, owner=A_ID)
     settings = Settings(home=tmp_path / "home", models_dir=models, api_keys_file=keys, embed=FAST,
                         data_roots=[Path(setup.files[0]).parents[1]])
-    embed_corpus(models / "m-cur", setup.paths[:40], corpus_dir(settings, "mine"), job_id="mine",
+    outside = tmp_path / "outside" / "x.png"  # a row whose file no longer lies in a data root (a swapped link)
+    outside.parent.mkdir()
+    shutil.copy(setup.files[5], outside)
+    embed_corpus(models / "m-cur", setup.paths[:40] + [str(outside)], corpus_dir(settings, "mine"), job_id="mine",
                  model_id="m-cur", owner=A_ID)
     with TestClient(create_app(settings)) as c:
         mine = c.post("/v1/search", json={"corpus": "mine", "image": _uri(setup.files[3])}, headers=A)
         assert mine.status_code == 200, mine.text
         root = Path(setup.files[0]).parents[1]
         assert mine.json()["data"][0]["path"] == Path(setup.files[3]).relative_to(root).as_posix()  # not absolute
+        hits = c.post("/v1/search", json={"corpus": "mine", "image_id": 40, "k": 3, "exclude_self": False,
+                                          "thumbs": True}, headers=A).json()["data"]
+        by_row = {h["row"]: h for h in hits}
+        assert by_row[40]["thumbnail"] is None and by_row[40]["path"] == "x.png"  # not read, name only
+        assert by_row[5]["thumbnail"].startswith("data:image/jpeg;base64,")  # the same image inside the root
         for body in ({"corpus": "mine", "image": _uri(setup.files[3])}, {"corpus": "mine", "image_id": 1}):
             other = c.post("/v1/search", json=body, headers=B)
             assert other.status_code == 404 and other.json()["error"]["type"] == "not_found", other.text

@@ -41,7 +41,7 @@ from services.corpus.index import CorpusIndexNotFound, build_corpus_index, curre
 from services.corpus.search import CorpusSearch, load_index, open_corpus, row_dict, thumb_uri
 
 router = APIRouter(tags=["corpora"], route_class=AuthFirstRoute)
-SEARCH = CorpusSearch()  # the control plane's loaded corpus indexes (dedup and subsets read them)
+SEARCH = CorpusSearch()  # the process's loaded corpus indexes, shared with POST /v1/search (search.PROCESS_CACHE)
 SUBSETS_DIR = "subsets"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_SUBSET = 1_000_000

@@ -74,6 +74,9 @@ def load_resumable(run_dir: str | Path, map_location: str | torch.device = "cpu"
     candidates = [p for p in (folder / LAST, folder / PREVIOUS) if p.is_file()]
     for i, path in enumerate(candidates):
         try:
+            why = damage(path)  # torch.load reads garbage inside a tensor's bytes as weights; the CRCs do not
+            if why is not None:
+                raise RuntimeError(f"damaged archive: {why}")
             return load_checkpoint(path, map_location), path
         except DAMAGED as exc:
             if i + 1 == len(candidates):

@@ -77,3 +77,20 @@ def test_a_run_whose_only_checkpoint_is_damaged_starts_over_and_keeps_its_files(
     assert damage(last) is None  # the new run's own checkpoint
     log = (run_dir / "job.log").read_text()
     assert "checkpoint damaged (last.pt: " in log and "the run starts over from step 0" in log, log[-2000:]
+
+
+def test_resume_skips_a_last_pt_whose_tensor_bytes_are_garbage(tmp_path: Path) -> None:
+    """Garbage inside one tensor's bytes still loads with torch.load (as wrong weights); the resume checks the
+    archive's CRCs first and takes previous.pt instead of training on from garbage."""
+    from excb.training.checkpoint import LAST, PREVIOUS, checkpoint_dir, load_resumable, save_checkpoint
+
+    last = checkpoint_dir(tmp_path) / LAST
+    save_checkpoint(last, {"step": 10, "w": torch.ones(128, 128)})
+    save_checkpoint(last, {"step": 20, "w": torch.ones(128, 128) * 2}, keep_previous=True)
+    assert (last.parent / PREVIOUS).is_file()
+    _corrupt_middle_third(last)
+    assert int(torch.load(last, weights_only=True)["step"]) == 20  # torch alone would resume from it
+    found = load_resumable(tmp_path)
+    assert found is not None
+    state, path = found
+    assert path.name == PREVIOUS and state["step"] == 10

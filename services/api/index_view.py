@@ -22,7 +22,7 @@ from services.api.state import ControlPlane
 from services.common.active_model import read_active_id
 from services.common.auth import CURRENT_PRINCIPAL, ApiKeyAuth
 from services.common.errors import ApiError
-from services.corpus.search import CorpusSearch
+from services.corpus.search import CorpusSearch, job_resolver
 from services.db import models as model_store
 from services.db.session import Database
 from services.embed.sources import Source, resolve_inputs
@@ -97,4 +97,4 @@ class PlaneIndexHost:
 
 def build_plane_index_router(cp: ControlPlane) -> APIRouter:
     """The index's read routes served from the control plane (see the module docstring)."""
-    return build_index_router(PlaneIndexHost(cp), CorpusSearch())
+    return build_index_router(PlaneIndexHost(cp), CorpusSearch(resolve=job_resolver(cp.db)))

@@ -38,7 +38,7 @@ from services.corpus.curate import (
     write_list,
 )
 from services.corpus.index import CorpusIndexNotFound, build_corpus_index, current_version, index_root
-from services.corpus.search import CorpusSearch, load_index, open_corpus, row_dict, thumb_uri
+from services.corpus.search import CorpusSearch, job_resolver, load_index, open_corpus, row_dict, thumb_uri
 
 router = APIRouter(tags=["corpora"], route_class=AuthFirstRoute)
 SEARCH = CorpusSearch()  # the process's loaded corpus indexes, shared with POST /v1/search (search.PROCESS_CACHE)
@@ -72,7 +72,9 @@ class SubsetRequest(BaseModel):
 
 
 def _corpus(cp: Any, who: Any, corpus_id: str) -> tuple[Path, dict[str, Any]]:
-    return open_corpus(cp.settings, cp.auth.enabled, who.id, corpus_id, field="corpus_id")
+    """The caller's corpus by the id they know its job by (client ``job_id`` or server id)."""
+    server_id = job_resolver(cp.db)(who.id, corpus_id)
+    return open_corpus(cp.settings, cp.auth.enabled, who.id, server_id, field="corpus_id")
 
 
 def _index_info(root: Path) -> dict[str, Any] | None:
@@ -91,7 +93,7 @@ def index_info(corpus_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     meta = _index_info(root)
     with _building_lock:
         building = root in _building
-    return {"corpus": corpus_id, "ready": meta is not None, "building": building,
+    return {"corpus": corpus_id, "server_id": root.parent.name, "ready": meta is not None, "building": building,
             "corpus_status": manifest.get("status"), "meta": {k: v for k, v in (meta or {}).items() if k != "parts"}}
 
 

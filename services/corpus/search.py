@@ -17,7 +17,7 @@ import base64
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import numpy as np
@@ -29,11 +29,23 @@ from services.common.auth import CURRENT_PRINCIPAL
 from services.common.errors import ApiError
 from services.corpus.index import EXACT_MAX, CorpusIndex, CorpusIndexCache, CorpusIndexNotFound
 from services.corpus.parts import corpus_dir, read_manifest
+from services.db.jobs import find_owned
 from services.index.build import thumbnail
 from services.settings import Settings
 
 CORPUS_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a job id (services.api.schemas.JOB_ID_PATTERN)
 THUMB_MAX_BYTES = 32 * 1024 * 1024
+
+
+def job_resolver(db: Any) -> ResolveId:
+    """Map a caller's client job id (or a server id they own) to the server id, through the job store; an id that
+    names none of the caller's jobs is left as it is (its manifest still decides, usually a 404)."""
+
+    def resolve(caller: str | None, ref: str) -> str:
+        job = find_owned(db, caller, ref) if CORPUS_ID_RE.fullmatch(ref) else None
+        return str(job.id) if job is not None else ref
+
+    return resolve
 
 
 def open_corpus(settings: Settings, auth_enabled: bool, caller: str | None, corpus_id: str,
@@ -101,11 +113,17 @@ def row_dict(idx: CorpusIndex, row: int, hide: PathHider | None, thumbs: bool,
 PROCESS_CACHE = CorpusIndexCache(max_loaded=2)
 
 
-class CorpusSearch:
-    """What ``POST /v1/search`` needs to answer for a corpus: the process's loaded corpus indexes."""
+# (caller, the id a request names) -> the corpus's job server id; a host with the job store maps a client job_id
+ResolveId = Callable[[str | None, str], str]
 
-    def __init__(self, cache: CorpusIndexCache | None = None) -> None:
+
+class CorpusSearch:
+    """What ``POST /v1/search`` needs to answer for a corpus: the process's loaded corpus indexes, and (where the
+    host has the job store) how a client job id maps to the server id the corpus directory is named by."""
+
+    def __init__(self, cache: CorpusIndexCache | None = None, resolve: ResolveId | None = None) -> None:
         self.cache = cache if cache is not None else PROCESS_CACHE
+        self.resolve = resolve
 
     async def __call__(self, host: Any, req: Any, image: Any) -> dict[str, Any]:
         """Answer ``req`` (the index routes' ``SearchRequest`` with ``corpus`` set) on ``host`` (their
@@ -113,7 +131,8 @@ class CorpusSearch:
         t0 = time.perf_counter()
         principal = CURRENT_PRINCIPAL.get()
         caller = principal.id if principal is not None else None
-        root, manifest = open_corpus(host.settings, host.auth.enabled, caller, req.corpus)
+        corpus_id = self.resolve(caller, req.corpus) if self.resolve is not None else req.corpus
+        root, manifest = open_corpus(host.settings, host.auth.enabled, caller, corpus_id)
         model_id = str(manifest.get("model_id") or "")
         idx = await anyio.to_thread.run_sync(load_index, self.cache, root, req.corpus)
         query: dict[str, Any]

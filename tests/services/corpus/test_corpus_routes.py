@@ -54,6 +54,11 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Path, l
     meta = json.loads((models / "m-cur" / "model.json").read_text())
     model_store.add_model(db, ModelRow(id="m-cur", job_id=None, owner=A_ID, status="READY",
                                        bundle_dir=str(models / "m-cur"), sha256=meta["sha256"], model_json=meta))
+    from services.db import jobs as job_store
+
+    job_store.create_job(db, job_id="c1", client_id="my-corpus", owner=A_ID, idempotency_key=None, name=None,
+                         config={"kind": "embed"}, request={}, run_dir=str(corpus_dir(settings, "c1").parent),
+                         max_attempts=1)
     with TestClient(create_plane(settings, db=db, reaper=False)) as c:
         yield c, corpus_dir(settings, "c1"), copies
 
@@ -135,3 +140,17 @@ def test_bad_curation_input_is_4xx(plane: tuple[TestClient, Path, list[tuple[str
                                    body: dict | None, status: int) -> None:
     r = plane[0].request(method.upper(), path, json=body, headers=A)
     assert r.status_code == status, r.text
+
+
+def test_the_owner_may_name_the_corpus_by_its_client_job_id(
+        plane: tuple[TestClient, Path, list[tuple[str, str]]]) -> None:
+    c = plane[0]
+    info = c.get("/v1/corpora/my-corpus/index", headers=A)
+    assert info.status_code == 200 and info.json()["server_id"] == "c1" and info.json()["corpus"] == "my-corpus"
+    hits = c.post("/v1/search", json={"corpus": "my-corpus", "image_id": 2, "k": 2, "exclude_self": False}, headers=A)
+    assert hits.status_code == 200 and hits.json()["data"][0]["row"] == 2, hits.text
+    assert c.post("/v1/corpora/my-corpus/subset", json={"n": 3}, headers=A).json()["count"] == 3
+    for method, path, body in [("get", "/v1/corpora/my-corpus/index", None),
+                               ("post", "/v1/search", {"corpus": "my-corpus", "image_id": 2})]:
+        other = c.request(method.upper(), path, json=body, headers=B)  # B's namespace of client ids has none
+        assert other.status_code == 404, other.text

@@ -10,6 +10,7 @@
 (function (Excb) {
   const { el, clear, api } = Excb;
   const id = decodeURIComponent(location.pathname.split("/").filter(Boolean)[2] || "");
+  let searchId = id;  // the job's server id (GET .../index says it): what an embed service without the job store takes
   const base = "/v1/corpora/" + encodeURIComponent(id);
   const root = () => document.getElementById("corpus");
 
@@ -67,6 +68,7 @@
     clear(document.getElementById("corpus-header")).append(el("h1", {}, ["Corpus ", el("code", { text: id })]),
       el("p", { class: "muted", id: "index-facts", text: facts + (info.corpus_status ? " \u00b7 job " + info.corpus_status : "") }), build);
     root().setAttribute("data-index", info.ready ? "ready" : "missing");
+    searchId = info.server_id || id;
   }
 
   // --------------------------------------------------------------------------------------------- search
@@ -77,7 +79,7 @@
     if (!file) return;
     const form = new FormData();
     form.append("file", file);
-    form.append("corpus", id);
+    form.append("corpus", searchId);
     form.append("k", document.getElementById("search-k").value || "12");
     form.append("thumbs", "true");
     out.append(el("p", { class: "muted", text: "Searching\u2026" }));

@@ -4,8 +4,10 @@ Both read a loaded :class:`services.corpus.index.CorpusIndex` (its vectors and t
 N x N similarity matrix:
 
 - :func:`near_duplicates`: the pairs with cosine >= ``threshold`` joined by union-find. Exact index (small
-  corpora): every image's ``k`` nearest through the index, a query batch at a time. IVF index (large ones): the
-  images of each inverted list against each other, a block at a time. At most ``k`` pairs per image rather than
+  corpora, up to :data:`DEDUP_EXACT_MAX`): every image's ``k`` nearest through the index, a query batch at a time.
+  Above it (an IVF index, or a throwaway one over an exact index's vectors): the images of each inverted list
+  against each other, a block at a time; pairs split across two lists are missed (2.5% of planted pairs at 1M,
+  1% at 50k: benchmarks/RESULTS.md). At most ``k`` pairs per image rather than
   a ``range_search``: a range search's answer is unbounded (m copies of one image give m^2 pairs), while k per
   image bound memory and still connect a group of any size (each copy links to others of it).
 - :func:`balanced_subset`: N images spread evenly over the balanced clusters (water-filling: a cluster smaller
@@ -27,12 +29,13 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from excb.fileio import atomic_write
-from services.corpus.index import CorpusIndex
+from services.corpus.index import TRAIN_PER_LIST, CorpusIndex, nlist_for
 
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_NEIGHBOURS = 16
 QUERY_BATCH = 4096
 BLOCK_FLOATS = 1 << 24  # similarities per matrix product in the IVF pass (64 MB)
+DEDUP_EXACT_MAX = 10_000  # above this many vectors an exact index is deduplicated through a throwaway IVF
 MAX_SAMPLE = 20
 Strategy = Literal["typical", "diverse"]
 
@@ -94,7 +97,21 @@ def _knn_pairs(idx: CorpusIndex, threshold: float, neighbours: int, batch: int) 
         yield ids[qi], found[qi, col], scores[qi, col]
 
 
-def _list_pairs(idx: CorpusIndex, threshold: float, neighbours: int) -> Pairs:
+def _dedup_ivf(idx: CorpusIndex, seed: int = 0) -> Any:
+    """A throwaway IVF-Flat over an exact index's vectors (same ids), for the per-list pass on mid-size corpora."""
+    import faiss
+
+    n, d = idx.count, int(idx.faiss.d)
+    nlist = nlist_for(n)
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, nlist * TRAIN_PER_LIST), replace=False))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(idx.vectors(pick))
+    for start in range(0, n, QUERY_BATCH * 16):
+        ivf.add(idx.vectors(np.arange(start, min(n, start + QUERY_BATCH * 16))))
+    return ivf
+
+
+def _list_pairs(index: Any, threshold: float, neighbours: int) -> Pairs:
     """IVF index: the images of each inverted list against each other (one matrix product per block of
     ``BLOCK_FLOATS``). A near-duplicate almost always shares its original's nearest centroid, so this finds
     the pairs a k-NN pass would, at a matrix product's speed instead of a probe per image (at 1M images: tens
@@ -102,7 +119,7 @@ def _list_pairs(idx: CorpusIndex, threshold: float, neighbours: int) -> Pairs:
     counts planted pairs)."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(idx.faiss)
+    ivf = faiss.extract_index_ivf(index)
     lists, d = ivf.invlists, ivf.d
     assert lists is not None
     for ell in range(ivf.nlist):
@@ -132,8 +149,12 @@ def near_duplicates(idx: CorpusIndex, threshold: float = DEFAULT_THRESHOLD, neig
     uf = _UnionFind(n)
     lo = np.full(n, np.inf, dtype=np.float32)
     hi = np.full(n, -np.inf, dtype=np.float32)
-    ivf = isinstance(idx.faiss, faiss.IndexIVF)
-    pairs = _list_pairs(idx, threshold, neighbours) if ivf else _knn_pairs(idx, threshold, neighbours, batch)
+    if isinstance(idx.faiss, faiss.IndexIVF):
+        pairs = _list_pairs(idx.faiss, threshold, neighbours)
+    elif n > DEDUP_EXACT_MAX:  # an exact pass is O(N^2): 45 s at 50k x 384-d, the per-list pass 3 s
+        pairs = _list_pairs(_dedup_ivf(idx), threshold, neighbours)
+    else:
+        pairs = _knn_pairs(idx, threshold, neighbours, batch)
     for a, b, s in pairs:
         for x, y in zip(a.tolist(), b.tolist()):
             uf.union(x, y)

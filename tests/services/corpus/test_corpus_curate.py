@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from excb.inference.onnx_runtime import OrtEmbedder, l2_normalize, load_bundle
+from services.corpus import curate
 from services.corpus.curate import balanced_subset, dedup_report, near_duplicates, quotas, write_list
 from services.corpus.index import (
     CorpusIndex,
@@ -121,7 +122,7 @@ def test_stale_or_missing_index_is_rebuilt_small_and_refused_large(corpus: Corpu
     assert [p.name for p in (d / "index").iterdir() if p.is_dir()] == [second.version]
 
 
-def test_near_duplicate_groups_find_the_planted_pairs(corpus: Corpus) -> None:
+def test_near_duplicate_groups_find_the_planted_pairs(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
     idx = CorpusIndexCache().get(corpus.dir)
     groups = near_duplicates(idx, threshold=0.95)
     sets = [{idx.columns.path(int(r)) for r in g.rows} for g in groups]
@@ -139,6 +140,11 @@ def test_near_duplicate_groups_find_the_planted_pairs(corpus: Corpus) -> None:
     assert first["count"] == len(groups[0].rows) and first["keep"] == first["sample"][0]["path"]
     with pytest.raises(ValueError):
         near_duplicates(idx, threshold=1.5)
+    # an exact index above DEDUP_EXACT_MAX goes through a throwaway IVF's lists: the same groups here
+    monkeypatch.setattr(curate, "DEDUP_EXACT_MAX", 100)
+    via_lists = [{idx.columns.path(int(r)) for r in g.rows} for g in near_duplicates(idx, threshold=0.95)]
+    assert sum(any(a in s and b in s for s in via_lists) for a, b in corpus.planted) >= 0.9 * PLANTED
+    assert sum(not (s & planted_copies) for s in via_lists) <= 2
 
 
 def test_quotas_fill_small_clusters_and_spread_the_rest() -> None:

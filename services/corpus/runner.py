@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from excb.inference.onnx_runtime import BundleError
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.corpus import claims
 from services.corpus.embed import DEFAULT_BATCH_SIZE, Stopped, embedder_for
@@ -31,6 +32,7 @@ from services.db.jobs import Lease
 from services.db.session import Database
 from services.db.tables import ACTIVE, ModelRow, utcnow
 from services.settings import Settings
+from services.worker import retry
 
 log = logging.getLogger("excb.corpus")
 
@@ -122,7 +124,7 @@ class CorpusJob:
     """One attempt of one corpus job, from lease to final commit (``JobRunner``'s counterpart)."""
 
     def __init__(self, db: Database, settings: Settings, job_id: str, worker: str, send_chunk: SendChunk,
-                 republish: Callable[[], None], stopping: StopCheck = lambda: False) -> None:
+                 republish: Callable[[float], None], stopping: StopCheck = lambda: False) -> None:
         self.db, self.settings, self.job_id, self.worker = db, settings, job_id, worker
         self.send_chunk, self.republish, self.stopping = send_chunk, republish, stopping
         self.stop_reason: str | None = None  # cancelled, lease_lost, preempted
@@ -166,6 +168,8 @@ class CorpusJob:
             return "lease_lost"
         try:
             self.manifest = self._manifest(job, config, model.bundle_dir)
+        except BundleError as exc:  # the model's files changed since it was registered: no retry mends that
+            return self._fail(lease, "model_unusable", f"model {config.get('model_id')!r}: {exc}", count=False)
         except (OSError, ValueError) as exc:
             return self._fail(lease, "bad_source", f"{source!r}: {exc}", count=False)
         return self._coordinate(lease)
@@ -306,7 +310,7 @@ class CorpusJob:
             status = store.release_for_retry(self.db, lease, count_failure=False, error=None)
             store.end_attempt(self.db, lease, "preempted")
             if status == "QUEUED":
-                self.republish()
+                self.republish(0.0)
             return "preempted"
         self._write_manifest(done, "cancelled")
         ok = store.fenced_update(self.db, lease, status="CANCELLED", finished_at=utcnow(), lease_owner=None,
@@ -318,10 +322,13 @@ class CorpusJob:
     def _fail(self, lease: Lease, kind: str, message: str, count: bool) -> str:
         error = {"type": kind, "message": message[-2000:]}
         self._log(f"error: {kind}: {message}")
-        if count:
-            status = store.release_for_retry(self.db, lease, count_failure=True, error=error)
+        if count:  # the back-off a trainer's counted failure waits too (services/worker/retry.py)
+            job = store.get_job(self.db, self.job_id)
+            delay = retry.retry_delay((job.failures if job is not None else 0) + 1,
+                                      self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+            status = store.release_for_retry(self.db, lease, count_failure=True, error=error, due_in=delay)
             if status == "QUEUED":
-                self.republish()
+                self.republish(delay)
         else:
             ok = store.fenced_update(self.db, lease, status="FAILED", error=error, finished_at=utcnow(),
                                      lease_owner=None)

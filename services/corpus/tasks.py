@@ -30,8 +30,8 @@ def run_if_corpus(db: Database, settings: Settings, job_id: str, celery_app: Any
     def send_chunk(jid: str, index: int) -> None:
         celery_app.send_task(TASK_EMBED_CHUNK, args=[jid, index], queue=settings.celery_queue)
 
-    def republish() -> None:
-        publish(celery_app, db, job_id, settings.celery_queue)
+    def republish(delay: float) -> None:
+        publish(celery_app, db, job_id, settings.celery_queue, countdown=delay)
 
     return CorpusJob(db, settings, job_id, worker_name(), send_chunk, republish, celery_stopping).run()
 

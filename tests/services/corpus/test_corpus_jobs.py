@@ -229,6 +229,58 @@ def test_worker_shutdown_hands_the_job_back_uncounted(redis_url: str, make_stack
     _check_exactly_once(stack.home / "runs" / job["id"] / "corpus", expected)
 
 
+def test_a_counted_failure_waits_its_back_off(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """A corpus directory the worker cannot write parts into (``parts`` is not a directory) fails every attempt
+    in the coordinator (a counted worker_error): the retries wait the same back-off as a trainer's
+    (services/worker/retry.py), not milliseconds."""
+    from services.db import jobs as store
+    from services.db.jobs import CLOCK_SKEW_SECONDS
+
+    base, cap = 2.0, 3.0
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path), max_attempts=3,
+                       retry_backoff_seconds=base, retry_backoff_max_seconds=cap)
+    c = stack.start_api()
+    _model(stack, A_ID)
+    _images(stack.data_root / "imgs", 20, bad=0)
+    job = _submit(c)
+    root = stack.home / "runs" / job["id"] / "corpus"
+    root.mkdir(parents=True)
+    os.symlink("/dev/null", root / "parts")  # every part write: NotADirectoryError
+    stack.start_worker()
+    done = _wait(stack, job["id"], lambda j: j["status"] in ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "FAILED" and done["error"]["type"] == "worker_error", done["error"]
+    attempts = store.attempts(stack.app.state.plane.db, job["id"])
+    assert [a.outcome for a in attempts] == ["worker_error"] * 3, [(a.attempt, a.outcome) for a in attempts]
+    gaps = [(b.started_at - a.ended_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= base - CLOCK_SKEW_SECONDS and gaps[1] >= cap - CLOCK_SKEW_SECONDS, gaps
+
+
+def test_a_damaged_model_fails_at_once_naming_the_model(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """A model whose ONNX file changed after registration (sha256 no longer matches model.json) is not a bad data
+    source and no retry mends it: FAILED on the first attempt as model_unusable."""
+    import shutil
+
+    from services.db.tables import ModelRow
+    from support import embed as es
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
+    c = stack.start_api()
+    bundle = tmp_path / "damaged-bundle"
+    shutil.copytree(es.second_bundle(), bundle)
+    (bundle / "model.onnx").write_bytes(b"not an onnx graph")
+    meta = json.loads((bundle / "model.json").read_text())
+    with stack.app.state.plane.db.session() as s:
+        s.add(ModelRow(id="m-a", job_id=None, owner=A_ID, status="READY", bundle_dir=str(bundle),
+                       sha256=meta["sha256"], model_json=meta))
+    _images(stack.data_root / "imgs", 20, bad=0)
+    stack.start_worker()
+    job = _submit(c)
+    done = _wait(stack, job["id"], lambda j: j["status"] in ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "FAILED" and done["error"]["type"] == "model_unusable", done["error"]
+    assert "'m-a'" in done["error"]["message"] and "sha256 mismatch" in done["error"]["message"]
+    assert done["attempt"] == 1
+
+
 def test_bad_input_and_other_keys(make_stack: Any, tmp_path: Path) -> None:
     """4xx for bad bodies; another key can neither embed with my model, nor read my run dirs as data, nor see
     or cancel my corpus job. No worker: the jobs stay queued."""

@@ -51,8 +51,8 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
                                    "write them as a list: file (`excb train data=list:FILE`).")
     corpus_arg(b)
     b.add_argument("--n", type=int, required=True, help="images in the subset")
-    b.add_argument("--strategy", choices=["typical", "diverse"], default="typical",
-                   help="within each cluster: the images nearest its mean, or a farthest-point spread")
+    b.add_argument("--strategy", choices=["diverse", "typical"], default="diverse",
+                   help="within each cluster: a farthest-point spread (default), or the images nearest its mean")
     b.add_argument("--out", type=Path, required=True, help="the list file to write")
     b.set_defaults(func=_cmd_subset)
 

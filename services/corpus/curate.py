@@ -221,7 +221,7 @@ def farthest_points(vectors: np.ndarray, m: int, first: int) -> np.ndarray:
     return np.array(picked, dtype=np.int64)
 
 
-def balanced_subset(idx: CorpusIndex, n: int, strategy: Strategy = "typical") -> dict[str, Any]:
+def balanced_subset(idx: CorpusIndex, n: int, strategy: Strategy = "diverse") -> dict[str, Any]:
     """Corpus rows of ``n`` images spread evenly over the balanced clusters; per cluster its size, quota and rows."""
     if n < 1:
         raise ValueError(f"n: at least 1, got {n}")

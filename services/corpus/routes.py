@@ -64,8 +64,9 @@ class SubsetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n: int = Field(..., ge=1, le=MAX_SUBSET, description="images in the subset")
-    strategy: Literal["typical", "diverse"] = Field("typical", description="within each cluster: the images nearest "
-                                                    "its mean, or farthest-point sampling (spread)")
+    strategy: Literal["typical", "diverse"] = Field("diverse", description="within each cluster: farthest-point "
+                                                    "sampling (spread; the default: on a labelled set it evened the "
+                                                    "classes best) or the images nearest its mean")
     name: str = Field("subset", pattern=NAME_PATTERN, description="the list file's name (subsets/NAME.txt)")
     preview: int = Field(24, ge=0, le=1000, description="subset images shown in the answer")
     thumbs: bool = Field(False, description="inline each preview image's thumbnail as a data: URI")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +27,7 @@ from excb.inference.onnx_runtime import BundleError
 from services.common.paths import BUILTIN_SOURCES, PathNotAllowed, check_source_contained
 from services.corpus import claims
 from services.corpus.embed import DEFAULT_BATCH_SIZE, Stopped, embedder_for
+from services.corpus.index import build_corpus_index
 from services.corpus.parts import MANIFEST, read_manifest, write_json, write_part
 from services.corpus.plan import DEFAULT_CHUNK_SIZE, chunk_items, plan_chunks
 from services.db import jobs as store
@@ -211,6 +214,10 @@ class CorpusJob:
                 return self._stopped(lease, done)
             todo = [i for i in reversed(pending) if i not in done]
             if not todo:
+                self._write_manifest(done, "running")  # the index reads the parts the manifest lists as done
+                self._index(lease, done)
+                if self.stop_reason is not None:
+                    return self._stopped(lease, done)
                 return self._succeed(lease, done)
             if not self._embed_one(lease, todo):
                 time.sleep(0.3)
@@ -288,6 +295,25 @@ class CorpusJob:
                              errors=sum(int(r["errors"]) for r in done.values()),
                              updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json(self.root / MANIFEST, self.manifest)
+
+    def _index(self, lease: Lease, done: dict[int, dict[str, Any]]) -> None:
+        """Build the corpus's search index (services/corpus/index.py) before the job ends, so the first search of
+        a big corpus does not wait for it (1M x 384-d: 75 s). The job keeps its heartbeat while faiss works in a
+        thread; an index failure is logged and leaves the job's outcome alone (a search then builds or says how)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="corpus-index") as pool:
+            build = pool.submit(build_corpus_index, self.root)
+            while True:
+                try:
+                    meta = build.result(timeout=max(0.5, self.settings.heartbeat_seconds / 2))
+                except FuturesTimeout:
+                    self._beat(lease, done)
+                    continue
+                except Exception as exc:  # noqa: BLE001 (any failure of the build: logged, the job still succeeds)
+                    self._log(f"index not built: {type(exc).__name__}: {exc}")
+                    return
+                self._log(f"index built: {meta['index_type']} over {meta['count']} embeddings in "
+                          f"{sum(meta['seconds'].values()):.1f} s")
+                return
 
     def _succeed(self, lease: Lease, done: dict[int, dict[str, Any]]) -> str:
         self._write_manifest(done, "succeeded")

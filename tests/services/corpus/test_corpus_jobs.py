@@ -88,6 +88,13 @@ def _check_exactly_once(root: Path, expected: set[str]) -> None:
     assert manifest["status"] == "succeeded" and manifest["owner"] == A_ID
     assert all(c["status"] == "done" for c in manifest["chunks"])
     assert sum(c["items"] for c in manifest["chunks"]) == len(expected)
+    # the job ends with its search index built over exactly those embeddings
+    from services.corpus.index import CorpusIndex, current_version
+
+    version = current_version(root)
+    assert version is not None
+    index = CorpusIndex(root, version)
+    assert index.count == len(good) and not index.stale()
 
 
 def _holder_pid(db: Any, job_id: str, root: Path, coordinator: bool) -> int:

@@ -67,6 +67,9 @@ def guard_figures(data_root: Path, out: Path, *extra: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
+# a hang guard, not a speed limit: 800 steps took 185 s on a quiet machine with 2 threads and 879 s (plus the
+# evaluation) with 1 thread at load average 10, past the suite's default 900 s
+@pytest.mark.timeout(3600)
 def test_the_default_recipe_beats_pixels_and_its_untrained_network_on_validation(tmp_path: Path) -> None:
     f = guard_figures(tmp_path / "data", tmp_path / "run")
     assert f["recipe"] == "fitted" and f["steps"] == STEPS  # no preset: the recipe a user gets

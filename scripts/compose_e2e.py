@@ -12,6 +12,8 @@ after ``--``. Steps, each timed:
   sigkill      the worker container's init SIGKILLed mid-job (after checkpoints): Docker restarts it, the API's
                reaper requeues the job, it resumes from its checkpoint and ends SUCCEEDED on attempt 2
   down/up      ``down`` then ``up``: jobs, metrics, models and the API key are still there (volumes)
+  corpus       ``up --scale worker-cpu=2``: one corpus embedding job (kind embed) over 480 images in chunks of 16,
+               committed by both worker containers, every image once
   down -v      nothing of the project is left: no container, network or volume
 Timings go to OUT/timings.json and OUT/timings.md (with the shell's: engine, base image, build).
 """
@@ -36,6 +38,8 @@ from pathlib import Path
 # examples/digits-job.yaml, shorter: the steps are what a 2-core machine shared with other work can afford
 DIGITS_JOB = {"preset": "cpu-small", "data": "digits", "max_steps": int(os.environ.get("EXCB_E2E_STEPS", "20")),
               "batch_size": 64, "num_clusters": 256, "kmeans": {"samples": 1400}}
+# the corpus step: small chunks, so that both worker containers get some while the coordinator embeds its own
+CORPUS_IMAGES, CORPUS_CHUNK = 480, 16
 QUEUE = "excb.jobs"  # services/settings.py celery_queue
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
@@ -270,6 +274,37 @@ class Stack:
             raise Failed(f"models before down/up: {n_before}, after: {n_after}")
         log(f"after down/up: {len(jobs)} jobs SUCCEEDED, {len(rows)} metric rows for the first, {n_after} models")
 
+    def corpus_scaled(self, model_id: str, data_dir: Path) -> None:
+        """``up --scale worker-cpu=2``, then one corpus embedding job (issue 30): its chunks are committed by
+        both worker containers, and every image is in the corpus once."""
+        folder = data_dir / "e2e-corpus"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(CORPUS_IMAGES):
+            write_png(folder / f"img-{i:04d}.png", size=20 + i % 17)
+        t0 = time.monotonic()
+        self.dc("up", "-d", "--no-recreate", "--scale", "worker-cpu=2", timeout=1200)
+        self.wait("two live workers", lambda: self.json("GET", "/v1/workers")["live"] >= 2, 600)
+        self.timings["scale_worker_to_2"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        out = self.json("POST", "/v1/jobs", {"kind": "embed", "model": model_id, "source": "e2e-corpus",
+                                             "chunk_size": CORPUS_CHUNK, "name": "e2e-corpus"}, expect=(201,))
+        j = self.wait_job(out["id"])
+        self.timings["corpus_job_2_workers"] = time.monotonic() - t0
+        progress = j["progress"] or {}
+        if progress.get("images") != CORPUS_IMAGES or progress.get("errors"):
+            raise Failed(f"corpus job {out['id']}: progress {progress}, expected {CORPUS_IMAGES} images, 0 errors")
+        # the chunks' completion records (services/corpus/claims.py) on the shared excb-home volume
+        records = json.loads(self.dc(
+            "exec", "-T", "api", "python", "-c", "import glob, json, sys; print(json.dumps([json.load(open(f)) "
+            "for f in sorted(glob.glob(sys.argv[1]))]))", f"/var/lib/excb/runs/{out['id']}/corpus/done/*.json"))
+        hosts = {r["worker"].split(":")[0] for r in records}
+        if sum(r["items"] for r in records) != CORPUS_IMAGES or len(hosts) < 2:
+            raise Failed(f"corpus job {out['id']}: {len(records)} chunks by {sorted(hosts)}; expected "
+                         f"{CORPUS_IMAGES} images over both worker containers")
+        by_host = {h: sum(r["items"] for r in records if r["worker"].startswith(h + ":")) for h in sorted(hosts)}
+        log(f"corpus job {out['id']}: {CORPUS_IMAGES} images in {len(records)} chunks, by container {by_host}, "
+            f"{self.timings['corpus_job_2_workers']:.1f} s")
+
     def down_v(self, project: str) -> None:
         t0 = time.monotonic()
         self.dc("down", "-v", "--remove-orphans", timeout=600)
@@ -341,6 +376,7 @@ def main() -> int:
         jobs.append(st.sigkill_worker())
         st.save_logs("stack-before-down.log")
         st.down_up(jobs)
+        st.corpus_scaled(st.job(jobs[0])["model_id"], args.data_dir)
         st.save_logs("stack.log")
         st.down_v(args.project)
     except Exception as exc:  # noqa: BLE001 (a bug here fails the run the same way, with the logs kept)

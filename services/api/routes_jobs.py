@@ -58,7 +58,7 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
     if corpus_api.is_corpus_body(body):
         return corpus_api.submit_corpus(body, response, cp, who, idempotency_key)
     settings = cp.settings
-    existing = _existing(cp, who, body.job_id, idempotency_key)
+    existing = submit_mod.existing_submission(cp.db, who.id, body.job_id, idempotency_key)
     if existing is not None:
         job_id, run_dir = existing.id, Path(existing.run_dir)
     else:
@@ -72,36 +72,10 @@ def submit_job(body: JobSubmit, response: Response, cp: Plane, who: Caller,
         raise
     request = {"gpus": body.gpus, "memory_limit_mb": body.memory_limit_mb or settings.default_memory_limit_mb or None,
                "metadata": body.metadata}
-    try:
-        job, created = store.create_job(cp.db, job_id=job_id, client_id=body.job_id, owner=who.id,
-                                        idempotency_key=idempotency_key, name=body.name, config=config,
-                                        request=request, run_dir=str(run_dir),
-                                        max_attempts=body.max_attempts or settings.max_attempts,
-                                        max_active=settings.max_running_jobs_per_key)
-    except Conflict as exc:
-        raise ApiError(409, "conflict", str(exc), "job_id") from exc
-    except LimitReached as exc:
-        raise _too_many(exc) from exc
-    if created:
-        publish(cp.celery, cp.db, job.id, settings.celery_queue)
-        job = store.get_job(cp.db, job.id) or job
-    else:
-        response.status_code = 200
-    response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
-    return job_dict(job, hide=_hide(cp))
-
-
-def _too_many(exc: LimitReached) -> ApiError:
-    return ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": "60"})
-
-
-def _existing(cp: ControlPlane, who: Principal, job_id: str | None, key: str | None) -> Job | None:
-    """The caller's own earlier submission with this client job id or Idempotency-Key, if any."""
-    if key is not None:
-        job = store.find_by_key(cp.db, who.id, key)
-        if job is not None:
-            return job
-    return store.find_client_job(cp.db, who.id, job_id) if job_id is not None else None
+    return submit_mod.store_and_publish(cp, who.id, response, _hide(cp), job_id=job_id, run_dir=run_dir,
+                                        client_id=body.job_id, idempotency_key=idempotency_key, name=body.name,
+                                        config=config, request=request,
+                                        max_attempts=body.max_attempts or settings.max_attempts)
 
 
 def _hide(cp: ControlPlane) -> PathHider | None:
@@ -161,7 +135,7 @@ def retry_job(job_id: str, cp: Plane, who: Caller) -> dict[str, Any]:
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
     except LimitReached as exc:
-        raise _too_many(exc) from exc
+        raise submit_mod.too_many(exc) from exc
     publish(cp.celery, cp.db, job.id, cp.settings.celery_queue)
     return job_dict(store.get_job(cp.db, job.id) or job, hide=_hide(cp))
 

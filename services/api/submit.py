@@ -11,12 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fastapi import Response
+
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
+from services.api.serialize import PathHider, job_dict
 from services.common.errors import ApiError
 from services.common.paths import PathNotAllowed, resolve_in_roots, resolve_source, split_source
 from services.db import jobs as store
 from services.db.session import Database
+from services.queue.publish import publish
 from services.settings import Settings
 
 TRASH_DIR = ".deleted"  # under runs/: where a deleted job's run dir waits for removal
@@ -184,3 +188,38 @@ def _in_own_run(path: Path, settings: Settings, runs: CallerRuns, any_run: bool)
         return False
     run = root / path.relative_to(root).parts[0]
     return any_run or runs.find(run.name) == run
+
+
+def too_many(exc: store.LimitReached) -> ApiError:
+    """The answer when the caller already has its most jobs running (max_running_jobs_per_key)."""
+    return ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": "60"})
+
+
+def existing_submission(db: Database, owner: str | None, client_id: str | None, key: str | None) -> Any:
+    """The caller's own earlier submission with this client job id or Idempotency-Key, if any (any job kind)."""
+    if key is not None:
+        job = store.find_by_key(db, owner, key)
+        if job is not None:
+            return job
+    return store.find_client_job(db, owner, client_id) if client_id is not None else None
+
+
+def store_and_publish(cp: Any, owner: str | None, response: Response, hide: PathHider | None, *, job_id: str,
+                      run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Store a job QUEUED (idempotent: an earlier identical submission answers 200) and publish its message; the
+    answer every job kind gives: the job's view, ``Location``, 201 or 200. ``fields``: ``create_job``'s keyword
+    arguments for the row (client_id, idempotency_key, name, config, request, max_attempts)."""
+    try:
+        job, created = store.create_job(cp.db, job_id=job_id, owner=owner, run_dir=str(run_dir),
+                                        max_active=cp.settings.max_running_jobs_per_key, **fields)
+    except store.Conflict as exc:
+        raise ApiError(409, "conflict", str(exc), "job_id") from exc
+    except store.LimitReached as exc:
+        raise too_many(exc) from exc
+    if created:
+        publish(cp.celery, cp.db, job.id, cp.settings.celery_queue)
+        job = store.get_job(cp.db, job.id) or job
+    else:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
+    return job_dict(job, hide=hide)

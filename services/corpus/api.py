@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.api import submit as submit_mod
 from services.api.schemas import JOB_ID_PATTERN, JobSubmit
-from services.api.serialize import job_dict, path_hider
+from services.api.serialize import path_hider
 from services.api.state import ControlPlane
 from services.common.auth import Principal
 from services.common.body import validate_as
@@ -22,9 +22,6 @@ from services.common.errors import ApiError
 from services.corpus.embed import DEFAULT_BATCH_SIZE
 from services.corpus.plan import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from services.corpus.runner import KIND, model_row
-from services.db import jobs as store
-from services.db.jobs import Conflict, LimitReached
-from services.queue.publish import publish
 
 # JobSubmit fields that mean nothing to an embedding job: refused when set, so a typo is not silently ignored.
 _TRAINING_ONLY = ("gpus", "memory_limit_mb", "overrides")
@@ -75,27 +72,12 @@ def submit_corpus(body: JobSubmit, response: Response, cp: ControlPlane, who: Pr
         raise
     config = {"kind": KIND, "model_id": row.id, "data": {"source": source}, "chunk_size": spec.chunk_size,
               "batch_size": spec.batch_size}
-    existing = store.find_by_key(cp.db, who.id, idempotency_key) if idempotency_key else None
-    if existing is None and spec.job_id is not None:
-        existing = store.find_client_job(cp.db, who.id, spec.job_id)
+    existing = submit_mod.existing_submission(cp.db, who.id, spec.job_id, idempotency_key)
     if existing is not None:
         job_id, run_dir = existing.id, Path(existing.run_dir)
     else:
         job_id, run_dir = submit_mod.fresh_run(settings)
-    try:
-        job, created = store.create_job(cp.db, job_id=job_id, client_id=spec.job_id, owner=who.id,
-                                        idempotency_key=idempotency_key, name=spec.name, config=config,
-                                        request={"metadata": spec.metadata}, run_dir=str(run_dir),
-                                        max_attempts=spec.max_attempts or settings.max_attempts,
-                                        max_active=settings.max_running_jobs_per_key)
-    except Conflict as exc:
-        raise ApiError(409, "conflict", str(exc), "job_id") from exc
-    except LimitReached as exc:
-        raise ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": "60"}) from exc
-    if created:
-        publish(cp.celery, cp.db, job.id, settings.celery_queue)
-        job = store.get_job(cp.db, job.id) or job
-    else:
-        response.status_code = 200
-    response.headers["Location"] = f"/v1/jobs/{store.public_id(job)}"
-    return job_dict(job, hide=hide)
+    return submit_mod.store_and_publish(cp, who.id, response, hide, job_id=job_id, run_dir=run_dir,
+                                        client_id=spec.job_id, idempotency_key=idempotency_key, name=spec.name,
+                                        config=config, request={"metadata": spec.metadata},
+                                        max_attempts=spec.max_attempts or settings.max_attempts)

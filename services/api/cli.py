@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.corpus.progress import duration, progress_line
+
 if TYPE_CHECKING:
     from services.api.client import Client
 
@@ -220,8 +222,6 @@ def status_lines(job: dict[str, Any]) -> list[str]:
 def _progress_text(job: dict[str, Any]) -> str:
     pr = job.get("progress") or {}
     if pr.get("chunks_total") is not None or (job.get("requested") or {}).get("kind") == "embed":
-        from services.corpus.progress import progress_line
-
         return progress_line(pr, job["status"])
     step, total = pr.get("step"), pr.get("total_steps")
     if step is None and job["status"] in ("QUEUED", "STARTING"):
@@ -234,17 +234,8 @@ def _progress_text(job: dict[str, Any]) -> str:
     if pr.get("epoch") is not None:
         parts.append(f"epoch {pr['epoch']:g}")
     if pr.get("eta_seconds") is not None and job["status"] == "RUNNING":
-        parts.append(f"eta {_duration(pr['eta_seconds'])}")
+        parts.append(f"eta {duration(pr['eta_seconds'])}")
     return ", ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 _TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")

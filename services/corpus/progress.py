@@ -18,11 +18,12 @@ def progress_line(progress: dict[str, Any], status: str) -> str:
     if progress.get("images_per_second") and status == "RUNNING":
         parts.append(f"{progress['images_per_second']:.0f} images/s")
     if progress.get("eta_seconds") is not None and status == "RUNNING":
-        parts.append(f"eta {_duration(float(progress['eta_seconds']))}")
+        parts.append(f"eta {duration(float(progress['eta_seconds']))}")
     return ", ".join(parts)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as a person reads an ETA: 42 s, 3 min 5 s, 2 h 10 min (the job CLIs share it)."""
     s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from excb.fileio import atomic_write
 from services.corpus.parts import read_manifest
+from services.index.store import publish_version
 
 INDEX_DIR = "index"
 CURRENT_FILE = "CURRENT"
@@ -205,23 +202,12 @@ def build_corpus_index(corpus_dir: Path, *, exact_max: int = EXACT_MAX, nprobe: 
 def _write_version(root: Path, index: Any, rows: np.ndarray, meta: dict[str, Any]) -> Path:
     import faiss
 
-    root.mkdir(parents=True, exist_ok=True)
-    version = f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    tmp = root / f".{version}.tmp"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path, version: str) -> None:
         faiss.write_index(index, str(tmp / "vectors.faiss"))
         np.save(tmp / "rows.npy", rows.astype(np.int64))
         (tmp / "meta.json").write_text(json.dumps({**meta, "version": version}, indent=1))
-        os.replace(tmp, root / version)
-        atomic_write(root / CURRENT_FILE, json.dumps({"version": version}), mode=0o644)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in root.iterdir():  # readers hold what they loaded in memory; the old files can go
-        if old.is_dir() and old.name != version and old.name.startswith("v-"):
-            shutil.rmtree(old, ignore_errors=True)
-    return root / version
+
+    return publish_version(root, fill)
 
 
 def current_version(corpus_dir: Path) -> str | None:

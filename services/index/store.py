@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,11 +75,7 @@ def write_index(root: Path, data: IndexData, faiss_index: Any) -> Path:
     """Write a complete version under ``root`` and make it current; returns the version directory."""
     import faiss
 
-    root.mkdir(parents=True, exist_ok=True)
-    version = f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    tmp = root / f".{version}.tmp"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path, version: str) -> None:
         faiss.write_index(faiss_index, str(tmp / "vectors.faiss"))
         offsets = np.zeros(len(data.thumbs) + 1, dtype=np.int64)
         np.cumsum([len(t) for t in data.thumbs], out=offsets[1:])
@@ -94,6 +90,20 @@ def write_index(root: Path, data: IndexData, faiss_index: Any) -> Path:
                  sources=np.array(data.sources, dtype=np.str_))
         meta = {**data.meta, "format": FORMAT, "version": version, "count": int(len(data.sources))}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    return publish_version(root, fill)
+
+
+def publish_version(root: Path, fill: Callable[[Path, str], None]) -> Path:
+    """**The** versioned write of an index directory (the sample index's and a corpus's): ``fill(tmp, version)``
+    writes the files into a temp directory, which is fsynced, renamed to ``root/version`` and named by
+    ``CURRENT``; older versions (and temp directories abandoned for ``STALE_TMP_SECONDS``) are removed after."""
+    root.mkdir(parents=True, exist_ok=True)
+    version = f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{version}.tmp"
+    tmp.mkdir()
+    try:
+        fill(tmp, version)
         _fsync_dir_files(tmp)
         final = root / version
         os.replace(tmp, final)

@@ -475,11 +475,14 @@ class Faults:
 
     # --- helpers
     def _running_job(self, need_checkpoint: bool = False) -> Job | None:
-        """A normal job training now (no fault aimed at it yet); with ``need_checkpoint``, one with a last.pt and
-        at least 8 steps to go, so that the attempt after a kill must read that file."""
+        """A normal job training now (no fault aimed at it yet) with an attempt left after this one (a kill on the
+        last attempt fails the job by design and shows nothing of resume); with ``need_checkpoint``, one with a
+        last.pt and at least 8 steps to go, so that the attempt after a kill must read that file."""
         def pick() -> Job | None:
             self.jobs.refresh()
             for j in self.jobs.running():
+                if int(j.last.get("failures") or 0) + 1 >= int(j.last.get("max_attempts") or 1):
+                    continue
                 progress = j.last.get("progress") or {}
                 to_go = (progress.get("total_steps") or 0) - (progress.get("step") or 0)
                 if need_checkpoint and (to_go < 8 or not (Path(j.run_dir) / "checkpoints" / "last.pt").exists()):
@@ -741,6 +744,7 @@ def _models(api: Api) -> list[dict[str, Any]]:
 FAULT_SIGNS = {  # what a FAILED job's error says when a fault is the stated reason
     "disk_full": ("No space left", "Errno 28", "ENOSPC", "disk full"),
     "corrupt_checkpoint": ("corrupt", "checkpoint", "Unpickl", "pickle"),
+    "trainer_kill": ("killed by SIGKILL",),  # only when earlier faults had spent the job's other attempts
 }
 
 

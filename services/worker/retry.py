@@ -1,4 +1,4 @@
-"""When a counted retry runs again, and which failures are a full disk.
+"""When a counted retry runs again, which failures are a full disk, and how a failure reads.
 
 A failure that is counted against ``max_attempts`` is often transient (a full run directory, a node under
 pressure). Republished at once, every attempt fails the same way within milliseconds and the budget is gone
@@ -9,6 +9,7 @@ before anyone can free space (issue 33's soak: attempt 0 -> FAILED attempt 3 in 
 from __future__ import annotations
 
 import errno
+import signal
 
 # What a trainer's traceback says when its own write (checkpoint, metrics) hit a full disk or a quota.
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
@@ -37,3 +38,22 @@ def disk_full_message(what: str) -> str:
     """The job's error: what failed, and that it is the disk (not the job) and will be retried."""
     return (f"disk full: {what}: no space left on the run directory's filesystem; the job is retried after a "
             "back-off, free space to let it continue")
+
+
+def exit_text(rc: int) -> str:
+    """``-9`` -> ``killed by SIGKILL``: what a person reading the log wants to know."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with {rc}"
+
+
+def budget_note(failures: int, max_attempts: int) -> str:
+    """What a counted failure adds to the job's error: the retry to come, or that none is left and how to ask for
+    one (``failures`` counts this failure)."""
+    if failures >= max_attempts:
+        return (f" (attempt {failures} of {max_attempts}: no attempts left; `excb jobs retry` runs it again from "
+                "its last checkpoint)")
+    return f" (attempt {failures} of {max_attempts}: retried from its last checkpoint)"

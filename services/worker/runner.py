@@ -241,11 +241,11 @@ class JobRunner:
             return self._commit_failure(lease, "out_of_memory", "trainer exceeded its memory limit and was killed",
                                         count=True)
         if retry.mentions_disk_full(detail):  # a transient fault, whatever the exit status says
-            what = f"the trainer exited with {out.rc} ({out.stage})"
+            what = f"the {out.stage} process {retry.exit_text(out.rc)}"
             return self._commit_failure(lease, "disk_full", retry.disk_full_message(what), count=True)
         if out.rc < 0 or out.rc >= 128 or out.preempted:
-            return self._commit_failure(lease, "crashed", f"trainer exited with {out.rc}: {detail}", count=True)
-        message = _stated_error(out.rc, detail) or f"trainer exited with {out.rc}: {detail}"
+            return self._commit_failure(lease, "crashed", _crash_message(out.rc, out.stage, detail), count=True)
+        message = _stated_error(out.rc, detail) or f"the {out.stage} process {retry.exit_text(out.rc)}: {detail}"
         return self._commit_failure(lease, "trainer_error", message, count=False)
 
     def _export(self, lease: Lease, run_dir: Path, tail: FileTail, tracker: ProgressTracker) -> str:
@@ -300,23 +300,28 @@ class JobRunner:
         return ok
 
     def _commit_failure(self, lease: Lease, kind: str, message: str, count: bool) -> str:
-        error = {"type": kind, "message": message[-2000:]}
         if count:
-            delay = self._retry_delay()
+            failures, max_attempts = self._failures_after_this()
+            message += retry.budget_note(failures, max_attempts)
+            delay = retry.retry_delay(failures, self.settings.retry_backoff_seconds,
+                                      self.settings.retry_backoff_max_seconds)
+            error = {"type": kind, "message": message[-2000:]}
             status = store.release_for_retry(self.db, lease, count_failure=True, error=error, due_in=delay)
             if status == "QUEUED":
                 log.warning("job %s: %s (%s); attempt again in %.1fs", self.job_id, kind, message[:200], delay)
             self._republish(status, delay)
         else:
+            error = {"type": kind, "message": message[-2000:]}
             status = "FAILED" if self._commit_terminal(lease, "FAILED", error, {}) else "LOST"
         store.end_attempt(self.db, lease, kind, message[-2000:])
         return status.lower()
 
-    def _retry_delay(self) -> float:
-        """The back-off before the retry this counted failure releases (doubling per failure, capped)."""
+    def _failures_after_this(self) -> tuple[int, int]:
+        """(counted failures including the one being committed, the job's attempt budget)."""
         job = store.get_job(self.db, self.job_id)
-        failures = (job.failures if job is not None else 0) + 1
-        return retry.retry_delay(failures, self.settings.retry_backoff_seconds, self.settings.retry_backoff_max_seconds)
+        if job is None:
+            return 1, self.settings.max_attempts
+        return job.failures + 1, job.max_attempts
 
     def _republish(self, status: str, delay: float = 0.0) -> None:
         if status != "QUEUED":
@@ -340,6 +345,13 @@ def _stated_error(rc: int, tail: str) -> str | None:
         return None
     stated = [line for line in tail.splitlines() if line.startswith("excb: ")]
     return stated[-1].removeprefix("excb: ") if stated else None
+
+
+def _crash_message(rc: int, stage: str, log_tail: str) -> str:
+    """A crash in words: how the trainer ended, in which stage, and its last log lines when they say more than
+    the attempt's own header (a SIGKILL leaves no traceback)."""
+    said = "\n".join(line for line in log_tail.splitlines() if not line.startswith("--- "))
+    return f"the {stage} process ended, {retry.exit_text(rc)}" + (f": {said}" if said.strip() else "")
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:

@@ -32,6 +32,7 @@ from services.db import workers as worker_store
 from services.db.session import Database
 from services.queue.publish import publish
 from services.settings import Settings
+from services.worker.retry import exit_text
 
 log = logging.getLogger("excb.supervisor")
 
@@ -96,16 +97,6 @@ class Slot:
     def name(self) -> str:
         """The worker's name in the job store (``host:pid``, as in ``lease_owner``)."""
         return f"{socket.gethostname()}:{self.proc.pid}" if self.proc else ""
-
-
-def exit_text(rc: int) -> str:
-    """``-9`` -> ``killed by SIGKILL``: what a person reading the log wants to know."""
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exited with {rc}"
 
 
 def _trainer_alive_as_ours(pid: int) -> bool:

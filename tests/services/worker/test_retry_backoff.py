@@ -36,6 +36,7 @@ def test_a_full_run_directory_is_retried_after_a_back_off_and_says_disk_full(red
     done = stack.wait_status(r.json()["id"], {"FAILED", "SUCCEEDED"}, HANG_GUARD_S)
     assert done["status"] == "FAILED" and done["error"]["type"] == "disk_full", done["error"]
     assert done["error"]["message"].startswith("disk full: "), done["error"]["message"]
+    assert "attempt 3 of 3: no attempts left" in done["error"]["message"], done["error"]["message"]
     attempts = store.attempts(stack.app.state.plane.db, run_dir.name)
     assert [a.outcome for a in attempts] == ["disk_full"] * 3, [(a.attempt, a.outcome) for a in attempts]
     gaps = [(b.started_at - a.ended_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
@@ -44,6 +45,18 @@ def test_a_full_run_directory_is_retried_after_a_back_off_and_says_disk_full(red
     assert gaps[0] >= base - CLOCK_SKEW_SECONDS and gaps[1] >= cap - CLOCK_SKEW_SECONDS, gaps
     print(f"disk full: attempts started {gaps[0]:.2f}s and {gaps[1]:.2f}s after the previous one ended")
 
+
+def test_a_crash_says_how_the_process_ended_and_what_budget_is_left() -> None:
+    """A SIGKILL leaves only the attempt's header in the log: the error names the signal, not the header."""
+    from services.worker.retry import budget_note
+    from services.worker.runner import _crash_message
+
+    killed = _crash_message(-9, "train", "--- attempt 3 on vm:1 (token 3)")
+    assert killed == "the train process ended, killed by SIGKILL", killed
+    crashed = _crash_message(137, "export", "--- export to m\nTraceback: boom")
+    assert crashed.endswith("exited with 137: Traceback: boom"), crashed
+    assert budget_note(1, 3) == " (attempt 1 of 3: retried from its last checkpoint)"
+    assert "attempt 3 of 3: no attempts left" in budget_note(3, 3)
 
 
 def test_a_trainer_traceback_from_a_full_disk_is_recognised() -> None:

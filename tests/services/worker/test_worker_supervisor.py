@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from services.worker.supervisor import RestartPolicy, WorkerSupervisor, exit_text
+from services.worker.retry import exit_text
+from services.worker.supervisor import RestartPolicy, WorkerSupervisor
 from support import HANG_GUARD_S
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]

@@ -65,6 +65,38 @@ def digits_folder(root: Path, per_class: Sequence[int], size: int = 32) -> list[
     return out
 
 
+def noise_images(folder: Path, n: int, bad: int, *, classes: int = 2, shape: tuple[int, int] = (12, 12),
+                 suffix: str = ".png", seed: int = 0) -> set[str]:
+    """``n`` random-noise images spread over ``classes`` sub-folders plus ``bad`` files named ``broken<i>`` that
+    hold bytes no decoder accepts (a JPEG's magic, then nothing); returns every path written."""
+    rng = np.random.default_rng(seed)
+    paths = set()
+    for i in range(n):
+        path = folder / f"c{i % classes}" / f"img{i:05d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(path)
+        paths.add(str(path))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(bad):
+        path = folder / f"broken{i}{suffix}"
+        path.write_bytes(b"\xff\xd8\xff truncated" * (i + 1))
+        paths.add(str(path))
+    return paths
+
+
+def planted_copies(files: Sequence[str], folder: Path, count: int, stride: int) -> list[tuple[str, str]]:
+    """Byte-for-byte re-encodings of every ``stride``-th file of ``files`` (``count`` of them) in ``folder``: the
+    near duplicates a curation test plants; returns (original, copy) pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for j in range(count):
+        dst = folder / f"copy{j}.png"
+        with Image.open(files[j * stride]) as im:
+            im.save(dst)
+        pairs.append((files[j * stride], str(dst)))
+    return pairs
+
+
 def embed_corpus(bundle_dir: Path, paths: Sequence[str], corpus_dir: Path, *, job_id: str, model_id: str,
                  owner: str | None, chunk: int = 256) -> Path:
     """Embed ``paths`` (absolute image files; one that does not decode becomes an error row) into a corpus."""

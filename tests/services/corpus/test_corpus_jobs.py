@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from services.common.auth import hash_key
 from support import HANG_GUARD_S
+from support.corpus import noise_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,18 +39,7 @@ def _keys(tmp_path: Path) -> Path:
 
 def _images(folder: Path, n: int, bad: int = BAD) -> set[str]:
     """``n`` small PNGs in two sub-folders plus ``bad`` files that are not images; returns every path."""
-    rng = np.random.default_rng(0)
-    paths = set()
-    for i in range(n):
-        path = folder / f"c{i % 2}" / f"img{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
-        paths.add(str(path))
-    for i in range(bad):
-        path = folder / f"broken{i}.png"
-        path.write_bytes(b"not an image at all" * (i + 1))
-        paths.add(str(path))
-    return paths
+    return noise_images(folder, n, bad)
 
 
 def _model(stack: Any, owner: str) -> str:
@@ -133,18 +122,25 @@ def _wait(stack: Any, job_id: str, check: Any) -> dict[str, Any]:
     raise AssertionError(f"{job_id}: condition not met; last {job}\n{stack.logs(job_id)}")
 
 
-def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
-    """Two workers; the coordinator's worker is killed with SIGKILL while it holds a chunk, and every chunk message
-    is sent a second time: the surviving worker finishes the job and every image is in exactly one part once."""
-    from services.corpus.runner import TASK_EMBED_CHUNK
-
+def _two_workers_on_one_job(redis_url: str, make_stack: Any,
+                            tmp_path: Path) -> tuple[Any, dict[str, Any], Path, dict[int, Any], set[str]]:
+    """A stack with two workers embedding 1,200 images (plus the broken ones) in 49 chunks: (stack, the job, its
+    corpus dir, workers by pid, every path)."""
     stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
     c = stack.start_api()
     _model(stack, A_ID)
     expected = _images(stack.data_root / "imgs", 1200)
     workers = {w.pid: w for w in (stack.start_worker(), stack.start_worker())}
     job = _submit(c, chunk_size=25, batch_size=4)
-    root = stack.home / "runs" / job["id"] / "corpus"
+    return stack, job, stack.home / "runs" / job["id"] / "corpus", workers, expected
+
+
+def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
+    """Two workers; the coordinator's worker is killed with SIGKILL while it holds a chunk, and every chunk message
+    is sent a second time: the surviving worker finishes the job and every image is in exactly one part once."""
+    from services.corpus.runner import TASK_EMBED_CHUNK
+
+    stack, job, root, workers, expected = _two_workers_on_one_job(redis_url, make_stack, tmp_path)
     db = stack.app.state.plane.db
     victim = _holder_pid(db, job["id"], root, coordinator=True)
     assert victim in workers, stack.logs(job["id"])
@@ -168,13 +164,7 @@ def test_exactly_once_through_sigkill_and_redelivery(redis_url: str, make_stack:
 def test_helper_killed_mid_chunk_is_taken_over(redis_url: str, make_stack: Any, tmp_path: Path) -> None:
     """A helper (not the coordinator) dies with SIGKILL holding a chunk: its claim goes stale and the coordinator
     embeds that chunk itself; the job succeeds in its first attempt with every image once."""
-    stack = make_stack(f"sqlite:///{tmp_path / 'c.sqlite'}", redis_url, api_keys_file=_keys(tmp_path))
-    c = stack.start_api()
-    _model(stack, A_ID)
-    expected = _images(stack.data_root / "imgs", 1200)
-    workers = {w.pid: w for w in (stack.start_worker(), stack.start_worker())}
-    job = _submit(c, chunk_size=25, batch_size=4)
-    root = stack.home / "runs" / job["id"] / "corpus"
+    stack, job, root, workers, expected = _two_workers_on_one_job(redis_url, make_stack, tmp_path)
     victim = _holder_pid(stack.app.state.plane.db, job["id"], root, coordinator=False)
     assert victim in workers
     os.kill(victim, signal.SIGKILL)

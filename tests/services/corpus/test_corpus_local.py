@@ -7,27 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from excb.cli import main
 from services.corpus.local import embed_local
 from services.corpus.parts import read_manifest, read_parts
 from support import embed as es
+from support.corpus import noise_images
 
 
 def _folder(root: Path, n: int, bad: int) -> set[str]:
-    rng = np.random.default_rng(1)
-    out = set()
-    for i in range(n):
-        path = root / f"d{i % 3}" / f"{i:04d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (20, 14, 3), dtype=np.uint8)).save(path)
-        out.add(str(path))
-    for i in range(bad):
-        (root / f"zz-bad{i}.jpg").write_bytes(b"\xff\xd8\xff truncated")
-        out.add(str(root / f"zz-bad{i}.jpg"))
-    return out
+    return noise_images(root, n, bad, classes=3, shape=(20, 14), suffix=".jpg", seed=1)
 
 
 def _paths(root: Path) -> list[str]:

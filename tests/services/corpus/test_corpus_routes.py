@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from excb.data.datasets import build_dataset
 from services.common.auth import hash_key
 from services.corpus.parts import corpus_dir
 from services.settings import EmbedSettings, Settings
-from support.corpus import curation_bundle, digits_folder, embed_corpus
+from support.corpus import curation_bundle, digits_folder, embed_corpus, planted_copies
 
 A = {"Authorization": "Bearer alpha-secret"}
 B = {"Authorization": "Bearer beta-secret"}
@@ -35,13 +34,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Path, l
     root = tmp_path_factory.mktemp("cr")
     data = root / "data"
     files = [p for p, _ in digits_folder(data / "digits", [15] * 10)]
-    copies = []
-    for j in range(COPIES):
-        dst = data / "copies" / f"c{j}.png"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(files[j * 20]) as im:
-            im.save(dst)
-        copies.append((files[j * 20], str(dst)))
+    copies = planted_copies(files, data / "copies", COPIES, stride=20)
     keys = root / "keys"
     keys.write_text("alpha-secret\nbeta-secret\n")
     models = root / "models"

@@ -9,12 +9,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from PIL import Image
-
 from services.corpus.parts import corpus_dir
 from services.settings import EmbedSettings, Settings
 from support.browser import Page, chromium
-from support.corpus import curation_bundle, digits_folder, embed_corpus
+from support.corpus import curation_bundle, digits_folder, embed_corpus, planted_copies
 from support.embed import UvicornThread
 
 COPIES = 3
@@ -28,13 +26,7 @@ def test_corpus_page_search_dedup_subset(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     files = [p for p, _ in digits_folder(data / "digits", [10] * 10)]
-    copies = []
-    for j in range(COPIES):
-        dst = data / "copies" / f"copy{j}.png"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(files[j * 31]) as im:
-            im.save(dst)
-        copies.append((files[j * 31], str(dst)))
+    copies = planted_copies(files, data / "copies", COPIES, stride=31)
     models = tmp_path / "models"
     shutil.copytree(curation_bundle(), models / "m-cur")
     settings = Settings(home=tmp_path / "home", models_dir=models, data_roots=[data],

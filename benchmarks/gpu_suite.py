@@ -6,6 +6,7 @@ torch nor excb at module level, so a stage that broke the environment still gets
 
     python benchmarks/gpu_suite.py env --work DIR
     python benchmarks/gpu_suite.py record --work DIR --stage NAME --rc RC --seconds S --limit L [--junit F] [--result F]
+                                          [--budget-skip --why TEXT]
     python benchmarks/gpu_suite.py report --work DIR --out OUT
 """
 
@@ -99,8 +100,9 @@ def verdict(rc: int, limit: float, log_tail: str) -> tuple[str, str]:
 
 
 def record(work: Path, stage: str, rc: int, seconds: float, limit: float, junit: Path | None, result: Path | None,
-           log: Path | None, why: str | None, mode: str) -> dict[str, Any]:
-    """Append one stage's row to ``stages.jsonl``."""
+           log: Path | None, why: str | None, mode: str, budget_skip: bool = False) -> dict[str, Any]:
+    """Append one stage's row to ``stages.jsonl``; ``budget_skip`` marks a stage the suite's budget left out, so
+    the report can name the command that runs it in the device time left."""
     tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
     status, reason = verdict(rc, limit, tail)
     row: dict[str, Any] = {"stage": stage, "mode": mode, "rc": rc, "seconds": round(seconds, 1), "limit": limit}
@@ -114,6 +116,8 @@ def record(work: Path, stage: str, rc: int, seconds: float, limit: float, junit:
         except (ValueError, IndexError):
             row["result_text"] = result.read_text()[-6000:]
     row.update(status=status, why=reason)
+    if budget_skip:
+        row["budget_skip"] = True
     with (work / "stages.jsonl").open("a") as fh:
         fh.write(json.dumps(row) + "\n")
     return row
@@ -162,6 +166,38 @@ def _serving_lines(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _quality_lines(res: dict[str, Any]) -> list[str]:
+    """quality_gpu.py's row: the GPU-trained teacher's served (ONNX) kNN beside the pixels and the CPU figure."""
+    cpu = res.get("cpu_figure")
+    cpu_text = (f"{_pct(cpu['knn'])} ({cpu.get('budget')}, {cpu.get('date')}, {cpu.get('machine')})" if cpu
+                else "CPU figure: not recorded")
+    rec = res["recipe"]
+    length = f"budget {res['budget']}" if res.get("budget") else f"max_steps={res['max_steps']}"
+    return [f"- {res['set']} {res['split']} split, {res['train_images']} train / {res['test_images']} scored images; "
+            f"default recipe ({rec['backbone']}, {rec['global_size']} px, K = {rec['num_clusters']}, batch "
+            f"{rec['batch_size']}) on {res['device']}{' (' + res['gpu'] + ')' if res.get('gpu') else ''}, "
+            f"{length}: {res['steps']} steps in {res['train_seconds']:.0f} s; export {res['export_seconds']:.0f} s, "
+            f"parity passed: {res['parity']['passed']}", "",
+            "| ExCB kNN, ONNX (served) | ExCB kNN, torch teacher | raw pixels | raw pixels whitened | best pixels | "
+            "ExCB - best pixels | random init | same set, 10-minute CPU run |", "|---|---|---|---|---|---|---|---|",
+            f"| **{_pct(res['excb_onnx_knn'])}** | {_pct(res['excb_torch_knn'])} | {_pct(res['raw_pixels_knn'])} | "
+            f"{_pct(res.get('raw_pixels_whitened_knn'))} | {_pct(res['best_pixels_knn'])} | "
+            f"{100 * res['margin_best_pixels']:+.1f} | {_pct(res['random_init_knn'])} | {cpu_text} |"]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def rerun_line(rows: list[dict[str, Any]]) -> str | None:
+    """The command that runs the stages the budget left out (None when none was): the lease's second call."""
+    skipped = [r for r in rows if r.get("budget_skip")]
+    if not skipped:
+        return None
+    check = " --check" if any(r["mode"] == "check" for r in skipped) else ""
+    return f"bash benchmarks/gpu_suite.sh{check} --stages {','.join(r['stage'] for r in skipped)}"
+
+
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]], command: str) -> str:
     """The section to paste into RESULTS.md: machine line, stage table, then each stage's figures."""
     check = any(r["mode"] == "check" for r in rows)
@@ -187,10 +223,15 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], command: str) -> s
             lines += _train_lines(res["rows"], check)
         elif res.get("benchmark") == "serving_gpu":
             lines += _serving_lines(res)
+        elif res.get("benchmark") == "quality_gpu":
+            lines += _quality_lines(res)
         elif "multicrop" in res or "end_to_end" in res:
             lines += _data_lines(res, r["stage"])
         else:
             lines.append("```\n" + json.dumps(res)[:2000] + "\n```")
+    rerun = rerun_line(rows)
+    if rerun:
+        lines += ["", f"Left out for the budget; run them in the device time left: `{rerun}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--result", type=Path)
     r.add_argument("--log", type=Path)
     r.add_argument("--why")
+    r.add_argument("--budget-skip", action="store_true", help="the suite's budget left this stage out")
     o = sub.add_parser("report")
     o.add_argument("--work", type=Path, required=True)
     o.add_argument("--out", type=Path, required=True)
@@ -240,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "record":
         row = record(args.work, args.stage, args.rc, args.seconds, args.limit, args.junit, args.result, args.log,
-                     args.why, args.mode)
+                     args.why, args.mode, args.budget_skip)
         print(f"== {row['stage']}: {row['status'].upper()} in {row['seconds']:.0f} s {row['why']}")
         return 0
     return report(args.work, args.out, args.command)

@@ -6,6 +6,12 @@
 # dependency is named below. gpu_suite.sh installs them with `pip install --no-deps --no-index --target`.
 #
 #   bash benchmarks/gpu_wheels.sh            # then run the suite with carry=["benchmarks/wheels"]
+#
+# Not here: onnxruntime-gpu. Its wheel does not fit what the device tool carries: 2026-12-06,
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform
+# manylinux_2_28_x86_64 onnxruntime-gpu` fetched onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl,
+# 255,569,273 bytes (243.7 MiB): about 3.8 times the 64 MiB the whole tree and its carried paths may take, before
+# the CUDA/cuDNN libraries it loads at run time. So the suite's ORT figures stay the CPU build's (serving, service).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=benchmarks/wheels

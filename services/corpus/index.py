@@ -32,10 +32,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from services.corpus.parts import read_manifest
-from services.index.store import publish_version
+from services.index.store import publish_version, read_current
 
 INDEX_DIR = "index"
-CURRENT_FILE = "CURRENT"
 FORMAT = "excb-corpus-index/1"
 EXACT_MAX = 50_000
 NPROBE = 32
@@ -211,11 +210,7 @@ def _write_version(root: Path, index: Any, rows: np.ndarray, meta: dict[str, Any
 
 
 def current_version(corpus_dir: Path) -> str | None:
-    try:
-        version = json.loads((index_root(corpus_dir) / CURRENT_FILE).read_text())["version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return str(version) if isinstance(version, str) and version.startswith("v-") and "/" not in version else None
+    return read_current(index_root(corpus_dir))
 
 
 class CorpusIndex:

@@ -94,6 +94,16 @@ def write_index(root: Path, data: IndexData, faiss_index: Any) -> Path:
     return publish_version(root, fill)
 
 
+def read_current(root: Path) -> str | None:
+    """The version directory ``root/CURRENT`` names, or None when there is none yet or it names something that
+    is not a version directory's name (a reader then answers "no index", never opens a path it was handed)."""
+    try:
+        version = json.loads((root / CURRENT_FILE).read_text())["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return version if isinstance(version, str) and version.startswith("v-") and valid_name(version) else None
+
+
 def publish_version(root: Path, fill: Callable[[Path, str], None]) -> Path:
     """**The** versioned write of an index directory (the sample index's and a corpus's): ``fill(tmp, version)``
     writes the files into a temp directory, which is fsynced, renamed to ``root/version`` and named by
@@ -206,17 +216,16 @@ class IndexCache:
             root = index_root(self.models_dir, model_id, name)
         except ValueError as exc:
             raise IndexNotFound(f"{model_id}/{name}") from exc
-        try:
-            version = json.loads((root / CURRENT_FILE).read_text())["version"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IndexNotFound(f"{model_id}/{name}") from exc
+        version = read_current(root)
+        if version is None:
+            raise IndexNotFound(f"{model_id}/{name}")
         key = (model_id, name)
         with self._lock:
             hit = self._loaded.get(key)
             if hit is not None and hit.version == version:
                 return hit
-        directory = root / str(version)
-        if not valid_name(str(version)) or not (directory / "meta.json").is_file():
+        directory = root / version
+        if not (directory / "meta.json").is_file():
             raise IndexNotFound(f"{model_id}/{name}")
         loaded = LoadedIndex(directory)
         with self._lock:

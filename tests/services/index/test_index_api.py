@@ -311,3 +311,16 @@ def test_an_index_source_in_the_servers_home_must_be_the_callers_own_run(models:
             assert r.status_code == 404 and r.json()["error"]["field"] == "data.source", r.text
         r = c.post("/v1/models/m-a/index", json={"source": "sevens", "name": "own-folder"}, headers=A)
         assert r.status_code == 202, r.text
+
+
+def test_current_names_only_a_version_directory(tmp_path: Path) -> None:
+    """Both indexes (a model's sample index, a corpus index) open only what ``CURRENT`` names as a version: a
+    missing or unreadable file, or one naming a path outside, reads as no index."""
+    from services.index.store import CURRENT_FILE, read_current
+
+    assert read_current(tmp_path) is None
+    for text, expected in (('{"version": "v-20261206T000000-ab12cd34"}', "v-20261206T000000-ab12cd34"),
+                           ('{"version": "../../etc"}', None), ('{"version": "v-a/b"}', None),
+                           ('{"version": ".v-tmp"}', None), ('{"version": 3}', None), ("not json", None), ("{}", None)):
+        (tmp_path / CURRENT_FILE).write_text(text)
+        assert read_current(tmp_path) == expected, text

@@ -241,7 +241,7 @@ class JobRunner:
             return self._commit_failure(lease, "out_of_memory", "trainer exceeded its memory limit and was killed",
                                         count=True)
         if retry.mentions_disk_full(detail):  # a transient fault, whatever the exit status says
-            what = f"the {out.stage} process {retry.exit_text(out.rc)}"
+            what = f"the {out.stage} process ended, {retry.exit_text(out.rc)}"
             return self._commit_failure(lease, "disk_full", retry.disk_full_message(what), count=True)
         if out.rc < 0 or out.rc >= 128 or out.preempted:
             return self._commit_failure(lease, "crashed", _crash_message(out.rc, out.stage, detail), count=True)

@@ -16,10 +16,12 @@ from fastapi import Response
 from excb.config import ConfigError, resolve
 from services.api.schemas import WRAPPER_KEYS, JobSubmit
 from services.api.serialize import PathHider, job_dict
+from services.api.state import ControlPlane
 from services.common.errors import ApiError
 from services.common.paths import PathNotAllowed, resolve_in_roots, resolve_source, split_source
 from services.db import jobs as store
 from services.db.session import Database
+from services.db.tables import Job
 from services.queue.publish import publish
 from services.settings import Settings
 
@@ -195,7 +197,7 @@ def too_many(exc: store.LimitReached) -> ApiError:
     return ApiError(429, "too_many_jobs", str(exc), headers={"Retry-After": "60"})
 
 
-def existing_submission(db: Database, owner: str | None, client_id: str | None, key: str | None) -> Any:
+def existing_submission(db: Database, owner: str | None, client_id: str | None, key: str | None) -> Job | None:
     """The caller's own earlier submission with this client job id or Idempotency-Key, if any (any job kind)."""
     if key is not None:
         job = store.find_by_key(db, owner, key)
@@ -204,7 +206,7 @@ def existing_submission(db: Database, owner: str | None, client_id: str | None, 
     return store.find_client_job(db, owner, client_id) if client_id is not None else None
 
 
-def store_and_publish(cp: Any, owner: str | None, response: Response, hide: PathHider | None, *, job_id: str,
+def store_and_publish(cp: ControlPlane, owner: str | None, response: Response, hide: PathHider | None, *, job_id: str,
                       run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Store a job QUEUED (idempotent: an earlier identical submission answers 200) and publish its message; the
     answer every job kind gives: the job's view, ``Location``, 201 or 200. ``fields``: ``create_job``'s keyword

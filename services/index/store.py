@@ -32,6 +32,7 @@ from excb.fileio import atomic_write
 
 INDEXES_DIR = ".indexes"
 CURRENT_FILE = "CURRENT"
+VERSION_PREFIX = "v-"  # every version directory's name starts so; readers and the pruning go by it
 STATUS_FILE = "status.json"
 DEFAULT_NAME = "default"
 FORMAT = "excb-index/1"
@@ -101,7 +102,7 @@ def read_current(root: Path) -> str | None:
         version = json.loads((root / CURRENT_FILE).read_text())["version"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return version if isinstance(version, str) and version.startswith("v-") and valid_name(version) else None
+    return version if isinstance(version, str) and version.startswith(VERSION_PREFIX) and valid_name(version) else None
 
 
 def publish_version(root: Path, fill: Callable[[Path, str], None]) -> Path:
@@ -109,7 +110,7 @@ def publish_version(root: Path, fill: Callable[[Path, str], None]) -> Path:
     writes the files into a temp directory, which is fsynced, renamed to ``root/version`` and named by
     ``CURRENT``; older versions (and temp directories abandoned for ``STALE_TMP_SECONDS``) are removed after."""
     root.mkdir(parents=True, exist_ok=True)
-    version = f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    version = f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     tmp = root / f".{version}.tmp"
     tmp.mkdir()
     try:
@@ -122,8 +123,8 @@ def publish_version(root: Path, fill: Callable[[Path, str], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in root.iterdir():  # older versions: readers hold their arrays in memory, the files can go
-        stale_tmp = old.name.startswith(".v-") and time.time() - old.stat().st_mtime > STALE_TMP_SECONDS
-        if old.is_dir() and old.name != version and (old.name.startswith("v-") or stale_tmp):
+        stale_tmp = old.name.startswith(f".{VERSION_PREFIX}") and time.time() - old.stat().st_mtime > STALE_TMP_SECONDS
+        if old.is_dir() and old.name != version and (old.name.startswith(VERSION_PREFIX) or stale_tmp):
             shutil.rmtree(old, ignore_errors=True)
     return final
 

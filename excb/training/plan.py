@@ -1,5 +1,5 @@
 """A run's plan: the recipe it trains (fitted now, or the one stored with its checkpoint) and its length, which a
-budget sets from timed steps and corrects once from the loop's pace. Both live in ``recipe.json`` (``PLAN_FILE``)
+budget sets from timed steps and corrects from the loop's pace. Both live in ``recipe.json`` (``PLAN_FILE``)
 and ``config.yaml``, always written as that pair, where a resume and the worker (services/worker/plan.py) find
 them."""
 
@@ -18,6 +18,7 @@ from excb.training.budget import (
     BudgetCheck,
     calibrate,
     corrected_length,
+    fewest_steps,
     length_overrides,
     short_budget_warning,
     steps_for_warmup,
@@ -81,16 +82,17 @@ def fit_to_budget(run: Run, plan: dict[str, Any], started: float, logger: RunLog
 
 
 def budget_check(run: Run, budget: str, plan: dict[str, Any], started: float) -> BudgetCheck:
-    """The loop's one chance to move the end of a budgeted run (the whitening fit's reserve kept)."""
+    """The loop's chances to move the end of a budgeted run (the whitening fit's reserve kept)."""
     reserve = plan.get("calibration", {}).get("seconds_for_whitening", 0.0)
     return BudgetCheck(budget_seconds(budget), started, run.total_steps, run.step, plan, reserve)
 
 
 def correct_length(run: Run, check: BudgetCheck, logger: RunLogger, progress: Any) -> None:
-    """Move the end of a budgeted run once, from the loop's measured pace (excb.training.budget.BudgetCheck)."""
-    steps = check.corrected_steps(run.step)
+    """Move the end of a budgeted run from the loop's measured pace (excb.training.budget.BudgetCheck)."""
+    steps = check.corrected_steps(run.step, lambda n: fewest_steps(n, run))
     log.info("budget check at step %d: %d -> %d steps at the loop's pace", run.step, run.total_steps, steps)
     check.plan["corrected_at_step"] = run.step
+    check.plan.setdefault("corrections", []).append({"step": run.step, "steps": steps})
     set_length(run, check.plan, steps)
     logger.emit({"type": "budget", "step": run.step, "time": time.time(), "steps": steps})
     if progress is not None:

@@ -302,6 +302,29 @@ def test_the_budget_check_keeps_the_first_plans_warm_up(tmp_path: Path) -> None:
     assert lr > 0.99 * cfg.optim.lr
 
 
+def test_the_budget_is_corrected_three_times_each_from_the_pace_since_the_last_check(monkeypatch) -> None:
+    """The loop's pace drifts (tiny images: the calibrated step was 15% off the loop's average): the end moves at
+    10%, 35% and 60% of the run, each time at the pace of the stretch since the previous check, then no more."""
+    from excb.training import budget
+
+    clock = [1000.0]
+    monkeypatch.setattr(budget.time, "time", lambda: clock[0])
+    check = budget.BudgetCheck(1000.0, 1000.0, 1000, 0, {})
+    assert check.check_step == 100 and not check.due(99) and check.due(100)
+    clock[0] = 1100.0  # 1 s per step so far
+    total = check.corrected_steps(100)
+    assert total == 100 + budget.steps_within(900.0, 1.0, 0.0) == 973
+    assert check.check_step == int(973 * 0.35)
+    clock[0] += (check.check_step - 100) * 0.5  # the loop sped up: the new pace, not the run's average, counts
+    at = check.check_step
+    total = check.corrected_steps(at, agree=lambda n: n - 1)  # another rank counted one step fewer
+    assert total == at + budget.steps_within(1000.0 - (clock[0] - 1000.0), 0.5, 0.0) - 1
+    assert check.check_step == int(total * 0.6)
+    clock[0] += 1.0
+    check.corrected_steps(check.check_step)
+    assert check.check_step is None and not check.due(10**9)
+
+
 @pytest.mark.slow
 def test_a_budget_holds_the_whitening_fit_and_the_summary_says_where_the_time_went(tmp_path: Path) -> None:
     """budget=20s: the calibration reserves the end-of-run whitening fit before it counts steps, and summary.json

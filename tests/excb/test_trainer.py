@@ -196,6 +196,23 @@ def test_two_process_gloo_training(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["images_seen"] == 3 * 32
 
 
+@pytest.mark.slow
+def test_two_process_budget_ends_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """budget= under torchrun: the calibration takes the slowest rank's step and every correction the fewest steps
+    any rank computed, so the ranks stop together (a rank one step longer would wait in its all-reduce forever)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "budget=45s",
+           "model.sync_bn=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((out / "recipe.json").read_text())
+    assert plan["corrections"], plan  # the loop was re-timed at least once
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == plan["length"]["max_steps"]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
 _GROUP_SCRIPT = """
 import os
 import sys

@@ -1,16 +1,15 @@
-"""CI guard (issue 28 item 2): the default recipe, trained a fixed number of steps, must rank neighbours better
-than raw pixels and than its own untrained network, on a validation split nothing was tuned on.
+"""CI guard (issue 28 item 2): the default recipe, trained a fixed number of steps, must rank neighbours at least as
+well as the best pixel baseline (the better of raw and PCA-whitened raw pixels) and better than its own untrained
+network, on a validation split nothing was tuned on.
 
 A time budget would train fewer steps on a slower or busier machine; a fixed step count makes the figure a
-property of the code. The set is ``icons`` of benchmarks/suite_data.py (three Debian icon themes, installed by
-scripts/system-deps.sh; prepared in about half a minute). On the digit sets raw pixels reach 98% and 300 steps
-reach 89.5%; on Fashion-MNIST the whitened pixels (88.6%) are not passed within ten minutes.
-
-Not yet the guard the issue asks for (ExCB >= the *best* pixel baseline, the better of raw and whitened pixels):
-at 800 steps on icons that margin was +6.9, +0.6 and -1.9 points over seeds 0, 1, 2 (160 validation images;
-benchmarks/RESULTS.md, "CI guard"), so asserting it would fail on one run in three. What held on every seed with
-room to spare is asserted: over raw pixels +13.8 / +7.5 / +5.0, over the untrained network (whitened alike)
-+10.0 / +4.4 / +6.9.
+property of the code. The set is ``opencv-digits`` of benchmarks/suite_data.py (OpenCV's 5,000 MNIST-derived
+20x20 digits, Debian's opencv-doc, installed by scripts/system-deps.sh; validation view 3,200 / 800), the stand-in
+for the grey digits the product is judged on. At 1,200 steps (benchmarks/RESULTS.md, "CI guard"): 97.4 % and
+96.6 % kNN over seeds 0 and 1 against 94.6 % for the best pixels (+2.8, +2.0) and 61.5 % untrained. At 600 steps
+the same recipe is 2.3 points under the pixels, so the guard fails if a change halves what the steps learn.
+The colour icons set, used before, was too small to assert the best-pixel margin on: at 800 steps it was +6.9,
++0.6 and -1.9 over three seeds (160 validation images).
 """
 
 from __future__ import annotations
@@ -31,10 +30,10 @@ from excb.training.teacher import load_teacher
 from excb.training.trainer import train
 from support import REPO_ROOT as ROOT
 
-SET = "icons"
-STEPS = 800
-OVER_RAW = 0.02        # kNN accuracy ExCB must lead raw pixels by (lowest lead over three seeds: 0.050)
-OVER_UNTRAINED = 0.02  # ... and the same network randomly initialised (lowest lead over three seeds: 0.044)
+SET = "opencv-digits"
+STEPS = 1200
+OVER_BEST_PIXELS = 0.0  # kNN accuracy ExCB must reach over the best pixel baseline (lowest lead, 2 seeds: 0.020)
+OVER_UNTRAINED = 0.1    # ... and lead the same network randomly initialised by (lowest lead, 2 seeds: 0.35)
 
 
 def _suite_data():
@@ -67,11 +66,11 @@ def guard_figures(data_root: Path, out: Path, *extra: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-# a hang guard, not a speed limit: 800 steps took 185 s on a quiet machine with 2 threads and 879 s (plus the
-# evaluation) with 1 thread at load average 10, past the suite's default 900 s
+# a hang guard, not a speed limit: 1,200 steps took 8.6 minutes with 1 thread beside another run, and the
+# loaded machine can take several times that
 @pytest.mark.timeout(3600)
-def test_the_default_recipe_beats_pixels_and_its_untrained_network_on_validation(tmp_path: Path) -> None:
+def test_the_default_recipe_beats_the_best_pixels_and_its_untrained_network_on_validation(tmp_path: Path) -> None:
     f = guard_figures(tmp_path / "data", tmp_path / "run")
     assert f["recipe"] == "fitted" and f["steps"] == STEPS  # no preset: the recipe a user gets
-    assert f["excb"] >= f["raw"] + OVER_RAW, f
+    assert f["excb"] >= max(f["raw"], f["whitened"]) + OVER_BEST_PIXELS, f
     assert f["excb"] >= f["untrained"] + OVER_UNTRAINED, f

@@ -110,6 +110,8 @@ class DataConfig(_Section):
     )
     shuffle_buffer: int = Field(1000, ge=1,
                                 description="shards: sources: samples in each loader worker's shuffle buffer")
+    cache_mb: int = Field(1024, ge=0, description="image files on the device-augmentation path: decoded items kept "
+                          "in memory after their first epoch, up to this many MiB (in-process loading); 0: off")
 
     _on_off = field_validator("gpu_augment", mode="before")(_yaml_on_off)
 

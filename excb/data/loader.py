@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from excb.config import ConfigError, TrainConfig
 from excb.data.augment import MultiCropTransform
-from excb.data.datasets import build_dataset
+from excb.data.datasets import ImageFileDataset, build_dataset
 from excb.data.gpu_augment import GpuMultiCrop, ToUint8Tensor, augment_batch, collate_raw
+from excb.data.item_cache import ItemCache
 from excb.data.shards import open_shards
 from excb.seeds import derive_seed, seeded
 
@@ -265,8 +266,9 @@ class TrainData:
         if self.steps_per_epoch < 1:
             raise ConfigError("batch_size", f"{cfg.batch_size} is larger than the data set ({self.num_images} images "
                               f"from {cfg.data.source!r}); set a smaller batch_size")
-        log.info("data: %d images, %s augmentation, loader %s", self.num_images,
-                 "device" if self.gpu_augment else "CPU", dataloader_settings(device, cfg.data.num_workers))
+        cached = f", items kept in memory up to {cfg.data.cache_mb} MiB" if isinstance(self.dataset, ItemCache) else ""
+        log.info("data: %d images, %s augmentation%s, loader %s", self.num_images,
+                 "device" if self.gpu_augment else "CPU", cached, dataloader_settings(device, cfg.data.num_workers))
 
     def _open_stream(self, local_batch: int, world_size: int) -> Any:
         cfg = self.cfg
@@ -279,8 +281,11 @@ class TrainData:
     def _open_dataset(self) -> Dataset:
         cfg = self.cfg
         item_transform = ToUint8Tensor(4 * cfg.augment.global_size) if self.gpu_augment else self.transform
-        return build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=item_transform,
-                             max_pixels=cfg.data.max_image_pixels)
+        ds = build_dataset(cfg.data.source, split=cfg.data.split, limit=cfg.data.limit, transform=item_transform,
+                           max_pixels=cfg.data.max_image_pixels)
+        if self.gpu_augment and cfg.data.cache_mb > 0 and isinstance(ds, ImageFileDataset):
+            return ItemCache(ds, cfg.data.cache_mb << 20)  # deterministic items: decode each file once
+        return ds
 
     def batches(self, epoch: int, start_batch: int, total_epochs: int,
                 schedule_epoch: int | None = None) -> Iterator[Any]:

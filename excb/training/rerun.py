@@ -27,7 +27,7 @@ log = logging.getLogger("excb.rerun")
 MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "epochs", "max_steps", "budget", "progress", "resume", "overwrite", "out", "preset", "recipe", "pinned",
     "log_every_steps", "histogram_every_steps", "checkpoint_every_steps", "keep_epoch_checkpoints", "compile", "logger",
-    "data.num_workers", "eval.", "mlflow.",
+    "data.num_workers", "data.cache_mb", "eval.", "mlflow.",
 )
 # What a run writes into its directory; ``overwrite=true`` moves these aside (job.log stays: the worker owns it;
 # config.yaml goes with the old run, after this run has read it, and is written again with this run's recipe).

@@ -128,8 +128,9 @@ def safe_checkpoint(value: str, settings: Settings, runs: CallerRuns) -> str:
 # positive value for `excb train` on one's own machine; a shared service refuses sizes that can only exhaust it.
 JOB_BOUNDS: dict[str, int] = {
     "batch_size": 65_536, "epochs": 100_000, "max_steps": 100_000_000, "data.num_workers": 64,
-    "data.shuffle_buffer": 1_000_000, "model.num_clusters": 1_048_576, "model.projector_hidden_dim": 65_536,
-    "model.predictor_hidden_dim": 65_536, "augment.global_size": 1024, "augment.local_size": 1024,
+    "data.shuffle_buffer": 1_000_000, "data.cache_mb": 8192, "model.num_clusters": 1_048_576,
+    "model.projector_hidden_dim": 65_536, "model.predictor_hidden_dim": 65_536, "augment.global_size": 1024,
+    "augment.local_size": 1024,
 }
 
 

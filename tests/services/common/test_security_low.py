@@ -59,6 +59,7 @@ def test_job_input_is_never_a_500(api: Any) -> None:
 @pytest.mark.parametrize("change, field", [
     ({"batch_size": 10**11}, "batch_size"), ({"num_clusters": 10**10}, "model.num_clusters"),
     ({"overrides": ["data.num_workers=100000"]}, "data.num_workers"), ({"epochs": 10**9}, "epochs"),
+    ({"overrides": ["data.cache_mb=100000"]}, "data.cache_mb"),
 ])
 def test_job_settings_are_bounded(api: Any, change: dict[str, Any], field: str) -> None:
     r = api.client.post("/v1/jobs", json={"data": "digits", "max_steps": 5, **change})

@@ -144,26 +144,25 @@ def corrected_length(first: dict[str, Any], steps: int, steps_per_epoch: int) ->
     return copy.deepcopy(out)
 
 
-def _slowest_rank(per_step: float, run: Any) -> float:
-    """Under torchrun every rank must agree on the step count: take the slowest rank's time."""
+def _across_ranks(value: float, run: Any, op: str, dtype: torch.dtype) -> float:
+    """``value`` reduced over every rank with ``op`` ("MAX", "MIN"); the value itself outside torchrun."""
     if not run.ctx.distributed:
-        return per_step
+        return value
     import torch.distributed as dist
 
-    t = torch.tensor([per_step], dtype=torch.float64, device=run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    t = torch.tensor([value], dtype=dtype, device=run.device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t.item()
+
+
+def _slowest_rank(per_step: float, run: Any) -> float:
+    """Under torchrun every rank must agree on the step count: take the slowest rank's time."""
+    return float(_across_ranks(per_step, run, "MAX", torch.float64))
 
 
 def fewest_steps(steps: int, run: Any) -> int:
     """Under torchrun every rank must stop at the same step: the smallest count any rank computed."""
-    if not run.ctx.distributed:
-        return steps
-    import torch.distributed as dist
-
-    t = torch.tensor([steps], dtype=torch.int64, device=run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return int(_across_ranks(steps, run, "MIN", torch.int64))
 
 
 class BudgetCheck:

@@ -93,7 +93,10 @@ def steps_summary(plan: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
                    seconds_before_training=cal.get("seconds_before_training"))
         line = (f"max_steps={cfg.max_steps}: budget {cfg.budget} at {cal['seconds_per_step']:.3g} s/step measured "
                 f"on this machine, after {cal['seconds_before_training']:.0f} s of set-up")
-        if out["corrected_at_step"] is not None:
+        at = [c["step"] for c in plan.get("corrections", []) if isinstance(c, dict) and "step" in c]
+        if at:  # the budget re-times the loop up to three times (excb.training.budget.CHECK_FRACTIONS)
+            line += f" (corrected at step{'s' if len(at) > 1 else ''} {', '.join(map(str, at))} from the loop's pace)"
+        elif out["corrected_at_step"] is not None:  # a run planned before the corrections were listed
             line += f" (corrected at step {out['corrected_at_step']} from the loop's pace)"
     elif cfg.budget:
         out["chosen_by"] = "budget_pending"

@@ -179,16 +179,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_train(out: Path, *overrides: str) -> None:
+    """``excb train`` (cpu-small, TINY) as two gloo ranks under torchrun, one thread each; fails on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "model.sync_bn=false", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=HANG_GUARD_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_process_gloo_training(tmp_path: Path) -> None:
     """The same trainer under torchrun (gloo, CPU): ranks agree on the size estimate and the teacher."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "max_steps=3",
-           "model.sync_bn=false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=HANG_GUARD_S)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _torchrun_train(out, "max_steps=3")
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["step"] == 3
     assert float(ckpt["balancer"]["sizes"].sum()) == pytest.approx(1.0, abs=1e-5)
@@ -201,12 +205,7 @@ def test_two_process_budget_ends_every_rank_at_the_same_step(tmp_path: Path) -> 
     """budget= under torchrun: the calibration takes the slowest rank's step and every correction the fewest steps
     any rank computed, so the ranks stop together (a rank one step longer would wait in its all-reduce forever)."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "excb.cli", "train", "--preset", "cpu-small", *TINY, f"out={out}", "budget=45s",
-           "model.sync_bn=false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=HANG_GUARD_S)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _torchrun_train(out, "budget=45s")
     plan = json.loads((out / "recipe.json").read_text())
     assert plan["corrections"], plan  # the loop was re-timed at least once
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == plan["length"]["max_steps"]

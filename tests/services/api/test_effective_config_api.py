@@ -102,3 +102,20 @@ def test_migration_adds_the_effective_columns_to_existing_jobs(tmp_path: Path, m
     job = c.get("/v1/jobs/j-old").json()
     assert job["requested"] == job["config"] == config and job["effective"] is None and job["recipe"] is None
     assert "None" not in "\n".join(status_lines(job))
+
+
+def test_the_steps_line_names_every_budget_correction() -> None:
+    """A budget re-times the loop up to three times: the job's steps line names each correction, not the last
+    only; a plan written before corrections were listed still names its one step."""
+    from excb.config import resolve
+    from services.worker.plan import steps_summary
+
+    cfg = resolve(overrides=["data=digits", "budget=10m", "max_steps=2819"])
+    cal = {"seconds_per_step": 0.318, "seconds_before_training": 12.0}
+    plan = {"calibration": cal, "corrected_at_step": 1396,
+            "corrections": [{"step": 177, "steps": 1823}, {"step": 638, "steps": 2327}, {"step": 1396, "steps": 2819}]}
+    out = steps_summary(plan, cfg)
+    assert out["corrected_at_step"] == 1396
+    assert out["line"].endswith("(corrected at steps 177, 638, 1396 from the loop's pace)"), out["line"]
+    older = steps_summary({"calibration": cal, "corrected_at_step": 177}, cfg)
+    assert older["line"].endswith("(corrected at step 177 from the loop's pace)"), older["line"]
